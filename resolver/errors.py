@@ -1,0 +1,42 @@
+"""The exception hierarchy of ipseckey-resolver.
+
+Results are values (see ``validate.Security``); exceptions are for faults. Foreign exceptions
+(``NetlinkError``, ``vici.exception.*``, ``OSError`` from sockets) are translated once, at the
+boundary where they arise, into one of these, so callers never need to know which library a
+backend uses. Each class says whose fault it is, as h11's LocalProtocolError / RemoteProtocolError
+split does.
+"""
+
+
+class ResolverError(Exception):
+    """Base class; never raised directly."""
+
+
+class MalformedMessage(ResolverError):
+    """The peer (a client or an upstream) sent bytes that are not valid DNS. Remote's fault.
+
+    A client's malformed query becomes FORMERR when its header can be read; otherwise it is dropped.
+    """
+
+
+class UpstreamError(ResolverError):
+    """No upstream gave a usable answer in time (timeouts, refused, mismatched answers)."""
+
+
+class ConfigError(ResolverError):
+    """Configuration or command-line input is invalid. Local (the operator's) fault.
+
+    The message names the file, the key or line, and the problem. autosp exits 2 on it.
+    """
+
+
+class ProvisioningError(ResolverError):
+    """A backend could not apply an intent (IKE daemon unreachable, key rejected, CHILD_SA failed)."""
+
+
+class BudgetExceeded(ResolverError):
+    """A per-query work limit (signature checks, NSEC3 hashes, upstream queries) ran out.
+
+    Raised inside validation and caught there: it ends as a BOGUS or INDETERMINATE verdict, never as
+    an exception that leaves the resolution core.
+    """
