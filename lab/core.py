@@ -1,0 +1,460 @@
+"""The Lab object: bring the whole lab up and down, and run things inside it.
+
+Theory of operation: one instance of the lab is identified by LAB_ID (env, default empty):
+namespaces `isk<LAB_ID>-<host>`, state directory /work/main/.lab<LAB_ID> (env LAB_DIR
+overrides). The state directory holds keys/ (a cache kept across runs: zone keys, TSIG key, host
+private keys) and run/ (everything of one run: zone files, configs, logs, pid files, sockets;
+removed by `down`).
+
+`up` = down if stale, host keys, namespaces + blackholes, sign zones, start every daemon at
+once, then wait for each to be ready (bounded). `down` kills the processes it recorded and any
+process still living in one of the instance's namespaces, deletes the namespaces, removes the
+blackholes unless another instance is up, and deletes run/. It only needs namespace names and
+run/, so it also cleans up after a crashed run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.query
+import dns.rdatatype
+
+from lab import dns as labdns
+from lab import ike, keys, net
+from lab.net import LabError
+from lab.topology import HOSTS, PEERS, UNBOUND, ZONES, Host, Signing
+
+REPO = Path(__file__).resolve().parent.parent
+_LAB_ID_RE = re.compile(r"^[a-z0-9]{0,4}$")
+READY_TIMEOUT = 15.0
+
+
+class CommandFailed(subprocess.CalledProcessError):
+    """A command run inside the lab failed; str() includes its output."""
+
+    def __str__(self) -> str:
+        return (f"{super().__str__()}\nstdout: {(self.stdout or '').strip()}\n"
+                f"stderr: {(self.stderr or '').strip()}")
+
+
+class Lab:
+    """One lab instance. See the module docstring; all methods need root."""
+
+    def __init__(self, lab_id: str | None = None, state_dir: Path | None = None) -> None:
+        self.lab_id = os.environ.get("LAB_ID", "") if lab_id is None else lab_id
+        if not _LAB_ID_RE.match(self.lab_id):
+            raise LabError(f"LAB_ID must be 0-4 lowercase letters/digits, got {self.lab_id!r}")
+        self.prefix = f"isk{self.lab_id}-"
+        env_dir = os.environ.get("LAB_DIR")
+        self.state_dir = state_dir or (Path(env_dir) if env_dir else REPO / f".lab{self.lab_id}")
+        self.keys_dir = self.state_dir / "keys"
+        self.run_dir = self.state_dir / "run"
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    # --- names and paths ---------------------------------------------------------------
+
+    def ns(self, host: str) -> str:
+        """The namespace name of a lab host."""
+        if host != net.SWITCH and host not in HOSTS:
+            raise LabError(f"unknown lab host {host!r} (hosts: {', '.join(HOSTS)})")
+        return self.prefix + host
+
+    @property
+    def switch_ns(self) -> str:
+        """The namespace holding the bridge (capture here to see the wire)."""
+        return self.prefix + net.SWITCH
+
+    def namespaces(self) -> list[str]:
+        """This instance's namespaces that exist now."""
+        return [n for n in net.list_namespaces() if n.startswith(self.prefix)]
+
+    def addr(self, host: str, family: int = 4) -> str:
+        """A host's lab address (after `move`, the new one)."""
+        h = HOSTS[host]
+        if family == 4:
+            return str(self._state().get("moved", {}).get(host, h.v4))
+        if family == 6:
+            return h.v6
+        raise ValueError(f"family must be 4 or 6, got {family}")
+
+    def private_key(self, host: str) -> Path:
+        """PKCS#8 PEM of the private key behind the host's IPSECKEY (kept across runs)."""
+        if HOSTS[host].key is None:
+            raise LabError(f"{host} has no IPSECKEY key")
+        return self.keys_dir / f"{host}.pem"
+
+    def public_key_pem(self, host: str) -> str:
+        """SubjectPublicKeyInfo PEM of the host's key (what charon takes in `pubkeys`)."""
+        return keys.spki_pem(self._host_key(host).public_key())
+
+    def charon_dir(self, host: str) -> Path:
+        """Directory of a host's charon: strongswan.conf, charon.log, charon.vici."""
+        return self.run_dir / f"charon-{host}"
+
+    def vici_path(self, host: str) -> Path:
+        """Filesystem path of the host's VICI socket."""
+        return self.charon_dir(host) / "charon.vici"
+
+    def vici_socket(self, host: str) -> str:
+        """URI of the host's VICI socket, e.g. for `swanctl --uri`."""
+        return f"unix://{self.vici_path(host)}"
+
+    @property
+    def root_anchor_file(self) -> Path:
+        """The lab root's DS, one line in BIND/Unbound format."""
+        return self.run_dir / "unbound" / "root.ds"
+
+    @property
+    def unbound_addr(self) -> str:
+        """Address of the lab's validating recursive (the resolver's upstream)."""
+        return UNBOUND.v4
+
+    @property
+    def unbound_conf(self) -> Path:
+        """Unbound's config file (for unbound-control -c)."""
+        return self.run_dir / "unbound" / "unbound.conf"
+
+    @property
+    def tsig_keyfile(self) -> Path:
+        """TSIG key (tsig-keygen format) accepted for example.test updates."""
+        return self.keys_dir / "ddns.key"
+
+    # --- running things inside ---------------------------------------------------------
+
+    def exec(self, host: str, argv: Sequence[str], *, timeout: float = 30, check: bool = True,
+             input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run argv inside a lab host's namespace and capture its output.
+
+        Raises:
+            CommandFailed: the command exited non-zero and `check` is set.
+        """
+        full = ["ip", "netns", "exec", self.ns(host), *argv]
+        proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout,
+                              input=input, check=False)
+        if check and proc.returncode != 0:
+            raise CommandFailed(proc.returncode, list(argv), proc.stdout, proc.stderr)
+        return proc
+
+    def popen(self, host: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        """Start argv inside a lab host's namespace (caller waits/kills it)."""
+        return subprocess.Popen(["ip", "netns", "exec", self.ns(host), *argv], **kw)
+
+    def call_in(self, host: str, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
+        """Call fn in a thread inside the host's network namespace (sockets open there)."""
+        return net.in_netns(self.ns(host), fn, timeout)
+
+    def query(self, host: str, qname: str, rdtype: str | dns.rdatatype.RdataType, *,
+              server: str | None = None,
+              dnssec: bool = True, cd: bool = False, timeout: float = 3.0,
+              tcp: bool = False) -> dns.message.Message:
+        """Send one DNS query from inside `host` (default server: the lab Unbound)."""
+        q = dns.message.make_query(qname, rdtype, want_dnssec=dnssec, use_edns=0)
+        if cd:
+            q.flags |= dns.flags.CD
+        where = server or self.unbound_addr
+
+        def ask() -> dns.message.Message:
+            if tcp:
+                return dns.query.tcp(q, where, timeout=timeout)
+            return dns.query.udp_with_fallback(q, where, timeout=timeout)[0]
+
+        return net.in_netns(self.ns(host), ask, timeout + 5)
+
+    def unbound_control(self, *args: str) -> str:
+        """Run unbound-control on the lab Unbound (unix socket; no network from the host)."""
+        return net.run(["unbound-control", "-c", str(self.unbound_conf), *args])
+
+    def flush(self, name: str | None = None) -> None:
+        """Forget cached answers in the lab Unbound (one zone, or everything)."""
+        if name is None:
+            self.unbound_control("flush_zone", ".")
+        else:
+            self.unbound_control("flush_zone", name)
+        self.unbound_control("flush_bogus")
+        self.unbound_control("flush_negative")
+
+    def move(self, host: str, new_v4: str) -> None:
+        """Change a LAN host's IPv4 address (as if it had moved); DNS is not updated."""
+        h = HOSTS[host]
+        if not h.on_lan:
+            raise LabError(f"{host} is not on the LAN")
+        old = self.addr(host)
+        net.ip_batch(self.ns(host), [f"addr del {old}/24 dev eth0",
+                                     f"addr add {new_v4}/24 dev eth0"])
+        state = self._state()
+        state.setdefault("moved", {})[host] = new_v4
+        self._save_state(state)
+
+    # --- up / down -----------------------------------------------------------------------
+
+    def up(self) -> float:
+        """Bring the whole lab up; returns the seconds it took. Cleans up after itself on error."""
+        _require_root()
+        t0 = time.monotonic()
+        self._refuse_if_owned()
+        if self.run_dir.exists() or self.namespaces():
+            self.down()
+        try:
+            self._up()
+        except BaseException as exc:
+            detail = self._log_tails()
+            self.down()
+            if isinstance(exc, LabError) and detail:
+                raise LabError(f"{exc}\n--- daemon logs ---\n{detail}") from exc
+            raise
+        return time.monotonic() - t0
+
+    def _up(self) -> None:
+        self.keys_dir.mkdir(parents=True, exist_ok=True)
+        # The state dir hides itself from git (.lab<ID> need not be in .gitignore).
+        (self.state_dir / ".gitignore").write_text("*\n")
+        self.run_dir.mkdir()
+        (self.run_dir / "pids").mkdir()
+        self._save_state({"lab_id": self.lab_id, "prefix": self.prefix, "started": time.time(),
+                          "owner": os.getpid(), "owner_argv": net.cmdline(os.getpid())})
+        pubkeys = {h: self._host_key(h).public_key() for h in HOSTS if HOSTS[h].key}
+        net.create(self.prefix, HOSTS.values())
+        net.add_blackholes()
+        now = datetime.datetime.now(datetime.UTC)
+        build = labdns.build(self.keys_dir, self.run_dir, pubkeys, int(time.time()), now)
+        labdns.check_unbound_conf(build.unbound_conf)
+        for server, conf in build.named_confs.items():
+            self._spawn(f"named-{server}", server, labdns.named_argv(conf),
+                        conf.parent / "named.log")
+        self._spawn("unbound", "unbound", labdns.unbound_argv(build.unbound_conf),
+                    build.unbound_conf.parent / "unbound.log")
+        for host in PEERS:
+            self._spawn_charon(host)
+        for server, conf in build.named_confs.items():
+            self._wait_log(f"named-{server}", conf.parent / "named.log", "running")
+        self._wait_log("unbound", build.unbound_conf.parent / "unbound.log", "start of service")
+        for host in PEERS:
+            self._load_charon(host)
+        self._wait_signed()
+
+    def _refuse_if_owned(self) -> None:
+        """Refuse to rebuild an instance that a live process (e.g. a pytest session) brought up.
+
+        `python -m lab up` exits right away, so its instance can be rebuilt at will; a test
+        session keeps running, and pulling the lab from under it would fail its tests in
+        confusing ways. `down` is not guarded: an explicit down is always obeyed.
+        """
+        state = self._state()
+        owner, argv = state.get("owner"), state.get("owner_argv")
+        if (isinstance(owner, int) and owner != os.getpid() and argv
+                and net.cmdline(owner) == argv and not net.is_zombie(owner)):
+            raise LabError(
+                f"lab instance {self.prefix}* is in use by pid {owner} ({' '.join(argv)[:80]}); "
+                "set LAB_ID to a short tag (e.g. LAB_ID=p) for a private instance, "
+                "or run `python -m lab down` first")
+
+    def down(self) -> float:
+        """Remove everything this instance made (except the key cache); returns seconds taken."""
+        _require_root()
+        t0 = time.monotonic()
+        names = self.namespaces()
+        pids = set(self._recorded_pids())
+        pids.update(net.pids_in(net.netns_inodes(names)))
+        net.kill_all(pids, grace=0.5)
+        for p in self._procs.values():
+            try:
+                p.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        self._procs.clear()
+        net.delete(names)
+        if not net.other_instances_up(self.switch_ns):
+            net.remove_blackholes()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        return time.monotonic() - t0
+
+    def status(self) -> str:
+        """A human-readable summary: namespaces, daemons, blackholes."""
+        lines = [f"lab {self.lab_id or '(default)'}: state {self.state_dir}"]
+        names = self.namespaces()
+        lines.append(f"namespaces ({len(names)}): {' '.join(names) or '-'}")
+        for name, pid in sorted(self._recorded().items()):
+            alive = "running" if self._is_ours(pid[0], pid[1]) else "DEAD"
+            lines.append(f"  {name:<20} pid {pid[0]:<8} {alive}")
+        lines.append(f"blackholes: {' '.join(net.blackholes_present()) or '-'}")
+        return "\n".join(lines)
+
+    def is_up(self) -> bool:
+        """True if this instance's namespaces and all its daemons exist."""
+        rec = self._recorded()
+        return bool(self.namespaces()) and bool(rec) and all(
+            self._is_ours(p, exe) for p, exe in rec.values())
+
+    def pids(self) -> list[int]:
+        """PIDs of processes living in this instance's namespaces."""
+        return net.pids_in(net.netns_inodes(self.namespaces()))
+
+    # --- charon ------------------------------------------------------------------------
+
+    def start_charon(self, host: str) -> None:
+        """Start the host's charon (if not running) and load its key and responder conns."""
+        if HOSTS[host].key is None or not HOSTS[host].charon:
+            raise LabError(f"{host} runs no charon")
+        rec = self._recorded().get(f"charon-{host}")
+        if rec and self._is_ours(*rec):
+            return
+        self._spawn_charon(host)
+        self._load_charon(host)
+
+    def stop_charon(self, host: str) -> None:
+        """Stop the host's charon (its SAs and TUN routes go with it)."""
+        name = f"charon-{host}"
+        rec = self._recorded().get(name)
+        if rec and self._is_ours(*rec):
+            net.kill_all([rec[0]], grace=2.0)
+        proc = self._procs.pop(name, None)
+        if proc is not None:
+            proc.wait(timeout=5)
+        (self.run_dir / "pids" / f"{name}.pid").unlink(missing_ok=True)
+        self.vici_path(host).unlink(missing_ok=True)
+
+    def vici(self, host: str, timeout: float = 10.0) -> Any:
+        """A context manager giving a VICI session to the host's charon."""
+        return ike.session(self.vici_path(host), timeout)
+
+    def _spawn_charon(self, host: str) -> None:
+        cdir = self.charon_dir(host)
+        (cdir / "run").mkdir(parents=True, exist_ok=True)
+        (cdir / "strongswan.conf").write_text(ike.strongswan_conf(cdir))
+        self.vici_path(host).unlink(missing_ok=True)
+        self._spawn(f"charon-{host}", None, ike.charon_argv(self.ns(host), cdir),
+                    cdir / "charon.out")
+
+    def _load_charon(self, host: str) -> None:
+        spkis = {p: self.public_key_pem(p) for p in PEERS}
+        der = keys.pkcs8_der(self._host_key(host))
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not self.vici_path(host).exists():
+            self._check_alive(f"charon-{host}", self.charon_dir(host) / "charon.log")
+            if time.monotonic() > deadline:
+                raise LabError(f"charon-{host}: no VICI socket after {READY_TIMEOUT} s")
+            time.sleep(0.01)
+        with ike.session(self.vici_path(host), READY_TIMEOUT) as s:
+            ike.load_host(s, HOSTS[host], der, spkis)
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _host_key(self, host: str) -> keys.PrivateKey:
+        kind = HOSTS[host].key
+        if kind is None:
+            raise LabError(f"{host} has no IPSECKEY key")
+        self.keys_dir.mkdir(parents=True, exist_ok=True)
+        return keys.load_or_create(self.keys_dir / f"{host}.pem", kind)
+
+    def _spawn(self, name: str, host: str | None, argv: list[str], log: Path) -> None:
+        """Start a daemon (inside `host` unless argv already enters a namespace)."""
+        full = argv if host is None else ["ip", "netns", "exec", self.ns(host), *argv]
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self._procs[name] = proc
+        # `ip netns exec`, `env` and `sh -c 'exec'` all exec: the pid is the daemon's.
+        exe = Path(argv[-1] if name.startswith("charon") else argv[0]).name
+        (self.run_dir / "pids" / f"{name}.pid").write_text(f"{proc.pid} {exe}\n")
+
+    def _recorded(self) -> dict[str, tuple[int, str]]:
+        out = {}
+        piddir = self.run_dir / "pids"
+        for f in sorted(piddir.glob("*.pid")) if piddir.is_dir() else []:
+            try:
+                pid, exe = f.read_text().split()
+                out[f.stem] = (int(pid), exe)
+            except ValueError:
+                continue
+        return out
+
+    def _recorded_pids(self) -> list[int]:
+        return [pid for pid, exe in self._recorded().values() if self._is_ours(pid, exe)]
+
+    @staticmethod
+    def _is_ours(pid: int, exe: str) -> bool:
+        """The pid still runs the program we started (not a reused pid)."""
+        argv = net.cmdline(pid)
+        return bool(argv) and not net.is_zombie(pid) and any(
+            Path(a).name == exe for a in argv[:1] + argv[-1:])
+
+    def _check_alive(self, name: str, log: Path) -> None:
+        proc = self._procs.get(name)
+        if proc is not None and proc.poll() is not None:
+            raise LabError(f"{name} exited with {proc.returncode}:\n{_tail(log)}")
+
+    def _wait_log(self, name: str, log: Path, needle: str) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            self._check_alive(name, log)
+            if log.exists() and needle in log.read_text(errors="replace"):
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"{name} not ready after {READY_TIMEOUT} s:\n{_tail(log)}")
+            time.sleep(0.01)
+
+    def _wait_signed(self) -> None:
+        """Wait until named has signed the policy zones (their SOA comes with an RRSIG)."""
+        for zone in ZONES.values():
+            if zone.signing is not Signing.POLICY:
+                continue
+            server = HOSTS[zone.server]
+            deadline = time.monotonic() + READY_TIMEOUT
+            while True:
+                try:
+                    r = self.query("unbound", zone.name, "SOA", server=server.v4, timeout=0.5)
+                    if any(rr.rdtype == dns.rdatatype.RRSIG for rr in r.answer):
+                        break
+                except (OSError, dns.exception.DNSException):
+                    pass
+                if time.monotonic() > deadline:
+                    raise LabError(f"{zone.name} not signed by named after {READY_TIMEOUT} s")
+                time.sleep(0.02)
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads((self.run_dir / "state.json").read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        (self.run_dir / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+
+    def _log_tails(self) -> str:
+        out = []
+        for log in sorted(self.run_dir.glob("**/*.log")) + sorted(self.run_dir.glob("**/*.out")):
+            text = _tail(log, 15)
+            if text.strip():
+                out.append(f"== {log.relative_to(self.run_dir)}\n{text}")
+        return "\n".join(out)
+
+
+def _tail(path: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (it creates network namespaces); run as root")
+
+
+def host(name: str) -> Host:
+    """The topology entry of a host (convenience for callers)."""
+    return HOSTS[name]

@@ -1,0 +1,228 @@
+"""strongSwan charon per peer namespace, configured as lab-notes prescribe, driven over VICI.
+
+Theory of operation: this kernel has XFRM but no ESP, so charon runs with kernel-libipsec
+(userland ESP over a TUN device, always UDP-encapsulated on 4500). Each charon gets a private
+/run (bind mount inside the mount namespace `ip netns exec` creates), because the pid file
+/run/charon.pid is compiled in. At start, the host's private key and one responder connection per
+other lab peer (remote id = its FQDN, remote key = its published key) are loaded over VICI. Test
+code loads its own initiator connections (with keys taken from DNS) and calls `initiate`.
+
+The `vici` package is blocking and its streamed commands are lazy generators: every helper here
+iterates them to the end before sending anything else on the same session.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import vici
+
+from lab.net import LabError
+from lab.topology import HOSTS, PEERS, Host
+
+CHARON = "/usr/lib/ipsec/charon"
+FWMARK = "0x42"
+
+# Plugin order matters: kernel-libipsec must come before kernel-netlink (it takes over the
+# IPsec part of the kernel interface); kdf is needed for key derivation in 5.9.8.
+PLUGINS = (
+    "random nonce aes sha1 sha2 hmac kdf gmp pem pkcs1 pkcs8 pubkey openssl curve25519 "
+    "kernel-libipsec kernel-netlink socket-default vici"
+)
+
+
+def strongswan_conf(cdir: Path) -> str:
+    """strongswan.conf for one charon (see lab-notes for why each setting is there)."""
+    return f"""# Written by lab/ike.py at `lab up`.
+charon {{
+    load = {PLUGINS}
+    retransmit_tries = 2
+    retransmit_timeout = 1.0
+    retransmit_base = 1.4
+    install_virtual_ip = no
+    filelog {{
+        lab {{
+            path = {cdir / 'charon.log'}
+            default = 1
+            ike = 1
+            time_format = %H:%M:%S
+            flush_line = yes
+        }}
+    }}
+    syslog {{
+        identifier = charon-lab
+        daemon {{
+            default = -1
+        }}
+    }}
+    plugins {{
+        vici {{
+            socket = unix://{cdir / 'charon.vici'}
+        }}
+        kernel-libipsec {{
+            # Without it, host-to-host routes are refused and traffic goes out in clear.
+            allow_peer_ts = yes
+        }}
+        kernel-netlink {{
+            # IKE packets carry the mark and bypass the tunnel routes (else replies loop).
+            fwmark = !{FWMARK}
+        }}
+        socket-default {{
+            fwmark = {FWMARK}
+        }}
+    }}
+}}
+"""
+
+
+def charon_argv(ns: str, cdir: Path) -> list[str]:
+    """The command that runs charon inside `ns` with a private /run.
+
+    `sh` only runs a fixed script; the directory is passed as "$1", never spliced in.
+    """
+    return [
+        "ip", "netns", "exec", ns,
+        "env", f"STRONGSWAN_CONF={cdir / 'strongswan.conf'}",
+        "sh", "-c", 'mount --bind "$1" /run && exec "$2"', "sh", str(cdir / "run"), CHARON,
+    ]
+
+
+def connect(socket_path: Path, timeout: float = 10.0) -> vici.Session:
+    """A VICI session on charon's socket, polling until charon accepts (bounded)."""
+    deadline = time.monotonic() + timeout
+    last: OSError | None = None
+    while time.monotonic() < deadline:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(str(socket_path))
+            return vici.Session(sock)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            time.sleep(0.01)
+    raise LabError(f"charon VICI socket {socket_path} not ready after {timeout} s: {last}")
+
+
+@contextmanager
+def session(socket_path: Path, timeout: float = 10.0) -> Iterator[vici.Session]:
+    """A VICI session that is closed afterwards."""
+    s = connect(socket_path, timeout)
+    try:
+        yield s
+    finally:
+        try:
+            s.transport.close()
+        except OSError:
+            pass
+
+
+def responder_conn(me: Host, peer: Host, my_spki: str, peer_spki: str) -> dict[str, Any]:
+    """VICI load-conn payload: `me` accepts `peer` (by FQDN and published key), tunnel mode."""
+    local_ts = ["dynamic", *me.local_ts]
+    return {
+        f"peer-{peer.name}": {
+            "version": "2",
+            "local": {"auth": "pubkey", "id": me.fqdn, "pubkeys": [my_spki]},
+            "remote": {"auth": "pubkey", "id": peer.fqdn, "pubkeys": [peer_spki]},
+            "children": {
+                f"peer-{peer.name}": {
+                    "mode": "tunnel",
+                    "local_ts": local_ts,
+                    "remote_ts": ["dynamic"],
+                }
+            },
+        }
+    }
+
+
+def initiator_conn(name: str, me: Host, peer_addr: str, peer_id: str, my_spki: str,
+                   peer_spki: str, remote_ts: list[str] | None = None) -> dict[str, Any]:
+    """VICI load-conn payload to reach a peer at `peer_addr` with the key `peer_spki`.
+
+    start_action=trap makes the policy fail closed until the SA is up; 5.9.8 raises no acquire
+    from the trap, so callers also `initiate` explicitly.
+    """
+    return {
+        name: {
+            "version": "2",
+            "local_addrs": [me.v4],
+            "remote_addrs": [peer_addr],
+            "local": {"auth": "pubkey", "id": me.fqdn, "pubkeys": [my_spki]},
+            "remote": {"auth": "pubkey", "id": peer_id, "pubkeys": [peer_spki]},
+            "children": {
+                name: {
+                    "mode": "tunnel",
+                    "local_ts": ["dynamic"],
+                    "remote_ts": remote_ts or ["dynamic"],
+                    "start_action": "trap",
+                }
+            },
+        }
+    }
+
+
+def load_host(s: vici.Session, host: Host, private_der: bytes,
+              spkis: dict[str, str]) -> None:
+    """Load a peer's private key and its responder connections for every other lab peer."""
+    s.load_key({"type": "any", "data": private_der})
+    for other in PEERS:
+        if other == host.name:
+            continue
+        s.load_conn(responder_conn(host, HOSTS[other], spkis[host.name], spkis[other]))
+
+
+def initiate(s: vici.Session, child: str, ike: str, timeout_ms: int = 5000) -> list[str]:
+    """Initiate a CHILD_SA and wait for the result; returns charon's log lines.
+
+    Raises LabError (with the log) on failure. On failure the half-open IKE_SA is terminated,
+    because an initiate timeout does not stop charon's retransmits.
+    """
+    log: list[str] = []
+    try:
+        for msg in s.initiate({"child": child, "ike": ike, "timeout": timeout_ms,
+                               "init-limits": "no"}):
+            log.append(_text(msg.get("msg", b"")))
+    except vici.exception.CommandException as exc:
+        try:
+            for _ in s.terminate({"ike": ike, "force": "yes", "timeout": 1000}):
+                pass
+        except vici.exception.CommandException:
+            pass
+        raise LabError(f"initiate {child}: {exc}\n" + "\n".join(log)) from exc
+    return log
+
+
+def list_sas(s: vici.Session) -> list[dict[str, Any]]:
+    """All IKE_SAs with their CHILD_SAs, fully iterated."""
+    return [{k: _decode(v) for k, v in sa.items()} for sa in s.list_sas()]
+
+
+def child_states(s: vici.Session) -> dict[str, str]:
+    """CHILD_SA name -> state (e.g. "INSTALLED") for every CHILD_SA charon has."""
+    out: dict[str, str] = {}
+    for sa in list_sas(s):
+        for ike in sa.values():
+            for child in (ike.get("child-sas") or {}).values():
+                out[str(child.get("name"))] = str(child.get("state"))
+    return out
+
+
+def _text(v: object) -> str:
+    return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+
+
+def _decode(v: Any) -> Any:
+    """VICI values arrive as bytes; make them str for printing and comparisons."""
+    if isinstance(v, bytes):
+        return v.decode(errors="replace")
+    if isinstance(v, dict):
+        return {k: _decode(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_decode(x) for x in v]
+    return v

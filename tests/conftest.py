@@ -1,0 +1,63 @@
+"""Shared pytest fixtures: the session-wide network-namespace lab.
+
+The `lab` fixture brings the lab (lab/) up once per test session and down at the end, also when
+tests fail or the run is interrupted. Integration tests need root; without it they fail loudly
+(never skip: a skipped integration test would count as passing). LAB_ID in the environment
+selects a private lab instance (namespaces isk<LAB_ID>-*), so parallel runs do not clash.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+# The repository root first on sys.path: `lab` is a plain directory of the checkout, and an
+# older editable install may map it as a namespace package (then `from lab import Lab` fails).
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+if TYPE_CHECKING:
+    from lab.core import Lab
+
+# Programs the lab runs; a missing one is a setup defect, reported by name.
+REQUIRED_PROGRAMS = ("ip", "named", "dnssec-keygen", "dnssec-signzone", "dnssec-dsfromkey",
+                     "tsig-keygen", "unbound", "unbound-control", "dig", "nsupdate", "tcpdump",
+                     "ping", "swanctl", "/usr/lib/ipsec/charon")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/integration/ is an integration test, marked or not."""
+    for item in items:
+        if "integration" in Path(str(item.path)).parts:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    """The lab, up for the whole session; torn down at the end even on failure."""
+    if os.geteuid() != 0:
+        pytest.fail(
+            "integration tests need root: the lab creates network namespaces. "
+            "Run as root (e.g. `sudo make test`), or deselect them with -m 'not integration'.",
+            pytrace=False,
+        )
+    path = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/sbin"
+    missing = [p for p in REQUIRED_PROGRAMS if shutil.which(p, path=path) is None]
+    if missing:
+        pytest.fail(f"lab programs missing: {', '.join(missing)} (run `bash lab/setup.sh`)",
+                    pytrace=False)
+    from lab.core import Lab
+
+    instance = Lab()
+    instance.up()
+    try:
+        yield instance
+    finally:
+        instance.down()
