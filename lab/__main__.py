@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("command", nargs=argparse.REMAINDER)
     sub.add_parser("demo", help="up, DNS answer, alice<->bob tunnel, ESP capture, SAs, down")
     args = p.parse_args(argv)
-    lab = Lab()
     try:
+        lab = Lab()
         if args.cmd == "up":
             took = lab.up()
             print(f"lab up in {took:.2f} s ({lab.prefix}*, state {lab.state_dir})")

@@ -6,11 +6,16 @@ overrides). The state directory holds keys/ (a cache kept across runs: zone keys
 private keys) and run/ (everything of one run: zone files, configs, logs, pid files, sockets;
 removed by `down`).
 
+The ESP data path is LAB_ESP (env) or the `esp` argument: "libipsec" (default; userland ESP in
+charon, works on kernels without ESP) or "kernel" (kernel ESP; `up` refuses it with a clear
+message when the kernel cannot hold an ESP SA).
+
 `up` = down if stale, host keys, namespaces + blackholes, sign zones, start every daemon at
 once, then wait for each to be ready (bounded). `down` kills the processes it recorded and any
-process still living in one of the instance's namespaces, deletes the namespaces, removes the
-blackholes unless another instance is up, and deletes run/. It only needs namespace names and
-run/, so it also cleans up after a crashed run.
+process still living in one of the instance's namespaces, deletes the namespaces and the
+instance's /etc/netns/<ns> directories (per-host resolv.conf), removes the blackholes unless
+another instance is up, and deletes run/. It only needs names and run/, so it also cleans up
+after a crashed run.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +60,14 @@ class CommandFailed(subprocess.CalledProcessError):
 class Lab:
     """One lab instance. See the module docstring; all methods need root."""
 
-    def __init__(self, lab_id: str | None = None, state_dir: Path | None = None) -> None:
+    def __init__(self, lab_id: str | None = None, state_dir: Path | None = None,
+                 esp: str | None = None) -> None:
         self.lab_id = os.environ.get("LAB_ID", "") if lab_id is None else lab_id
         if not _LAB_ID_RE.match(self.lab_id):
             raise LabError(f"LAB_ID must be 0-4 lowercase letters/digits, got {self.lab_id!r}")
+        self.esp = esp or os.environ.get("LAB_ESP") or ike.ESP_LIBIPSEC
+        if self.esp not in ike.ESP_MODES:
+            raise LabError(f"LAB_ESP must be one of {', '.join(ike.ESP_MODES)}, got {self.esp!r}")
         self.prefix = f"isk{self.lab_id}-"
         env_dir = os.environ.get("LAB_DIR")
         self.state_dir = state_dir or (Path(env_dir) if env_dir else REPO / f".lab{self.lab_id}")
@@ -153,6 +163,59 @@ class Lab:
         """Start argv inside a lab host's namespace (caller waits/kills it)."""
         return subprocess.Popen(["ip", "netns", "exec", self.ns(host), *argv], **kw)
 
+    def resolv_conf_path(self, host: str) -> Path:
+        """The file `ip netns exec` bind-mounts over /etc/resolv.conf for programs in `host`."""
+        return net.NETNS_ETC / self.ns(host) / "resolv.conf"
+
+    def set_resolv_conf(self, host: str, text: str) -> None:
+        """Make programs started in `host` by `exec`/`popen` see `text` as /etc/resolv.conf.
+
+        `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf in the
+        mount namespace it makes for each command, so this takes effect for every command
+        started afterwards; running processes (charon, started at `up`) keep the file they saw.
+        `call_in`/`query` switch only the network namespace and do not see it. `down` removes
+        the file (also after a crash).
+        """
+        path = self.resolv_conf_path(host)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text if text.endswith("\n") else text + "\n")
+
+    def clear_resolv_conf(self, host: str) -> None:
+        """Undo `set_resolv_conf`: commands in `host` see the machine's /etc/resolv.conf again."""
+        path = self.resolv_conf_path(host)
+        path.unlink(missing_ok=True)
+        try:
+            path.parent.rmdir()
+        except OSError:
+            pass  # gone already, or holds another override
+
+    @contextmanager
+    def tunnel(self, host: str, name: str, peer_addr: str, peer_id: str, peer_spki: str, *,
+               remote_ts: list[str] | None = None,
+               local_addr: str | None = None) -> Iterator[dict[str, str]]:
+        """Load an initiator conn in `host`'s charon, initiate it, and close it afterwards.
+
+        Yields the CHILD_SA states of `host` once `name` is INSTALLED. On exit the IKE_SA is
+        terminated before the conn is unloaded (unload alone keeps an established SA).
+
+        Raises:
+            LabError: the initiate failed or the CHILD_SA did not install.
+        """
+        conn = ike.initiator_conn(name, HOSTS[host], peer_addr, peer_id,
+                                  self.public_key_pem(host), peer_spki, remote_ts=remote_ts,
+                                  local_addr=local_addr)
+        try:
+            with self.vici(host) as s:
+                s.load_conn(conn)
+                ike.initiate(s, name, name)
+                states = ike.child_states(s)
+            if states.get(name) != "INSTALLED":
+                raise LabError(f"{host}: CHILD_SA {name} is {states.get(name)}, not INSTALLED")
+            yield states
+        finally:
+            with self.vici(host) as s:
+                ike.close(s, name)
+
     def call_in(self, host: str, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
         """Call fn in a thread inside the host's network namespace (sockets open there)."""
         return net.in_netns(self.ns(host), fn, timeout)
@@ -188,7 +251,14 @@ class Lab:
         self.unbound_control("flush_negative")
 
     def move(self, host: str, new_v4: str) -> None:
-        """Change a LAN host's IPv4 address (as if it had moved); DNS is not updated."""
+        """Change a LAN host's IPv4 address (as if it had moved); DNS is not updated.
+
+        The host's charon notices at once and keeps accepting new IKE_SAs on the new address
+        (responder conns match by identity). SAs made with the old address stay bound to it
+        (MOBIKE is off in the lab, see lab/ike.py) and carry nothing any more: a test that moves
+        a responder closes its old conn and initiates a new one to the new address; an initiator
+        that moved re-authenticates by itself unless its conn pinned `local_addr`.
+        """
         h = HOSTS[host]
         if not h.on_lan:
             raise LabError(f"{host} is not on the LAN")
@@ -206,8 +276,15 @@ class Lab:
         _require_root()
         t0 = time.monotonic()
         self._refuse_if_owned()
-        if self.run_dir.exists() or self.namespaces():
+        if self.run_dir.exists() or self.namespaces() or net.etc_netns_dirs(self.prefix):
             self.down()
+        if self.esp == ike.ESP_KERNEL:
+            why = net.kernel_esp_error(self.prefix)
+            if why is not None:
+                raise LabError(
+                    f"LAB_ESP=kernel, but this kernel cannot hold an ESP SA "
+                    f"(`ip xfrm state add ... proto esp` in a scratch namespace: {why}); "
+                    f"use LAB_ESP={ike.ESP_LIBIPSEC} (userland ESP in charon) on this machine")
         try:
             self._up()
         except BaseException as exc:
@@ -224,7 +301,8 @@ class Lab:
         (self.state_dir / ".gitignore").write_text("*\n")
         self.run_dir.mkdir()
         (self.run_dir / "pids").mkdir()
-        self._save_state({"lab_id": self.lab_id, "prefix": self.prefix, "started": time.time(),
+        self._save_state({"lab_id": self.lab_id, "prefix": self.prefix, "esp": self.esp,
+                          "started": time.time(),
                           "owner": os.getpid(), "owner_argv": net.cmdline(os.getpid())})
         pubkeys = {h: self._host_key(h).public_key() for h in HOSTS if HOSTS[h].key}
         net.create(self.prefix, HOSTS.values())
@@ -277,6 +355,7 @@ class Lab:
                 pass
         self._procs.clear()
         net.delete(names)
+        net.remove_etc_netns(self.prefix)
         if not net.other_instances_up(self.switch_ns):
             net.remove_blackholes()
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -284,12 +363,16 @@ class Lab:
 
     def status(self) -> str:
         """A human-readable summary: namespaces, daemons, blackholes."""
-        lines = [f"lab {self.lab_id or '(default)'}: state {self.state_dir}"]
+        esp = self._state().get("esp", self.esp)
+        lines = [f"lab {self.lab_id or '(default)'}: state {self.state_dir}, ESP data path {esp}"]
         names = self.namespaces()
         lines.append(f"namespaces ({len(names)}): {' '.join(names) or '-'}")
         for name, pid in sorted(self._recorded().items()):
             alive = "running" if self._is_ours(pid[0], pid[1]) else "DEAD"
             lines.append(f"  {name:<20} pid {pid[0]:<8} {alive}")
+        overrides = [p.name for p in net.etc_netns_dirs(self.prefix)]
+        if overrides:
+            lines.append(f"/etc/netns overrides: {' '.join(overrides)}")
         lines.append(f"blackholes: {' '.join(net.blackholes_present()) or '-'}")
         return "\n".join(lines)
 
@@ -334,7 +417,7 @@ class Lab:
     def _spawn_charon(self, host: str) -> None:
         cdir = self.charon_dir(host)
         (cdir / "run").mkdir(parents=True, exist_ok=True)
-        (cdir / "strongswan.conf").write_text(ike.strongswan_conf(cdir))
+        (cdir / "strongswan.conf").write_text(ike.strongswan_conf(cdir, self.esp))
         self.vici_path(host).unlink(missing_ok=True)
         self._spawn(f"charon-{host}", None, ike.charon_argv(self.ns(host), cdir),
                     cdir / "charon.out")

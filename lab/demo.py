@@ -2,8 +2,9 @@
 
 Steps: lab up; alice asks the lab Unbound for bob's IPSECKEY (AD must be set); alice's charon
 gets a connection to bob with that key over VICI and initiates; a ping from alice to bob goes
-through while tcpdump on bob's switch port shows only ESP-in-UDP/4500; the SA list is printed;
-lab down, also on error. (The resolver issue turns this into the resolver doing the lookup.)
+through while tcpdump on bob's switch port shows only ESP (ESP-in-UDP/4500 with libipsec); the
+SA list is printed; lab down, also on error. (The resolver issue turns this into the resolver
+doing the lookup.)
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import time
 
 import dns.flags
 import dns.message
+import dns.name
 import dns.rdatatype
 
-from lab import ike, keys
+from lab import ike
 from lab.core import Lab
 from lab.net import LabError
 from lab.topology import HOSTS
 from lab.wire import Capture
+from resolver import ipseckey
 
 
 def key_from_answer(answer: dns.message.Message, qname: str) -> str:
@@ -34,7 +37,7 @@ def key_from_answer(answer: dns.message.Message, qname: str) -> str:
     if not rrs:
         raise LabError(f"no IPSECKEY for {qname}")
     best = min(rrs, key=lambda rr: rr.precedence)
-    return keys.spki_pem(keys.public_key_from_ipseckey(best.algorithm, best.key))
+    return ipseckey.IpsecKey.from_rdata(dns.name.from_text(qname), best, 0).spki_pem()
 
 
 def run_demo(lab: Lab) -> int:
@@ -65,13 +68,13 @@ def run_demo(lab: Lab) -> int:
         print("== tcpdump on bob's switch port (the wire):")
         for line in cap.lines:
             print("   " + line)
-        esp = cap.matching("UDP-encap", "ESP")
-        clear = cap.matching("ICMP")
+        esp = cap.esp(a, b) + cap.esp(b, a)
+        clear = cap.cleartext_icmp()
         sas = lab.exec("alice", ["swanctl", "--list-sas", "--uri", lab.vici_socket("alice")])
         print(f"== alice's SAs (swanctl --list-sas)\n{sas.stdout.strip()}")
         ok = ping.returncode == 0 and bool(esp) and not clear
         print(f"== {'OK' if ok else 'FAILED'}: ping {'ok' if ping.returncode == 0 else 'failed'},"
-              f" {len(esp)} ESP-in-UDP packets, {len(clear)} cleartext ICMP packets on the wire")
+              f" {len(esp)} ESP packets, {len(clear)} cleartext ICMP packets on the wire")
     except LabError as exc:
         print(f"== FAILED: {exc}")
     finally:

@@ -1,7 +1,10 @@
 """strongSwan charon per peer namespace, configured as lab-notes prescribe, driven over VICI.
 
-Theory of operation: this kernel has XFRM but no ESP, so charon runs with kernel-libipsec
-(userland ESP over a TUN device, always UDP-encapsulated on 4500). Each charon gets a private
+Theory of operation: the ESP data path is a choice (`ESP_MODES`, env LAB_ESP). The default,
+"libipsec", runs charon with kernel-libipsec (userland ESP over a TUN device, always
+UDP-encapsulated on 4500): the only path on kernels without ESP, like the project's machine.
+"kernel" leaves ESP to the kernel (kernel-netlink only) and needs a kernel with ESP; `Lab.up`
+checks that first. Each charon gets a private
 /run (bind mount inside the mount namespace `ip netns exec` creates), because the pid file
 /run/charon.pid is compiled in. At start, the host's private key and one responder connection per
 other lab peer (remote id = its FQDN, remote key = its published key) are loaded over VICI. Test
@@ -28,19 +31,31 @@ from lab.topology import HOSTS, PEERS, Host
 CHARON = "/usr/lib/ipsec/charon"
 FWMARK = "0x42"
 
+ESP_LIBIPSEC = "libipsec"  # userland ESP in charon (kernel-libipsec); works without kernel ESP
+ESP_KERNEL = "kernel"  # kernel ESP via XFRM (kernel-netlink only); needs a kernel with ESP
+ESP_MODES = (ESP_LIBIPSEC, ESP_KERNEL)
+
 # Plugin order matters: kernel-libipsec must come before kernel-netlink (it takes over the
-# IPsec part of the kernel interface); kdf is needed for key derivation in 5.9.8.
-PLUGINS = (
-    "random nonce aes sha1 sha2 hmac kdf gmp pem pkcs1 pkcs8 pubkey openssl curve25519 "
-    "kernel-libipsec kernel-netlink socket-default vici"
-)
+# IPsec part of the kernel interface); kdf is needed for key derivation in 5.9.8; openssl
+# brings ECDSA (and RSA/Ed25519 alongside gmp/curve25519).
+_PLUGINS_HEAD = "random nonce aes sha1 sha2 hmac kdf gmp pem pkcs1 pkcs8 pubkey openssl curve25519"
+_PLUGINS_TAIL = "kernel-netlink socket-default vici"
 
 
-def strongswan_conf(cdir: Path) -> str:
+def plugins(esp: str) -> str:
+    """charon's `load =` list for an ESP data path (one of ESP_MODES)."""
+    if esp == ESP_LIBIPSEC:
+        return f"{_PLUGINS_HEAD} kernel-libipsec {_PLUGINS_TAIL}"
+    if esp == ESP_KERNEL:
+        return f"{_PLUGINS_HEAD} {_PLUGINS_TAIL}"
+    raise LabError(f"ESP data path must be one of {', '.join(ESP_MODES)}, got {esp!r}")
+
+
+def strongswan_conf(cdir: Path, esp: str = ESP_LIBIPSEC) -> str:
     """strongswan.conf for one charon (see lab-notes for why each setting is there)."""
-    return f"""# Written by lab/ike.py at `lab up`.
+    return f"""# Written by lab/ike.py at `lab up` (ESP data path: {esp}).
 charon {{
-    load = {PLUGINS}
+    load = {plugins(esp)}
     retransmit_tries = 2
     retransmit_timeout = 1.0
     retransmit_base = 1.4
@@ -123,11 +138,19 @@ def session(socket_path: Path, timeout: float = 10.0) -> Iterator[vici.Session]:
 
 
 def responder_conn(me: Host, peer: Host, my_spki: str, peer_spki: str) -> dict[str, Any]:
-    """VICI load-conn payload: `me` accepts `peer` (by FQDN and published key), tunnel mode."""
+    """VICI load-conn payload: `me` accepts `peer` (by FQDN and published key), tunnel mode.
+
+    No address restriction (it matches by identity, so it keeps working after `Lab.move`), and
+    no MOBIKE: with MOBIKE, a moved responder migrated its IKE_SA to whichever path answered
+    first (sometimes IPv6) and charon rewrote the dynamic traffic selectors to that family, so
+    IPv4 traffic silently went out in clear. Without it an SA stays bound to the addresses it
+    was made with, and a move is followed by a new `initiate` (see lab/README.md).
+    """
     local_ts = ["dynamic", *me.local_ts]
     return {
         f"peer-{peer.name}": {
             "version": "2",
+            "mobike": "no",
             "local": {"auth": "pubkey", "id": me.fqdn, "pubkeys": [my_spki]},
             "remote": {"auth": "pubkey", "id": peer.fqdn, "pubkeys": [peer_spki]},
             "children": {
@@ -142,16 +165,21 @@ def responder_conn(me: Host, peer: Host, my_spki: str, peer_spki: str) -> dict[s
 
 
 def initiator_conn(name: str, me: Host, peer_addr: str, peer_id: str, my_spki: str,
-                   peer_spki: str, remote_ts: list[str] | None = None) -> dict[str, Any]:
-    """VICI load-conn payload to reach a peer at `peer_addr` with the key `peer_spki`.
+                   peer_spki: str, remote_ts: list[str] | None = None,
+                   local_addr: str | None = None) -> dict[str, Any]:
+    """VICI load-conn payload to reach a peer at `peer_addr` (IPv4 or IPv6) with `peer_spki`.
 
     start_action=trap makes the policy fail closed until the SA is up; 5.9.8 raises no acquire
-    from the trap, so callers also `initiate` explicitly.
+    from the trap, so callers also `initiate` explicitly. `local_addr` pins IKE's source
+    address; by default charon picks it by route (of the peer's family), which also lets the
+    SA be re-authenticated from a new address after the initiator itself moved. MOBIKE is off
+    (see `responder_conn`).
     """
     return {
         name: {
             "version": "2",
-            "local_addrs": [me.v4],
+            "mobike": "no",
+            **({"local_addrs": [local_addr]} if local_addr else {}),
             "remote_addrs": [peer_addr],
             "local": {"auth": "pubkey", "id": me.fqdn, "pubkeys": [my_spki]},
             "remote": {"auth": "pubkey", "id": peer_id, "pubkeys": [peer_spki]},
@@ -196,6 +224,22 @@ def initiate(s: vici.Session, child: str, ike: str, timeout_ms: int = 5000) -> l
             pass
         raise LabError(f"initiate {child}: {exc}\n" + "\n".join(log)) from exc
     return log
+
+
+def close(s: vici.Session, name: str) -> None:
+    """Terminate the IKE_SA of connection `name` (if any) and unload the connection.
+
+    Terminate first: `unload-conn` alone keeps an established SA (lab-notes).
+    """
+    try:
+        for _ in s.terminate({"ike": name, "force": "yes", "timeout": 2000}):
+            pass
+    except vici.exception.CommandException:
+        pass  # nothing established under that name
+    try:
+        s.unload_conn({"name": name})
+    except vici.exception.CommandException:
+        pass  # never loaded
 
 
 def list_sas(s: vici.Session) -> list[dict[str, Any]]:

@@ -25,6 +25,9 @@ from typing import TypeVar
 from lab.topology import BLACKHOLE_PREFIXES, HOSTS, Host
 
 NETNS_DIR = Path("/run/netns")
+# `ip netns exec NS` bind-mounts every file in /etc/netns/NS/ over the same name in /etc/.
+NETNS_ETC = Path("/etc/netns")
+ESP_PROBE = "espprobe"  # suffix of the scratch namespace `kernel_esp_error` uses
 SWITCH = "sw"  # the switch namespace's suffix; no host may use this name
 BRIDGE = "br0"
 _CLONE_NEWNET = 0x40000000
@@ -141,6 +144,48 @@ def delete(names: Iterable[str]) -> None:
     """Delete the given namespaces (their veths go with them)."""
     for name in names:
         run(["ip", "netns", "del", name], check=False)
+
+
+def etc_netns_dirs(prefix: str) -> list[Path]:
+    """This instance's /etc/netns/<prefix><host> directories (files `ip netns exec` mounts)."""
+    try:
+        return sorted(p for p in NETNS_ETC.iterdir() if p.name.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def remove_etc_netns(prefix: str) -> None:
+    """Delete this instance's /etc/netns/<prefix>* directories (also after a crashed run).
+
+    /etc/netns itself stays (another instance may be creating its directory right now).
+    """
+    for path in etc_netns_dirs(prefix):
+        for child in path.iterdir():
+            child.unlink()
+        path.rmdir()
+
+
+def kernel_esp_error(prefix: str) -> str | None:
+    """None if the kernel can hold an ESP SA; else why not (`ip xfrm state add` stderr).
+
+    Adds one ESP state (AES-CBC + HMAC-SHA256, tunnel mode) in a scratch namespace that is
+    deleted at once; nothing is sent. On a kernel without ESP the add fails.
+    """
+    ns = prefix + ESP_PROBE
+    run(["ip", "netns", "del", ns], check=False)
+    run(["ip", "netns", "add", ns])
+    try:
+        proc = subprocess.run(
+            ["ip", "-n", ns, "xfrm", "state", "add", "src", "198.51.100.1", "dst", "198.51.100.2",
+             "proto", "esp", "spi", "0x1000", "mode", "tunnel",
+             "enc", "cbc(aes)", "0x" + "11" * 16, "auth-trunc", "hmac(sha256)", "0x" + "22" * 32,
+             "128"],
+            capture_output=True, text=True, timeout=10, check=False)
+    finally:
+        run(["ip", "netns", "del", ns], check=False)
+    if proc.returncode == 0:
+        return None
+    return proc.stderr.strip() or f"exit {proc.returncode}"
 
 
 def other_instances_up(own_switch: str) -> bool:

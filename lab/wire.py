@@ -6,6 +6,7 @@ the LAN would: the test of "ESP, no cleartext" looks here, never at the hosts' o
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
@@ -78,3 +79,17 @@ class Capture:
     def matching(self, *needles: str) -> list[str]:
         """Captured lines that contain every needle."""
         return [line for line in self.lines if all(n in line for n in needles)]
+
+    def esp(self, src: str, dst: str) -> list[str]:
+        """ESP packets from `src` to `dst` (IPv4 or IPv6), UDP-encapsulated or not.
+
+        libipsec always sends ESP-in-UDP ("A.4500 > B.4500: UDP-encap: ESP(...)"); kernel ESP
+        without NAT is plain protocol 50 ("A > B: ESP(...)"). Both count.
+        """
+        pat = re.compile(rf"(?:^|\s){re.escape(src)}(?:\.\d+)? > {re.escape(dst)}(?:\.\d+)?: "
+                         r"(?:UDP-encap: )?ESP\(")
+        return [line for line in self.lines if pat.search(line)]
+
+    def cleartext_icmp(self) -> list[str]:
+        """ICMP/ICMPv6 packets seen in clear (any of them means traffic escaped the tunnel)."""
+        return self.matching("ICMP")

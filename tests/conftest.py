@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # Programs the lab runs; a missing one is a setup defect, reported by name.
 REQUIRED_PROGRAMS = ("ip", "named", "dnssec-keygen", "dnssec-signzone", "dnssec-dsfromkey",
                      "tsig-keygen", "unbound", "unbound-control", "dig", "nsupdate", "tcpdump",
-                     "ping", "swanctl", "/usr/lib/ipsec/charon")
+                     "ping", "getent", "swanctl", "/usr/lib/ipsec/charon")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

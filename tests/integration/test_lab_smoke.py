@@ -25,9 +25,18 @@ import pytest
 from lab import ike, keys
 from lab.core import Lab
 from lab.demo import key_from_answer
-from lab.net import LabError, blackholes_present, is_zombie, list_namespaces, other_instances_up
+from lab.net import (
+    LabError,
+    blackholes_present,
+    etc_netns_dirs,
+    is_zombie,
+    kernel_esp_error,
+    list_namespaces,
+    other_instances_up,
+)
 from lab.topology import BLACKHOLE_PREFIXES, EXPECTATIONS, HOSTS, Expectation
 from lab.wire import Capture
+from resolver import ipseckey
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +79,7 @@ def published_key_b64(lab: Lab, host: str) -> str:
     from cryptography.hazmat.primitives import serialization
 
     priv = serialization.load_pem_private_key(lab.private_key(host).read_bytes(), None)
-    _, blob = keys.ipseckey_key_field(priv.public_key())  # type: ignore[arg-type]
+    blob = keys.ipseckey_key_field(priv.public_key())  # type: ignore[arg-type]
     return base64.b64encode(blob).decode()
 
 
@@ -105,8 +114,8 @@ def test_key_encodings_match_private_keys(lab: Lab, host: str, alg: int) -> None
     rrs = [rr for s in r.answer if s.rdtype == dns.rdatatype.IPSECKEY for rr in s]
     assert [rr.algorithm for rr in rrs] == [alg]
     assert base64.b64encode(rrs[0].key).decode() == published_key_b64(lab, host)
-    pub = keys.public_key_from_ipseckey(rrs[0].algorithm, rrs[0].key)
-    assert keys.spki_pem(pub) == lab.public_key_pem(host)
+    key = ipseckey.IpsecKey.from_rdata(r.question[0].name, rrs[0], 0)
+    assert key.spki_pem() == lab.public_key_pem(host)
 
 
 def test_ipv6_transport_and_gateway_records(lab: Lab) -> None:
@@ -182,10 +191,11 @@ def test_tunnel_from_dns_key_carries_ping_as_esp(lab: Lab) -> None:
         with Capture(lab.switch_ns, "v-bob", ["host", a, "and", "host", b]) as cap:
             ping = lab.exec("alice", ["ping", "-c", "3", "-i", "0.2", "-W", "1", b], check=False)
         assert ping.returncode == 0, ping.stdout + ping.stderr
-        esp = cap.matching(f"{a}.4500 > {b}.4500", "ESP")
-        back = cap.matching(f"{b}.4500 > {a}.4500", "ESP")
+        esp, back = cap.esp(a, b), cap.esp(b, a)
         assert len(esp) >= 3 and len(back) >= 3, "\n".join(cap.lines)
-        assert cap.matching("ICMP") == [], "cleartext ICMP on the wire:\n" + "\n".join(cap.lines)
+        assert cap.cleartext_icmp() == [], "cleartext ICMP on the wire:\n" + "\n".join(cap.lines)
+        if lab.esp == "libipsec":  # userland ESP is always UDP-encapsulated on 4500
+            assert all(".4500 > " in ln and "UDP-encap" in ln for ln in esp + back), cap.lines
     finally:
         with lab.vici("alice") as s:
             for _ in s.terminate({"ike": "smoke-bob", "force": "yes", "timeout": 2000}):
@@ -229,6 +239,157 @@ def test_gateway_tunnel_reaches_srv_and_nothing_else_does(lab: Lab) -> None:
             s.unload_conn({"name": "smoke-gw"})
 
 
+def _tunnel_ping(lab: Lab, peer: str, peer_addr: str, name: str, *, family: int = 4,
+                 count: int = 3) -> dict[str, object]:
+    """alice -> peer at peer_addr with the key from the validated IPSECKEY answer; ping over ESP.
+
+    Returns alice's CHILD_SA (as VICI lists it) for further checks.
+    """
+    qname = f"{peer}.example.test"
+    answer = lab.query("alice", qname, "IPSECKEY")
+    spki = key_from_answer(answer, qname)
+    a = lab.addr("alice", family)
+    ping_cmd = ["ping", "-6"] if family == 6 else ["ping"]
+    with lab.tunnel("alice", name, peer_addr, qname, spki):
+        with lab.vici("alice") as s:
+            child = next(c for sa in ike.list_sas(s) for ike_sa in sa.values()
+                         for c in (ike_sa.get("child-sas") or {}).values() if c["name"] == name)
+        with Capture(lab.switch_ns, f"v-{peer}", ["host", a, "and", "host", peer_addr]) as cap:
+            ping = lab.exec("alice", [*ping_cmd, "-c", str(count), "-i", "0.2", "-W", "1",
+                                      peer_addr], check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        assert len(cap.esp(a, peer_addr)) >= count, "\n".join(cap.lines)
+        assert len(cap.esp(peer_addr, a)) >= count, "\n".join(cap.lines)
+        assert cap.cleartext_icmp() == [], "cleartext ICMP:\n" + "\n".join(cap.lines)
+    return dict(child)
+
+
+@pytest.mark.parametrize("peer,family,alg", [("carol", 4, 2), ("dave", 4, 3), ("bob", 6, 4)],
+                         ids=["carol-rsa", "dave-ecdsa", "bob-ipv6"])
+def test_tunnel_per_key_type_and_family(lab: Lab, peer: str, family: int, alg: int) -> None:
+    """RSA (alg 2) and ECDSA P-256 (alg 3) keys from DNS, and IPv6 IKE + TS, carry ESP pings."""
+    r = lab.query("alice", f"{peer}.example.test", "IPSECKEY")
+    assert [rr.algorithm for s in r.answer if s.rdtype == dns.rdatatype.IPSECKEY
+            for rr in s] == [alg]
+    addr_type = "AAAA" if family == 6 else "A"
+    addrs = lab.query("alice", f"{peer}.example.test", addr_type)
+    assert addrs.flags & dns.flags.AD
+    (peer_addr,) = [rr.to_text() for s in addrs.answer
+                    if s.rdtype == dns.rdatatype.from_text(addr_type) for rr in s]
+    assert peer_addr == lab.addr(peer, family)
+    child = _tunnel_ping(lab, peer, peer_addr, f"smoke-{peer}{family}", family=family)
+    plen = 128 if family == 6 else 32
+    assert child["local-ts"] == [f"{lab.addr('alice', family)}/{plen}"], child
+    assert child["remote-ts"] == [f"{peer_addr}/{plen}"], child
+
+
+def test_moved_responder_takes_a_new_tunnel_at_its_new_address(lab: Lab) -> None:
+    """bob moves while an SA to his old address is up; a new conn to the new address works.
+
+    The old SA stays bound to the old address (MOBIKE is off in the lab): it must not wander to
+    another path or family. After moving back, bob still accepts tunnels at his old address.
+    """
+    old, new = HOSTS["bob"].v4, "198.51.100.111"
+    assert lab.addr("bob") == old
+    with lab.tunnel("alice", "smoke-premove", old, "bob.example.test",
+                    lab.public_key_pem("bob")):
+        lab.move("bob", new)
+        try:
+            assert lab.addr("bob") == new
+            child = _tunnel_ping(lab, "bob", new, "smoke-moved")
+            assert child["remote-ts"] == [f"{new}/32"], child
+            with lab.vici("bob") as s:
+                bob_ts = {ts for sa in ike.list_sas(s) for ike_sa in sa.values()
+                          for c in (ike_sa.get("child-sas") or {}).values()
+                          for ts in c["local-ts"]}
+            assert bob_ts <= {f"{old}/32", f"{new}/32"}, bob_ts
+        finally:
+            lab.move("bob", old)
+    assert lab.addr("bob") == old
+    _tunnel_ping(lab, "bob", old, "smoke-movedback", count=1)
+
+
+def _wait_child_from(lab: Lab, host: str, local: str, name: str, timeout: float = 5) -> list[str]:
+    """Wait until `host` has CHILD_SA `name` INSTALLED in an IKE_SA from `local`; its local TS."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with lab.vici(host) as s:
+            ts = [c["local-ts"] for sa in ike.list_sas(s) for v in sa.values()
+                  if v["local-host"] == local and v["state"] == "ESTABLISHED"
+                  for c in (v.get("child-sas") or {}).values()
+                  if c["name"] == name and c["state"] == "INSTALLED"]
+        if ts:
+            return list(ts[0])
+        assert time.monotonic() < deadline, f"{host}: no {name} from {local} after {timeout} s"
+        time.sleep(0.05)
+
+
+def test_moved_initiator_reauthenticates_from_its_new_address(lab: Lab) -> None:
+    """alice moves with a tunnel up; without MOBIKE her charon re-authenticates by itself."""
+    old, new, b = HOSTS["alice"].v4, "198.51.100.110", lab.addr("bob")
+    with lab.tunnel("alice", "smoke-initmove", b, "bob.example.test", lab.public_key_pem("bob")):
+        lab.move("alice", new)
+        try:
+            assert _wait_child_from(lab, "alice", new, "smoke-initmove") == [f"{new}/32"]
+            with Capture(lab.switch_ns, "v-bob", ["host", b]) as cap:
+                ping = lab.exec("alice", ["ping", "-c", "2", "-i", "0.2", "-W", "1", b],
+                                check=False)
+            assert ping.returncode == 0, ping.stdout + ping.stderr
+            assert len(cap.esp(new, b)) >= 2 and cap.cleartext_icmp() == [], cap.lines
+        finally:
+            lab.move("alice", old)
+        # And back: closing before the re-authentication is done would wait for a DELETE sent
+        # from the vanished address to time out.
+        assert _wait_child_from(lab, "alice", old, "smoke-initmove") == [f"{old}/32"]
+
+
+def test_resolv_conf_per_host(lab: Lab) -> None:
+    """set_resolv_conf makes getent in alice resolve through the lab Unbound; clear undoes it."""
+    bob = {lab.addr("bob", 4), lab.addr("bob", 6)}
+    host_view = Path("/etc/resolv.conf").read_text()
+    lab.set_resolv_conf("alice", f"nameserver {lab.unbound_addr}\noptions timeout:1 attempts:1")
+    try:
+        got = lab.exec("alice", ["getent", "hosts", "bob.example.test"], timeout=15)
+        assert got.stdout.split()[0] in bob, got.stdout
+        v4 = lab.exec("alice", ["getent", "ahostsv4", "bob.example.test"], timeout=15)
+        assert v4.stdout.split()[0] == lab.addr("bob"), v4.stdout
+        # Only alice is affected.
+        assert lab.exec("bob", ["cat", "/etc/resolv.conf"]).stdout == host_view
+    finally:
+        lab.clear_resolv_conf("alice")
+    assert not lab.resolv_conf_path("alice").parent.exists()
+    assert lab.exec("alice", ["cat", "/etc/resolv.conf"]).stdout == host_view
+    after = lab.exec("alice", ["getent", "hosts", "bob.example.test"], check=False, timeout=30)
+    assert after.returncode != 0 and not bob & set(after.stdout.split()), after.stdout
+
+
+def test_esp_data_path_is_a_config_choice(lab: Lab, tmp_path: Path) -> None:
+    """LAB_ESP picks charon's plugins; `kernel` is refused clearly where the kernel lacks ESP."""
+    conf = (lab.charon_dir("alice") / "strongswan.conf").read_text()
+    load = next(ln.split("=", 1)[1].split() for ln in conf.splitlines()
+                if ln.strip().startswith("load ="))
+    assert ("kernel-libipsec" in load) == (lab.esp == "libipsec"), load
+    assert "kernel-netlink" in load
+    with pytest.raises(LabError, match="LAB_ESP must be one of"):
+        Lab(lab_id="x", esp="userland")
+    other = Lab(lab_id=(lab.lab_id + "k")[-4:], state_dir=tmp_path / "lab", esp="kernel")
+    assert other.prefix != lab.prefix
+    kernel_has_esp = kernel_esp_error(other.prefix) is None
+    if kernel_has_esp:
+        try:
+            other.up()
+            assert other.is_up()
+        finally:
+            other.down()
+    else:
+        t0 = time.monotonic()
+        with pytest.raises(LabError, match=r"LAB_ESP=kernel.*cannot hold an ESP SA"):
+            other.up()
+        assert time.monotonic() - t0 < 5
+        assert [n for n in list_namespaces() if n.startswith(other.prefix)] == []
+    assert lab.is_up()  # the session lab is untouched
+
+
 def test_down_leaves_nothing_then_up_again(lab: Lab) -> None:
     """`python -m lab down` from another process (as after a crash) removes every trace.
 
@@ -236,6 +397,7 @@ def test_down_leaves_nothing_then_up_again(lab: Lab) -> None:
     """
     pids = lab.pids()
     assert len(pids) >= 10  # 4 named, unbound, 5 charon
+    lab.set_resolv_conf("plain", f"nameserver {lab.unbound_addr}")  # down must remove it
     env_id = {"LAB_ID": lab.lab_id, "LAB_DIR": str(lab.state_dir)}
     try:
         subprocess.run([sys.executable, "-m", "lab", "down"], check=True, timeout=60,
@@ -249,6 +411,7 @@ def test_down_leaves_nothing_then_up_again(lab: Lab) -> None:
         if not other_instances_up(lab.switch_ns):
             assert blackholes_present() == []
         assert not lab.run_dir.exists()
+        assert etc_netns_dirs(lab.prefix) == []
         assert lab.private_key("alice").exists()  # the key cache survives
     finally:
         lab.up()

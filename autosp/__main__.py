@@ -1,0 +1,7 @@
+"""`python -m autosp` = the `autosp` command."""
+
+import sys
+
+from autosp.cli import main
+
+sys.exit(main())

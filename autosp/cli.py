@@ -1,0 +1,279 @@
+"""The `autosp` command line: parse arguments, call one module, map errors to exit statuses.
+
+Exit statuses: 0 done; 1 the operation failed (refused, timed out, raced); 2 bad input or
+configuration; 3 the resolver daemon is not reachable. Errors are one line on stderr, never a
+traceback (set AUTOSP_DEBUG=1 to get one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dns.exception
+import dns.name
+
+from autosp import control, keygen, records
+from autosp.errors import DaemonUnreachable, OperationFailed
+from resolver.errors import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_DAEMON = 0, 1, 2, 3
+PLACEHOLDER_NAME = "host.example.com."
+DEFAULT_PUBLISH_TTL = 300
+DEFAULT_RECORD_TTL = 3600
+
+EXIT_HELP = """\
+exit status: 0 ok, 1 operation failed, 2 bad input or configuration, 3 resolver daemon not
+reachable."""
+
+PUBLISH_EPILOG = """\
+what is sent:
+  One RFC 2136 UPDATE, TSIG-signed, over TCP to --server (the zone's primary). It replaces the A
+  and AAAA RRsets of NAME with the given addresses and the IPSECKEY RRset with the key of --key.
+  Its prerequisites state exactly the records read just before, so a racing publisher makes it
+  fail (exit 1, nothing changed) instead of mixing two versions.
+
+key rollover (make before break):
+  If NAME already publishes a different key, the new key is first published beside the old one;
+  autosp then waits the old IPSECKEY TTL (+2 s), so no cache holds the old key alone, and removes
+  the old key. Switch the IKE daemon to the new private key once the old one is removed. With
+  --no-wait (implied by --nsupdate) autosp stops after the first step and says when it is safe
+  to run the same command again with --finish-rollover.
+
+check:
+  Afterwards the records are asked for through a validating resolver (--resolver, default the
+  first nameserver of /etc/resolv.conf) with DO and AD set. autosp prints "published, secure"
+  when they come back unchanged with the AD bit, or "published, but not yet DNSSEC-secure: WHY".
+  The exit status is 0 either way unless --require-secure is given.
+
+examples:
+  autosp publish laptop.example.com --server ns1.example.com --tsig-key /etc/autosp/ddns.key \\
+      --key /etc/ipseckey-resolver/host.pem
+  autosp publish laptop.example.com --server 192.0.2.53 --tsig-key ddns.key --address auto \\
+      --nsupdate > update.txt && nsupdate -k ddns.key update.txt
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="autosp",
+        description="Keep IPsec tunnels to endpoints known by name, and publish this host's "
+                    "own key and address in DNS.",
+        epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--control", type=Path, metavar="PATH",
+                   default=Path(os.environ.get("AUTOSP_CONTROL", control.DEFAULT_SOCKET)),
+                   help="the resolver's control socket (default: $AUTOSP_CONTROL or "
+                        f"{control.DEFAULT_SOCKET})")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _endpoint_commands(sub)
+    _keygen_command(sub)
+    _publish_command(sub)
+    return p
+
+
+def _sub(sub: Any, name: str, help: str, description: str,
+         epilog: str = EXIT_HELP) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, description=description, epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser
+
+
+def _endpoint_commands(sub: Any) -> None:
+    needs = ("Needs the resolver's control socket (--control); exits 3 if the resolver is not "
+             "running.")
+    add = _sub(sub, "add", "keep a tunnel to an endpoint known by name",
+               "Resolve NAME (addresses and IPSECKEY, DNSSEC-validated), bring the tunnel up and "
+               "keep it: the endpoint is pinned (no lease expiry), kept across resolver "
+               "restarts and re-resolved when its records' TTL runs out, so a new address or "
+               "key is followed. " + needs)
+    add.add_argument("name", help="the endpoint's DNS name, e.g. vpn.example.com")
+    add.add_argument("--group", help="policy group for it (default: from the resolver's policy)")
+    rm = _sub(sub, "remove", "stop keeping an endpoint and tear its tunnel down",
+              "Forget an endpoint added with `autosp add` and tear its tunnel down. " + needs)
+    rm.add_argument("name")
+    _sub(sub, "list", "list the endpoints and their tunnels",
+         "A table of the endpoints: name, addresses, key algorithm and fingerprint, DNSSEC "
+         "status, tunnel state, next refresh. " + needs)
+    st = _sub(sub, "status", "everything known about one endpoint",
+              "Everything the resolver knows about one endpoint, and why it failed if it did. "
+              + needs)
+    st.add_argument("name")
+    rf = _sub(sub, "refresh", "re-resolve endpoints now",
+              "Re-resolve one endpoint (or all) now instead of waiting for the TTL. " + needs)
+    rf.add_argument("name", nargs="?")
+
+
+def _keygen_command(sub: Any) -> None:
+    k = _sub(sub, "keygen", "make a private key and print its IPSECKEY record",
+             "Generate a private key, write it as unencrypted PKCS#8 PEM with mode 0600 "
+             "(atomically; never readable by others, not even briefly), and print the public key "
+             "as an IPSECKEY record ready to publish (stdout; notes go to stderr).")
+    k.add_argument("--algorithm", choices=[a.value for a in keygen.Algorithm],
+                   default=keygen.Algorithm.ED25519.value,
+                   help="key algorithm (default ed25519; rsa makes 3072-bit keys)")
+    k.add_argument("--out", type=Path, required=True, metavar="FILE",
+                   help="private key file to create")
+    k.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    k.add_argument("--name", default=PLACEHOLDER_NAME,
+                   help=f"owner name of the printed record (default {PLACEHOLDER_NAME}, a "
+                        "placeholder to replace with this host's name)")
+    k.add_argument("--ttl", type=int, default=DEFAULT_RECORD_TTL,
+                   help=f"TTL of the printed record (default {DEFAULT_RECORD_TTL})")
+    _record_options(k)
+
+
+def _record_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gateway", default=None, metavar="ADDR|NAME",
+                   help="IPSECKEY gateway: an IPv4/IPv6 address or a host name (default: none, "
+                        "the owner's own address is the peer)")
+    p.add_argument("--precedence", type=int, default=10,
+                   help="IPSECKEY precedence, lower is preferred (default 10)")
+
+
+def _publish_command(sub: Any) -> None:
+    p = _sub(sub, "publish", "publish this host's addresses and key with a signed DNS UPDATE",
+             "Set NAME's A/AAAA records (default: this host's current global addresses) and its "
+             "IPSECKEY record (from --key) with an RFC 2136 UPDATE signed with TSIG, then check "
+             "that they come back DNSSEC-secure through a validating resolver.",
+             epilog=PUBLISH_EPILOG + "\n" + EXIT_HELP)
+    p.add_argument("name", help="this host's DNS name, e.g. laptop.example.com")
+    p.add_argument("--server", required=True, help="the zone's primary server (address or name)")
+    p.add_argument("--port", type=int, default=53, help="its port (default 53)")
+    p.add_argument("--tsig-key", type=Path, metavar="KEYFILE",
+                   help="TSIG key file as written by BIND's tsig-keygen (required unless "
+                        "--nsupdate)")
+    p.add_argument("--tsig-name", help="key to use if KEYFILE holds several")
+    p.add_argument("--key", type=Path, metavar="PRIVKEYFILE",
+                   help="this host's private key (mode 0600); its public key is published as "
+                        "IPSECKEY. Without --key only the addresses are published")
+    p.add_argument("--address", nargs="+", default=["auto"], metavar="auto|none|ADDR",
+                   help="addresses to publish: auto (this host's global addresses, default), "
+                        "none (leave A/AAAA alone) or a list of IPv4/IPv6 addresses")
+    p.add_argument("--ttl", type=int, default=DEFAULT_PUBLISH_TTL,
+                   help=f"TTL of the published records (default {DEFAULT_PUBLISH_TTL}: short, "
+                        "because a travelling host's address changes)")
+    _record_options(p)
+    p.add_argument("--zone", help="the zone to update (default: found with an SOA query)")
+    p.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds to wait for each DNS answer (default 5)")
+    p.add_argument("--resolver", metavar="ADDR",
+                   help="validating resolver for the check (default: /etc/resolv.conf)")
+    p.add_argument("--resolver-port", type=int, default=53, metavar="PORT",
+                   help="its port (default 53)")
+    p.add_argument("--check-timeout", type=float, default=10.0,
+                   help="seconds to wait for the records to come back secure (default 10)")
+    p.add_argument("--no-check", action="store_true", help="skip the validating lookup")
+    p.add_argument("--require-secure", action="store_true",
+                   help="exit 1 if the records are not (yet) DNSSEC-secure")
+    roll = p.add_mutually_exclusive_group()
+    roll.add_argument("--no-wait", action="store_true",
+                      help="on a key change, stop after publishing the new key beside the old")
+    roll.add_argument("--finish-rollover", action="store_true",
+                      help="finish a rollover started with --no-wait: remove the old key(s)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--nsupdate", action="store_true",
+                     help="print the equivalent nsupdate script instead of sending (no key "
+                          "needed; a rollover script stops after its first step)")
+    how.add_argument("--run-nsupdate", action="store_true",
+                     help="send with the real /usr/bin/nsupdate -k KEYFILE instead of dnspython")
+
+
+def _run(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "keygen":
+        return _keygen(args)
+    if cmd == "publish":
+        from autosp.publish_cmd import run_publish
+
+        return run_publish(args)
+    return _endpoint(args)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    try:
+        owner = dns.name.from_text(args.name)
+    except dns.exception.DNSException as exc:
+        raise ConfigError(f"--name {args.name!r}: {exc}") from None
+    if args.ttl < 0 or args.ttl > 0x7FFFFFFF:
+        raise ConfigError(f"--ttl {args.ttl}: out of range")
+    gateway = records.parse_gateway(args.gateway)
+    records.check_precedence(args.precedence)
+    out: Path = args.out
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out}: exists; not overwriting a key file without --force")
+    key = keygen.generate(keygen.Algorithm(args.algorithm))
+    rdata = records.ipseckey_rdata(key.public_key(), gateway, args.precedence)
+    keygen.write_private_key(out, keygen.pkcs8_pem(key), force=args.force)
+    print(f"wrote {args.algorithm} private key to {out} (mode 0600)", file=sys.stderr)
+    if args.name == PLACEHOLDER_NAME:
+        print(f"note: {PLACEHOLDER_NAME} is a placeholder: replace it with this host's DNS "
+              "name (or use --name), or let `autosp publish --key` publish the record",
+              file=sys.stderr)
+    print(records.record_line(owner, args.ttl, rdata))
+    return EXIT_OK
+
+
+def _endpoint(args: argparse.Namespace) -> int:
+    path: Path = args.control
+    cmd = args.command
+    name = getattr(args, "name", None)
+    if name is not None:
+        try:
+            name = dns.name.from_text(name).to_text()
+        except dns.exception.DNSException as exc:
+            raise ConfigError(f"{name!r} is not a DNS name: {exc}") from None
+    if cmd == "add":
+        result = control.request(path, "add", name=name, group=args.group)
+        print(f"added {name}" + (f": {control.format_status(result)}" if result else ""))
+    elif cmd == "remove":
+        control.request(path, "remove", name=name)
+        print(f"removed {name}")
+    elif cmd == "list":
+        result = control.request(path, "list")
+        print(control.format_table(list((result or {}).get("endpoints", [])), time.time()))
+    elif cmd == "status":
+        print(control.format_status(control.request(path, "status", name=name) or {}))
+    else:
+        control.request(path, "refresh", name=name)
+        print(f"refreshed {name or 'all endpoints'}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run autosp; returns the exit status (also the console script's entry point)."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        return _fail(exc, EXIT_INPUT)
+    except OperationFailed as exc:
+        return _fail(exc, EXIT_FAILED)
+    except DaemonUnreachable as exc:
+        return _fail(exc, EXIT_DAEMON)
+    except KeyboardInterrupt:
+        print("autosp: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("AUTOSP_DEBUG"):
+            raise
+        # A bug, not a user error; still one line (AUTOSP_DEBUG=1 shows the traceback).
+        return _fail(exc, EXIT_FAILED, prefix="internal error: ")
+
+
+def _fail(exc: BaseException, status: int, prefix: str = "") -> int:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"autosp: {prefix}{text}", file=sys.stderr)
+    return status
+
+
+def wrap(text: str) -> str:
+    """Wrap a long message for the terminal (used for multi-sentence notes)."""
+    return textwrap.fill(text, width=100, subsequent_indent="  ")
+

@@ -1,0 +1,113 @@
+"""Client side of the resolver's control socket (`autosp add/remove/list/status/refresh`).
+
+Protocol (proposed to the resolver's control.py; both sides must keep to it): a Unix stream
+socket, owner root, mode 0600. One request per connection: the client writes one JSON object
+and a newline, the server answers with one JSON object and a newline, then closes.
+
+    request:  {"op": "add", "name": "vpn.example.com.", "group": "private"}
+              {"op": "remove", "name": ...} {"op": "list"} {"op": "status", "name": ...}
+              {"op": "refresh"} / {"op": "refresh", "name": ...}
+    reply:    {"ok": true, "result": {...}}
+              {"ok": false, "error": "one sentence", "code": "unknown-name" | "no-secure-key"
+                                                             | "ike-unreachable" | "bad-request"}
+
+`list` returns {"endpoints": [ENDPOINT...]}, `status` returns ENDPOINT, where
+ENDPOINT = {"name", "addresses": [..], "algorithm", "fingerprint", "security", "tunnel",
+            "next_refresh": unix time or null, "error": "" or why it failed}.
+
+Until the resolver implements the socket, every command ends with `DaemonUnreachable` (exit 3).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from autosp.errors import DaemonUnreachable, OperationFailed
+from resolver.errors import ConfigError
+
+DEFAULT_SOCKET = Path("/run/ipseckey-resolver/control.sock")
+MAX_REPLY = 4 << 20
+_INPUT_CODES = {"bad-request"}
+
+
+def request(path: Path, op: str, timeout: float = 30.0, **args: Any) -> Any:
+    """Send one request and return the reply's `result`.
+
+    Raises:
+        DaemonUnreachable: the socket is missing, refuses or the daemon does not answer.
+        ConfigError: the daemon says the request was malformed.
+        OperationFailed: the daemon could not do it (its sentence is the message).
+    """
+    body = json.dumps({"op": op, **{k: v for k, v in args.items() if v is not None}})
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(body.encode() + b"\n")
+            data = _read_line(s)
+    except FileNotFoundError:
+        raise DaemonUnreachable(f"no control socket at {path}: is ipseckey-resolver running "
+                                "(with [control] enabled)? The endpoint commands need the "
+                                "resolver's control socket") from None
+    except PermissionError:
+        raise DaemonUnreachable(f"{path}: permission denied (the control socket is for root "
+                                "only; run autosp as root)") from None
+    except TimeoutError:
+        raise DaemonUnreachable(f"{path}: the resolver did not answer within "
+                                f"{timeout:g} s") from None
+    except OSError as exc:
+        raise DaemonUnreachable(f"cannot reach the resolver at {path}: {exc.strerror}") from None
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise DaemonUnreachable(f"{path}: the resolver's reply is not JSON") from None
+    if not isinstance(reply, dict):
+        raise DaemonUnreachable(f"{path}: the resolver's reply is not a JSON object")
+    if reply.get("ok") is True:
+        return reply.get("result")
+    error = str(reply.get("error") or "failed (no reason given)")
+    if reply.get("code") in _INPUT_CODES:
+        raise ConfigError(error)
+    raise OperationFailed(error)
+
+
+def _read_line(s: socket.socket) -> bytes:
+    buf = bytearray()
+    while b"\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > MAX_REPLY:
+            raise OSError(0, "reply too large")
+    if not buf:
+        raise OSError(0, "the resolver closed the connection without a reply")
+    return bytes(buf.split(b"\n", 1)[0])
+
+
+def format_table(endpoints: list[dict[str, Any]], now: float | None = None) -> str:
+    """`autosp list` output: one row per endpoint, aligned columns."""
+    now = time.time() if now is None else now
+    header = ("NAME", "ADDRESSES", "KEY", "DNSSEC", "TUNNEL", "NEXT REFRESH")
+    rows = [header]
+    for e in endpoints:
+        nxt = e.get("next_refresh")
+        when = "-" if nxt is None else f"in {max(0, round(float(nxt) - now))} s"
+        key = f"{e.get('algorithm') or '-'} {e.get('fingerprint') or ''}".strip()
+        rows.append((str(e.get("name", "?")), ",".join(e.get("addresses") or []) or "-", key,
+                     str(e.get("security") or "-"), str(e.get("tunnel") or "-"), when))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def format_status(e: dict[str, Any]) -> str:
+    """`autosp status NAME` output: every known field, one per line, failure reason last."""
+    lines = [f"{k}: {v}" for k, v in e.items() if k != "error"]
+    if e.get("error"):
+        lines.append(f"error: {e['error']}")
+    return "\n".join(lines)
