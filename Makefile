@@ -18,7 +18,7 @@ integration: setup
 	$(PY) -m pytest -q tests -m integration
 
 demo: setup
-	$(PY) -m lab demo
+	$(PY) -m lab.demo_resolver
 
 lint: setup
 	.venv/bin/ruff check resolver autosp lab tests bench

@@ -31,7 +31,10 @@ class ConfigError(ResolverError):
 
 
 class ProvisioningError(ResolverError):
-    """A backend could not apply an intent (IKE daemon unreachable, key rejected, CHILD_SA failed)."""
+    """A backend could not apply an intent.
+
+    For example: the IKE daemon is unreachable, it rejected the key, or no CHILD_SA came up.
+    """
 
 
 class BudgetExceeded(ResolverError):

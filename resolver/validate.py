@@ -1,25 +1,403 @@
-"""Chain of trust -> Security.  (Contract stub: the validator work replaces the body, keeps the names.)"""
+"""Chain of trust -> Security: validate one upstream response for one client question.
+
+Theory of operation
+-------------------
+``Validator.validate(qname, qtype, response, now)`` is the only entry point. The response came
+from an upstream with DO=1 and CD=1, so nothing in it is trusted, not even its AD bit. One call
+is one client query: it gets a fresh ``Budget`` (validate_types) that every step charges.
+
+1. Names at or below a negative trust anchor are INSECURE; nothing is checked.
+2. The answer section is walked from ``qname``: the RRset asked for ends the walk; otherwise a
+   DNAME above the current name (its synthesized CNAME must match, RFC 6672) or a CNAME at it
+   moves to the next name. Each link is validated on its own, in its own zone, so a chain may
+   cross zones and trust islands. A name seen twice is a loop (BOGUS), more than
+   ``max_cname_chain`` links is BOGUS. If the chain ends without an answer or proof for its last
+   name (a truncated chain), the rest is fetched with ``fetch``.
+3. A positive RRset: its RRSIG's signer (an ancestor-or-self of the owner) names the zone;
+   validate_chain gives that zone's keys (or proves it INSECURE), validate_sig checks the RRset.
+   A wildcard expansion additionally needs the NSEC/NSEC3 proof of validate_denial. Unsigned
+   data is INSECURE only if the chain walk finds an insecure cut above it; otherwise the RRSIGs
+   were stripped (BOGUS, EDE 10).
+4. A negative end (NODATA or NXDOMAIN per the rcode) needs the signed SOA and the NSEC/NSEC3
+   proof of the zone that signed them; a missing proof is BOGUS, never "no data".
+5. The verdict of the whole answer is the worst of its parts. Work limits that run out raise
+   ``BudgetExhausted`` anywhere below; it is caught here and becomes BOGUS with its reason.
+   Upstream failures become INDETERMINATE. Nothing but a bug escapes as an exception.
+
+The TTL returned is the smallest of the RRsets' capped TTLs (validate_sig), the negative TTL
+(RFC 9077: min of SOA TTL, SOA MINIMUM and the NSEC TTLs), and the time left until the earliest
+signature expiry along the chain. BOGUS answers carry ``Limits.bogus_ttl``; INDETERMINATE 0.
+"""
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+
+import dns.edns
+import dns.exception
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+from dns.rdtypes.ANY.CNAME import CNAME
+from dns.rdtypes.ANY.DNAME import DNAME
+from dns.rdtypes.ANY.SOA import SOA
+
+from resolver.anchors import TrustAnchors
+from resolver.validate_chain import Fetch, TrustChain
+from resolver.validate_denial import (
+    Section,
+    collect,
+    find,
+    prove_negative,
+    prove_wildcard,
+    rrsig_rrset,
+    rrsigs_for,
+)
+from resolver.validate_sig import ZoneKeys, verify_rrset
+from resolver.validate_types import (
+    SECURE,
+    Budget,
+    BudgetExhausted,
+    Limits,
+    Security,
+    Verdict,
+    Work,
+    bogus,
+    insecure,
+    type_text,
+    worst,
+)
+
+__all__ = ["Fetch", "Limits", "Security", "ValidatedAnswer", "Validator", "Verdict", "Work"]
+
+log = logging.getLogger("resolver.validate")
+_EDE = dns.edns.EDECode
+_MAX_TTL = 2**31 - 1
 
 
-class Security(enum.Enum):
-    """Vocabulary taken from Unbound's sec_status."""
+@dataclass(frozen=True)
+class ValidatedAnswer:
+    """What the resolution core serves and caches (see contracts.md)."""
 
-    SECURE = "secure"
-    INSECURE = "insecure"
-    BOGUS = "bogus"
-    INDETERMINATE = "indeterminate"
+    verdict: Verdict  # overall status of the answer (worst of its parts)
+    rcode: int  # NOERROR / NXDOMAIN as proven (SERVFAIL decisions are the core's)
+    answer: list[dns.rrset.RRset]  # CNAME/DNAME chain + final RRset, each + its RRSIG RRset
+    authority: list[dns.rrset.RRset]  # SOA/NSEC/NSEC3 + RRSIGs for negative answers
+    ttl: int  # TTL to cache and to serve (already capped by signature validity)
+    work: Work = field(default_factory=Work)  # work done (for tests, logs, metrics)
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The security status of one RRset or one whole answer, with why."""
+@dataclass(slots=True)
+class _Part:
+    """The outcome of one link or one negative end."""
 
-    security: Security
-    reason: str = ""
-    ede: int | None = None  # a dns.edns.EDECode value for SERVFAIL answers
-    valid_until: float | None = None  # earliest RRSIG expiration used (POSIX seconds)
+    verdict: Verdict
+    ttl: int
+    authority: list[dns.rrset.RRset] = field(default_factory=list)
+
+
+class Validator:
+    """A forwarding DNSSEC validator with its own DS/DNSKEY cache."""
+
+    def __init__(self, anchors: TrustAnchors, fetch: Fetch, limits: Limits | None = None) -> None:
+        self.anchors = anchors
+        self.fetch = fetch
+        self.limits = limits if limits is not None else Limits()
+        self.chain = TrustChain(anchors, fetch, self.limits)
+
+    async def validate(
+        self,
+        qname: dns.name.Name,
+        qtype: dns.rdatatype.RdataType,
+        response: dns.message.Message,
+        now: float,
+    ) -> ValidatedAnswer:
+        """Validate ``response`` to (qname, qtype).
+
+        Returns:
+            The answer with its verdict. Any exception is a bug: every DNSSEC or upstream
+            failure is a BOGUS or INDETERMINATE verdict with a reason and an EDE code.
+        """
+        budget = Budget(self.limits)
+        try:
+            result = await self._validate(qname, qtype, response, now, budget)
+        except BudgetExhausted as e:
+            result = self._failed(e.verdict, response, budget)
+        except dns.exception.DNSException as e:  # e.g. NameTooLong from a DNAME substitution
+            result = self._failed(bogus(f"malformed data: {e}", _EDE.INVALID_DATA), response,
+                                  budget)
+        what = f"{qname}/{type_text(qtype)}"
+        if result.verdict.security in (Security.BOGUS, Security.INDETERMINATE):
+            log.warning("validation failed: %s %s: %s (EDE %s)", what,
+                        result.verdict.security.value, result.verdict.reason, result.verdict.ede)
+        else:
+            log.debug("validated %s: %s %s", what, result.verdict.security.value,
+                      result.verdict.reason)
+        return result
+
+    def _failed(self, verdict: Verdict, response: dns.message.Message, budget: Budget
+                ) -> ValidatedAnswer:
+        ttl = self.limits.bogus_ttl if verdict.security is Security.BOGUS else 0
+        return ValidatedAnswer(verdict, response.rcode(), [], [], ttl, budget.work)
+
+    async def _validate(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType,
+                        response: dns.message.Message, now: float, budget: Budget
+                        ) -> ValidatedAnswer:
+        nta = self.anchors.negative_for(qname)
+        if nta is not None:
+            ttl = min((rr.ttl for rr in [*response.answer, *response.authority]), default=0)
+            return ValidatedAnswer(insecure(f"{qname} is below negative trust anchor {nta}"),
+                                   response.rcode(), list(response.answer),
+                                   list(response.authority), ttl, budget.work)
+        if response.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+            verdict = Verdict(Security.INDETERMINATE,
+                              f"upstream answered {dns.rcode.to_text(response.rcode())}",
+                              int(_EDE.NETWORK_ERROR))
+            return self._failed(verdict, response, budget)
+        return await self._walk(qname, qtype, response, now, budget)
+
+    # -- the answer chain ------------------------------------------------------------------
+
+    async def _walk(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType,
+                    response: dns.message.Message, now: float, budget: Budget
+                    ) -> ValidatedAnswer:
+        verdict, ttl = SECURE, _MAX_TTL
+        answer: list[dns.rrset.RRset] = []
+        authority: list[dns.rrset.RRset] = []
+        current, seen, links, fetched = qname, {qname}, 0, False
+
+        def add(part: _Part) -> None:
+            nonlocal verdict, ttl
+            verdict, ttl = worst(verdict, part.verdict), min(ttl, part.ttl)
+            authority.extend(part.authority)
+
+        while True:
+            section = response.answer
+            final = find(section, current, qtype)
+            if final is not None:
+                add(await self._positive(final, response, now, budget))
+                _append(answer, section, final)
+                break
+            link = self._next_link(section, current, qtype)
+            if link is None:
+                if current != qname and not fetched and not _has_denial(response, current):
+                    log.debug("chain target %s not in reply: fetching it", current)
+                    response = await self._fetch_rest(current, qtype, budget)
+                    fetched = True
+                    continue
+                add(await self._negative(current, qtype, response, now, budget))
+                break
+            rrset, target, synthesized = link
+            add(await self._positive(rrset, response, now, budget))
+            _append(answer, section, rrset)
+            if synthesized is not None:
+                answer.append(synthesized)
+                verdict = worst(verdict, _check_synthesis(section, current, target))
+            links += 1
+            if verdict.security is Security.BOGUS:
+                break
+            if links > self.limits.max_cname_chain:
+                verdict = worst(verdict, bogus(
+                    f"CNAME/DNAME chain longer than {self.limits.max_cname_chain}"))
+                break
+            if target in seen:
+                verdict = worst(verdict, bogus(f"CNAME/DNAME loop at {target}"))
+                break
+            seen.add(target)
+            current, fetched = target, False
+        return self._finish(verdict, ttl, response, answer, authority, now, budget)
+
+    def _finish(self, verdict: Verdict, ttl: int, response: dns.message.Message,
+                answer: list[dns.rrset.RRset], authority: list[dns.rrset.RRset], now: float,
+                budget: Budget) -> ValidatedAnswer:
+        if verdict.security is Security.BOGUS:
+            return ValidatedAnswer(verdict, response.rcode(), answer, authority,
+                                   self.limits.bogus_ttl, budget.work)
+        if verdict.security is Security.INDETERMINATE:
+            return ValidatedAnswer(verdict, response.rcode(), answer, authority, 0, budget.work)
+        if verdict.valid_until is not None:
+            ttl = min(ttl, max(0, int(verdict.valid_until - now)))
+        ttl = 0 if ttl == _MAX_TTL else ttl
+        return ValidatedAnswer(verdict, response.rcode(), answer, authority, ttl, budget.work)
+
+    def _next_link(self, section: Section, current: dns.name.Name, qtype: int
+                   ) -> tuple[dns.rrset.RRset, dns.name.Name, dns.rrset.RRset | None] | None:
+        """The DNAME above, or the CNAME at, ``current``: (rrset, next name, synthesized)."""
+        if qtype in (dns.rdatatype.CNAME, dns.rdatatype.DNAME):
+            return None
+        dnames = [rr for rr in section if rr.rdtype == dns.rdatatype.DNAME
+                  and current.is_subdomain(rr.name) and current != rr.name]
+        if dnames:
+            dname = max(dnames, key=len)
+            rd = next(iter(dname))
+            assert isinstance(rd, DNAME)
+            target = current.relativize(dname.name).concatenate(rd.target)
+            cname = dns.rrset.from_text_list(current, dname.ttl, dns.rdataclass.IN,
+                                             dns.rdatatype.CNAME, [target.to_text()])
+            return dname, target, cname
+        cname_rrset = find(section, current, dns.rdatatype.CNAME)
+        if cname_rrset is None:
+            return None
+        rd = next(iter(cname_rrset))
+        assert isinstance(rd, CNAME)
+        return cname_rrset, rd.target, None
+
+    async def _fetch_rest(self, name: dns.name.Name, qtype: dns.rdatatype.RdataType,
+                          budget: Budget) -> dns.message.Message:
+        reply = await self.chain.fetch_counted(name, qtype, budget)
+        if isinstance(reply, Verdict):
+            raise _Indeterminate(reply)
+        return reply
+
+    # -- one positive RRset ----------------------------------------------------------------
+
+    async def _positive(self, rrset: dns.rrset.RRset, response: dns.message.Message,
+                        now: float, budget: Budget) -> _Part:
+        what = f"{rrset.name}/{type_text(rrset.rdtype)}"
+        sigs = rrsigs_for(response.answer, rrset.name, rrset.rdtype)
+        signers = sorted({s.signer for s in sigs if rrset.name.is_subdomain(s.signer)},
+                         key=len, reverse=True)
+        if not signers:
+            return await self._unsigned(rrset.name, rrset.rdtype, rrset.ttl, what, bool(sigs),
+                                        now, budget)
+        keys = await self.chain.keys_for(signers[0], now, budget)
+        if isinstance(keys, Verdict):
+            return _Part(_about(what, keys), rrset.ttl)
+        result = await verify_rrset(rrset, sigs, keys.zone, keys.keys, now, budget)
+        verdict = worst(result.verdict, Verdict(Security.SECURE, valid_until=keys.valid_until))
+        if result.verdict.security is not Security.SECURE:
+            return _Part(_about(what, result.verdict), 0)
+        part = _Part(verdict, result.ttl)
+        if result.next_closer is not None and result.wildcard_parent is not None:
+            proofs = await collect(response.authority, keys, now, budget)
+            proven = prove_wildcard(proofs, rrset.name, result.next_closer,
+                                    result.wildcard_parent, budget)
+            part.verdict = worst(part.verdict, _about(f"wildcard {what}", proven))
+            part.ttl = min(part.ttl, proofs.ttl)
+            part.authority = _with_sigs(response.authority, proofs.rrsets)
+        return part
+
+    async def _unsigned(self, name: dns.name.Name, rdtype: int, ttl: int, what: str,
+                        had_sigs: bool, now: float, budget: Budget) -> _Part:
+        """Unsigned data is fine only below an insecure cut; else its RRSIGs were stripped."""
+        where = name.parent() if rdtype == dns.rdatatype.DS and len(name) > 1 else name
+        state = await self.chain.zone_of(where, now, budget)
+        if isinstance(state, Verdict):
+            return _Part(_about(what, state), ttl)
+        if had_sigs:
+            return _Part(bogus(f"{what}: RRSIG signer is not an ancestor of the owner"), 0)
+        return _Part(bogus(f"{what}: no RRSIG in secure zone {state.zone}",
+                           _EDE.RRSIGS_MISSING), 0)
+
+    # -- a negative end --------------------------------------------------------------------
+
+    async def _negative(self, name: dns.name.Name, qtype: int, response: dns.message.Message,
+                        now: float, budget: Budget) -> _Part:
+        nxdomain = response.rcode() == dns.rcode.NXDOMAIN
+        what = f"{'NXDOMAIN' if nxdomain else 'NODATA'} {name}/{type_text(qtype)}"
+        section = response.authority
+        covered = (dns.rdatatype.SOA, dns.rdatatype.NSEC, dns.rdatatype.NSEC3)
+        signers = sorted({s.signer for rr in section if rr.rdtype == dns.rdatatype.RRSIG
+                          for s in rrsigs_for(section, rr.name, rr.covers)
+                          if rr.covers in covered and name.is_subdomain(s.signer)},
+                         key=len, reverse=True)
+        soa_ttl = _soa_ttl(section)
+        if not signers:
+            part = await self._unsigned(name, qtype, soa_ttl, what, False, now, budget)
+            if part.verdict.security is Security.BOGUS and \
+                    part.verdict.ede == _EDE.RRSIGS_MISSING and not _has_denial_records(section):
+                part.verdict = bogus(f"{what}: no NSEC/NSEC3 proof in a secure zone",
+                                     _EDE.NSEC_MISSING)
+            part.authority = list(section) if part.verdict.security is Security.INSECURE else []
+            return part
+        keys = await self.chain.keys_for(signers[0], now, budget)
+        if isinstance(keys, Verdict):
+            return _Part(_about(what, keys), soa_ttl, list(section))
+        verdict, ttl, kept = await self._check_soa(section, keys, now, budget)
+        if verdict.security is not Security.SECURE:
+            return _Part(_about(what, verdict), 0)
+        proofs = await collect(section, keys, now, budget)
+        denial = prove_negative(proofs, name, qtype, nxdomain, budget)
+        verdict = worst(denial.verdict, Verdict(Security.SECURE, valid_until=_min_until(
+            keys.valid_until, proofs.valid_until, verdict.valid_until)))
+        return _Part(_about(what, verdict), min(ttl, proofs.ttl),
+                     kept + _with_sigs(section, proofs.rrsets))
+
+    async def _check_soa(self, section: Section, keys: ZoneKeys, now: float, budget: Budget
+                         ) -> tuple[Verdict, int, list[dns.rrset.RRset]]:
+        soa = find(section, keys.zone, dns.rdatatype.SOA)
+        if soa is None:
+            return SECURE, _MAX_TTL, []
+        result = await verify_rrset(soa, rrsigs_for(section, soa.name, dns.rdatatype.SOA),
+                                    keys.zone, keys.keys, now, budget)
+        minimum = min((rd.minimum for rd in soa if isinstance(rd, SOA)), default=result.ttl)
+        return result.verdict, min(result.ttl, minimum), _with_sigs(section, [soa])
+
+
+class _Indeterminate(BudgetExhausted):
+    """An upstream failure while completing a chain; unwinds like a budget failure."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict.reason)
+        self.verdict = verdict
+
+
+def _about(what: str, verdict: Verdict) -> Verdict:
+    if verdict.security is Security.SECURE or not verdict.reason or what in verdict.reason:
+        return verdict
+    return Verdict(verdict.security, f"{what}: {verdict.reason}", verdict.ede,
+                   verdict.valid_until)
+
+
+def _append(out: list[dns.rrset.RRset], section: Section, rrset: dns.rrset.RRset) -> None:
+    out.append(rrset)
+    sig = rrsig_rrset(section, rrset.name, rrset.rdtype)
+    if sig is not None:
+        out.append(sig)
+
+
+def _with_sigs(section: Section, rrsets: list[dns.rrset.RRset]) -> list[dns.rrset.RRset]:
+    out: list[dns.rrset.RRset] = []
+    for rrset in rrsets:
+        _append(out, section, rrset)
+    return out
+
+
+def _check_synthesis(section: Section, name: dns.name.Name, target: dns.name.Name) -> Verdict:
+    """RFC 6672: a CNAME sent with a DNAME must be exactly the DNAME substitution."""
+    cname = find(section, name, dns.rdatatype.CNAME)
+    if cname is None:
+        return SECURE
+    rd = next(iter(cname))
+    if not isinstance(rd, CNAME) or rd.target != target:
+        return bogus(f"CNAME at {name} does not match the DNAME substitution {target}")
+    return SECURE
+
+
+def _has_denial_records(section: Section) -> bool:
+    return any(rr.rdtype in (dns.rdatatype.NSEC, dns.rdatatype.NSEC3) for rr in section)
+
+
+def _has_denial(response: dns.message.Message, name: dns.name.Name) -> bool:
+    """Whether the reply carries an end for ``name``: its zone's SOA or denial records."""
+    for rr in response.authority:
+        if rr.rdtype == dns.rdatatype.SOA and name.is_subdomain(rr.name):
+            return True
+    return _has_denial_records(response.authority)
+
+
+def _soa_ttl(section: Section) -> int:
+    for rr in section:
+        if rr.rdtype == dns.rdatatype.SOA:
+            minimum = min((rd.minimum for rd in rr if isinstance(rd, SOA)), default=rr.ttl)
+            return min(rr.ttl, minimum)
+    return 0
+
+
+def _min_until(*values: float | None) -> float | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None

@@ -1,0 +1,244 @@
+"""Reply messages: cheap wire parsing for the fast path, and building replies from verdicts.
+
+Theory of operation: this module does no I/O and reads no clock.
+
+* `peek_query(wire)` reads only the header, the one question and an optional OPT record of a
+  query, by slicing, and returns the cache key (lowercased qname, qtype, qclass, flag bits)
+  or None when the query is not the plain shape the fast path serves. None never means
+  "malformed": the slow path parses the message fully and decides.
+* `ttl_offsets(wire)` walks a reply we built ourselves and finds every TTL field, so cached
+  replies can be aged by patching bytes (see cache.WireEntry).
+* `build_reply`, `servfail`, `error_reply` and `header_error` turn results into messages:
+  AD only for secure data and a client that set DO or AD; RRSIGs and NSEC/NSEC3 only for DO
+  clients; SERVFAIL with an RFC 8914 Extended DNS Error for bogus or indeterminate results;
+  every TTL capped by the answer's TTL and by max_ttl.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+
+from resolver.validate import Security, ValidatedAnswer, Verdict
+
+# Flag bits of the wire-cache key: every client property that changes the reply's bytes.
+KEY_DO: Final = 1  # client wants DNSSEC records (and the DO echo)
+KEY_CD: Final = 2  # client gets unvalidated data
+KEY_AD: Final = 4  # client set AD: it wants the AD bit even without DO (RFC 6840 5.8)
+KEY_EDNS: Final = 8  # client sent OPT: the reply carries one
+
+_DNSSEC_TYPES: Final = frozenset({dns.rdatatype.RRSIG, dns.rdatatype.NSEC, dns.rdatatype.NSEC3})
+MAX_EDE_TEXT: Final = 120
+
+
+@dataclass(frozen=True, slots=True)
+class QueryPeek:
+    """What the fast path needs from a query: its cache key and its UDP size."""
+
+    key: tuple[bytes, int, int, int]
+    qname_len: int
+    udp_size: int  # the largest UDP reply this client takes (512 without EDNS)
+
+
+def peek_query(wire: bytes) -> QueryPeek | None:
+    """Read header, question and OPT by slicing; None if the query is not plain.
+
+    Plain: QR=0, opcode QUERY, TC=0, QDCOUNT=1, ANCOUNT=NSCOUNT=0, ARCOUNT 0 or 1 (an OPT
+    at the root with version 0), the name uncompressed, and nothing after the last record.
+    """
+    n = len(wire)
+    if n < 17 or wire[2] & 0xFA:  # QR, opcode, TC must be 0 (AA ignored, RD allowed)
+        return None
+    if wire[4:10] != b"\x00\x01\x00\x00\x00\x00" or wire[10] != 0 or wire[11] > 1:
+        return None
+    pos = 12
+    while True:
+        if pos >= n:
+            return None
+        length = wire[pos]
+        if length == 0:
+            break
+        if length > 63:  # a compression pointer or a reserved label type
+            return None
+        pos += length + 1
+    pos += 1
+    qname_len = pos - 12
+    if qname_len > 255 or pos + 4 > n:
+        return None
+    qtype, qclass = struct.unpack_from("!HH", wire, pos)
+    pos += 4
+    bits = 0
+    if wire[3] & 0x10:
+        bits |= KEY_CD
+    if wire[3] & 0x20:
+        bits |= KEY_AD
+    udp_size = 512
+    if wire[11] == 1:
+        if pos + 11 > n or wire[pos] != 0:
+            return None
+        rtype, payload, _ext, version, eflags, rdlen = struct.unpack_from("!HHBBHH", wire, pos + 1)
+        if rtype != dns.rdatatype.OPT or version != 0 or pos + 11 + rdlen != n:
+            return None
+        bits |= KEY_EDNS
+        if eflags & 0x8000:
+            bits |= KEY_DO
+        udp_size = max(512, payload)
+    elif pos != n:
+        return None
+    return QueryPeek((wire[12:12 + qname_len].lower(), qtype, qclass, bits), qname_len, udp_size)
+
+
+def query_key_bits(query: dns.message.Message) -> int:
+    """The wire-cache flag bits of a parsed query (as peek_query computes them)."""
+    bits = 0
+    if query.flags & dns.flags.CD:
+        bits |= KEY_CD
+    if query.flags & dns.flags.AD:
+        bits |= KEY_AD
+    if query.edns >= 0:
+        bits |= KEY_EDNS
+        if query.ednsflags & dns.flags.DO:
+            bits |= KEY_DO
+    return bits
+
+
+def _skip_name(wire: bytes, pos: int) -> int:
+    while True:
+        length = wire[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:
+            return pos + 2
+        pos += length + 1
+
+
+def ttl_offsets(wire: bytes) -> tuple[tuple[int, int], ...]:
+    """Offsets and values of every record TTL in a well-formed message, OPT excluded.
+
+    Raises:
+        IndexError, struct.error: if wire is not well-formed (we only call it on our own).
+    """
+    qd, an, ns, ar = struct.unpack_from("!HHHH", wire, 4)
+    pos = 12
+    for _ in range(qd):
+        pos = _skip_name(wire, pos) + 4
+    out: list[tuple[int, int]] = []
+    for _ in range(an + ns + ar):
+        pos = _skip_name(wire, pos)
+        rtype, _cls, ttl, rdlen = struct.unpack_from("!HHIH", wire, pos)
+        if rtype != dns.rdatatype.OPT:
+            out.append((pos + 4, ttl))
+        pos += 10 + rdlen
+    return tuple(out)
+
+
+def min_ttl(message: dns.message.Message) -> int | None:
+    """The smallest TTL of any record in the reply (OPT excluded), None if there are none."""
+    ttls = [r.ttl for section in (message.answer, message.authority, message.additional)
+            for r in section]
+    return min(ttls) if ttls else None
+
+
+def header_error(wire: bytes, rcode: dns.rcode.Rcode) -> bytes | None:
+    """A header-only error reply for a query we could not (or will not) parse; None to drop.
+
+    Used for FORMERR when the message body is broken and NOTIMP for unknown opcodes. A
+    packet shorter than a header, or one with QR set (a response: answering it could start a
+    loop between two servers), is dropped.
+    """
+    if len(wire) < 12 or wire[2] & 0x80:
+        return None
+    flags = 0x80 | (wire[2] & 0x79)  # QR, opcode and RD kept; AA, TC cleared
+    return wire[0:2] + bytes((flags, int(rcode) & 0x0F)) + b"\x00" * 8
+
+
+def _reply(query: dns.message.Message, payload: int) -> dns.message.Message:
+    reply = dns.message.make_response(query, recursion_available=True, our_payload=payload)
+    if query.edns >= 0 and query.ednsflags & dns.flags.DO:
+        reply.ednsflags |= dns.flags.DO
+    return reply
+
+
+def error_reply(query: dns.message.Message, rcode: dns.rcode.Rcode, payload: int
+                ) -> dns.message.Message:
+    """A reply with rcode and no records."""
+    reply = _reply(query, payload)
+    reply.set_rcode(rcode)
+    return reply
+
+
+def servfail(query: dns.message.Message, verdict: Verdict, payload: int) -> dns.message.Message:
+    """SERVFAIL with an Extended DNS Error (when the client speaks EDNS) saying why."""
+    reply = error_reply(query, dns.rcode.SERVFAIL, payload)
+    if query.edns >= 0:
+        code = dns.edns.EDECode.make(verdict.ede if verdict.ede is not None
+                                     else dns.edns.EDECode.OTHER)
+        text = verdict.reason[:MAX_EDE_TEXT] or None
+        reply.use_edns(0, reply.ednsflags, payload, options=[dns.edns.EDEOption(code, text)])
+    return reply
+
+
+def _for_client(rrsets: Iterable[dns.rrset.RRset], dnssec: bool, ttl: int
+                ) -> list[dns.rrset.RRset]:
+    out = []
+    for rrset in rrsets:
+        if not dnssec and rrset.rdtype in _DNSSEC_TYPES:
+            continue
+        # A new RRset sharing the rdatas (rrset.copy() and update() are untyped in dnspython
+        # 2.9); the cached one must keep its TTL for the next client.
+        copy = dns.rrset.RRset(rrset.name, rrset.rdclass, rrset.rdtype, rrset.covers)
+        for rdata in rrset:
+            copy.add(rdata)
+        copy.ttl = max(0, min(rrset.ttl, ttl))
+        out.append(copy)
+    return out
+
+
+def build_reply(query: dns.message.Message, answer: ValidatedAnswer, *, max_ttl: int,
+                payload: int) -> dns.message.Message:
+    """The reply to query from a validated answer (bogus/indeterminate become SERVFAIL).
+
+    AD is set when the answer is secure and the client set DO or AD. RRSIG, NSEC and NSEC3
+    are kept only for DO clients. Every TTL is capped by answer.ttl and max_ttl.
+    """
+    verdict = answer.verdict
+    if verdict.security in (Security.BOGUS, Security.INDETERMINATE):
+        return servfail(query, verdict, payload)
+    reply = _reply(query, payload)
+    dnssec = query.edns >= 0 and bool(query.ednsflags & dns.flags.DO)
+    ttl = min(answer.ttl, max_ttl)
+    reply.answer = _for_client(answer.answer, dnssec, ttl)
+    reply.authority = _for_client(answer.authority, dnssec, ttl)
+    reply.set_rcode(dns.rcode.Rcode(answer.rcode))
+    if verdict.security is Security.SECURE and (dnssec or query.flags & dns.flags.AD):
+        reply.flags |= dns.flags.AD
+    return reply
+
+
+def unvalidated_reply(query: dns.message.Message, upstream: dns.message.Message, *,
+                      max_ttl: int, payload: int) -> dns.message.Message:
+    """The reply to a CD=1 client: the upstream's data as it came, never with AD."""
+    reply = _reply(query, payload)
+    dnssec = query.edns >= 0 and bool(query.ednsflags & dns.flags.DO)
+    reply.answer = _for_client(upstream.answer, dnssec, max_ttl)
+    reply.authority = _for_client(upstream.authority, dnssec, max_ttl)
+    rcode = upstream.rcode()
+    if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+        rcode = dns.rcode.SERVFAIL
+    reply.set_rcode(rcode)
+    return reply
+
+
+def to_wire(reply: dns.message.Message, max_size: int) -> bytes:
+    """Render reply in at most max_size bytes, setting TC and dropping records if needed."""
+    return reply.to_wire(max_size=max_size, prefer_truncation=True)
+

@@ -1,0 +1,653 @@
+"""Tunnels from decisions: intents, the backend interface, leases, coalescing, state, reconcile.
+
+Theory of operation. The policy says *that* a destination needs a tunnel (`policy.Tunnel`) or a
+drop shunt (`policy.Refuse.drop`); the `Provisioner` here turns that into intents for a
+`ProvisioningBackend` and keeps the books:
+
+  Rule 1: one setup in flight per destination. Concurrent lookups of the same name (or of
+          names sharing an address) await the same task; fifty lookups make one tunnel.
+  Rule 2: success means the backend said so: `apply(InstallTunnel)` returns only once the IKE
+          daemon reports the CHILD_SA INSTALLED, and the provisioner bounds it with `timeout`.
+  Rule 3: every tunnel and shunt has a lease. Each answer extends it (`ensure`); `expire(now)`
+          tears down what has been unused for lease + grace. A failed setup is remembered for
+          `failure_hold` seconds so that a dead peer costs one timeout, not one per query.
+  Rule 4: a destination whose published key (or gateway) changed gets its tunnel replaced:
+          RemoveTunnel(old) then InstallTunnel(new), inside the same in-flight slot.
+  Rule 5: the wanted state (tunnels and shunts with their lease ends, in POSIX seconds) is written
+          atomically after each change (tmp + fsync + rename + fsync dir). `reconcile(now)` at
+          start-up re-applies what is still wanted and removes our strays, so `kill -9` and a
+          restart converge.
+
+Time: every entry point takes `now` (POSIX seconds, the same clock as RRSIG validity) because
+leases must survive a restart in the state file. Real waiting (the setup timeout) uses asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import enum
+import functools
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import dns.name
+
+from resolver.errors import ConfigError, ProvisioningError
+from resolver.ipseckey import NO_GATEWAY, IpsecKey, KeyAlgorithm, parse_gateway
+from resolver.policy import SetupFailure
+from resolver.provision_config import Identity as Identity
+from resolver.provision_config import ProvisionConfig as ProvisionConfig
+
+log = logging.getLogger(__name__)
+
+Address = IPv4Address | IPv6Address
+
+CONN_PREFIX: Final = "isk-"
+
+
+# --- errors (classified, so policy can pick the EDE) ---------------------------------------
+
+
+class TunnelTimeout(ProvisioningError):
+    """The CHILD_SA was not reported INSTALLED within the timeout. The peer's (or path's) fault."""
+
+
+class DaemonUnreachable(ProvisioningError):
+    """The IKE daemon's control socket could not be used. Local fault."""
+
+
+class TunnelRejected(ProvisioningError):
+    """The IKE daemon refused or failed the setup (authentication, proposals, bad config)."""
+
+
+def classify(exc: ProvisioningError) -> SetupFailure:
+    """The decision-table category of a provisioning failure."""
+    if isinstance(exc, TunnelTimeout):
+        return SetupFailure.TIMEOUT
+    if isinstance(exc, DaemonUnreachable):
+        return SetupFailure.DAEMON_UNREACHABLE
+    return SetupFailure.REJECTED
+
+
+# --- intents -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSpec:
+    """Everything a backend needs to bring one host-to-host tunnel up.
+
+    `destination` is the address the DNS answer leads to (the remote traffic selector, /32 or
+    /128); `remote_addr` is the IKE peer: the destination itself, or the gateway of a gateway
+    IPSECKEY. `remote_id` is the IKE identity the key is bound to.
+    """
+
+    name: str
+    destination: Address
+    remote_addr: Address
+    remote_id: str
+    key: IpsecKey
+
+
+@dataclass(frozen=True, slots=True)
+class InstallTunnel:
+    """Load the peer's key and connection, initiate, and return once the CHILD_SA is INSTALLED.
+
+    `replaces`: a tunnel of the same name is up with another key or gateway. Make before break:
+    the backend brings a new SA up under the new configuration and only then ends the old SAs
+    of that name; if the new one fails, the old SAs are left alone.
+    """
+
+    spec: TunnelSpec
+    timeout: float
+    replaces: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveTunnel:
+    """Terminate the SAs (IKE too) of connection `name`, then unload it. Idempotent."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class InstallShunt:
+    """Drop traffic to `destination` (a kernel BLOCK policy). Idempotent."""
+
+    destination: Address
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveShunt:
+    """Remove our drop shunt for `destination`. Idempotent."""
+
+    destination: Address
+
+
+Intent = InstallTunnel | RemoveTunnel | InstallShunt | RemoveShunt
+
+
+class ItemKind(enum.Enum):
+    TUNNEL = "tunnel"
+    SHUNT = "shunt"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyKey:
+    """One thing a backend has installed: a tunnel by connection name, a shunt by address."""
+
+    kind: ItemKind
+    ident: str
+
+    @classmethod
+    def tunnel(cls, name: str) -> PolicyKey:
+        return cls(ItemKind.TUNNEL, name)
+
+    @classmethod
+    def shunt(cls, destination: Address) -> PolicyKey:
+        return cls(ItemKind.SHUNT, str(destination))
+
+
+class ProvisioningBackend(Protocol):
+    """The edge (httpcore's NetworkBackend in spirit). Raise only ProvisioningError subclasses."""
+
+    async def apply(self, intent: Intent) -> None: ...
+
+    async def installed(self) -> frozenset[PolicyKey]: ...
+
+
+class CompositeBackend:
+    """Tunnels to one backend (VICI), shunts to another (XFRM); `None` drops shunt intents."""
+
+    def __init__(self, tunnels: ProvisioningBackend, shunts: ProvisioningBackend | None) -> None:
+        self.tunnels = tunnels
+        self.shunts = shunts
+
+    async def apply(self, intent: Intent) -> None:
+        if isinstance(intent, InstallTunnel | RemoveTunnel):
+            await self.tunnels.apply(intent)
+        elif self.shunts is not None:
+            await self.shunts.apply(intent)
+
+    async def installed(self) -> frozenset[PolicyKey]:
+        found = {k for k in await self.tunnels.installed() if k.kind is ItemKind.TUNNEL}
+        if self.shunts is not None:
+            found |= {k for k in await self.shunts.installed() if k.kind is ItemKind.SHUNT}
+        return frozenset(found)
+
+
+# --- naming --------------------------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^a-z0-9-]")
+
+
+def connection_name(owner: dns.name.Name, destination: Address) -> str:
+    """A connection name safe for charon: "isk-" + up to 20 sanitized characters of the first
+    label + "-" + 10 hex digits of SHA-256(owner, destination).
+
+    DNS labels may hold any octet; only [a-z0-9-] survive, and the hash keeps names of
+    different owners/destinations apart whatever the sanitizing folded together.
+    """
+    first = owner.labels[0] if owner.labels and owner != dns.name.root else b"root"
+    label = _UNSAFE.sub("", first.decode("ascii", "replace").lower())[:20] or "x"
+    digest = hashlib.sha256(owner.to_digestable() + destination.packed).hexdigest()[:10]
+    return f"{CONN_PREFIX}{label}-{digest}"
+
+
+def tunnel_spec(key: IpsecKey, destination: Address, gateway_addr: Address | None) -> TunnelSpec:
+    """The tunnel for `destination` authenticated by `key`.
+
+    Args:
+        key: the (best) secure IpsecKey of the destination's name.
+        destination: one address of the answer.
+        gateway_addr: the gateway's address when `key.gateway` is a name (resolved by the
+            caller); ignored otherwise.
+
+    Raises:
+        ValueError: a name gateway without `gateway_addr`, or an address family mismatch.
+    """
+    gw = key.gateway
+    if gw is NO_GATEWAY:
+        remote: Address = destination
+        remote_id = key.owner.to_text(omit_final_dot=True)
+    elif isinstance(gw, dns.name.Name):
+        if gateway_addr is None:
+            raise ValueError(f"gateway {gw} of {key.owner} has no address")
+        remote, remote_id = gateway_addr, gw.to_text(omit_final_dot=True)
+    else:
+        # An address gateway tells us where, not who: the key is what authenticates it, and the
+        # identity is its address (charon matches the key to that id; see provision_vici).
+        remote, remote_id = gw, str(gw)
+    # The TTL is a property of one answer, not of the key: keep it out of the spec so that an
+    # aged or republished TTL never looks like a key change (which would replace the tunnel).
+    return TunnelSpec(connection_name(key.owner, destination), destination, remote, remote_id,
+                      dataclasses.replace(key, ttl=0))
+
+
+# --- the provisioner ---------------------------------------------------------------------------
+
+
+class TunnelState(enum.Enum):
+    PENDING = "pending"
+    INSTALLED = "installed"
+
+
+@dataclass(slots=True)
+class _Tunnel:
+    spec: TunnelSpec
+    state: TunnelState
+    expires_at: float  # lease end; teardown at expires_at + grace
+    saved_expires_at: float = 0.0
+
+
+@dataclass(slots=True)
+class Counters:
+    """For `autosp status` and the logs."""
+
+    setups: int = 0
+    failures: int = 0
+    replacements: int = 0
+    teardowns: int = 0
+    coalesced: int = 0
+    active: int = 0
+    shunts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    until: float
+    error: ProvisioningError
+
+
+@dataclass(slots=True)
+class _Books:
+    tunnels: dict[Address, _Tunnel] = field(default_factory=dict)
+    shunts: dict[Address, float] = field(default_factory=dict)
+    failed: dict[Address, _Failure] = field(default_factory=dict)
+    pinned: set[Address] = field(default_factory=set)
+    inflight: dict[Address, tuple[TunnelSpec, asyncio.Task[float]]] = field(default_factory=dict)
+
+
+class Provisioner:
+    """Leases, coalescing, state and reconcile on top of one ProvisioningBackend."""
+
+    def __init__(self, backend: ProvisioningBackend, config: ProvisionConfig | None = None) -> None:
+        self.backend = backend
+        self.config = config or ProvisionConfig()
+        self.counters = Counters()
+        self._b = _Books()
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def lease_left(self, destination: Address, now: float) -> float | None:
+        """Seconds until the lease of the tunnel to `destination` ends (None: no tunnel)."""
+        t = self._b.tunnels.get(destination)
+        if t is None or t.state is not TunnelState.INSTALLED:
+            return None
+        return max(0.0, t.expires_at - now)
+
+    def tunnels(self) -> dict[Address, TunnelSpec]:
+        """Installed tunnels by destination (for the control socket)."""
+        return {d: t.spec for d, t in self._b.tunnels.items() if t.state is TunnelState.INSTALLED}
+
+    def shunted(self) -> frozenset[Address]:
+        return frozenset(self._b.shunts)
+
+    # -- the entry points --------------------------------------------------------------------
+
+    async def ensure(self, spec: TunnelSpec, now: float, *, shunt: bool = False) -> float:
+        """Make sure a tunnel per `spec` is up; return its lease end (POSIX seconds).
+
+        Args:
+            spec: the tunnel wanted.
+            now: the query's time; the lease runs to now + lease.
+            shunt: drop traffic to the destination while negotiating, and keep dropping it if
+                the setup fails (group private).
+
+        Raises:
+            ProvisioningError (TunnelTimeout, DaemonUnreachable, TunnelRejected): no tunnel.
+        """
+        dest = spec.destination
+        for _ in range(3):  # a concurrent setup may have been for another key: look again
+            t = self._b.tunnels.get(dest)
+            if t is not None and t.state is TunnelState.INSTALLED and t.spec == spec:
+                return self._extend(t, now)
+            failed = self._b.failed.get(dest)
+            if failed is not None and failed.until > now:
+                if shunt:
+                    await self.shunt([dest], now)
+                raise failed.error
+            running = self._b.inflight.get(dest)
+            if running is None:
+                task = asyncio.create_task(self._setup(spec, now, shunt))
+                self._b.inflight[dest] = (spec, task)
+                task.add_done_callback(functools.partial(self._forget, dest))
+                return await asyncio.shield(task)
+            self.counters.coalesced += 1
+            if running[0] == spec:
+                if shunt and dest not in self._b.shunts:
+                    await self.shunt([dest], now)
+                return await asyncio.shield(running[1])  # its result, or its error
+            with contextlib.suppress(ProvisioningError):
+                await asyncio.shield(running[1])  # another key's setup: wait, then look again
+        raise TunnelRejected(f"tunnel to {dest}: setup kept changing under us")
+
+    async def shunt(self, destinations: tuple[Address, ...] | list[Address], now: float) -> None:
+        """Install (or extend) drop shunts for `destinations` (private without a key, block)."""
+        changed = False
+        for dest in destinations:
+            if dest not in self._b.shunts:
+                await self.backend.apply(InstallShunt(dest))
+                changed = True
+            self._b.shunts[dest] = max(self._b.shunts.get(dest, 0.0), now + self.config.lease)
+        self._count()
+        if changed:
+            self._save()
+
+    async def expire(self, now: float) -> float | None:
+        """Tear down tunnels and shunts whose lease + grace has passed.
+
+        Returns the next time `expire` has work to do, or None.
+        """
+        grace = self.config.grace
+        for dest, t in list(self._b.tunnels.items()):
+            if (t.expires_at + grace <= now and dest not in self._b.inflight
+                    and dest not in self._b.pinned):
+                log.info("lease of tunnel %s to %s ended: tearing down", t.spec.name, dest)
+                del self._b.tunnels[dest]
+                self.counters.teardowns += 1
+                await self._quietly(RemoveTunnel(t.spec.name))
+        for dest, until in list(self._b.shunts.items()):
+            if until + grace <= now:
+                del self._b.shunts[dest]
+                await self._quietly(RemoveShunt(dest))
+        self._b.failed = {d: f for d, f in self._b.failed.items() if f.until > now}
+        self._count()
+        self._save()
+        ends = [t.expires_at + grace for d, t in self._b.tunnels.items()
+                if d not in self._b.pinned]
+        ends += [u + grace for u in self._b.shunts.values()]
+        return min(ends) if ends else None
+
+    def pin(self, destination: Address, pinned: bool = True) -> None:
+        """Pinned tunnels (autosp endpoints) are never torn down by `expire`; only `release`
+        (or unpinning and a lease that then ends) removes them. Kept in the state file."""
+        if pinned:
+            self._b.pinned.add(destination)
+        else:
+            self._b.pinned.discard(destination)
+        self._save()
+
+    async def release(self, destination: Address, now: float) -> None:
+        """Tear the tunnel to `destination` down now (autosp remove, a moved endpoint).
+
+        Idempotent; waits for a setup in flight first. `now` is for symmetry (and the log).
+        """
+        running = self._b.inflight.get(destination)
+        if running is not None:
+            with contextlib.suppress(ProvisioningError):
+                await asyncio.shield(running[1])
+        self._b.pinned.discard(destination)
+        t = self._b.tunnels.pop(destination, None)
+        if t is not None:
+            log.info("releasing tunnel %s to %s at %.0f", t.spec.name, destination, now)
+            self.counters.teardowns += 1
+            await self._quietly(RemoveTunnel(t.spec.name))
+        self._count()
+        self._save()
+
+    async def reconcile(self, now: float) -> None:
+        """At start-up: restore the wanted state from the state file, remove our strays."""
+        tunnels, shunts = self._load(now)
+        installed = await self.backend.installed()
+        wanted = {PolicyKey.tunnel(s.name) for s, _ in tunnels}
+        wanted |= {PolicyKey.shunt(d) for d in shunts}
+        for stray in sorted(installed - wanted, key=lambda k: (k.kind.value, k.ident)):
+            log.info("reconcile: removing stray %s %s", stray.kind.value, stray.ident)
+            if stray.kind is ItemKind.TUNNEL:
+                await self._quietly(RemoveTunnel(stray.ident))
+            else:
+                await self._quietly(RemoveShunt(ipaddress.ip_address(stray.ident)))
+        for dest, until in shunts.items():
+            await self._quietly(InstallShunt(dest))
+            self._b.shunts[dest] = until
+        for spec, until in tunnels:
+            try:
+                await self.ensure(spec, now)
+            except ProvisioningError as exc:
+                log.warning("reconcile: tunnel %s to %s not restored: %s", spec.name,
+                            spec.destination, exc)
+                continue
+            t = self._b.tunnels[spec.destination]
+            t.expires_at = t.saved_expires_at = until  # the lease it had, not a fresh one
+        self._count()
+        self._save()
+
+    async def close(self) -> None:
+        """Wait for in-flight setups (used by tests and shutdown; tunnels stay up)."""
+        tasks = [task for _, task in self._b.inflight.values()]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _forget(self, dest: Address, _task: asyncio.Task[float]) -> None:
+        self._b.inflight.pop(dest, None)
+
+    def _extend(self, t: _Tunnel, now: float) -> float:
+        t.expires_at = max(t.expires_at, now + self.config.lease)
+        if t.expires_at - t.saved_expires_at > self.config.lease / 4:
+            self._save()  # a lease moved far enough that a restart should know
+        return t.expires_at
+
+    async def _setup(self, spec: TunnelSpec, now: float, shunt: bool) -> float:
+        dest, cfg = spec.destination, self.config
+        old = self._b.tunnels.get(dest)
+        if old is not None and old.state is not TunnelState.INSTALLED:
+            old = None
+        if old is not None:
+            # Rule 4, make before break: the old tunnel carries traffic until the new one is up
+            # (so no negotiating shunt either: it would block the working tunnel).
+            log.info("key or gateway of %s changed: replacing tunnel %s", dest, old.spec.name)
+        elif shunt and dest not in self._b.shunts:
+            await self.shunt([dest], now)
+        same_name = old is not None and old.spec.name == spec.name
+        if old is None:
+            self._b.tunnels[dest] = _Tunnel(spec, TunnelState.PENDING, now + cfg.lease)
+        try:
+            # The backend bounds its own wait (it passes the timeout to the daemon); this outer
+            # bound is the safety net for a backend that hangs.
+            async with asyncio.timeout(cfg.timeout + 0.5):
+                await self.backend.apply(InstallTunnel(spec, cfg.timeout, replaces=same_name))
+        except (ProvisioningError, TimeoutError) as exc:
+            if old is not None:
+                return await self._replacement_failed(old, spec, now, exc)
+            return await self._failed(spec, now, exc)
+        if old is not None:
+            self.counters.replacements += 1
+            if not same_name:
+                await self._quietly(RemoveTunnel(old.spec.name))
+        expires = max(now + cfg.lease, old.expires_at if old is not None else 0.0)
+        self._b.tunnels[dest] = _Tunnel(spec, TunnelState.INSTALLED, expires)
+        self.counters.setups += 1
+        if dest in self._b.shunts:
+            del self._b.shunts[dest]
+            await self._quietly(RemoveShunt(dest))
+        self._b.failed.pop(dest, None)
+        self._count()
+        self._save()
+        return expires
+
+    async def _replacement_failed(self, old: _Tunnel, spec: TunnelSpec, now: float,
+                                  exc: ProvisioningError | TimeoutError) -> float:
+        """The new key failed: keep the old tunnel (and its configuration) as it was."""
+        error = exc if isinstance(exc, ProvisioningError) else TunnelTimeout(
+            f"tunnel to {spec.destination}: no CHILD_SA within {self.config.timeout:g} s")
+        self.counters.failures += 1
+        log.warning("replacement of %s failed, old tunnel kept: %s", old.spec.name, error)
+        if old.spec.name == spec.name:
+            await self._quietly(InstallTunnel(old.spec, self.config.timeout))  # old config back
+        else:
+            await self._quietly(RemoveTunnel(spec.name))
+        self._b.tunnels[spec.destination] = old
+        raise error
+
+    async def _failed(self, spec: TunnelSpec, now: float,
+                      exc: ProvisioningError | TimeoutError) -> float:
+        dest = spec.destination
+        self._b.tunnels.pop(dest, None)
+        error = exc if isinstance(exc, ProvisioningError) else TunnelTimeout(
+            f"tunnel to {dest}: no CHILD_SA within {self.config.timeout:g} s")
+        self.counters.failures += 1
+        log.warning("tunnel %s to %s failed: %s", spec.name, dest, error)
+        await self._quietly(RemoveTunnel(spec.name))  # terminate the half-open IKE_SA too
+        if self.config.failure_hold > 0:
+            self._b.failed[dest] = _Failure(now + self.config.failure_hold, error)
+        self._count()
+        self._save()
+        raise error
+
+    async def _quietly(self, intent: Intent) -> None:
+        """Apply a cleanup intent; a failure is logged (the next reconcile retries it)."""
+        try:
+            await self.backend.apply(intent)
+        except ProvisioningError as exc:
+            log.warning("%s failed: %s", type(intent).__name__, exc)
+
+    def _count(self) -> None:
+        self.counters.active = sum(
+            1 for t in self._b.tunnels.values() if t.state is TunnelState.INSTALLED)
+        self.counters.shunts = len(self._b.shunts)
+
+    # -- state file --------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        path = self.config.state_file
+        if path is None:
+            return
+        tunnels = [t for t in self._b.tunnels.values() if t.state is TunnelState.INSTALLED]
+        doc = {
+            "version": 1,
+            "tunnels": [_spec_to_json(t.spec, t.expires_at)
+                        | {"pinned": t.spec.destination in self._b.pinned} for t in tunnels],
+            "shunts": [{"destination": str(d), "expires_at": u} for d, u in self._b.shunts.items()],
+        }
+        write_atomically(path, json.dumps(doc, indent=1, sort_keys=True).encode())
+        for t in tunnels:
+            t.saved_expires_at = t.expires_at
+
+    def _load(self, now: float) -> tuple[list[tuple[TunnelSpec, float]], dict[Address, float]]:
+        path = self.config.state_file
+        if path is None or not path.exists():
+            return [], {}
+        try:
+            doc = json.loads(path.read_bytes())
+            grace = self.config.grace
+            tunnels = [(_spec_from_json(e), float(e["expires_at"])) for e in doc["tunnels"]]
+            pinned = {ipaddress.ip_address(e["destination"]) for e in doc["tunnels"]
+                      if e.get("pinned") is True}
+            shunts = {ipaddress.ip_address(e["destination"]): float(e["expires_at"])
+                      for e in doc["shunts"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # A corrupt state file must not keep the resolver down: start from nothing, and
+            # reconcile removes every stray we find (fail closed: no tunnel, no clear answer).
+            log.error("state file %s unreadable (%s): starting empty", path, exc)
+            return [], {}
+        self._b.pinned |= pinned
+        tunnels = [(s, u) for s, u in tunnels if u + grace > now or s.destination in pinned]
+        return tunnels, {d: u for d, u in shunts.items() if u + grace > now}
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _spec_to_json(spec: TunnelSpec, expires_at: float) -> dict[str, Any]:
+    k = spec.key
+    return {
+        "name": spec.name,
+        "destination": str(spec.destination),
+        "remote_addr": str(spec.remote_addr),
+        "remote_id": spec.remote_id,
+        "owner": k.owner.to_text(),
+        "precedence": k.precedence,
+        "gateway": str(k.gateway) if not isinstance(k.gateway, dns.name.Name)
+        else k.gateway.to_text(),
+        "algorithm": int(k.algorithm),
+        "public_key": base64.b64encode(k.public_key).decode(),
+        "ttl": k.ttl,
+        "expires_at": expires_at,
+    }
+
+
+def _spec_from_json(e: Mapping[str, Any]) -> TunnelSpec:
+    key = IpsecKey(
+        owner=dns.name.from_text(e["owner"]),
+        precedence=int(e["precedence"]),
+        gateway=parse_gateway(e["gateway"]),
+        algorithm=KeyAlgorithm(int(e["algorithm"])),
+        public_key=base64.b64decode(e["public_key"]),
+        ttl=int(e["ttl"]),
+    )
+    key.crypto_key()  # a state file is input too: never hand a malformed key to a backend
+    return TunnelSpec(
+        name=str(e["name"]),
+        destination=ipaddress.ip_address(e["destination"]),
+        remote_addr=ipaddress.ip_address(e["remote_addr"]),
+        remote_id=str(e["remote_id"]),
+        key=key,
+    )
+
+
+def make_backend(config: ProvisionConfig, identity: Identity | None, *,
+                 netns: str | None = None, source: str = "config") -> CompositeBackend:
+    """The backends the configuration asks for: tunnels over VICI (or the dry run, only when
+    `backend = "dryrun"` is written down: nothing falls back to it), shunts over XFRM.
+
+    Raises:
+        ConfigError: VICI without an [identity], or an unreadable private key.
+    """
+    # Imported here: the backend modules import this one.
+    from resolver.provision_dryrun import DryRunBackend
+    from resolver.provision_vici import ViciBackend
+    from resolver.provision_xfrm import XfrmBackend
+
+    tunnels: ProvisioningBackend
+    if config.backend == "dryrun":
+        log.warning("provisioning is a DRY RUN: tunnels are logged, not built; private "
+                    "destinations are answered without protection")
+        tunnels = DryRunBackend()
+    else:
+        if identity is None:
+            raise ConfigError(f"{source}: [identity] is required with [provision] backend 'vici'")
+        try:
+            tunnels = ViciBackend(config.vici_socket, identity)
+        except ProvisioningError as exc:
+            raise ConfigError(f"{source}: [identity] key 'private_key': {exc}") from None
+    shunts = XfrmBackend(netns) if config.shunts == "xfrm" else None
+    return CompositeBackend(tunnels, shunts)

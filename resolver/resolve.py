@@ -1,0 +1,251 @@
+"""The resolution core: cache -> upstream -> validator -> answer, and the plain query handler.
+
+Theory of operation:
+
+* `Resolution.resolve(qname, qtype, now)` is the one way the resolver learns anything. It
+  returns a `ValidatedAnswer` from the answer cache (TTL aged), or joins an identical
+  resolution already in flight, or starts one: fetch the question upstream (DO=1, CD=1), hand
+  the response to the validator (which logs one line if validation failed), and cache the
+  result (positive: its TTL; negative: the RFC 2308 TTL from the SOA; bogus or
+  indeterminate: `bogus_ttl`).
+  Rule: nothing but a validator's verdict ever enters the answer cache.
+* Each resolution runs with a fresh `QueryBudget` in a context variable, so the validator's own
+  fetches (DNSKEY, DS, proofs, CNAME targets) count against the same per-client-query limit.
+  Those fetches go through `Resolution.fetch`, which caches raw responses briefly: the validator
+  re-checks them on every use, so this trusts nothing.
+* `PlainHandler` is the QueryHandler the server calls: it maps a client's query onto
+  `resolve()` (or, for CD=1 clients, onto an unvalidated fetch whose data goes to that client
+  only and is never cached or acted on) and builds the reply with resolver.answer.
+
+Any exception leaving `resolve` other than a cancellation is a bug: upstream failures become
+INDETERMINATE verdicts with an EDE code, as the validator's failures are verdicts too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final, Protocol
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rdtypes.ANY.SOA
+import dns.rrset
+
+from resolver import answer as replies
+from resolver.cache import LruCache
+from resolver.config import CacheConfig
+from resolver.errors import UpstreamError
+from resolver.upstream import Forwarder, QueryBudget, current_budget
+from resolver.validate import Security, ValidatedAnswer, Verdict
+
+log = logging.getLogger(__name__)
+trace = logging.getLogger("resolver.trace")
+
+Fetch = Callable[[dns.name.Name, dns.rdatatype.RdataType], Awaitable[dns.message.Message]]
+AnswerKey = tuple[dns.name.Name, int]
+RAW_MAX_TTL: Final = 300  # raw responses for the validator: short, they are only a speed-up
+_resolution_now: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "resolution_now", default=None)
+_META_TYPES: Final = frozenset({dns.rdatatype.ANY, dns.rdatatype.AXFR, dns.rdatatype.IXFR,
+                                dns.rdatatype.MAILA, dns.rdatatype.MAILB, dns.rdatatype.OPT,
+                                dns.rdatatype.TSIG, dns.rdatatype.TKEY})
+
+
+class Validating(Protocol):
+    """What the core needs from resolver.validate.Validator."""
+
+    async def validate(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType,
+                       response: dns.message.Message, now: float) -> ValidatedAnswer: ...
+
+
+class QueryHandler(Protocol):
+    """Called by the server for every well-formed query (one question, opcode QUERY)."""
+
+    async def handle(self, query: dns.message.Message, now: float) -> dns.message.Message: ...
+
+
+def _failed(security: Security, reason: str, ede: int) -> ValidatedAnswer:
+    return ValidatedAnswer(verdict=Verdict(security, reason, ede), rcode=dns.rcode.SERVFAIL,
+                           answer=[], authority=[], ttl=0)
+
+
+def negative_ttl(authority: list[dns.rrset.RRset]) -> int | None:
+    """RFC 2308 section 5: min(SOA TTL, SOA MINIMUM) of the SOA in a negative answer."""
+    for rrset in authority:
+        if rrset.rdtype == dns.rdatatype.SOA and len(rrset) > 0:
+            soa = rrset[0]
+            assert isinstance(soa, dns.rdtypes.ANY.SOA.SOA)
+            return min(rrset.ttl, soa.minimum)
+    return None
+
+
+def _response_ttl(response: dns.message.Message) -> int:
+    ttls = [r.ttl for section in (response.answer, response.authority) for r in section]
+    return min([RAW_MAX_TTL, *ttls]) if ttls else 0
+
+
+class Resolution:
+    """One per resolver process: caches and in-flight resolutions shared by all clients.
+
+    Args:
+        forwarder: the upstream client.
+        make_validator: builds the validator given our fetch function (the validator's
+            lookups must go through `fetch` for caching and budgeting).
+        cache: sizes and TTL bounds.
+        max_upstream_queries: per client query.
+    """
+
+    def __init__(self, forwarder: Forwarder, make_validator: Callable[[Fetch], Validating], *,
+                 cache: CacheConfig | None = None, max_upstream_queries: int = 64) -> None:
+        self.forwarder = forwarder
+        cache = cache if cache is not None else CacheConfig()
+        self.config = cache
+        self.max_upstream_queries = max_upstream_queries
+        self.validator = make_validator(self.fetch)
+        self.answers: LruCache[AnswerKey, tuple[float, ValidatedAnswer]] = LruCache(
+            cache.max_entries)
+        self.raw: LruCache[AnswerKey, dns.message.Message] = LruCache(cache.max_entries)
+        self._inflight: dict[AnswerKey, asyncio.Task[ValidatedAnswer]] = {}
+        self.validations = 0  # how many times the validator ran (tests, stats)
+
+    async def resolve(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float,
+                      *, fresh: bool = False) -> ValidatedAnswer:
+        """The validated answer for (qname, qtype), TTL aged to now.
+
+        Args:
+            fresh: skip the answer and raw caches (autosp refresh): ask upstream again,
+                validate, and replace the cached entry. Still coalesced.
+
+        Never raises except for cancellation: failures are verdicts.
+        """
+        key = (qname.canonicalize(), int(qtype))
+        if fresh:
+            self.raw.pop(key)
+        cached = None if fresh else self.answers.get(key, now)
+        if cached is not None:
+            expires_at, ans = cached
+            trace.debug("%s %s: answer cache hit (%s)", qname, dns.rdatatype.to_text(qtype),
+                        ans.verdict.security.value)
+            return dataclasses.replace(ans, ttl=max(0, int(expires_at - now)))
+        task = self._inflight.get(key)
+        if task is None:
+            # A fresh context: the budget belongs to this resolution, not to whichever client
+            # query happened to start it.
+            task = asyncio.get_running_loop().create_task(self._resolve(qname, qtype, now),
+                                                          context=contextvars.Context())
+            self._inflight[key] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _resolve(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float
+                       ) -> ValidatedAnswer:
+        name = f"{qname} {dns.rdatatype.to_text(qtype)}"
+        current_budget.set(QueryBudget(self.max_upstream_queries))
+        _resolution_now.set(now)
+        try:
+            response = await self.fetch(qname, qtype)
+        except UpstreamError as e:
+            log.warning("upstream failed: %s: %s", name, e)
+            return _failed(Security.INDETERMINATE, str(e),
+                           dns.edns.EDECode.NO_REACHABLE_AUTHORITY)
+        trace.debug("%s: upstream rcode %s, %d answer / %d authority RRsets", name,
+                    dns.rcode.to_text(response.rcode()), len(response.answer),
+                    len(response.authority))
+        self.validations += 1
+        ans = await self.validator.validate(qname, qtype, response, now)
+        verdict = ans.verdict
+        trace.debug("%s: %s %s", name, verdict.security.value, verdict.reason)
+        if verdict.security in (Security.BOGUS, Security.INDETERMINATE):
+            # The validator logs the one "validation failed" line (name, type, reason); the
+            # cache below keeps it from being repeated for every client for bogus_ttl.
+            ttl = self.config.bogus_ttl
+        else:
+            ttl = min(ans.ttl, self.config.max_ttl)
+            if ans.rcode == dns.rcode.NXDOMAIN or not ans.answer:
+                neg = negative_ttl(ans.authority)
+                # No SOA: nothing tells us how long the denial holds; don't keep it.
+                ttl = 0 if neg is None else min(ttl, neg, self.config.negative_max_ttl)
+            ans = dataclasses.replace(ans, ttl=ttl)
+        if ttl > 0:
+            key = (qname.canonicalize(), int(qtype))
+            self.answers.put(key, (now + ttl, ans), now + ttl)
+        return ans
+
+    async def fetch(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType
+                    ) -> dns.message.Message:
+        """One upstream question with DO=1 CD=1 (the validator's Fetch); raw responses cached.
+
+        Raises:
+            UpstreamError: no upstream answered, or the query budget is spent.
+        """
+        # Fetch takes no `now` (contract), so the resolution that runs us leaves its `now`
+        # in a context variable; outside a resolution nothing is cached.
+        now = _resolution_now.get()
+        key = (qname.canonicalize(), int(qtype))
+        if now is not None:
+            cached = self.raw.get(key, now)
+            if cached is not None:
+                return cached
+        response = await self.forwarder.query(qname, qtype, cd=True)
+        ttl = _response_ttl(response)
+        if now is not None and ttl > 0 and response.rcode() in (dns.rcode.NOERROR,
+                                                                dns.rcode.NXDOMAIN):
+            self.raw.put(key, response, now + ttl)
+        return response
+
+    async def fetch_unvalidated(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType
+                                ) -> dns.message.Message:
+        """For CD=1 clients only: the upstream's response, never cached here, never validated.
+
+        Raises:
+            UpstreamError: no upstream answered.
+        """
+        return await self.forwarder.query(qname, qtype, cd=True)
+
+
+class PlainHandler:
+    """The QueryHandler of a validating resolver without IPsec: resolve, then reply.
+
+    Args:
+        resolution: the shared core.
+        max_ttl: cap on every TTL we hand out.
+        payload: our EDNS UDP payload size.
+    """
+
+    def __init__(self, resolution: Resolution, *, max_ttl: int = 86400, payload: int = 1232
+                 ) -> None:
+        self.resolution = resolution
+        self.max_ttl = max_ttl
+        self.payload = payload
+
+    async def handle(self, query: dns.message.Message, now: float) -> dns.message.Message:
+        """Answer one query (already checked: opcode QUERY, one question)."""
+        q = query.question[0]
+        qtype = dns.rdatatype.RdataType(q.rdtype)
+        if q.rdclass != dns.rdataclass.IN:
+            return replies.error_reply(query, dns.rcode.REFUSED, self.payload)
+        if qtype in _META_TYPES:
+            return replies.error_reply(query, dns.rcode.NOTIMP, self.payload)
+        trace.debug("query %s %s id %d flags %s", q.name, dns.rdatatype.to_text(qtype),
+                    query.id, dns.flags.to_text(query.flags))
+        if query.flags & dns.flags.CD:
+            try:
+                upstream = await self.resolution.fetch_unvalidated(q.name, qtype)
+            except UpstreamError as e:
+                verdict = Verdict(Security.INDETERMINATE, str(e),
+                                  dns.edns.EDECode.NO_REACHABLE_AUTHORITY)
+                return replies.servfail(query, verdict, self.payload)
+            return replies.unvalidated_reply(query, upstream, max_ttl=self.max_ttl,
+                                             payload=self.payload)
+        ans = await self.resolution.resolve(q.name, qtype, now)
+        return replies.build_reply(query, ans, max_ttl=self.max_ttl, payload=self.payload)

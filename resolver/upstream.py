@@ -1,0 +1,237 @@
+"""Forwarding client: one question to the configured upstream resolvers, one checked answer back.
+
+Theory of operation: `Forwarder.query(qname, qtype)` sends a query with RD=1, DO=1 and CD=1
+(we validate ourselves and never trust an upstream's AD bit), a random ID, from a fresh socket
+with a kernel-chosen random source port. A reply counts only if it comes from the server we
+asked (address and port; the socket is connected, and we check again), carries our ID, has QR
+set and repeats our question exactly (name, type, class). Anything else — a spoofed or late
+packet, garbage — is ignored and we keep waiting until the attempt's timeout. A reply with TC
+is asked again over TCP. SERVFAIL, REFUSED, NOTIMP or FORMERR from one server, or a timeout,
+move on to the next server; `attempts` rounds over the list are made before `UpstreamError`.
+
+Identical questions in flight share one exchange (coalescing). Every call, shared or not, is
+charged to the `QueryBudget` of the client query it runs for (a context variable set by the
+resolution core), so a single client query cannot make more than `max_upstream_queries`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import secrets
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+
+from resolver.config import Endpoint
+from resolver.errors import UpstreamError
+
+log = logging.getLogger(__name__)
+
+EDNS_PAYLOAD: Final = 1232
+_RETRY_RCODES: Final = frozenset(
+    {dns.rcode.SERVFAIL, dns.rcode.REFUSED, dns.rcode.NOTIMP, dns.rcode.FORMERR})
+
+
+@dataclass(slots=True)
+class QueryBudget:
+    """Upstream queries allowed for one client query (design.md: at most 64)."""
+
+    limit: int
+    used: int = 0
+
+    def charge(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType) -> None:
+        """Count one upstream query.
+
+        Raises:
+            UpstreamError: when the budget is spent (the validator turns it into a verdict).
+        """
+        self.used += 1
+        if self.used > self.limit:
+            raise UpstreamError(f"more than {self.limit} upstream queries for one client query "
+                                f"(at {qname} {dns.rdatatype.to_text(qtype)})")
+
+
+current_budget: contextvars.ContextVar[QueryBudget | None] = contextvars.ContextVar(
+    "current_budget", default=None)
+
+
+@dataclass(slots=True)
+class UpstreamStats:
+    """Counters for tests and debugging."""
+
+    sent_udp: int = 0
+    sent_tcp: int = 0
+    coalesced: int = 0
+    ignored: int = 0  # datagrams that did not match an outstanding question
+    failures: int = 0
+    per_server: dict[str, int] = field(default_factory=dict)
+
+
+def _matches(reply: dns.message.Message, qid: int, qname: dns.name.Name,
+             qtype: dns.rdatatype.RdataType) -> bool:
+    if reply.id != qid or not reply.flags & dns.flags.QR or len(reply.question) != 1:
+        return False
+    q = reply.question[0]
+    # dns.name.Name equality is case-insensitive, as DNS names compare.
+    return q.name == qname and q.rdtype == qtype and q.rdclass == dns.rdataclass.IN
+
+
+class _UdpWaiter(asyncio.DatagramProtocol):
+    """Waits on one connected socket for the first datagram that answers our question."""
+
+    def __init__(self, server: tuple[str, int], qid: int, qname: dns.name.Name,
+                 qtype: dns.rdatatype.RdataType, stats: UpstreamStats) -> None:
+        self.server = server
+        self.qid, self.qname, self.qtype = qid, qname, qtype
+        self.stats = stats
+        self.result: asyncio.Future[dns.message.Message] = (
+            asyncio.get_running_loop().create_future())
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        if (str(addr[0]), addr[1]) != self.server or len(data) < 12 or self.result.done():
+            self.stats.ignored += 1
+            return
+        if struct.unpack_from("!H", data)[0] != self.qid:
+            self.stats.ignored += 1
+            return
+        try:
+            reply = dns.message.from_wire(data, ignore_trailing=True)
+        except (dns.exception.DNSException, ValueError, UnicodeError, IndexError, struct.error):
+            # Bytes carrying our ID but not DNS: possibly a spoofing attempt; keep waiting.
+            self.stats.ignored += 1
+            return
+        if not _matches(reply, self.qid, self.qname, self.qtype):
+            self.stats.ignored += 1
+            return
+        self.result.set_result(reply)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and friends: this server is not there.
+        if not self.result.done():
+            self.result.set_exception(UpstreamError(f"{self.server[0]}: {exc}"))
+
+
+class Forwarder:
+    """Sends questions to upstream resolvers, with failover, TCP fallback and coalescing."""
+
+    def __init__(self, servers: Sequence[Endpoint], *, timeout: float = 1.5, attempts: int = 2,
+                 tcp_timeout: float = 3.0, payload: int = EDNS_PAYLOAD) -> None:
+        if not servers:
+            raise ValueError("at least one upstream server is needed")
+        self.servers = tuple(servers)
+        self.timeout = timeout
+        self.attempts = attempts
+        self.tcp_timeout = tcp_timeout
+        self.payload = payload
+        self.stats = UpstreamStats()
+        self._inflight: dict[tuple[dns.name.Name, int, bool], asyncio.Task[dns.message.Message]]
+        self._inflight = {}
+
+    async def query(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, *,
+                    cd: bool = True) -> dns.message.Message:
+        """Ask the upstreams; return the first acceptable reply.
+
+        Raises:
+            UpstreamError: every server failed (timeouts, errors) or the budget is spent.
+        """
+        budget = current_budget.get()
+        if budget is not None:
+            budget.charge(qname, qtype)
+        key = (qname.canonicalize(), int(qtype), cd)
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._exchange(qname, qtype, cd))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+        else:
+            self.stats.coalesced += 1
+        # shield: one waiter being cancelled (its client went away) must not cancel the
+        # exchange others are waiting on.
+        return await asyncio.shield(task)
+
+    def _make_query(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, cd: bool
+                    ) -> dns.message.QueryMessage:
+        q = dns.message.make_query(qname, qtype, use_edns=0, want_dnssec=True,
+                                   payload=self.payload)
+        q.id = secrets.randbelow(65536)
+        if cd:
+            q.flags |= dns.flags.CD
+        return q
+
+    async def _exchange(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, cd: bool
+                        ) -> dns.message.Message:
+        problems: list[str] = []
+        for _round in range(self.attempts):
+            for server in self.servers:
+                q = self._make_query(qname, qtype, cd)
+                try:
+                    reply = await self._udp(server, q, qname, qtype)
+                    if reply.flags & dns.flags.TC:
+                        q = self._make_query(qname, qtype, cd)
+                        reply = await self._tcp(server, q, qname, qtype)
+                except UpstreamError as e:
+                    problems.append(str(e))
+                    continue
+                if reply.rcode() in _RETRY_RCODES:
+                    problems.append(f"{server}: {dns.rcode.to_text(reply.rcode())}")
+                    continue
+                return reply
+        self.stats.failures += 1
+        raise UpstreamError(f"no upstream answered {qname} {dns.rdatatype.to_text(qtype)}: "
+                            + "; ".join(problems[-4:]))
+
+    async def _udp(self, server: Endpoint, q: dns.message.Message, qname: dns.name.Name,
+                   qtype: dns.rdatatype.RdataType) -> dns.message.Message:
+        loop = asyncio.get_running_loop()
+        self.stats.sent_udp += 1
+        self.stats.per_server[str(server)] = self.stats.per_server.get(str(server), 0) + 1
+        try:
+            transport, waiter = await loop.create_datagram_endpoint(
+                lambda: _UdpWaiter((server.host, server.port), q.id, qname, qtype, self.stats),
+                remote_addr=(server.host, server.port))
+        except OSError as e:
+            raise UpstreamError(f"{server}: {e.strerror or e}") from None
+        try:
+            transport.sendto(q.to_wire())
+            return await asyncio.wait_for(waiter.result, self.timeout)
+        except TimeoutError:
+            raise UpstreamError(f"{server}: timeout after {self.timeout} s") from None
+        finally:
+            transport.close()
+
+    async def _tcp(self, server: Endpoint, q: dns.message.Message, qname: dns.name.Name,
+                   qtype: dns.rdatatype.RdataType) -> dns.message.Message:
+        self.stats.sent_tcp += 1
+        try:
+            async with asyncio.timeout(self.tcp_timeout):
+                reader, writer = await asyncio.open_connection(server.host, server.port)
+                try:
+                    wire = q.to_wire()
+                    writer.write(len(wire).to_bytes(2, "big") + wire)
+                    await writer.drain()
+                    length = int.from_bytes(await reader.readexactly(2), "big")
+                    data = await reader.readexactly(length)
+                finally:
+                    writer.close()
+        except TimeoutError:
+            raise UpstreamError(f"{server}: TCP timeout after {self.tcp_timeout} s") from None
+        except (OSError, asyncio.IncompleteReadError) as e:
+            raise UpstreamError(f"{server}: TCP: {e}") from None
+        try:
+            reply = dns.message.from_wire(data)
+        except Exception as e:  # dnspython raises a dozen types on garbage
+            raise UpstreamError(f"{server}: TCP reply is not DNS: {e}") from None
+        if not _matches(reply, q.id, qname, qtype):
+            raise UpstreamError(f"{server}: TCP reply does not match the question")
+        return reply

@@ -1,0 +1,148 @@
+"""Configuration: defaults, every table, and errors that name file, table and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from resolver.config import Endpoint, load, parse_endpoint
+from resolver.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str, resolv: str = "nameserver 192.0.2.53\n") -> tuple[Path, Path]:
+    cfg = tmp_path / "resolver.toml"
+    cfg.write_text(text)
+    rc = tmp_path / "resolv.conf"
+    rc.write_text(resolv)
+    return cfg, rc
+
+
+def test_defaults(tmp_path: Path) -> None:
+    cfg, rc = write(tmp_path, "")
+    c = load(cfg, resolv_conf=rc)
+    assert c.server.listen == (Endpoint("127.0.0.1", 53), Endpoint("::1", 53))
+    assert c.server.edns_payload == 1232
+    assert c.upstream.servers == (Endpoint("192.0.2.53"),) and c.upstream.from_resolv_conf
+    assert c.dnssec.builtin_root_anchors and c.dnssec.trust_anchor_files == ()
+    assert c.cache.max_ttl == 86400 and c.cache.bogus_ttl == 60
+    assert c.limits.max_upstream_queries == 64 and c.limits.max_cname_chain == 12
+    assert c.sections == {}
+
+
+def test_no_file_means_defaults(tmp_path: Path) -> None:
+    _, rc = write(tmp_path, "")
+    assert load(None, resolv_conf=rc).server.listen[0] == Endpoint("127.0.0.1")
+
+
+def test_default_upstreams_exclude_ourselves(tmp_path: Path) -> None:
+    resolv = ("# comment\nnameserver 127.0.0.1\nnameserver ::1\nnameserver 127.0.0.53\n"
+              "nameserver 198.51.100.53 # lab\nsearch example.test\nnameserver bogus\n"
+              "nameserver 198.51.100.53\n")
+    cfg, rc = write(tmp_path, "", resolv)
+    c = load(cfg, resolv_conf=rc)
+    # 127.0.0.1 and ::1 are our listen addresses; 127.0.0.53 (systemd-resolved) is not us.
+    assert c.upstream.servers == (Endpoint("127.0.0.53"), Endpoint("198.51.100.53"))
+    # Listening on a wildcard: every loopback nameserver could be us.
+    c = load(cfg, resolv_conf=rc, listen_override=(Endpoint("0.0.0.0"),))
+    assert c.upstream.servers == (Endpoint("198.51.100.53"),)
+
+
+def test_only_ourselves_in_resolv_conf_is_an_error(tmp_path: Path) -> None:
+    cfg, rc = write(tmp_path, "", "nameserver 127.0.0.1\n")
+    with pytest.raises(ConfigError, match=r"\[upstream\] key 'servers': no upstream"):
+        load(cfg, resolv_conf=rc)
+
+
+FULL = """
+[server]
+listen = ["127.0.0.2:5353", "[::1]:5353", "192.0.2.1"]
+edns_payload = 1400
+tcp_idle_timeout = 5
+[upstream]
+servers = ["198.51.100.53", "[2001:db8::53]:5300"]
+timeout = 0.5
+attempts = 3
+[dnssec]
+builtin_root_anchors = false
+trust_anchor_files = ["root.key"]
+negative_trust_anchors = ["corp.example."]
+[cache]
+max_entries = 500
+max_ttl = 600
+[limits]
+max_upstream_queries = 20
+max_nsec3_iterations = 1
+[log]
+level = "debug"
+[policy]
+default = "private-or-clear"
+[control]
+socket = "/run/x.sock"
+"""
+
+
+def test_full_file(tmp_path: Path) -> None:
+    cfg, rc = write(tmp_path, FULL)
+    (tmp_path / "root.key").write_text(". IN DS 1 8 2 00\n")
+    c = load(cfg, resolv_conf=rc)
+    assert c.server.listen == (Endpoint("127.0.0.2", 5353), Endpoint("::1", 5353),
+                               Endpoint("192.0.2.1", 53))
+    assert c.server.edns_payload == 1400 and c.server.tcp_idle_timeout == 5.0
+    assert c.upstream.servers == (Endpoint("198.51.100.53"), Endpoint("2001:db8::53", 5300))
+    assert not c.upstream.from_resolv_conf and c.upstream.attempts == 3
+    assert c.dnssec.trust_anchor_files == (tmp_path / "root.key",)
+    assert c.dnssec.negative_trust_anchors == ("corp.example.",)
+    assert c.cache.max_entries == 500 and c.limits.max_nsec3_iterations == 1
+    assert c.log.level == "debug"
+    assert c.sections == {"policy": {"default": "private-or-clear"},
+                          "control": {"socket": "/run/x.sock"}}
+    assert "198.51.100.53:53" in c.summary()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[server]\nlisten = [\"localhost\"]", r"\[server\] key 'listen': 'localhost': not an IP"),
+    ("[server]\nlisten = \"127.0.0.1\"", r"\[server\] key 'listen': expected a list of strings"),
+    ("[server]\nlisten = []", r"\[server\] key 'listen': must list at least one"),
+    ("[server]\nlisten = [\"127.0.0.1:99999\"]", r"key 'listen': .*port must be 1-65535"),
+    ("[server]\nedns_payload = 100", r"\[server\] key 'edns_payload': must be 512-4096"),
+    ("[server]\nedns_payload = \"big\"", r"key 'edns_payload': expected int, got a string"),
+    ("[server]\nlisten_addr = 1", r"\[server\] key 'listen_addr': unknown key"),
+    ("[upstream]\ntimeout = 0", r"\[upstream\] key 'timeout': must be greater than 0"),
+    ("[upstream]\nattempts = true", r"\[upstream\] key 'attempts': expected int, got a boolean"),
+    ("[upstream]\nservers = [\"8.8.8.8:0\"]", r"\[upstream\] key 'servers': .*port"),
+    ("[dnssec]\ntrust_anchor_files = [\"/nonexistent/root.key\"]",
+     r"\[dnssec\] key 'trust_anchor_files': /nonexistent/root.key: no such file"),
+    ("[dnssec]\nbuiltin_root_anchors = false",
+     r"\[dnssec\] key 'builtin_root_anchors': false and no trust_anchor_files"),
+    ("[dnssec]\nbuiltin_root_anchors = \"yes\"",
+     r"key 'builtin_root_anchors': expected bool"),
+    ("[cache]\nmax_entries = 1", r"\[cache\] key 'max_entries': must be at least 16"),
+    ("[limits]\nmax_ds = 0", r"\[limits\] key 'max_ds': must be at least 1"),
+    ("[limits]\nmax_everything = 3", r"\[limits\] key 'max_everything': unknown key"),
+    ("[log]\nlevel = \"loud\"", r"\[log\] key 'level': must be one of"),
+    ("[dns]\nx = 1", r"unknown table \[dns\]"),
+    ("server = 1", r"\[server\] must be a table"),
+    ("[policy\n", r"not valid TOML"),
+])
+def test_errors_name_file_table_and_key(tmp_path: Path, text: str, message: str) -> None:
+    cfg, rc = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load(cfg, resolv_conf=rc)
+    assert str(info.value).startswith(str(cfg))
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(("text", "ep"), [
+    ("192.0.2.1", Endpoint("192.0.2.1", 53)),
+    ("192.0.2.1:5300", Endpoint("192.0.2.1", 5300)),
+    ("::1", Endpoint("::1", 53)),
+    ("[::1]:5300", Endpoint("::1", 5300)),
+    ("[2001:DB8::1]", Endpoint("2001:db8::1", 53)),
+])
+def test_parse_endpoint(text: str, ep: Endpoint) -> None:
+    assert parse_endpoint(text) == ep

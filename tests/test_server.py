@@ -1,0 +1,327 @@
+"""The server over real sockets on 127.0.0.1: FORMERR/NOTIMP/drop, EDNS and truncation, TCP
+pipelining and idle timeout, the wire-cache fast path, SERVFAIL with EDE; plus the fuzz
+invariant (any bytes -> a reply or a drop, never an exception), over UDP and byte-wise TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import dns.asyncquery
+import dns.edns
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdatatype
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from resolver.cache import WireCache
+from resolver.config import Endpoint, ServerConfig
+from resolver.resolve import PlainHandler, Resolution
+from resolver.server import Server, _TcpProtocol
+from resolver.upstream import Forwarder
+from resolver.validate import Security, Verdict
+from tests.scripted_upstream import Delay, FakeValidator, ScriptedUpstream, answer
+
+WHEN = 1_800_000_000.0
+BIG_TXT = [f"big.example.test. 300 IN TXT \"{'y' * 200} {i}\"" for i in range(10)]
+
+
+def script(q: dns.message.Message, _t: str) -> Any:
+    name = q.question[0].name.to_text().lower()
+    if name == "big.example.test.":
+        return answer(q, *BIG_TXT)
+    if name.startswith("slow"):
+        return Delay(0.3, answer(q, f"{name} 300 IN A 192.0.2.7"))
+    return answer(q, f"{name} 300 IN A 192.0.2.1")
+
+
+class Env:
+    def __init__(self, up: ScriptedUpstream, res: Resolution, validator: FakeValidator,
+                 server: Server, clock: list[float]) -> None:
+        self.up, self.res, self.validator, self.server, self.clock = (
+            up, res, validator, server, clock)
+        self.host, self.port = server.bound[0]
+
+    async def udp(self, q: dns.message.Message | bytes, timeout: float = 1.0) -> bytes | None:
+        wire = q if isinstance(q, bytes) else q.to_wire()
+        loop = asyncio.get_running_loop()
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setblocking(False)
+        try:
+            await loop.sock_connect(s, (self.host, self.port))
+            await loop.sock_sendall(s, wire)
+            try:
+                return await asyncio.wait_for(loop.sock_recv(s, 65535), timeout)
+            except TimeoutError:
+                return None
+        finally:
+            s.close()
+
+
+def with_server(body: Callable[[Env], Awaitable[None]], **server_kw: Any) -> None:
+    async def main() -> None:
+        async with ScriptedUpstream(script) as up:
+            holder: list[FakeValidator] = []
+
+            def make(fetch: Any) -> FakeValidator:
+                holder.append(FakeValidator(fetch, {"bad.example.test.": Verdict(
+                    Security.BOGUS, "signature expired", dns.edns.EDECode.SIGNATURE_EXPIRED)}))
+                return holder[0]
+
+            res = Resolution(Forwarder([up.endpoint], timeout=0.5), make)
+            clock = [WHEN]
+            cfg = ServerConfig(listen=(Endpoint("127.0.0.1", 0),), **server_kw)
+            server = Server(PlainHandler(res), cfg, cache=WireCache(100), clock=lambda: clock[0])
+            await server.start(cfg.listen)
+            try:
+                await body(Env(up, res, holder[0], server, clock))
+            finally:
+                await server.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def q(name: str, rdtype: str = "A", **kw: Any) -> dns.message.Message:
+    return dns.message.make_query(name, rdtype, **kw)
+
+
+def test_answer_and_fast_path_hit_with_id_patched_and_ttl_aged() -> None:
+    async def body(env: Env) -> None:
+        first = dns.message.from_wire(await env.udp(q("www.example.test.", want_dnssec=True)))
+        assert first.answer[0].ttl == 300 and first.flags & dns.flags.AD
+        assert first.edns == 0 and first.payload == 1232
+        env.clock[0] += 100
+        again = q("WwW.eXample.TEST.", want_dnssec=True)
+        again.id = 4242
+        raw = await env.udp(again)
+        reply = dns.message.from_wire(raw)
+        assert reply.id == 4242 and reply.answer[0].ttl == 200
+        assert reply.question[0].name.to_text() == "WwW.eXample.TEST."  # case echoed
+        assert reply.flags & dns.flags.AD and reply.flags & dns.flags.RD
+        assert env.server.cache is not None and env.server.cache.hits == 1
+        assert env.up.count() == 1 and len(env.validator.calls) == 1
+        # Different client flags are a different cache entry (no DO: no AD, no OPT).
+        plain = dns.message.from_wire(await env.udp(q("www.example.test.", use_edns=False)))
+        assert not plain.flags & dns.flags.AD and plain.edns == -1
+        # RD=0 client: RD copied from the query on the fast path too.
+        nord = q("www.example.test.", want_dnssec=True)
+        nord.flags &= ~dns.flags.RD
+        assert not dns.message.from_wire(await env.udp(nord)).flags & dns.flags.RD
+
+    with_server(body)
+
+
+def test_servfail_with_ede_for_bogus() -> None:
+    async def body(env: Env) -> None:
+        r = dns.message.from_wire(await env.udp(q("bad.example.test.", use_edns=0)))
+        assert r.rcode() == dns.rcode.SERVFAIL
+        (ede,) = r.extended_errors()
+        assert ede.code == dns.edns.EDECode.SIGNATURE_EXPIRED and ede.text == "signature expired"
+        assert len(env.server.cache or []) == 0  # SERVFAIL is never in the wire cache
+
+    with_server(body)
+
+
+def test_formerr_notimp_and_drops() -> None:
+    async def body(env: Env) -> None:
+        good = q("www.example.test.").to_wire()
+        r = await env.udp(good[:12] + b"\x05abc")  # header fine, body broken
+        assert r is not None and r[:2] == good[:2] and r[3] & 0x0F == dns.rcode.FORMERR
+        assert r[2] & 0x80  # QR
+        assert await env.udp(b"\x12\x34\x01", timeout=0.3) is None  # no header: dropped
+        upd = dns.message.make_query("example.test.", "SOA")
+        upd.set_opcode(dns.opcode.UPDATE)
+        r = await env.udp(upd)
+        assert r is not None and r[3] & 0x0F == dns.rcode.NOTIMP
+        two = bytearray(good)
+        struct.pack_into("!H", two, 4, 0)  # QDCOUNT 0
+        r = await env.udp(bytes(two[:12]))
+        assert r is not None and r[3] & 0x0F == dns.rcode.FORMERR
+        resp = bytearray(good)
+        resp[2] |= 0x80  # a response sent to us: dropped (no loops between servers)
+        assert await env.udp(bytes(resp), timeout=0.3) is None
+        bad_ver = q("www.example.test.", use_edns=1)
+        r = await env.udp(bad_ver)
+        assert r is not None and dns.message.from_wire(r).rcode() == dns.rcode.BADVERS
+        assert env.up.count() == 0
+
+    with_server(body)
+
+
+def test_udp_truncation_then_tcp() -> None:
+    async def body(env: Env) -> None:
+        r = dns.message.from_wire(await env.udp(q("big.example.test.", "TXT", use_edns=False)))
+        assert r.flags & dns.flags.TC
+        r2 = dns.message.from_wire(await env.udp(q("big.example.test.", "TXT", payload=1232)))
+        assert r2.flags & dns.flags.TC  # 2 KiB does not fit 1232 either
+        full = await dns.asyncquery.tcp(q("big.example.test.", "TXT"), env.host, port=env.port,
+                                        timeout=2)
+        assert not full.flags & dns.flags.TC and len(full.answer[0]) == 10
+        # Now cached: the fast path must not hand the 2 KiB answer to a 512-byte UDP client.
+        r3 = dns.message.from_wire(await env.udp(q("big.example.test.", "TXT", use_edns=False)))
+        assert r3.flags & dns.flags.TC
+        large = await env.udp(q("big.example.test.", "TXT", payload=4096))
+        assert large is not None and len(large) <= 1232  # never above our own 1232
+
+    with_server(body)
+
+
+async def tcp_exchange(env: Env, queries: list[dns.message.Message], *, chunk: int = 0
+                       ) -> list[dns.message.Message]:
+    reader, writer = await asyncio.open_connection(env.host, env.port)
+    data = b"".join(len(w).to_bytes(2, "big") + w for w in (m.to_wire() for m in queries))
+    if chunk:
+        for i in range(0, len(data), chunk):
+            writer.write(data[i:i + chunk])
+            await writer.drain()
+            await asyncio.sleep(0)
+    else:
+        writer.write(data)
+    out = []
+    for _ in queries:
+        n = int.from_bytes(await reader.readexactly(2), "big")
+        out.append(dns.message.from_wire(await reader.readexactly(n)))
+    writer.close()
+    return out
+
+
+def test_tcp_pipelined_answers_as_they_complete() -> None:
+    async def body(env: Env) -> None:
+        slow, a, b = q("slow.example.test."), q("a.example.test."), q("b.example.test.")
+        replies = await tcp_exchange(env, [slow, a, b])
+        assert [r.id for r in replies][-1] == slow.id  # the slow one came last
+        assert {r.id for r in replies} == {slow.id, a.id, b.id}
+        one_by_one = await tcp_exchange(env, [q("c.example.test."), q("d.example.test.")],
+                                        chunk=1)
+        assert [r.answer[0][0].to_text() for r in one_by_one] == ["192.0.2.1"] * 2
+
+    with_server(body)
+
+
+def test_tcp_idle_timeout_closes_the_connection() -> None:
+    async def body(env: Env) -> None:
+        reader, writer = await asyncio.open_connection(env.host, env.port)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert await asyncio.wait_for(reader.read(1), 3) == b""  # closed by the server
+        assert 0.2 < loop.time() - t0 < 2
+        writer.close()
+
+    with_server(body, tcp_idle_timeout=0.3)
+
+
+def test_tcp_connection_bound() -> None:
+    async def body(env: Env) -> None:
+        keep = [await asyncio.open_connection(env.host, env.port) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_connection(env.host, env.port)
+        assert await asyncio.wait_for(reader.read(1), 2) == b""  # the third is refused
+        assert len(env.server.tcp_connections) == 2
+        for _, w in keep:
+            w.close()
+        writer.close()
+
+    with_server(body, tcp_max_connections=2)
+
+
+# --- fuzz: any bytes -> a reply or a drop ---------------------------------------------------
+
+class _NullHandler:
+    async def handle(self, query: dns.message.Message, now: float) -> dns.message.Message:
+        reply = dns.message.make_response(query)
+        reply.answer = []
+        return reply
+
+
+class _FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+def _query_like() -> st.SearchStrategy[bytes]:
+    base = q("www.example.test.", want_dnssec=True).to_wire()
+    return st.one_of(
+        st.binary(max_size=300),
+        st.binary(min_size=12, max_size=12).map(lambda h: h + base[12:]),
+        st.lists(st.tuples(st.integers(0, len(base) - 1), st.integers(0, 255)), max_size=6).map(
+            lambda edits: bytes(_apply(base, edits))),
+    )
+
+
+def _apply(base: bytes, edits: list[tuple[int, int]]) -> bytearray:
+    b = bytearray(base)
+    for i, v in edits:
+        b[i] = v
+    return b
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_query_like())
+def test_fuzz_udp_any_bytes_reply_or_drop(data: bytes) -> None:
+    server = Server(_NullHandler(), cache=WireCache(10), clock=lambda: WHEN)
+
+    async def main() -> None:
+        fast = server.fast_reply(data, WHEN, udp=True)
+        reply = fast if fast is not None else await server.slow_reply(data, WHEN, udp=True)
+        if reply is not None:
+            assert len(reply) >= 12 and reply[2] & 0x80 and reply[:2] == data[:2]
+        else:
+            assert len(data) < 12 or data[2] & 0x80
+
+    asyncio.run(main())
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_query_like(), min_size=1, max_size=3), st.booleans())
+def test_fuzz_tcp_bytewise(messages: list[bytes], bytewise: bool) -> None:
+    async def main() -> None:
+        server = Server(_NullHandler(), cache=WireCache(10), clock=lambda: WHEN)
+        proto = _TcpProtocol(server)
+        transport = _FakeTransport()
+        proto.connection_made(transport)  # type: ignore[arg-type]
+        stream = b"".join(len(m).to_bytes(2, "big") + m for m in messages)
+        if bytewise:
+            for i in range(len(stream)):
+                proto.data_received(stream[i:i + 1])
+        else:
+            proto.data_received(stream)
+        for _ in range(20):
+            if not proto.tasks:
+                break
+            await asyncio.sleep(0.01)
+        assert not proto.tasks
+        # Every frame got a reply or a drop; what was written parses as length-prefixed DNS.
+        out, pos, n = transport.written, 0, 0
+        while pos < len(out):
+            length = int.from_bytes(out[pos:pos + 2], "big")
+            assert length >= 12 and out[pos + 2 + 2] & 0x80
+            pos += 2 + length
+            n += 1
+        assert pos == len(out) and n <= len(messages)
+        proto.connection_lost(None)
+
+    asyncio.run(main())
