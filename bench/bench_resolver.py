@@ -62,7 +62,7 @@ def make_zone(work: Path, names: int) -> Path:
     lines += [f"$INCLUDE {keys / ksk}.key\n$INCLUDE {keys / zsk}.key\n"]
     zone = work / "bench.test.zone"
     zone.write_text("".join(lines))
-    run([need("dnssec-signzone"), "-q", "-K", str(keys), "-o", ZONE, "-f",
+    run([need("dnssec-signzone"), "-q", "-K", str(keys), "-d", str(work), "-o", ZONE, "-f",
          str(work / "bench.test.signed"), str(zone), str(keys / ksk), str(keys / zsk)])
     ds = run([need("dnssec-dsfromkey"), "-2", str(keys / f"{ksk}.key")])
     anchor = work / "anchor.ds"

@@ -25,8 +25,8 @@ from typing import Any
 
 import vici
 
-from lab.net import LabError
-from lab.topology import HOSTS, PEERS, Host
+from lab.net import ANCHOR_IF, LabError
+from lab.topology import CHARON_TABLE, HOSTS, PEERS, Host, ike_identities
 
 CHARON = "/usr/lib/ipsec/charon"
 FWMARK = "0x42"
@@ -60,6 +60,13 @@ charon {{
     retransmit_timeout = 1.0
     retransmit_base = 1.4
     install_virtual_ip = no
+    # Explicit (these are the defaults): lab.net puts gw's traffic-selector anchors in this
+    # table and a rule before this priority (see Host.ts_anchors, lab/README.md).
+    routing_table = {CHARON_TABLE}
+    routing_table_prio = {CHARON_TABLE}
+    # The anchor interface holds addresses only for kernel-libipsec's route source lookup;
+    # charon must never use them for IKE.
+    interfaces_ignore = {ANCHOR_IF}
     filelog {{
         lab {{
             path = {cdir / 'charon.log'}
@@ -137,8 +144,14 @@ def session(socket_path: Path, timeout: float = 10.0) -> Iterator[vici.Session]:
             pass
 
 
-def responder_conn(me: Host, peer: Host, my_spki: str, peer_spki: str) -> dict[str, Any]:
+def responder_conn(me: Host, peer: Host, my_spki: str, peer_spki: str, *,
+                   local_id: str | None = None) -> dict[str, Any]:
     """VICI load-conn payload: `me` accepts `peer` (by FQDN and published key), tunnel mode.
+
+    `local_id` is the identity `me` answers to (default: its FQDN; see
+    `topology.ike_identities` for the others, e.g. gw's address or multi.example.test). charon
+    picks the responder conn by the IDr the initiator sends, so one conn per identity; the
+    default identity keeps the plain name "peer-<peer>", others are "peer-<peer>@<id>".
 
     No address restriction (it matches by identity, so it keeps working after `Lab.move`), and
     no MOBIKE: with MOBIKE, a moved responder migrated its IKE_SA to whichever path answered
@@ -147,14 +160,16 @@ def responder_conn(me: Host, peer: Host, my_spki: str, peer_spki: str) -> dict[s
     was made with, and a move is followed by a new `initiate` (see lab/README.md).
     """
     local_ts = ["dynamic", *me.local_ts]
+    ident = local_id or me.fqdn
+    name = f"peer-{peer.name}" if ident == me.fqdn else f"peer-{peer.name}@{ident}"
     return {
-        f"peer-{peer.name}": {
+        name: {
             "version": "2",
             "mobike": "no",
-            "local": {"auth": "pubkey", "id": me.fqdn, "pubkeys": [my_spki]},
+            "local": {"auth": "pubkey", "id": ident, "pubkeys": [my_spki]},
             "remote": {"auth": "pubkey", "id": peer.fqdn, "pubkeys": [peer_spki]},
             "children": {
-                f"peer-{peer.name}": {
+                name: {
                     "mode": "tunnel",
                     "local_ts": local_ts,
                     "remote_ts": ["dynamic"],
@@ -197,12 +212,15 @@ def initiator_conn(name: str, me: Host, peer_addr: str, peer_id: str, my_spki: s
 
 def load_host(s: vici.Session, host: Host, private_der: bytes,
               spkis: dict[str, str]) -> None:
-    """Load a peer's private key and its responder connections for every other lab peer."""
+    """Load a peer's private key and its responder connections: one per other lab peer and
+    identity the host answers to (`topology.ike_identities`)."""
     s.load_key({"type": "any", "data": private_der})
     for other in PEERS:
         if other == host.name:
             continue
-        s.load_conn(responder_conn(host, HOSTS[other], spkis[host.name], spkis[other]))
+        for ident in ike_identities(host.name):
+            s.load_conn(responder_conn(host, HOSTS[other], spkis[host.name], spkis[other],
+                                       local_id=ident))
 
 
 def initiate(s: vici.Session, child: str, ike: str, timeout_ms: int = 5000) -> list[str]:

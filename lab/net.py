@@ -12,6 +12,7 @@ All commands are argv lists (`ip`, `sysctl`); nothing is built from a string.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from lab.topology import BLACKHOLE_PREFIXES, HOSTS, Host
+from lab.topology import BLACKHOLE_PREFIXES, CHARON_TABLE, HOSTS, Host
 
 NETNS_DIR = Path("/run/netns")
 # `ip netns exec NS` bind-mounts every file in /etc/netns/NS/ over the same name in /etc/.
@@ -30,6 +31,11 @@ NETNS_ETC = Path("/etc/netns")
 ESP_PROBE = "espprobe"  # suffix of the scratch namespace `kernel_esp_error` uses
 SWITCH = "sw"  # the switch namespace's suffix; no host may use this name
 BRIDGE = "br0"
+# The interface (one end of a veth pair, both ends down) holding a host's traffic-selector
+# anchors (Host.ts_anchors), and the priority of the rules that keep the protected nets
+# routed by the main table, ahead of charon's rule (CHARON_TABLE).
+ANCHOR_IF = "tsa0"
+ANCHOR_RULE_PREF = CHARON_TABLE - 20
 _CLONE_NEWNET = 0x40000000
 # Any instance's switch namespace: the lab is "up" somewhere while one of these exists.
 _SWITCH_RE = re.compile(r"^isk[A-Za-z0-9]*-" + SWITCH + "$")
@@ -128,10 +134,84 @@ def create(prefix: str, hosts: Iterable[Host]) -> None:
             ]
         for r in h.routes:
             lines.append(f"route add {r.prefix} via {r.via}")
+        lines += anchor_lines(h)
         ip_batch(ns, lines)
+        unlocal_anchors(ns, h)
+        for rule in anchor_rules(h):
+            run(["ip", "-n", ns, *rule])
         if h.forwarding:
             in_netns(ns, lambda: set_sysctls({"net/ipv4/ip_forward": "1",
                                               "net/ipv6/conf/all/forwarding": "1"}))
+
+
+def anchor_lines(h: Host) -> list[str]:
+    """`ip -batch` lines giving `h` its traffic-selector anchors (none if it has none).
+
+    Why: a gateway that protects single hosts is asked for CHILD_SAs whose local TS is just
+    the host (srv's /32). kernel-libipsec in strongSwan 5.9.8 installs the TUN route for such
+    an SA with a *local* source address inside the local TS and fails the CHILD_SA when there
+    is none ("error installing route with policy 203.0.113.21/32 === ... out"; fixed upstream
+    in 5.9.12, commit 190d8cbe, which installs the route without a source). So the anchor
+    addresses go on a dedicated interface that stays down, where charon's address list finds
+    them (it lists down and ignored interfaces too), while the kernel must not treat them as
+    its own:
+      * their `local` routes leave the local table (`unlocal_anchors`): gw forwards srv's
+        traffic instead of delivering it, answers no ARP/ND for srv, and accepts srv's
+        packets as not martian;
+      * IPv4 needs a route source to be local in the route's table or the local table, so
+        the `local` route moves to charon's table; a rule ahead of charon's sends everything
+        for the protected nets (local_ts) to the main table, so that entry is never used
+        for forwarding (IPv6 only wants the address assigned);
+      * IPv4 anchors get scope site (never picked as a source by the kernel, still listed by
+        charon); an IPv6 anchor would win source selection for its own address ("same
+        address" rule), so the main table gets a host route with the link's own source.
+    The protected traffic itself is unchanged: srv's replies to a peer leave gw only through
+    the TUN route charon installs (table 220), i.e. ESP-encapsulated.
+    """
+    if not h.ts_anchors:
+        return []
+    lines = [f"link add {ANCHOR_IF} type veth peer name {ANCHOR_IF}p"]
+    for anchor in h.ts_anchors:
+        iface = ipaddress.ip_interface(anchor)
+        ip = iface.ip
+        if ip.version == 4:
+            lines += [f"addr add {anchor} dev {ANCHOR_IF} scope site",
+                      f"route add local {ip} dev {ANCHOR_IF} table {CHARON_TABLE}"]
+        else:
+            link = next(lk for lk in h.links
+                        if ip in ipaddress.ip_interface(lk.v6).network)
+            lines += [f"addr add {anchor} dev {ANCHOR_IF} nodad noprefixroute",
+                      f"route add {ip}/128 dev {link.ifname} "
+                      f"src {ipaddress.ip_interface(link.v6).ip}"]
+    return lines
+
+
+def unlocal_anchors(ns: str, h: Host, timeout: float = 3.0) -> None:
+    """Delete the local-table routes of `h`'s anchors (see `anchor_lines`).
+
+    The kernel adds an IPv4 address's local route at once, an IPv6 one from addrconf's work
+    queue a moment later (measured: the delete right after `addr add` failed in about half
+    of the runs with "No such process"), so wait for each route (bounded) before deleting it.
+    """
+    for anchor in h.ts_anchors:
+        ip = str(ipaddress.ip_interface(anchor).ip)
+        fam = "-6" if ":" in ip else "-4"
+        show = ["ip", "-n", ns, fam, "route", "show", "table", "local", "exact", ip]
+        deadline = time.monotonic() + timeout
+        while not run(show).strip():
+            if time.monotonic() > deadline:
+                raise LabError(f"{ns}: no local route for anchor {ip} after {timeout} s")
+            time.sleep(0.005)
+        run(["ip", "-n", ns, fam, "route", "del", "local", ip, "dev", ANCHOR_IF,
+             "table", "local"])
+
+
+def anchor_rules(h: Host) -> list[list[str]]:
+    """`ip rule` argv tails for `h`'s anchors (`ip -batch` cannot set the family per line)."""
+    if not h.ts_anchors:
+        return []
+    return [["-6" if ":" in prefix else "-4", "rule", "add", "to", prefix, "lookup", "main",
+             "pref", str(ANCHOR_RULE_PREF)] for prefix in h.local_ts]
 
 
 def set_sysctls(values: dict[str, str]) -> None:

@@ -30,6 +30,11 @@ LAN_V4: Final = "198.51.100.0/24"
 LAN_V6: Final = "2001:db8:100::/64"
 SRV_NET_V4: Final = "203.0.113.0/24"
 SRV_NET_V6: Final = "2001:db8:113::/64"
+SRV_V4: Final = "203.0.113.21"
+SRV_V6: Final = "2001:db8:113::21"
+# charon's routing table (and the priority of its rule "not fwmark 0x42 lookup 220"); gw's
+# traffic-selector anchors (see Host.ts_anchors) live in it too.
+CHARON_TABLE: Final = 220
 # Routed to a blackhole in the host namespace while any lab instance is up, so that a packet
 # addressed to the lab from outside it can never leave the machine.
 BLACKHOLE_PREFIXES: Final = ("198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
@@ -92,6 +97,12 @@ class Host:
     forwarding: bool = False
     # Extra traffic selectors this host offers as an IKE responder (gw: the net behind it).
     local_ts: tuple[str, ...] = ()
+    # Single addresses behind this host that a peer may ask for as the whole local TS
+    # (RFC 4025 gateway: the IPSECKEY of srv vouches for srv's /32 only). kernel-libipsec in
+    # strongSwan 5.9.8 refuses a CHILD_SA whose local TS holds none of the host's own addresses
+    # (fixed in 5.9.12); lab.net gives the host these addresses in a way that only charon sees
+    # (see lab/README.md, "Gateway for a single host").
+    ts_anchors: tuple[str, ...] = ()
 
     @property
     def fqdn(self) -> str:
@@ -129,15 +140,16 @@ HOSTS: Final[dict[str, Host]] = {
             forwarding=True,
             links=(Link("srv", "eth1", "203.0.113.1/24", "2001:db8:113::1/64"),),
             local_ts=(SRV_NET_V4, SRV_NET_V6),
+            ts_anchors=(f"{SRV_V4}/32", f"{SRV_V6}/128"),
         ),
         _host("plain", Role.PLAIN, 30),
         Host(
             "srv",
             Role.SERVER,
-            "203.0.113.21",
-            "2001:db8:113::21",
+            SRV_V4,
+            SRV_V6,
             on_lan=False,
-            links=(Link("gw", "eth0", "203.0.113.21/24", "2001:db8:113::21/64"),),
+            links=(Link("gw", "eth0", f"{SRV_V4}/24", f"{SRV_V6}/64"),),
             routes=(Route(LAN_V4, "203.0.113.1"), Route(LAN_V6, "2001:db8:113::1")),
         ),
     )
@@ -309,6 +321,40 @@ ZONES: Final[dict[str, Zone]] = {
 }
 
 TSIG_KEY_NAME: Final = "ddns-key"
+
+
+def _host_at(addr: str) -> str | None:
+    """The LAN host whose (topology) address is `addr`."""
+    return next((h.name for h in HOSTS.values() if addr in (h.v4, h.v6)), None)
+
+
+def ike_identities(host: str) -> tuple[str, ...]:
+    """The IKE identities `host` answers to as a responder: its FQDN first, then every other
+    identity a resolver binds the host's key to when it reads the secure example.test zone.
+
+    A resolver binds an IPSECKEY's key to: the owner name when there is no gateway (the peer is
+    the owner's address), the gateway name, or the gateway address (RFC 4025 says where, not
+    who, so the address is the identity). The host accepts such an identity only if the key
+    is its own and (no gateway) the owner's address is its address: multi.example.test (bob's
+    address, bob's key at precedence 10) -> bob; srv's "10 1 4 198.51.100.20" -> gw. The broken
+    zones are left out on purpose: a tunnel keyed from a bogus or insecure answer must fail.
+    """
+    h = HOSTS[host]
+    ids = [h.fqdn]
+    zone = ZONES[DOMAIN]
+    addressed = {r.owner: r.host for r in zone.records if isinstance(r, AddressRecords)}
+    for r in zone.records:
+        if not isinstance(r, IpseckeyRecord) or r.key_host != host:
+            continue
+        if r.gateway is None:
+            ident = f"{r.owner}.{DOMAIN}".rstrip(".") if addressed.get(r.owner) == host else None
+        elif r.gateway.endswith("."):
+            ident = r.gateway.rstrip(".") if r.gateway.rstrip(".") == h.fqdn else None
+        else:
+            ident = r.gateway if _host_at(r.gateway) == host else None
+        if ident is not None and ident not in ids:
+            ids.append(ident)
+    return tuple(ids)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dns.flags
+import dns.message
 import dns.rdatatype
 import pytest
 
@@ -237,6 +239,92 @@ def test_gateway_tunnel_reaches_srv_and_nothing_else_does(lab: Lab) -> None:
             for _ in s.terminate({"ike": "smoke-gw", "force": "yes", "timeout": 2000}):
                 pass
             s.unload_conn({"name": "smoke-gw"})
+
+
+def _secure(lab: Lab, qname: str, rdtype: str) -> dns.message.Message:
+    """A validated (AD) answer from the lab Unbound, asked from alice."""
+    answer = lab.query("alice", qname, rdtype)
+    assert answer.flags & dns.flags.AD, answer.to_text()
+    return answer
+
+
+def _first(answer: dns.message.Message, rdtype: str) -> Any:
+    """The first rdata of `rdtype` in the answer section."""
+    return next(rr for s in answer.answer if s.rdtype == dns.rdatatype.from_text(rdtype)
+                for rr in s)
+
+
+def _installed_children(lab: Lab, host: str) -> list[tuple[str, list[str], list[str]]]:
+    """(IKE local id, local TS, remote TS) of every INSTALLED CHILD_SA of `host`'s charon."""
+    with lab.vici(host) as s:
+        return [(v["local-id"], c["local-ts"], c["remote-ts"]) for sa in ike.list_sas(s)
+                for v in sa.values() for c in (v.get("child-sas") or {}).values()
+                if c["state"] == "INSTALLED"]
+
+
+@pytest.mark.parametrize("owner,family", [("srv", 4), ("srv-byname", 4), ("srv-byname", 6)],
+                         ids=["by-address", "by-name", "by-name-ipv6"])
+def test_gateway_protects_exactly_the_host_its_record_names(lab: Lab, owner: str,
+                                                             family: int) -> None:
+    """RFC 4025 gateway: alice keys a tunnel to gw from srv's IPSECKEY and asks for srv only.
+
+    gw answers to the identity a resolver derives from the record (its address for
+    "10 1 4 198.51.100.20", gw.example.test for the name form), narrows to srv's /32 (/128)
+    although it offers the whole net, and srv's replies leave gw only as ESP. The capture
+    behind gw shows srv itself answering (gw forwards; it never answers for srv).
+    """
+    qname = f"{owner}.example.test"
+    answer = _secure(lab, qname, "IPSECKEY")
+    spki = key_from_answer(answer, qname)
+    assert spki == lab.public_key_pem("gw")
+    rr = _first(answer, "IPSECKEY")
+    if rr.gateway_type == 1:  # IPv4 address: that address is where and who
+        gw_addr = gw_id = str(rr.gateway)
+    else:
+        assert rr.gateway_type == 3, rr
+        gw_id = rr.gateway.to_text(omit_final_dot=True)
+        gw_addr = _first(_secure(lab, rr.gateway.to_text(), "A" if family == 4 else "AAAA"),
+                         "A" if family == 4 else "AAAA").address
+    srv = _first(_secure(lab, qname, "A" if family == 4 else "AAAA"),
+                 "A" if family == 4 else "AAAA").address
+    plen = 32 if family == 4 else 128
+    a = lab.addr("alice", family)
+    ping_cmd = ["ping", "-6"] if family == 6 else ["ping"]
+    with lab.tunnel("alice", f"smoke-{owner}{family}", gw_addr, gw_id, spki,
+                    remote_ts=[f"{srv}/{plen}"]):
+        assert _installed_children(lab, "gw") == [(gw_id, [f"{srv}/{plen}"], [f"{a}/{plen}"])]
+        with Capture(lab.switch_ns, "v-gw", ["host", a]) as wire, \
+                Capture(lab.ns("srv"), "eth0", ["icmp", "or", "icmp6"]) as behind:
+            ping = lab.exec("alice", [*ping_cmd, "-c", "2", "-i", "0.2", "-W", "1", srv],
+                            check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        assert len(wire.esp(a, gw_addr)) >= 2, "\n".join(wire.lines)
+        assert len(wire.esp(gw_addr, a)) >= 2, "\n".join(wire.lines)
+        assert wire.cleartext_icmp() == [], "cleartext ICMP:\n" + "\n".join(wire.lines)
+        assert len(behind.matching(f"{a} > {srv}:", "echo request")) >= 2, behind.lines
+        assert len(behind.matching(f"{srv} > {a}:", "echo reply")) >= 2, behind.lines
+
+
+def test_multi_name_is_bobs_identity_too(lab: Lab) -> None:
+    """multi.example.test (bob's address; bob's key at precedence 10 of three): a tunnel keyed
+    from its IPSECKEY with remote id multi.example.test reaches bob; a broken-zone name that
+    also carries bob's key is not an identity bob answers to (such a key must not work)."""
+    answer = _secure(lab, "multi.example.test", "IPSECKEY")
+    spki = key_from_answer(answer, "multi.example.test")
+    assert spki == lab.public_key_pem("bob")
+    b = _first(_secure(lab, "multi.example.test", "A"), "A").address
+    assert b == lab.addr("bob")
+    a = lab.addr("alice")
+    with lab.tunnel("alice", "smoke-multi", b, "multi.example.test", spki):
+        assert ("multi.example.test", [f"{b}/32"], [f"{a}/32"]) in _installed_children(lab, "bob")
+        with Capture(lab.switch_ns, "v-bob", ["host", a, "and", "host", b]) as cap:
+            ping = lab.exec("alice", ["ping", "-c", "2", "-i", "0.2", "-W", "1", b], check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        assert len(cap.esp(a, b)) >= 2 and len(cap.esp(b, a)) >= 2, "\n".join(cap.lines)
+        assert cap.cleartext_icmp() == [], "\n".join(cap.lines)
+    with pytest.raises(LabError, match="smoke-unsigned"):
+        with lab.tunnel("alice", "smoke-unsigned", b, "host.unsigned.test", spki):
+            pass
 
 
 def _tunnel_ping(lab: Lab, peer: str, peer_addr: str, name: str, *, family: int = 4,
