@@ -140,9 +140,9 @@ class EndpointManager:
                 when = "" if ep.next_refresh is None else \
                     f"; retrying in {max(0, round(ep.next_refresh - now))} s"
                 raise EndpointError(ep.code, f"{'added' if new else 'kept'} "
-                                             f"{name.to_text(omit_final_dot=True)}, but "
+                                             f"{display_name(name)}, but "
                                              f"{ep.error}{when} (`autosp remove` to give up)")
-            return view(ep, self.tunnels.tunnels())
+            return self._view(ep)
 
     async def remove(self, name: dns.name.Name, now: float) -> dict[str, Any]:
         """`autosp remove`: forget the endpoint and release its tunnels."""
@@ -159,8 +159,7 @@ class EndpointManager:
 
     def list(self, now: float) -> dict[str, Any]:
         """`autosp list`: every endpoint's ENDPOINT dict, sorted by name."""
-        installed = self.tunnels.tunnels()
-        return {"endpoints": [view(ep, installed) for _, ep in sorted(self.endpoints.items())]}
+        return {"endpoints": [self._view(ep) for _, ep in sorted(self.endpoints.items())]}
 
     def status(self, name: dns.name.Name, now: float) -> dict[str, Any]:
         """`autosp status NAME`."""
@@ -168,7 +167,7 @@ class EndpointManager:
         if ep is None:
             raise EndpointError("not-found", f"{display_name(name)} is not an endpoint "
                                              "(see `autosp list`)")
-        return view(ep, self.tunnels.tunnels())
+        return self._view(ep)
 
     async def refresh(self, name: dns.name.Name | None, now: float) -> dict[str, Any]:
         """`autosp refresh [NAME]`: re-resolve now (one or all) and follow the changes.
@@ -190,8 +189,7 @@ class EndpointManager:
             if name is None:
                 text = f"{len(failed)} of {len(eps)} endpoints failed: {text}"
             raise EndpointError(failed[0].code or "tunnel-failed", text)
-        installed = self.tunnels.tunnels()
-        return {"endpoints": [view(ep, installed) for ep in eps]}
+        return {"endpoints": [self._view(ep) for ep in eps]}
 
     # -- start-up and timers ----------------------------------------------------------------
 
@@ -246,6 +244,10 @@ class EndpointManager:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _view(self, ep: Endpoint) -> dict[str, Any]:
+        policy_group = self._group(ep) if ep.group is None else None
+        return view(ep, self.tunnels.tunnels(), policy_group)
+
     def _lock(self, name: dns.name.Name) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
@@ -283,8 +285,8 @@ class EndpointManager:
         gw_addrs = await self._gateway_addresses(choose_key(ep.key, obs.keys), now)
         plan = plan_tunnels(ep.key, ep.tunnels, obs, gw_addrs)
         if ep.key is not None and plan.key is not ep.key:
-            log.info("endpoint %s: key %s no longer published, moving to %s", display_name(ep.name),
-                     ep.key.fingerprint(), plan.key.fingerprint())
+            log.info("endpoint %s: key %s no longer published, moving to %s",
+                     display_name(ep.name), ep.key.fingerprint(), plan.key.fingerprint())
         for dest in [d for d in ep.failures if d not in obs.addresses and d not in ep.tunnels]:
             del ep.failures[dest]  # an address that is gone takes its old failure with it
         ep.addresses, ep.published, ep.security = obs.addresses, len(obs.keys), obs.security
@@ -295,22 +297,26 @@ class EndpointManager:
             ep.key = plan.key
         for dest, why in plan.impossible:
             ep.failures[dest] = why
-        if ok and not plan.impossible:
+        if ok and not plan.impossible:  # Rule 2: break only after every make succeeded
             await self._release(list(plan.down), now)
             for spec in plan.down:
                 ep.tunnels.pop(spec.destination, None)
                 ep.failures.pop(spec.destination, None)
+        self._schedule(ep, obs.ttl, now)
+        return None
+
+    def _schedule(self, ep: Endpoint, ttl: int, now: float) -> None:
+        """After a refresh that resolved: the error (if a tunnel is missing) and the timers."""
         errors = [why if str(d) in why else f"{d}: {why}"
                   for d, why in sorted(ep.failures.items(), key=str)]
         if errors:
             code = ep.code if ep.code in ("ike-unreachable", "tunnel-failed") else "tunnel-failed"
             self._failed(ep, code, "tunnel not up: " + "; ".join(errors), now)
-            ep.next_refresh = min(next_refresh(now, obs.ttl), ep.next_refresh or now)
+            ep.next_refresh = min(next_refresh(now, ttl), ep.next_refresh or now)
         else:
             ep.error, ep.code, ep.attempts = "", "", 0
-            ep.next_refresh = next_refresh(now, obs.ttl)
+            ep.next_refresh = next_refresh(now, ttl)
         ep.keepalive_at = now + self.keepalive
-        return None
 
     def _failed(self, ep: Endpoint, code: str, reason: str, now: float) -> None:
         ep.attempts += 1
@@ -332,6 +338,8 @@ class EndpointManager:
             if isinstance(res, ProvisioningError):
                 ok = False
                 ep.failures[dest] = str(res)
+                if dest not in ep.tunnels:
+                    self.tunnels.pin(dest, False)  # nothing of ours there: no pin to leak
                 ep.code = failure_code(res)
                 log.warning("endpoint %s: tunnel to %s: %s", display_name(ep.name), dest, res)
             elif isinstance(res, BaseException):

@@ -302,25 +302,19 @@ def health(ep: Endpoint, installed: Mapping[Address, TunnelSpec]) -> Health:
     return Health.FAILED if ep.error or ep.failures else Health.DOWN
 
 
-def view(ep: Endpoint, installed: Mapping[Address, TunnelSpec]) -> dict[str, Any]:
+def view(ep: Endpoint, installed: Mapping[Address, TunnelSpec],
+         policy_group: Group | None = None) -> dict[str, Any]:
     """The ENDPOINT dict of the control protocol (autosp/control.py), plus details.
 
-    The protocol's fields come first: name, addresses, algorithm, fingerprint, security,
-    tunnel, next_refresh, error. The rest is for `autosp status` (printed as "key: value").
+    The protocol's fields come first, always present (null when unknown): name, addresses,
+    algorithm, fingerprint, security, tunnel, next_refresh, error. The details after them are
+    for `autosp status` (printed as "key: value") and left out when they say nothing.
+
+    Args:
+        policy_group: the group the policy gives the endpoint (shown when `add` gave none).
     """
     key = ep.key
-    tunnels = []
-    for dest, spec in sorted(ep.tunnels.items(), key=lambda ds: (ds[0].version, ds[0])):
-        state = "up" if installed.get(dest) == spec else "down"
-        if dest in ep.failures:
-            state = f"failed: {ep.failures[dest]}"
-        old = "" if dest in ep.addresses else " (old address, released when the new is up)"
-        if key is not None and not same_key(spec.key, key):
-            old += f" (key {spec.key.fingerprint()})"
-        tunnels.append(f"{dest} via {spec.remote_addr} {spec.name} {state}{old}")
-    tunnels += [f"{d} failed: {why}" for d, why in sorted(ep.failures.items(), key=str)
-                if d not in ep.tunnels]
-    return {
+    out: dict[str, Any] = {
         "name": ep.name.to_text(),
         "addresses": [str(a) for a in ep.addresses],
         "algorithm": key.key_type() if key is not None else None,
@@ -329,15 +323,36 @@ def view(ep: Endpoint, installed: Mapping[Address, TunnelSpec]) -> dict[str, Any
         "tunnel": health(ep, installed).value,
         "next_refresh": ep.next_refresh,
         "error": ep.error,
-        "code": ep.code or None,
-        "group": ep.group.value if ep.group is not None else "(from policy)",
-        "gateway": str(key.gateway) if key is not None and key.gateway is not NO_GATEWAY
-        else None,
-        "keys_published": ep.published,
-        "tunnels": ", ".join(tunnels) or "-",
-        "last_refresh": ep.last_refresh,
-        "added": ep.added_at,
     }
+    if ep.code:
+        out["code"] = ep.code
+    if ep.group is not None:
+        out["group"] = ep.group.value
+    elif policy_group is not None:
+        out["group"] = f"{policy_group.value} (from the policy)"
+    if key is not None and key.gateway is not NO_GATEWAY:
+        out["gateway"] = str(key.gateway)
+    out["keys_published"] = ep.published
+    out["tunnels"] = ", ".join(_tunnel_lines(ep, installed)) or "-"
+    out["last_refresh"] = ep.last_refresh
+    out["added"] = ep.added_at
+    return out
+
+
+def _tunnel_lines(ep: Endpoint, installed: Mapping[Address, TunnelSpec]) -> list[str]:
+    """One phrase per tunnel we hold (and per destination that failed), for `status`."""
+    lines = []
+    for dest, spec in sorted(ep.tunnels.items(), key=lambda ds: (ds[0].version, ds[0])):
+        state = "up" if installed.get(dest) == spec else "down"
+        if dest in ep.failures:
+            state = f"failed: {ep.failures[dest]}"
+        note = "" if dest in ep.addresses else " (old address, released when the new is up)"
+        if ep.key is not None and not same_key(spec.key, ep.key):
+            note += f" (key {spec.key.fingerprint()})"
+        lines.append(f"{dest} via {spec.remote_addr} {spec.name} {state}{note}")
+    lines += [f"{d} failed: {why}" for d, why in sorted(ep.failures.items(), key=str)
+              if d not in ep.tunnels]
+    return lines
 
 
 # --- state file (Rule 6) -------------------------------------------------------------------

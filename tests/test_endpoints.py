@@ -352,12 +352,13 @@ async def test_add_with_tunnel_failure_keeps_endpoint_and_retries() -> None:
     assert "retrying in 5 s" in str(e.value) and "no CHILD_SA" in str(e.value)
     st = m.status(BOB, WHEN)
     assert st["tunnel"] == "partial" and "2001:db8:100::11" in st["error"]
+    assert t.pinned == {BOB4}  # a failed destination is not left pinned
     assert st["next_refresh"] == WHEN + 5.0
     assert m.next_deadline() == WHEN + 5.0
     del t.fail[BOB6]
     await m.tick(WHEN + 5.0)
     st = m.status(BOB, WHEN + 5.0)
-    assert st["tunnel"] == "up" and st["error"] == "" and st["code"] is None
+    assert st["tunnel"] == "up" and st["error"] == "" and "code" not in st
 
 
 @aio
@@ -512,6 +513,19 @@ async def test_private_group_asks_for_shunts() -> None:
     await m.add(BOB, "private", WHEN)
     assert t.shunts and all(t.shunts)
     assert m.status(BOB, WHEN)["group"] == "private"
+
+
+@aio
+async def test_group_from_policy() -> None:
+    from resolver.policy import Policy, PolicyConfig
+
+    cfg = PolicyConfig(suffixes=((dns.name.from_text("example.test."), Group.PRIVATE),))
+    m, _zone, t = manager(policy=Policy(cfg))
+    result = await m.add(BOB, None, WHEN)
+    assert result["group"] == "private (from the policy)"
+    assert t.shunts and all(t.shunts)  # private by policy: drop while negotiating/failed
+    m2, _zone2, t2 = manager()
+    assert "group" not in await m2.add(BOB, None, WHEN) and not any(t2.shunts)
 
 
 @aio

@@ -13,10 +13,8 @@ restart of alice's resolver, `autosp list` shows the same endpoint and its tunne
 bob.example.test is a lab host that other integration tests use too: everything changed here is
 put back in `finally` (bob's address, his records with the lab key and TTL, his charon).
 
-Until resolver/cli.py wires provisioning and the control socket (the lead's part; see
-/tmp/team/requests.md), the resolver is started through `_serve` at the bottom of this file,
-which builds the daemon from the same parts in the same order; once cli.py calls
-`start_control`, the test runs the real `python -m resolver --config FILE`.
+The resolver is the real daemon, `python -m resolver --config FILE`, started in alice's
+namespace with `lab.popen` (so `kill -9` hits the daemon itself).
 Run with LAB_ID=k (a private lab instance) when others use the default one.
 """
 
@@ -45,7 +43,6 @@ PRIMARY = HOSTS[ZONES["example.test."].server].v4
 NAME = "bob.example.test"
 BOB_MOVED = "198.51.100.111"
 LAB_TTL = 60  # lab/topology.py DEFAULT_TTL: what bob's records are put back with
-USE_CLI = "start_control" in (REPO / "resolver" / "cli.py").read_text()
 
 
 def _env() -> list[str]:
@@ -77,7 +74,7 @@ def status(lab: Any, control: Path) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
 
 
-def fingerprint(lab: Any, pem: Path) -> str:
+def fingerprint(pem: Path) -> str:
     from cryptography.hazmat.primitives import serialization
 
     from resolver.ipseckey import fingerprint as fp
@@ -155,8 +152,7 @@ state_file = "{self.dir / 'endpoints.json'}"
 """)
 
     def start(self) -> None:
-        argv = ([sys.executable, "-m", "resolver", "--config", str(self.config)] if USE_CLI
-                else [sys.executable, str(Path(__file__).resolve()), "--serve", str(self.config)])
+        argv = [sys.executable, "-m", "resolver", "--config", str(self.config)]
         logf = open(self.log, "ab")  # handed to the child, closed below
         try:
             self.proc = self.lab.popen("alice", [*_env(), *argv], stdout=logf, stderr=logf,
@@ -275,7 +271,7 @@ def _switch_bob_charon(lab: Any, pem: Path) -> None:
 def test_pinned_endpoint_follows_move_rollover_and_restart(
         lab: Any, resolver: AliceResolver, bob_restored: None, tmp_path: Path) -> None:
     bob4, bob6 = lab.addr("bob"), lab.addr("bob", 6)
-    old_fp = fingerprint(lab, lab.private_key("bob"))
+    old_fp = fingerprint(lab.private_key("bob"))
 
     # 1. bob publishes his address and key (short TTL: a travelling host's records change).
     publish(lab, "--key", str(lab.private_key("bob")), "--ttl", "5")
@@ -312,7 +308,7 @@ def test_pinned_endpoint_follows_move_rollover_and_restart(
     new_pem = tmp_path / "bob-new.pem"
     k = autosp(lab, "bob", "keygen", "--out", str(new_pem), "--name", f"{NAME}.")
     assert k.returncode == 0, k.stderr
-    new_fp = fingerprint(lab, new_pem)
+    new_fp = fingerprint(new_pem)
     #    Phase 1: both keys published. alice keeps the key in use (bob still signs with it).
     publish(lab, "--key", str(new_pem), "--ttl", "5", "--no-wait", "--no-check")
     lab.flush()
@@ -382,75 +378,3 @@ def test_add_refuses_names_without_a_secure_key(lab: Any, resolver: AliceResolve
     assert r.returncode == 2 and "private or private-or-clear" in r.stderr, r.stderr
     listing = resolver.autosp("list")
     assert listing.returncode == 0 and len(listing.stdout.splitlines()) == 1, listing.stdout
-
-
-# --- stand-in daemon (until resolver/cli.py wires provisioning and control) -----------------
-
-
-def _serve(config_path: str) -> int:
-    """The daemon from its parts, in the order cli.serve will use (see requests.md)."""
-    import asyncio
-    import logging
-
-    from resolver import config as configuration
-    from resolver.cache import WireCache
-    from resolver.capture import CaptureHandler
-    from resolver.cli import build_anchors, build_limits
-    from resolver.control import start_control
-    from resolver.policy import Policy, PolicyConfig
-    from resolver.provision import CompositeBackend, Identity, ProvisionConfig, Provisioner
-    from resolver.provision_vici import ViciBackend
-    from resolver.resolve import Fetch, PlainHandler, Resolution, Validating
-    from resolver.server import Server
-    from resolver.upstream import Forwarder
-    from resolver.validate import Validator
-
-    logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = configuration.load(Path(config_path))
-    src = config_path
-
-    async def main() -> None:
-        anchors, limits = build_anchors(cfg), build_limits(cfg)
-
-        def make_validator(fetch: Fetch) -> Validating:
-            return Validator(anchors, fetch, limits)
-
-        forwarder = Forwarder(cfg.upstream.servers, timeout=cfg.upstream.timeout,
-                              attempts=cfg.upstream.attempts,
-                              tcp_timeout=cfg.upstream.tcp_timeout,
-                              payload=cfg.server.edns_payload)
-        resolution = Resolution(forwarder, make_validator, cache=cfg.cache,
-                                max_upstream_queries=cfg.limits.max_upstream_queries)
-        pcfg = ProvisionConfig.from_section(cfg.sections.get("provision", {}), src)
-        ident = Identity.from_section(cfg.sections["identity"], src)
-        provisioner = Provisioner(CompositeBackend(ViciBackend(pcfg.vici_socket, ident), None),
-                                  pcfg)
-        policy = Policy(PolicyConfig.from_section(cfg.sections.get("policy", {}), src),
-                        ident.addresses)
-        await provisioner.reconcile(time.time())
-        plain = PlainHandler(resolution, max_ttl=cfg.cache.max_ttl,
-                             payload=cfg.server.edns_payload)
-        handler = CaptureHandler(plain, resolution, policy, provisioner,
-                                 payload=cfg.server.edns_payload)
-        control = await start_control(cfg, resolution, provisioner, clock=time.time,
-                                      policy=policy)
-        server = Server(handler, cfg.server, cache=WireCache(cfg.cache.max_entries))
-        await server.start(cfg.server.listen)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            if control is not None:
-                await control.close()
-            await server.stop()
-
-    asyncio.run(main())
-    return 0
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
-    sys.exit(_serve(sys.argv[2]))
