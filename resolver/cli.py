@@ -25,7 +25,7 @@ from resolver.anchors import TrustAnchors
 from resolver.cache import WireCache
 from resolver.capture import CaptureHandler, QueryHandler
 from resolver.config import Config
-from resolver.control import ControlService, start_control
+from resolver.control import ControlConfig, ControlService, start_control
 from resolver.errors import ConfigError
 from resolver.policy import Policy, PolicyConfig
 from resolver.provision import Identity, ProvisionConfig, Provisioner, make_backend
@@ -131,6 +131,26 @@ def build_anchors(cfg: Config) -> TrustAnchors:
     return anchors.with_negative(cfg.dnssec.negative_trust_anchors)
 
 
+def check_sections(cfg: Config) -> None:
+    """Parse the tables other modules own, so `--check-config` catches their errors too.
+
+    Nothing is connected to or loaded: the private key is not read here (the daemon reads it at
+    start-up, refusing one that others can read).
+
+    Raises:
+        ConfigError: the first bad key, named with its table.
+    """
+    source = str(cfg.path) if cfg.path is not None else "config"
+    PolicyConfig.from_section(cfg.sections.get("policy", {}), source)
+    ProvisionConfig.from_section(cfg.sections.get("provision", {}), source)
+    if "identity" in cfg.sections:
+        Identity.from_section(cfg.sections["identity"], source)
+    ControlConfig.from_section(cfg.sections.get("control", {}), source)
+    if "policy" in cfg.sections and "identity" not in cfg.sections:
+        raise ConfigError(f"{source}: [policy] needs [identity] (and [provision]): without a "
+                          "provisioning backend no destination can be made private")
+
+
 def build_limits(cfg: Config) -> Limits:
     """The validator's Limits from [limits] (same names) and [cache] bogus_ttl."""
     names = {f.name for f in dataclasses.fields(Limits)}
@@ -201,6 +221,7 @@ async def serve(cfg: Config) -> int:
     provisioner: Provisioner | None = None
     control: ControlService | None = None
     tasks: list[asyncio.Task[None]] = []
+    check_sections(cfg)
     if cfg.sections.get("provision") is not None or "identity" in cfg.sections:
         pcfg = ProvisionConfig.from_section(cfg.sections.get("provision", {}), source)
         ident = (Identity.from_section(cfg.sections["identity"], source)
@@ -218,9 +239,6 @@ async def serve(cfg: Config) -> int:
                                       policy=policy)
         log.info("capture on: policy default %s, backend %s, shunts %s",
                  policy.config.default.value, pcfg.backend, pcfg.shunts)
-    elif "policy" in cfg.sections:
-        raise ConfigError(f"{source}: [policy] needs [provision] and [identity]: without a "
-                          "provisioning backend no destination can be made private")
 
     server = Server(handler, cfg.server, cache=WireCache(cfg.cache.max_entries))
     await server.start(cfg.server.listen)
@@ -255,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         try:
             build_anchors(cfg)
+            check_sections(cfg)
         except ConfigError as e:
             print(f"ipseckey-resolver: {e}", file=sys.stderr)
             return 2
