@@ -344,9 +344,19 @@ class Provisioner:
         raise TunnelRejected(f"tunnel to {dest}: setup kept changing under us")
 
     async def shunt(self, destinations: tuple[Address, ...] | list[Address], now: float) -> None:
-        """Install (or extend) drop shunts for `destinations` (private without a key, block)."""
+        """Install (or extend) drop shunts for `destinations` (private without a key, block).
+
+        A destination with an INSTALLED tunnel is skipped: its traffic already goes only
+        through an authenticated SA, and our BLOCK policy outranks charon's IPsec policies, so
+        a shunt would cut that tunnel. (Found by tests/integration/test_issue4_daemon.py: a
+        refused lookup of *another* name with the same address, e.g. host.unsigned.test -> bob's
+        address, blackholed the working tunnel to bob.)
+        """
         changed = False
         for dest in destinations:
+            t = self._b.tunnels.get(dest)
+            if t is not None and t.state is TunnelState.INSTALLED:
+                continue
             if dest not in self._b.shunts:
                 await self.backend.apply(InstallShunt(dest))
                 changed = True
