@@ -24,7 +24,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from lab.resolverd import ResolverDaemon
 from lab.topology import HOSTS, ZONES
 
 pytestmark = pytest.mark.integration
@@ -113,82 +113,17 @@ def alice_conns(lab: Any) -> dict[str, str]:
 # --- the resolver in alice ------------------------------------------------------------------
 
 
-class AliceResolver:
-    """ipseckey-resolver inside alice; control socket and state under the lab's run dir."""
+class AliceResolver(ResolverDaemon):
+    """ipseckey-resolver inside alice (lab.resolverd); control socket and state in the run dir.
+
+    Port 5300 and no XFRM shunts, so the test's own pings and captures see only what the
+    tunnels do; debug logs so a failure message shows the daemon's reasoning.
+    """
 
     def __init__(self, lab: Any) -> None:
-        self.lab = lab
-        self.dir = lab.run_dir / "alice-resolver"
-        shutil.rmtree(self.dir, ignore_errors=True)  # each test starts with no state
-        self.dir.mkdir(mode=0o700, parents=True)
-        self.control = self.dir / "control.sock"
-        self.config = self.dir / "resolver.toml"
-        self.log = self.dir / "resolver.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.config.write_text(f"""
-[server]
-listen = ["127.0.0.1:5300"]
-[upstream]
-servers = ["{lab.unbound_addr}"]
-[dnssec]
-builtin_root_anchors = false
-trust_anchor_files = ["{lab.root_anchor_file}"]
-[log]
-level = "debug"
-[policy]
-default = "private-or-clear"
-[provision]
-backend = "vici"
-vici_socket = "{lab.vici_socket('alice')}"
-shunts = "none"
-state_file = "{self.dir / 'provision.json'}"
-[identity]
-fqdn = "alice.example.test"
-private_key = "{lab.private_key('alice')}"
-addresses = ["{lab.addr('alice')}", "{lab.addr('alice', 6)}"]
-[control]
-socket = "{self.control}"
-state_file = "{self.dir / 'endpoints.json'}"
-""")
-
-    def start(self) -> None:
-        argv = [sys.executable, "-m", "resolver", "--config", str(self.config)]
-        logf = open(self.log, "ab")  # handed to the child, closed below
-        try:
-            self.proc = self.lab.popen("alice", [*_env(), *argv], stdout=logf, stderr=logf,
-                                       stdin=subprocess.DEVNULL)
-        finally:
-            logf.close()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"resolver exited {self.proc.returncode}:\n{self.tail()}")
-            r = autosp(self.lab, "alice", "list", control=self.control, timeout=10)
-            if r.returncode == 0:
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"control socket never answered:\n{self.tail()}")
-
-    def kill9(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-        self.proc = None
-
-    def tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
+        shutil.rmtree(lab.run_dir / "alice-resolver", ignore_errors=True)  # no state carried over
+        super().__init__(lab, "alice", port=5300, sections={
+            "log": {"level": "debug"}, "provision": {"shunts": "none"}})
 
     def autosp(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return autosp(self.lab, "alice", *args, control=self.control, timeout=timeout)
