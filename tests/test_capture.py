@@ -8,10 +8,7 @@ groups which ignore keys never wait for the IPSECKEY lookup.
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Callable, Coroutine
 from ipaddress import IPv4Address
-from typing import Any
 
 import dns.edns
 import dns.flags
@@ -38,18 +35,13 @@ from resolver.provision import (
     TunnelTimeout,
 )
 from resolver.validate import Security, ValidatedAnswer, Verdict
+from tests.asyncutil import aio
 
 WHEN = 1_800_000_000.0
 A, AAAA, IPSECKEY = dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.IPSECKEY
 SECURE = Verdict(Security.SECURE)
 
 
-def aio(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(fn(*args, **kwargs))
-
-    return run
 
 
 def n(text: str) -> dns.name.Name:

@@ -10,14 +10,12 @@ server, a stale socket is replaced but a live one or a regular file is not.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
 import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +35,7 @@ from resolver.control import (
 )
 from resolver.endpoints import EndpointError
 from resolver.errors import ConfigError
-
-
-def aio(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(fn(*args, **kwargs))
-
-    return run
-
+from tests.asyncutil import aio
 
 WHEN = 1_800_000_000.0
 BOB = dns.name.from_text("bob.example.test.")

@@ -17,11 +17,9 @@ Scenarios, one behaviour each (the Rules of the module docstring):
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
 import stat
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
@@ -69,17 +67,7 @@ from resolver.provision import (
     tunnel_spec,
 )
 from resolver.validate import Security, Verdict
-
-
-def aio(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-    """Run an async test on a fresh event loop (the project has no pytest-asyncio)."""
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(fn(*args, **kwargs))
-
-    return run
-
+from tests.asyncutil import aio
 
 WHEN = 1_800_000_000.0
 BOB = dns.name.from_text("bob.example.test.")

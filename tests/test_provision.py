@@ -4,13 +4,10 @@ replacement, shunts, the state file and reconcile."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import re
-from collections.abc import Callable, Coroutine
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import Any
 
 import dns.name
 import pytest
@@ -39,17 +36,7 @@ from resolver.provision import (
     tunnel_spec,
 )
 from resolver.provision_dryrun import DryRunBackend
-
-
-def aio(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-    """Run an async test on a fresh event loop (the project has no pytest-asyncio)."""
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(fn(*args, **kwargs))
-
-    return run
-
+from tests.asyncutil import aio
 
 WHEN = 1_800_000_000.0  # pinned clock (POSIX seconds)
 BOB_NAME = dns.name.from_text("bob.example.test.")
