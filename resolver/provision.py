@@ -14,9 +14,19 @@ drop shunt (`policy.Refuse.drop`); the `Provisioner` here turns that into intent
   Rule 4: a destination whose published key (or gateway) changed gets its tunnel replaced:
           RemoveTunnel(old) then InstallTunnel(new), inside the same in-flight slot.
   Rule 5: the wanted state (tunnels and shunts with their lease ends, in POSIX seconds) is written
-          atomically after each change (tmp + fsync + rename + fsync dir). `reconcile(now)` at
-          start-up re-applies what is still wanted and removes our strays, so `kill -9` and a
-          restart converge.
+          atomically (tmp + fsync + rename + fsync dir). `reconcile(now)` at start-up re-applies
+          what is still wanted and removes our strays, so `kill -9` and a restart converge.
+          Writes are group commits on a thread of their own (`_persist`): a change marks the
+          books dirty; one write at a time takes a snapshot of everything changed so far, so
+          200 concurrent setups cost a handful of writes, not 200 (each serializing all
+          tunnels: measured 50% of the event loop's time in the 200-peer benchmark).
+          "Nothing lost on a crash" means: no answer leaves before the state it depends on is
+          on disk. A tunnel is only reported up (and so answered) once a write that includes it
+          has completed; a refusal's drop shunt likewise. A negotiating shunt is not waited
+          for: if we crash before it is written, reconcile removes it as a stray, and no
+          answer was given for it. Lease extensions and pins are written soon, not waited for:
+          a restart then restores a slightly older lease (pins are restored by the control
+          socket from its own state file).
 
 Time: every entry point takes `now` (POSIX seconds, the same clock as RRSIG validity) because
 leases must survive a restart in the state file. Real waiting (the setup timeout) uses asyncio.
@@ -37,6 +47,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -287,6 +298,10 @@ class Provisioner:
         self.config = config or ProvisionConfig()
         self.counters = Counters()
         self._b = _Books()
+        self._changes = 0  # change counter; `_saved` is the last one known to be on disk
+        self._saved = 0
+        self._writer: asyncio.Task[None] | None = None
+        self._io: ThreadPoolExecutor | None = None  # the state file's own thread
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -352,6 +367,12 @@ class Provisioner:
         refused lookup of *another* name with the same address, e.g. host.unsigned.test -> bob's
         address, blackholed the working tunnel to bob.)
         """
+        if await self._install_shunts(destinations, now):
+            await self._persist()
+
+    async def _install_shunts(self, destinations: tuple[Address, ...] | list[Address],
+                              now: float) -> bool:
+        """`shunt` without waiting for the state file; True if a shunt was added."""
         changed = False
         for dest in destinations:
             t = self._b.tunnels.get(dest)
@@ -364,6 +385,7 @@ class Provisioner:
         self._count()
         if changed:
             self._save()
+        return changed
 
     async def expire(self, now: float) -> float | None:
         """Tear down tunnels and shunts whose lease + grace has passed.
@@ -371,20 +393,24 @@ class Provisioner:
         Returns the next time `expire` has work to do, or None.
         """
         grace = self.config.grace
+        changed = self._saved < self._changes
         for dest, t in list(self._b.tunnels.items()):
             if (t.expires_at + grace <= now and dest not in self._b.inflight
                     and dest not in self._b.pinned):
                 log.info("lease of tunnel %s to %s ended: tearing down", t.spec.name, dest)
+                changed = True
                 del self._b.tunnels[dest]
                 self.counters.teardowns += 1
                 await self._quietly(RemoveTunnel(t.spec.name))
         for dest, until in list(self._b.shunts.items()):
             if until + grace <= now:
+                changed = True
                 del self._b.shunts[dest]
                 await self._quietly(RemoveShunt(dest))
         self._b.failed = {d: f for d, f in self._b.failed.items() if f.until > now}
         self._count()
-        self._save()
+        if changed:
+            await self._persist()
         ends = [t.expires_at + grace for d, t in self._b.tunnels.items()
                 if d not in self._b.pinned]
         ends += [u + grace for u in self._b.shunts.values()]
@@ -415,7 +441,7 @@ class Provisioner:
             self.counters.teardowns += 1
             await self._quietly(RemoveTunnel(t.spec.name))
         self._count()
-        self._save()
+        await self._persist()
 
     async def reconcile(self, now: float) -> None:
         """At start-up: restore the wanted state from the state file, remove our strays."""
@@ -442,13 +468,19 @@ class Provisioner:
             t = self._b.tunnels[spec.destination]
             t.expires_at = t.saved_expires_at = until  # the lease it had, not a fresh one
         self._count()
-        self._save()
+        await self._persist()
 
     async def close(self) -> None:
         """Wait for in-flight setups (used by tests and shutdown; tunnels stay up)."""
         tasks = [task for _, task in self._b.inflight.values()]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self._saved < self._changes:  # lease extensions and pins not yet on disk
+            with contextlib.suppress(OSError):
+                await self._persist()
+        if self._io is not None:
+            self._io.shutdown(wait=False)
+            self._io = None
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -471,7 +503,7 @@ class Provisioner:
             # (so no negotiating shunt either: it would block the working tunnel).
             log.info("key or gateway of %s changed: replacing tunnel %s", dest, old.spec.name)
         elif shunt and dest not in self._b.shunts:
-            await self.shunt([dest], now)
+            await self._install_shunts([dest], now)  # not waited for on disk: see Rule 5
         same_name = old is not None and old.spec.name == spec.name
         if old is None:
             self._b.tunnels[dest] = _Tunnel(spec, TunnelState.PENDING, now + cfg.lease)
@@ -496,7 +528,7 @@ class Provisioner:
             await self._quietly(RemoveShunt(dest))
         self._b.failed.pop(dest, None)
         self._count()
-        self._save()
+        await self._persist()  # on disk before anyone is told the tunnel is up
         return expires
 
     async def _replacement_failed(self, old: _Tunnel, spec: TunnelSpec, now: float,
@@ -525,7 +557,7 @@ class Provisioner:
         if self.config.failure_hold > 0:
             self._b.failed[dest] = _Failure(now + self.config.failure_hold, error)
         self._count()
-        self._save()
+        await self._persist()
         raise error
 
     async def _quietly(self, intent: Intent) -> None:
@@ -543,19 +575,71 @@ class Provisioner:
     # -- state file --------------------------------------------------------------------------
 
     def _save(self) -> None:
+        """The books changed: have them written soon (by the writer task), without waiting."""
+        if self.config.state_file is None:
+            return
+        self._changes += 1
+        if self._writer is None or self._writer.done():
+            try:
+                self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+            except RuntimeError:  # no event loop (a synchronous caller): write here
+                self._write_now()
+                return
+            self._writer.add_done_callback(_retrieve)
+
+    async def _persist(self) -> None:
+        """Mark the books changed and return once a write that includes the change is done.
+
+        Raises:
+            OSError: the state file cannot be written (a bug-class failure: the answer
+                becomes SERVFAIL rather than an answer a restart would forget).
+        """
+        if self.config.state_file is None:
+            return
+        self._save()
+        wanted = self._changes
+        while self._saved < wanted:
+            writer = self._writer
+            if writer is None or writer.done():  # the last writer failed: start another
+                self._writer = writer = asyncio.create_task(self._write_loop())
+                writer.add_done_callback(_retrieve)
+            await asyncio.shield(writer)
+
+    async def _write_loop(self) -> None:
+        """Write snapshots until everything changed so far is on disk (one write at a time)."""
+        path = self.config.state_file
+        assert path is not None
+        if self._io is None:
+            self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
+        loop = asyncio.get_running_loop()
+        while self._saved < self._changes:
+            upto = self._changes
+            tunnels, snapshot = self._snapshot()
+            await loop.run_in_executor(self._io, _write_state, path, snapshot)
+            self._saved = max(self._saved, upto)
+            for t, expires_at in tunnels:
+                t.saved_expires_at = expires_at
+
+    def _write_now(self) -> None:
         path = self.config.state_file
         if path is None:
             return
-        tunnels = [t for t in self._b.tunnels.values() if t.state is TunnelState.INSTALLED]
-        doc = {
-            "version": 1,
-            "tunnels": [_spec_to_json(t.spec, t.expires_at)
-                        | {"pinned": t.spec.destination in self._b.pinned} for t in tunnels],
-            "shunts": [{"destination": str(d), "expires_at": u} for d, u in self._b.shunts.items()],
-        }
-        write_atomically(path, json.dumps(doc, indent=1, sort_keys=True).encode())
-        for t in tunnels:
-            t.saved_expires_at = t.expires_at
+        upto = self._changes
+        tunnels, snapshot = self._snapshot()
+        _write_state(path, snapshot)
+        self._saved = max(self._saved, upto)
+        for t, expires_at in tunnels:
+            t.saved_expires_at = expires_at
+
+    def _snapshot(self) -> tuple[list[tuple[_Tunnel, float]], _Snapshot]:
+        """The wanted state as immutable values (cheap, on the loop); serialized elsewhere."""
+        tunnels = [(t, t.expires_at) for t in self._b.tunnels.values()
+                   if t.state is TunnelState.INSTALLED]
+        snap = _Snapshot(
+            tunnels=tuple((t.spec, exp, t.spec.destination in self._b.pinned)
+                          for t, exp in tunnels),
+            shunts=tuple(self._b.shunts.items()))
+        return tunnels, snap
 
     def _load(self, now: float) -> tuple[list[tuple[TunnelSpec, float]], dict[Address, float]]:
         path = self.config.state_file
@@ -577,6 +661,30 @@ class Provisioner:
         self._b.pinned |= pinned
         tunnels = [(s, u) for s, u in tunnels if u + grace > now or s.destination in pinned]
         return tunnels, {d: u for d, u in shunts.items() if u + grace > now}
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    tunnels: tuple[tuple[TunnelSpec, float, bool], ...]  # spec, lease end, pinned
+    shunts: tuple[tuple[Address, float], ...]
+
+
+def _write_state(path: Path, snap: _Snapshot) -> None:
+    """Serialize and write a snapshot (runs on the state file's thread)."""
+    doc = {
+        "version": 1,
+        "tunnels": [_spec_to_json(spec, exp) | {"pinned": pinned}
+                    for spec, exp, pinned in snap.tunnels],
+        "shunts": [{"destination": str(d), "expires_at": u} for d, u in snap.shunts],
+    }
+    # No indent: with one, json falls back to its pure-Python encoder.
+    write_atomically(path, json.dumps(doc, sort_keys=True).encode())
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Writer tasks nobody awaited: a failure is logged here, and retried by the next change."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("state file write failed: %s", task.exception())
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -169,6 +169,7 @@ class Validator:
         answer: list[dns.rrset.RRset] = []
         authority: list[dns.rrset.RRset] = []
         current, seen, links, fetched = qname, {qname}, 0, False
+        rcode = response.rcode()
 
         def add(part: _Part) -> None:
             nonlocal verdict, ttl
@@ -181,6 +182,7 @@ class Validator:
             if final is not None:
                 add(await self._positive(final, response, now, budget))
                 _append(answer, section, final)
+                rcode = dns.rcode.NOERROR  # what was proven, whatever the upstream said
                 break
             link = self._next_link(section, current, qtype)
             if link is None:
@@ -190,6 +192,7 @@ class Validator:
                     fetched = True
                     continue
                 add(await self._negative(current, qtype, response, now, budget))
+                rcode = response.rcode()
                 break
             rrset, target, synthesized = link
             add(await self._positive(rrset, response, now, budget))
@@ -209,20 +212,20 @@ class Validator:
                 break
             seen.add(target)
             current, fetched = target, False
-        return self._finish(verdict, ttl, response, answer, authority, now, budget)
+        return self._finish(verdict, ttl, rcode, answer, authority, now, budget)
 
-    def _finish(self, verdict: Verdict, ttl: int, response: dns.message.Message,
-                answer: list[dns.rrset.RRset], authority: list[dns.rrset.RRset], now: float,
-                budget: Budget) -> ValidatedAnswer:
+    def _finish(self, verdict: Verdict, ttl: int, rcode: int, answer: list[dns.rrset.RRset],
+                authority: list[dns.rrset.RRset], now: float, budget: Budget
+                ) -> ValidatedAnswer:
         if verdict.security is Security.BOGUS:
-            return ValidatedAnswer(verdict, response.rcode(), answer, authority,
-                                   self.limits.bogus_ttl, budget.work)
+            return ValidatedAnswer(verdict, rcode, answer, authority, self.limits.bogus_ttl,
+                                   budget.work)
         if verdict.security is Security.INDETERMINATE:
-            return ValidatedAnswer(verdict, response.rcode(), answer, authority, 0, budget.work)
+            return ValidatedAnswer(verdict, rcode, answer, authority, 0, budget.work)
         if verdict.valid_until is not None:
             ttl = min(ttl, max(0, int(verdict.valid_until - now)))
         ttl = 0 if ttl == _MAX_TTL else ttl
-        return ValidatedAnswer(verdict, response.rcode(), answer, authority, ttl, budget.work)
+        return ValidatedAnswer(verdict, rcode, answer, authority, ttl, budget.work)
 
     def _next_link(self, section: Section, current: dns.name.Name, qtype: int
                    ) -> tuple[dns.rrset.RRset, dns.name.Name, dns.rrset.RRset | None] | None:
@@ -264,6 +267,11 @@ class Validator:
         if not signers:
             return await self._unsigned(rrset.name, rrset.rdtype, rrset.ttl, what, bool(sigs),
                                         now, budget)
+        owner = rrset.name.parent() if rrset.rdtype == dns.rdatatype.DS else rrset.name
+        cut = self.chain.known_cut_between(signers[0], owner, now)
+        if cut is not None:
+            return _Part(bogus(f"{what}: RRSIG signer {signers[0]} is not the zone "
+                               f"(zone cut at {cut})"), 0)
         keys = await self.chain.keys_for(signers[0], now, budget)
         if isinstance(keys, Verdict):
             return _Part(_about(what, keys), rrset.ttl)

@@ -104,6 +104,25 @@ class TrustChain:
         """The deepest secure zone holding ``name``, or INSECURE/BOGUS/INDETERMINATE."""
         return await self._walk(name, now, budget)
 
+    def known_cut_between(self, signer: dns.name.Name, owner: dns.name.Name, now: float
+                          ) -> dns.name.Name | None:
+        """A zone cut already known (cached) strictly below ``signer`` at or above ``owner``.
+
+        Used to reject data signed by an ancestor zone's key when the data's own zone is known:
+        the signer must be *the* zone of the data (RFC 4035 §5.3.1). Only cached knowledge is
+        used, so this costs no fetch; with a cold cache such data is accepted (a parent can
+        re-delegate anyway, so it gains nothing it could not do through its DS records).
+        """
+        for name in _names_between(signer, owner):
+            hit = self._cache.get((name, "ds"))
+            if hit is None or hit[1] <= now:
+                continue
+            step = hit[0]
+            if isinstance(step, ZoneKeys) or (
+                    isinstance(step, Verdict) and step.security is Security.INSECURE):
+                return name
+        return None
+
     # -- the walk --------------------------------------------------------------------------
 
     async def _walk(self, target: dns.name.Name, now: float, budget: Budget

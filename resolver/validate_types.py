@@ -66,13 +66,18 @@ def insecure(reason: str, ede: int | None = None) -> Verdict:
 
 
 def worst(a: Verdict, b: Verdict) -> Verdict:
-    """Combine two verdicts: the weaker status wins; equal statuses keep the earlier expiry."""
+    """Combine two verdicts: the weaker status wins, and the earlier expiry is kept.
+
+    On equal status the one carrying an EDE wins: an INSECURE that is INSECURE only because of
+    NSEC3 iterations (EDE 27) must not be hidden behind a plain insecure link, since policy
+    fails closed on it (dnssec-notes §2.1 item 7).
+    """
     if _RANK[b.security] > _RANK[a.security]:
         chosen = b
     elif _RANK[b.security] < _RANK[a.security]:
         chosen = a
     else:
-        chosen = a
+        chosen = b if a.ede is None and b.ede is not None else a
     until = [v for v in (a.valid_until, b.valid_until) if v is not None]
     return Verdict(chosen.security, chosen.reason, chosen.ede, min(until) if until else None)
 

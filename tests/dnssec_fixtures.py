@@ -6,8 +6,9 @@
     test.                  NSEC; delegates every zone below
     example.test.          NSEC: www, host, *.wild, a.b (b is an empty non-terminal), CNAMEs,
                            a CNAME loop, a DNAME (dn -> example.test.), *.wc CNAME
-    nsec3.test.            NSEC3 (salt aabb, 0 iterations, Opt-Out) with unsigned delegation
-                           "unsig"; same names as example.test
+    nsec3.test.            NSEC3 (salt aabb, 0 iterations) with an unsigned delegation "unsig";
+                           same names as example.test
+    optout.test.           NSEC3 with Opt-Out and an unsigned delegation "unsig"
     iter.test.             NSEC3 with 200 iterations
     unsigned.test.         insecure delegation (NS, no DS)
     wrongds.test.          its DS matches no key
@@ -22,6 +23,7 @@ NSEC3 chains are built by hand (``dns.dnssec.sign_zone`` does NSEC only).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import os
@@ -42,6 +44,7 @@ from dns.rdtypes.ANY.DNSKEY import DNSKEY
 
 from resolver.anchors import TrustAnchors
 from resolver.errors import UpstreamError
+from resolver.validate import Limits, ValidatedAnswer, Validator
 
 WHEN = 1_790_000_000.0  # 2026-09-21, pinned clock of every test
 INCEPTION = int(WHEN - 86400)
@@ -82,9 +85,11 @@ def sign(rrset: dns.rrset.RRset, key: Key, signer: dns.name.Name, *,
     return out
 
 
-def rr(name: str | dns.name.Name, rdtype: str, *rdatas: str, ttl: int = 3600) -> dns.rrset.RRset:
+def rr(name: str | dns.name.Name, rdtype: str, *rdatas: str, ttl: int = 3600,
+       origin: dns.name.Name = dns.name.root) -> dns.rrset.RRset:
     owner = name if isinstance(name, dns.name.Name) else N(name)
-    return dns.rrset.from_text_list(owner, ttl, IN, rdtype, list(rdatas))
+    return dns.rrset.from_text_list(owner, ttl, IN, rdtype, list(rdatas), origin=origin,
+                                    relativize=False)
 
 
 def b32(digest: bytes) -> str:
@@ -114,6 +119,31 @@ class Zone:
         for r in records:
             self.add(r)
         self.nsec3: list[tuple[bytes, dns.rrset.RRset]] = []
+
+    @classmethod
+    def from_signed(cls, path: str, origin: str) -> Zone:
+        """A zone signed by another signer (BIND's dnssec-signzone), served as it is."""
+        import dns.zone
+
+        zone = cls.__new__(cls)
+        zone.origin, zone.signed, zone.optout = N(origin), True, False
+        zone.rrsets, zone.sigs, zone.nsec3 = {}, {}, []
+        zone.denial, zone.salt, zone.iterations = "nsec", b"", 0
+        parsed = dns.zone.from_file(path, origin, relativize=False)
+        for name, node in parsed.nodes.items():
+            for rds in node.rdatasets:
+                rrset = dns.rrset.RRset(name, IN, rds.rdtype, rds.covers)
+                rrset.update(rds)
+                if rds.rdtype == T.RRSIG:
+                    zone.sigs[(name, rds.covers)] = rrset
+                elif rds.rdtype == T.NSEC3:
+                    first = rds[0]
+                    zone.denial, zone.salt, zone.iterations = "nsec3", first.salt, first.iterations
+                    zone.nsec3.append((base64.b32hexdecode(name.labels[0].upper()), rrset))
+                else:
+                    zone.rrsets[(name, rds.rdtype)] = rrset
+        zone.nsec3.sort(key=lambda item: item[0])
+        return zone
 
     def add(self, r: dns.rrset.RRset) -> None:
         self.rrsets[(r.name, r.rdtype)] = r
@@ -319,8 +349,8 @@ class Upstream:
             msg.set_rcode(rcode)
             last = answer[-1] if answer and answer[-1].rdtype != T.RRSIG else \
                 (answer[-2] if len(answer) > 1 else None)
+            msg.authority += [a for a in authority if a not in msg.authority]
             if last is None or last.rdtype != T.CNAME or rdtype == T.CNAME:
-                msg.authority = authority
                 return msg
             current = last[0].target
         return msg
@@ -341,7 +371,7 @@ def _records(origin: str, lines: list[str]) -> list[dns.rrset.RRset]:
         owner, rdtype, rdata = line.split(None, 2)
         name = N(owner, N(origin)) if owner != "@" else N(origin)
         out.setdefault((name, rdtype), []).append(rdata)
-    return [rr(n, t, *rds) for (n, t), rds in out.items()]
+    return [rr(n, t, *rds, origin=N(origin)) for (n, t), rds in out.items()]
 
 
 COMMON = [
@@ -388,14 +418,14 @@ def _key_with_tag(tag: int) -> DNSKEY:
     """A 32-byte 'Ed25519' key (often not even a valid point) whose key tag is ``tag``.
 
     The key tag is a 16-bit folded sum over the rdata (RFC 4034 App. B), so the last two key
-    bytes can be solved for; the two candidates cover the end-around carry.
+    bytes can be solved for; ``k`` is the end-around carry (the high half of the sum).
     """
     while True:
         body = bytearray(os.urandom(32))
         body[30] = body[31] = 0
         wire = DNSKEY(IN, T.DNSKEY, 256, 3, 15, bytes(body)).to_digestable()
         base = sum((b << 8) if i % 2 == 0 else b for i, b in enumerate(wire))
-        for x in ((tag - base) % 65536, (tag - base - 1) % 65536):
+        for x in {(tag - base - k) % 65536 for k in range(64)}:
             body[30], body[31] = x >> 8, x & 0xFF
             key = DNSKEY(IN, T.DNSKEY, 256, 3, 15, bytes(body))
             if dns.dnssec.key_id(key) == tag:
@@ -409,10 +439,15 @@ def build_world() -> World:
     test = Zone("test.", [])
     example = Zone("example.test.", _records("example.test.", [
         *COMMON, "dn DNAME example.test.", "ext CNAME www.nsec3.test.",
-        "far CNAME www.unsigned.test."]))
+        "far CNAME www.unsigned.test.", "toiter CNAME nope.iter.test."]))
     nsec3 = Zone("nsec3.test.", _records("nsec3.test.", COMMON), denial="nsec3",
-                 salt=b"\xaa\xbb", optout=True)
+                 salt=b"\xaa\xbb")
     nsec3.add(rr("unsig.nsec3.test.", "NS", "ns.unsig.nsec3.test."))
+    optout = Zone("optout.test.", _records("optout.test.", ["www A 192.0.2.13"]),
+                  denial="nsec3", optout=True)
+    optout.add(rr("unsig.optout.test.", "NS", "ns.unsig.optout.test."))
+    optout_child = Zone("unsig.optout.test.", _records("unsig.optout.test.",
+                                                       ["www A 192.0.2.14"]), signed=False)
     iters = Zone("iter.test.", _records("iter.test.", ["www A 192.0.2.7"]), denial="nsec3",
                  iterations=200)
     unsigned = Zone("unsigned.test.", _records("unsigned.test.", ["www A 192.0.2.8"]),
@@ -422,7 +457,7 @@ def build_world() -> World:
     wrongds = Zone("wrongds.test.", _records("wrongds.test.", ["www A 192.0.2.11"]))
     algo = Zone("algo.test.", _records("algo.test.", ["www A 192.0.2.12"]))
     keytrap = keytrap_zone()
-    for child in (example, nsec3, iters, keytrap):
+    for child in (example, nsec3, iters, keytrap, optout):
         test.delegate(child)
     test.delegate(unsigned, secure=False)
     other = new_key(257)
@@ -430,10 +465,86 @@ def build_world() -> World:
                                                   "SHA256").to_text()])
     test.delegate(algo, ds=[f"{algo.ksk.tag} 12 2 " + "ab" * 32])
     root.delegate(test)
-    zones = [root, test, example, nsec3, iters, unsigned, unsig_child, wrongds, algo]
+    zones = [root, test, example, nsec3, iters, unsigned, unsig_child, wrongds, algo, optout,
+             optout_child]
     for z in zones:
         z.finish()
     anchors = TrustAnchors.from_records([
         (dns.name.root, dns.dnssec.make_ds(dns.name.root, root.ksk.dnskey, "SHA256"))])
     all_zones = {z.origin: z for z in [*zones, keytrap]}
     return World(all_zones, anchors)
+
+
+# -- test drivers: one question through a fresh Validator, and reply mutators --------------
+
+
+class Run:
+    """A fresh upstream + validator over the shared signed world."""
+
+    def __init__(self, limits: Limits | None = None, world: World | None = None) -> None:
+        self.world = world or build_world()
+        self.upstream: Upstream = self.world.upstream()
+        self.validator = Validator(self.world.anchors, self.upstream.fetch, limits or Limits())
+
+    def ask(self, name: str, rdtype: str = "A", now: float = WHEN) -> ValidatedAnswer:
+        return asyncio.run(self.ask_async(name, rdtype, now))
+
+    async def ask_async(self, name: str, rdtype: str = "A", now: float = WHEN
+                        ) -> ValidatedAnswer:
+        qname, qtype = N(name), dns.rdatatype.from_text(rdtype)
+        response = await self.upstream.fetch(qname, qtype)
+        self.upstream.calls.clear()
+        return await self.validator.validate(qname, qtype, response, now)
+
+    def on(self, name: str, rdtype: str,
+           mutate: Callable[[dns.message.Message], dns.message.Message]) -> None:
+        self.upstream.mutate[(N(name), dns.rdatatype.from_text(rdtype))] = mutate
+
+
+def without(section_types: set[int], *, covers: bool = True, section: str = "answer"
+            ) -> Callable[[dns.message.Message], dns.message.Message]:
+    """Drop RRsets of these types (and RRSIGs covering them when ``covers``)."""
+
+    def mutate(msg: dns.message.Message) -> dns.message.Message:
+        rrsets: list[dns.rrset.RRset] = getattr(msg, section)
+        setattr(msg, section, [
+            r for r in rrsets
+            if r.rdtype not in section_types
+            and not (covers and r.rdtype == T.RRSIG and r.covers in section_types)])
+        return msg
+
+    return mutate
+
+
+def resign(name: str, rdtype: str, key: Key, signer: str, *, section: str = "answer",
+           sign_as: str | None = None, **times: float
+           ) -> Callable[[dns.message.Message], dns.message.Message]:
+    """Replace the RRSIGs of one RRset by a signature made with ``key`` as ``signer``."""
+    owner, t = N(name), dns.rdatatype.from_text(rdtype)
+
+    def mutate(msg: dns.message.Message) -> dns.message.Message:
+        rrsets: list[dns.rrset.RRset] = getattr(msg, section)
+        data = next(r for r in rrsets if r.name == owner and r.rdtype == t)
+        sig = sign(data, key, N(signer), sign_as=N(sign_as) if sign_as else None, **times)
+        kept = [r for r in rrsets if not (r.name == owner and r.rdtype == T.RRSIG
+                                          and r.covers == t)]
+        setattr(msg, section, [*kept, sig])
+        return msg
+
+    return mutate
+
+
+def clear_authority(msg: dns.message.Message) -> dns.message.Message:
+    """Drop the whole authority section (SOA, NSEC/NSEC3 and their RRSIGs)."""
+    msg.authority = []
+    return msg
+
+
+def rcode(code: int) -> Callable[[dns.message.Message], dns.message.Message]:
+    """Replace the reply's rcode."""
+
+    def mutate(msg: dns.message.Message) -> dns.message.Message:
+        msg.set_rcode(code)
+        return msg
+
+    return mutate

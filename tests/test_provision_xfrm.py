@@ -71,3 +71,28 @@ def test_only_our_policies_count() -> None:
     assert _rule_of({**msg, "priority": 100}) is None  # someone else's
     assert _rule_of({**msg, "dir": 0}) is None  # inbound
     assert _rule_of({**msg, "prefixlen_d": 64}) is None  # not a host selector
+
+
+def test_batch_encoding_matches_pyroute2() -> None:
+    """The struct-packed messages of the batch path are byte for byte pyroute2's."""
+    from resolver.provision_xfrm import (
+        XFRM_INF,
+        XFRM_MSG_DELPOLICY,
+        XFRM_MSG_UPDPOLICY,
+        encode_delete,
+        encode_update,
+    )
+
+    for rule in [*shunt_rules(IPv4Address("192.0.2.2")), *shunt_rules(IPv6Address("2001:db8::2"))]:
+        values = info_values(rule)
+        values.update({n: XFRM_INF for n, _ in xfrm_userpolicy_info.fields if n.endswith("limit")})
+        msg = xfrm_userpolicy_info()
+        msg.update(values)
+        msg["header"].update({"type": XFRM_MSG_UPDPOLICY, "flags": 5, "sequence_number": 7})
+        msg.encode()
+        assert encode_update(rule, 7) == bytes(msg.data)
+        ident = xfrm_userpolicy_id()
+        ident.update(dict(_selector(rule)) | {"index": 0, "dir": XFRM_POLICY_OUT})
+        ident["header"].update({"type": XFRM_MSG_DELPOLICY, "flags": 5, "sequence_number": 9})
+        ident.encode()
+        assert encode_delete(rule, 9) == bytes(ident.data)
