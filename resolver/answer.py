@@ -176,14 +176,19 @@ def error_reply(query: dns.message.Message, rcode: dns.rcode.Rcode, payload: int
     return reply
 
 
-def servfail(query: dns.message.Message, verdict: Verdict, payload: int) -> dns.message.Message:
-    """SERVFAIL with an Extended DNS Error (when the client speaks EDNS) saying why."""
-    reply = error_reply(query, dns.rcode.SERVFAIL, payload)
+def _attach_ede(query: dns.message.Message, reply: dns.message.Message, verdict: Verdict,
+                payload: int) -> None:
     if query.edns >= 0:
         code = dns.edns.EDECode.make(verdict.ede if verdict.ede is not None
                                      else dns.edns.EDECode.OTHER)
         text = verdict.reason[:MAX_EDE_TEXT] or None
         reply.use_edns(0, reply.ednsflags, payload, options=[dns.edns.EDEOption(code, text)])
+
+
+def servfail(query: dns.message.Message, verdict: Verdict, payload: int) -> dns.message.Message:
+    """SERVFAIL with an Extended DNS Error (when the client speaks EDNS) saying why."""
+    reply = error_reply(query, dns.rcode.SERVFAIL, payload)
+    _attach_ede(query, reply, verdict, payload)
     return reply
 
 
@@ -208,7 +213,8 @@ def build_reply(query: dns.message.Message, answer: ValidatedAnswer, *, max_ttl:
     """The reply to query from a validated answer (bogus/indeterminate become SERVFAIL).
 
     AD is set when the answer is secure and the client set DO or AD. RRSIG, NSEC and NSEC3
-    are kept only for DO clients. Every TTL is capped by answer.ttl and max_ttl.
+    are kept only for DO clients. Every TTL is capped by answer.ttl and max_ttl. A verdict
+    that carries an EDE code puts it in the reply (EDNS clients), whatever the rcode.
     """
     verdict = answer.verdict
     if verdict.security in (Security.BOGUS, Security.INDETERMINATE):
@@ -221,6 +227,10 @@ def build_reply(query: dns.message.Message, answer: ValidatedAnswer, *, max_ttl:
     reply.set_rcode(dns.rcode.Rcode(answer.rcode))
     if verdict.security is Security.SECURE and (dnssec or query.flags & dns.flags.AD):
         reply.flags |= dns.flags.AD
+    if verdict.ede is not None:
+        # An answer served as insecure for a reason RFC 8914 names (NSEC3 iterations: EDE 27,
+        # RFC 9276 section 3.2; unsupported algorithm or digest: EDE 1/2) says so too.
+        _attach_ede(query, reply, verdict, payload)
     return reply
 
 

@@ -53,7 +53,8 @@ configuration file (TOML; every key is optional):
               (PKCS#8, mode 0600), addresses = [...] (optional; the host's own are read too)
   [provision] backend = "vici" | "dryrun", vici_socket = "unix:///var/run/charon.vici",
               shunts = "xfrm" | "none", timeout = 3.0, lease = 600, grace = 60,
-              failure_hold = 10, state_file = "/var/lib/ipseckey-resolver/state.json"
+              failure_hold = 10, max_setups = 32,
+              state_file = "/var/lib/ipseckey-resolver/state.json"
   [policy]    default = "private-or-clear", and per group a list of CIDRs and name
               suffixes: private = ["198.51.100.0/24", ".corp.example."], clear = [...],
               block = [...], clear-or-private = [...], private-or-clear = [...]

@@ -34,6 +34,7 @@ class ProvisionConfig:
     lease = 600                        # seconds a tunnel lives after the last answer...
     grace = 60                         # ...plus this, before teardown
     failure_hold = 10                  # seconds a failed setup is answered from memory
+    max_setups = 32                    # IKE setups in flight at once; the rest wait their turn
     state_file = "/var/lib/ipseckey-resolver/state.json"
     ```
     """
@@ -45,6 +46,7 @@ class ProvisionConfig:
     lease: float = 600.0
     grace: float = 60.0
     failure_hold: float = 10.0
+    max_setups: int = 32
     state_file: Path | None = None
 
     @classmethod
@@ -74,6 +76,10 @@ def _provision_value(key: str, value: Any, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
             raise err(f"must be a number of seconds {lo:g}..{hi:g}")
         return float(value)
+    if key == "max_setups":
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
+            raise err("must be an integer 1..4096")
+        return value
     if key == "vici_socket":
         if not isinstance(value, str) or not value.startswith(("unix://", "tcp://")):
             raise err("must be a unix:// or tcp:// URI")
@@ -82,7 +88,7 @@ def _provision_value(key: str, value: Any, source: str) -> Any:
         if not isinstance(value, str) or not value:
             raise err("must be a path")
         return Path(value)
-    known = ", ".join([*_CHOICES, *_SECONDS, "vici_socket", "state_file"])
+    known = ", ".join([*_CHOICES, *_SECONDS, "max_setups", "vici_socket", "state_file"])
     raise err(f"unknown key (known: {known})")
 
 

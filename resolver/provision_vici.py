@@ -1,12 +1,16 @@
 """strongSwan over VICI: InstallTunnel / RemoveTunnel as charon connections with raw public keys.
 
 Theory of operation. The `vici` package is blocking and its streamed commands are lazy
-generators, so every operation here runs in a worker thread with a *session of its own*: a
-unix-socket connect costs tens of microseconds, and one session per operation means two commands
-can never interleave on one socket, and a peer that takes the whole timeout to fail never holds
-up the setup of another. The worker threads come from a dedicated pool rather than
-`asyncio.to_thread`'s default executor, whose handful of threads (cores + 4) would queue 200
-concurrent setups behind each other.
+generators, so every command runs in a worker thread of a small dedicated pool (never
+`asyncio`'s default executor), each worker with a *session of its own, kept open*: two commands
+never interleave on one socket, and 200 concurrent setups do not make 200 connects (charon's
+listen backlog is small: a burst of connects failed with EAGAIN). No worker ever waits for an
+SA: waiting is done on the event loop, on a future that one *event listener* thread (its own
+session, `listen(["child-updown", "ike-updown"])`) completes when charon reports the CHILD_SA
+up. Before it, each setup polled `list-sas` every 2-20 ms in a thread of its own: measured, 64
+threads polling kept charon and the GIL busy, detected an SA up to 7 ms late, and the setups
+queued behind one another. A slow poll (25 ms doubling to 250 ms) remains as the safety net
+for a missed event (listener reconnecting after a charon restart) and to see a failed IKE_SA.
 
 One tunnel (lab-notes, "IKE" section, followed exactly):
   1. the host's private key is loaded once (`load-key`), again whenever charon was restarted
@@ -17,11 +21,11 @@ One tunnel (lab-notes, "IKE" section, followed exactly):
      address /32 (/128), remote_ts = the destination /32 (/128), never more than the record
      vouches for; start_action = trap (fail closed: 5.9.8 raises no acquire from it, hence 3.);
   3. `initiate` without waiting in charon (a blocking initiate holds a charon worker thread;
-     more concurrent setups than threads starved charon), then `list-sas` until the CHILD_SA
-     is INSTALLED: that, and nothing less, is success; an IKE_SA that appears and vanishes
-     is a rejection. A replacement (`replaces`: same name, new
-     key or gateway) waits for a CHILD_SA in a *new* IKE_SA and only then terminates the old
-     IKE_SAs by unique id (make before break);
+     more concurrent setups than threads starved charon), then wait until charon reports the
+     CHILD_SA INSTALLED (child-updown event, or the safety-net poll): that, and nothing less,
+     is success; an IKE_SA that appears and vanishes (or goes down) is a rejection. A
+     replacement (`replaces`: same name, new key or gateway) waits for a CHILD_SA in a *new*
+     IKE_SA and only then terminates the old IKE_SAs by unique id (make before break);
   4. on failure and on teardown: `terminate` the IKE_SA (force; an initiate timeout does not
      stop retransmits) and then `unload-conn` (unload alone keeps an established SA).
 Foreign exceptions (OSError, vici.exception.*) become ProvisioningError subclasses here, once.
@@ -30,7 +34,9 @@ Foreign exceptions (OSError, vici.exception.*) become ProvisioningError subclass
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import errno
 import logging
 import socket
 import threading
@@ -68,6 +74,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _TERMINATE_MS: Final = 1000
+_FIRST_POLL: Final = 0.025  # safety-net poll of list-sas, doubling to _LAST_POLL
+_LAST_POLL: Final = 0.25
+_LISTEN_TICK: Final = 0.1  # the listener's receive timeout (how soon it notices close())
+_SESSION_ERRORS: Final = (OSError, vici.exception.SessionException,
+                          vici.exception.DeserializationException)
 _SUPPORTED: Final = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey,
                      ed448.Ed448PublicKey)
 
@@ -81,7 +92,7 @@ class ViciBackend:
         identity: Identity,
         private_key_pem: bytes | None = None,
         *,
-        max_workers: int = 64,
+        max_workers: int = 8,
         connect_timeout: float = 2.0,
     ) -> None:
         """
@@ -109,6 +120,8 @@ class ViciBackend:
             raise TunnelRejected(f"private key {identity.private_key}: unsupported key type")
         self._own_spki = spki_pem(public)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="vici")
+        self._local = threading.local()  # each worker's open session
+        self._events = _Listener(socket_uri, connect_timeout)
         self._key_lock = threading.Lock()
         self._charon_since: str | None = None  # charon's start time when we loaded the key
         # (load-conn ms, initiate -> INSTALLED ms) of recent setups, for the benchmark/report.
@@ -119,7 +132,7 @@ class ViciBackend:
     async def apply(self, intent: Intent) -> None:
         """Raises ProvisioningError subclasses only."""
         if isinstance(intent, InstallTunnel):
-            await self._run(self._install, intent.spec, intent.timeout, intent.replaces)
+            await self._install(intent.spec, intent.timeout, intent.replaces)
         elif isinstance(intent, RemoveTunnel):
             await self._run(self._remove, intent.name)
         elif isinstance(intent, InstallShunt | RemoveShunt):
@@ -135,6 +148,7 @@ class ViciBackend:
         return await self._run(self._child_states)
 
     def close(self) -> None:
+        self._events.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- payloads (pure) -----------------------------------------------------------------------
@@ -166,26 +180,49 @@ class ViciBackend:
 
     # -- blocking work (worker threads) --------------------------------------------------------
 
-    def _install(self, spec: TunnelSpec, timeout: float, replaces: bool) -> None:
+    async def _install(self, spec: TunnelSpec, timeout: float, replaces: bool) -> None:
         deadline = time.monotonic() + timeout
-        with self._session() as s:
-            self._ensure_key(s)
-            # The IKE_SAs of this name now: with `replaces`, they are the old ones, ended only
-            # once a new CHILD_SA (in a new IKE_SA) is INSTALLED: make before break.
-            old_ids = _ike_ids(s, spec.name) if replaces else set()
-            t0 = time.perf_counter()
-            s.load_conn(self.connection(spec))  # always: it may restore an older configuration
-            t1 = time.perf_counter()
-            if not replaces and _installed_child(s, spec.name):
-                return  # already up (reconcile, a failed replacement): nothing to initiate
+        self._events.start()
+        t0 = time.perf_counter()
+        old_ids, waiter = await self._run(self._prepare, spec, timeout, replaces, deadline)
+        if waiter is None:
+            return  # already up (reconcile, a failed replacement): nothing to initiate
+        t1 = time.perf_counter()
+        try:
+            await self._await_installed(spec, timeout, deadline, old_ids, waiter)
+        finally:
+            self._events.discard(spec.name, waiter)
+        self.timings.append(((t1 - t0) * 1000, (time.perf_counter() - t1) * 1000))
+        if old_ids:
+            await self._run(self._terminate_ids, old_ids)
+
+    def _prepare(self, spec: TunnelSpec, timeout: float, replaces: bool, deadline: float
+                 ) -> tuple[set[str], concurrent.futures.Future[None] | None]:
+        """load-key, load-conn, register the waiter, initiate (worker thread)."""
+        s = self._session()
+        self._ensure_key(s)
+        # The IKE_SAs of this name now: with `replaces`, they are the old ones, ended only
+        # once a new CHILD_SA (in a new IKE_SA) is INSTALLED: make before break.
+        old_ids = _ike_ids(s, spec.name) if replaces else set()
+        s.load_conn(self.connection(spec))  # always: it may restore an older configuration
+        if not replaces and _installed_child(s, spec.name):
+            return old_ids, None
+        self._events.ready.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+        waiter = self._events.expect(spec.name, old_ids)  # before initiate: no event missed
+        try:
             self._initiate(s, spec, timeout, deadline)
-            self._await_installed(s, spec, timeout, deadline, old_ids)
-            self.timings.append(((t1 - t0) * 1000, (time.perf_counter() - t1) * 1000))
-            for ike_id in old_ids:
-                with contextlib.suppress(vici.exception.CommandException):
-                    for _ in s.terminate({"ike-id": ike_id, "force": "yes",
-                                          "timeout": _TERMINATE_MS}):
-                        pass
+        except BaseException:
+            self._events.discard(spec.name, waiter)
+            raise
+        return old_ids, waiter
+
+    def _terminate_ids(self, ike_ids: set[str]) -> None:
+        s = self._session()
+        for ike_id in ike_ids:
+            with contextlib.suppress(vici.exception.CommandException):
+                for _ in s.terminate({"ike-id": ike_id, "force": "yes",
+                                      "timeout": _TERMINATE_MS}):
+                    pass
 
     @staticmethod
     def _initiate(s: vici.Session, spec: TunnelSpec, timeout: float, deadline: float) -> None:
@@ -194,7 +231,7 @@ class ViciBackend:
         A blocking `initiate` holds one of charon's worker threads (16 by default) until the
         SA is up; with more concurrent setups than threads, charon had no thread left to
         process the IKE replies and every setup timed out (measured: 20 peers at once, 12
-        SERVFAIL after 3.4 s). So charon returns at once and `_await_installed` polls.
+        SERVFAIL after 3.4 s). So charon returns at once and `_await_installed` waits.
         """
         if deadline - time.monotonic() <= 0:
             raise TunnelTimeout(f"{spec.name}: no time left to initiate")
@@ -206,48 +243,59 @@ class ViciBackend:
             raise TunnelRejected(f"tunnel to {spec.destination} via {spec.remote_addr} "
                                  f"({spec.remote_id}): {exc}") from None
 
-    @staticmethod
-    def _await_installed(s: vici.Session, spec: TunnelSpec, timeout: float, deadline: float,
-                         old_ids: set[str]) -> None:
-        """Poll list-sas until the CHILD_SA is INSTALLED (success, and nothing less).
+    async def _await_installed(self, spec: TunnelSpec, timeout: float, deadline: float,
+                               old_ids: set[str], waiter: concurrent.futures.Future[None]
+                               ) -> None:
+        """Wait until the CHILD_SA is INSTALLED (success, and nothing less).
 
-        An IKE_SA of ours that was seen and then vanished failed (authentication, proposals,
-        the peer said no): that is a rejection, reported at once rather than at the deadline.
-        The poll interval grows from 2 ms to 20 ms, so hundreds of concurrent setups do not
-        flood charon with list-sas requests.
+        The listener completes `waiter` on charon's child-updown event (or fails it when a
+        new IKE_SA of this name goes down). Between events, a slow list-sas poll: an IKE_SA
+        of ours that was seen and then vanished failed (authentication, proposals, the peer
+        said no): a rejection, reported at once rather than at the deadline.
         """
-        seen, pause = False, 0.002
-        while True:
-            ikes = [ike for ike in _ike_sas(s, spec.name)
-                    if _text(ike.get("uniqueid", b"")) not in old_ids]
-            if any(_child_installed(ike, spec.name) for ike in ikes):
-                return
-            if ikes:
-                seen = True
-            elif seen:
-                raise TunnelRejected(f"tunnel to {spec.destination} via {spec.remote_addr} "
-                                     f"({spec.remote_id}): IKE_SA failed")
-            if time.monotonic() >= deadline:
-                raise TunnelTimeout(f"tunnel to {spec.destination} via {spec.remote_addr}: "
-                                    f"no CHILD_SA within {timeout:g} s")
-            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-            pause = min(pause * 1.5, 0.02)
+        done = asyncio.wrap_future(waiter)
+        seen, pause = False, _FIRST_POLL
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TunnelTimeout(f"tunnel to {spec.destination} via {spec.remote_addr}: "
+                                        f"no CHILD_SA within {timeout:g} s")
+                await asyncio.wait((done,), timeout=min(pause, left))
+                if done.done():
+                    done.result()  # raises TunnelRejected if the IKE_SA went down
+                    return
+                pause = min(pause * 2, _LAST_POLL)
+                ikes = await self._run(self._new_ike_sas, spec.name, old_ids)
+                if any(_child_installed(ike, spec.name) for ike in ikes):
+                    return
+                if ikes:
+                    seen = True
+                elif seen:
+                    raise TunnelRejected(f"tunnel to {spec.destination} via {spec.remote_addr} "
+                                         f"({spec.remote_id}): IKE_SA failed")
+        finally:
+            if not done.done():
+                done.cancel()
+
+    def _new_ike_sas(self, name: str, old_ids: set[str]) -> list[dict[str, Any]]:
+        return [ike for ike in _ike_sas(self._session(), name)
+                if _text(ike.get("uniqueid", b"")) not in old_ids]
 
     def _remove(self, name: str) -> None:
-        with self._session() as s:
-            with contextlib.suppress(vici.exception.CommandException):  # no SA: fine
-                for _ in s.terminate({"ike": name, "force": "yes", "timeout": _TERMINATE_MS}):
-                    pass
-            with contextlib.suppress(vici.exception.CommandException):  # not loaded: fine
-                s.unload_conn({"name": name})
+        s = self._session()
+        with contextlib.suppress(vici.exception.CommandException):  # no SA: fine
+            for _ in s.terminate({"ike": name, "force": "yes", "timeout": _TERMINATE_MS}):
+                pass
+        with contextlib.suppress(vici.exception.CommandException):  # not loaded: fine
+            s.unload_conn({"name": name})
 
     def _conn_names(self) -> list[str]:
-        with self._session() as s:
-            return [_text(n) for n in s.get_conns().get("conns", [])]
+        return [_text(n) for n in self._session().get_conns().get("conns", [])]
 
     def _child_states(self) -> dict[str, str]:
-        with self._session() as s:
-            return {name: state for name, state in _children(s) if name.startswith(CONN_PREFIX)}
+        return {name: state for name, state in _children(self._session())
+                if name.startswith(CONN_PREFIX)}
 
     def _ensure_key(self, s: vici.Session) -> None:
         """load-key once per charon lifetime (a restarted charon forgot it)."""
@@ -259,20 +307,38 @@ class ViciBackend:
             self._charon_since = since
             log.info("loaded our private key into charon (%s)", self.uri)
 
-    @contextlib.contextmanager
-    def _session(self) -> Iterator[vici.Session]:
-        sock = _connect(self.uri, self.connect_timeout)
-        try:
-            yield vici.Session(sock)
-        finally:
+    def _session(self) -> vici.Session:
+        """This worker's open session (connected on first use, again after an error)."""
+        session: vici.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            sock = _connect(self.uri, self.connect_timeout)
+            session = vici.Session(sock)
+            self._local.session, self._local.sock = session, sock
+        return session
+
+    def _drop_session(self) -> None:
+        sock: socket.socket | None = getattr(self._local, "sock", None)
+        self._local.session = self._local.sock = None
+        if sock is not None:
             sock.close()
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn in this worker; a session broken under us (charon restarted) is replaced once."""
+        reused = getattr(self._local, "session", None) is not None
+        try:
+            return fn(*args)
+        except _SESSION_ERRORS:
+            self._drop_session()
+            if not reused:
+                raise
+        return fn(*args)
 
     # -- the boundary: run in a worker, translate foreign errors once ------------------------
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, lambda: fn(*args))
+            return await loop.run_in_executor(self._pool, lambda: self._call(fn, *args))
         except (TunnelTimeout, TunnelRejected, DaemonUnreachable):
             raise
         except (OSError, vici.exception.SessionException,
@@ -294,15 +360,105 @@ def _connect(uri: str, timeout: float) -> socket.socket:
     else:
         raise DaemonUnreachable(f"unsupported VICI URI {uri!r}")
     sock.settimeout(timeout)
-    try:
-        sock.connect(address)
-    except OSError:
-        sock.close()
-        raise
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(address)
+            break
+        except OSError as exc:
+            # A unix socket's full listen backlog answers a timed connect with EAGAIN at once.
+            if exc.errno == errno.EAGAIN and time.monotonic() < deadline:
+                time.sleep(0.002)
+                continue
+            sock.close()
+            raise
     # Blocking reads from here on: initiate may legitimately take the whole setup timeout,
     # which is bounded by charon (the "timeout" we pass) and by the provisioner.
     sock.settimeout(None)
     return sock
+
+
+class _Listener:
+    """One thread with one session listening for child-updown / ike-updown events.
+
+    `expect(name, old_ids)` registers a waiter (a concurrent future, completed from this thread)
+    for connection `name`; a CHILD_SA `name` reported up in an IKE_SA not in `old_ids`
+    completes it, that IKE_SA reported down fails it (TunnelRejected). The thread reconnects
+    after errors (charon restarted); meanwhile the callers' polls carry on.
+    """
+
+    def __init__(self, uri: str, connect_timeout: float) -> None:
+        self.uri, self.connect_timeout = uri, connect_timeout
+        self.ready = threading.Event()  # registered for events (cleared while reconnecting)
+        self._lock = threading.Lock()
+        self._waiters: dict[str, list[tuple[concurrent.futures.Future[None], set[str]]]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name="vici-events",
+                                                daemon=True)
+                self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def expect(self, name: str, old_ids: set[str]) -> concurrent.futures.Future[None]:
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._lock:
+            self._waiters.setdefault(name, []).append((fut, old_ids))
+        return fut
+
+    def discard(self, name: str, fut: concurrent.futures.Future[None]) -> None:
+        with self._lock:
+            left = [w for w in self._waiters.get(name, []) if w[0] is not fut]
+            if left:
+                self._waiters[name] = left
+            else:
+                self._waiters.pop(name, None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock = _connect(self.uri, self.connect_timeout)
+            except OSError as exc:
+                log.debug("VICI event listener: %s", exc)
+                self._stop.wait(0.5)
+                continue
+            events = vici.Session(sock).listen(["child-updown", "ike-updown"],
+                                               timeout=_LISTEN_TICK)
+            try:
+                for label, msg in events:
+                    self.ready.set()  # first yield: both registrations were confirmed
+                    if self._stop.is_set():
+                        break
+                    if label is not None:
+                        self._event(_text(label), msg)
+            except _SESSION_ERRORS as exc:
+                log.debug("VICI event listener lost its session: %s", exc)
+            finally:
+                self.ready.clear()
+                with contextlib.suppress(*_SESSION_ERRORS):
+                    events.close()  # unregisters (on a live session)
+                sock.close()
+
+    def _event(self, label: str, msg: dict[str, Any]) -> None:
+        up = _text(msg.get("up", b"")) == "yes"
+        for name, ike in msg.items():
+            if not isinstance(ike, dict):
+                continue
+            uid = _text(ike.get("uniqueid", b""))
+            with self._lock:
+                waiters = [w for w in self._waiters.get(_text(name), []) if uid not in w[1]]
+            for fut, _ in waiters:
+                if fut.done():
+                    continue
+                if label == "child-updown" and up and _child_installed(ike, _text(name)):
+                    fut.set_result(None)
+                elif label == "ike-updown" and not up:
+                    fut.set_exception(TunnelRejected(f"IKE_SA {_text(name)} went down"))
 
 
 def _children(s: vici.Session) -> Iterator[tuple[str, str]]:

@@ -243,6 +243,8 @@ class XfrmPolicies:
 
 
 NLMSG_ERROR: Final = 2
+SOL_NETLINK: Final = 270
+NETLINK_CAP_ACK: Final = 10
 _NLMSGHDR: Final = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _PORTS: Final = struct.Struct(">HHHH")  # dport, dport_mask, sport, sport_mask (network order)
 _SEL_TAIL: Final = struct.Struct("=HBBB3xiI")  # family, prefixlen_d/s, proto, pad, ifindex, user
@@ -285,6 +287,8 @@ class XfrmBatchSocket:
                                                  socket_type=socket.SOCK_DGRAM,
                                                  proto=NETLINK_XFRM, flags=0)
         self.sock.bind((0, 0))
+        # ACKs without a copy of the request (NETLINK_CAP_ACK): 36 bytes each, not ~200.
+        self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         self.sock.settimeout(5.0)  # the kernel answers at once; this only bounds a bug
         self.seq = 0
 
@@ -296,7 +300,19 @@ class XfrmBatchSocket:
         return self.seq
 
     def send(self, messages: list[bytes]) -> dict[int, int]:
-        """Send `messages` (each with NLM_F_ACK) in one datagram; return seq -> errno (0: ok)."""
+        """Send `messages` (each with NLM_F_ACK), CHUNK per datagram; return seq -> errno.
+
+        Chunked so that neither a datagram nor its ACKs overflow the socket buffers
+        (measured: 1000 messages in one send got ENOBUFS).
+        """
+        result: dict[int, int] = {}
+        for i in range(0, len(messages), self.CHUNK):
+            result |= self._send_chunk(messages[i:i + self.CHUNK])
+        return result
+
+    CHUNK: Final = 100
+
+    def _send_chunk(self, messages: list[bytes]) -> dict[int, int]:
         wanted = {_NLMSGHDR.unpack_from(m)[3] for m in messages}
         self.sock.send(b"".join(messages))
         result: dict[int, int] = {}

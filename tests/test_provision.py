@@ -417,3 +417,37 @@ def test_make_backend(tmp_path: Path) -> None:
     vici = make_backend(ProvisionConfig(shunts="none"), Identity("a.example.test", pem))
     assert isinstance(vici.tunnels, ViciBackend)
     vici.tunnels.close()
+
+
+@aio
+async def test_setups_in_flight_are_bounded_and_a_slot_wait_counts_against_the_timeout() -> None:
+    """max_setups=2: five peers at once reach the backend at most two at a time; when the two
+    in flight hang, the others fail (closed) within the timeout instead of queueing forever."""
+    backend = FakeBackend()
+    backend.gate = asyncio.Event()
+    prov = Provisioner(backend, ProvisionConfig(timeout=0.5, max_setups=2, failure_hold=0))
+    specs = [tunnel_spec(key(dns.name.from_text(f"p{i}.example.test.")),
+                         IPv4Address(f"198.51.100.{20 + i}"), None) for i in range(5)]
+    tasks = [asyncio.create_task(prov.ensure(s, WHEN)) for s in specs]
+    await asyncio.sleep(0.05)
+    started = [i for i in backend.intents if isinstance(i, InstallTunnel)]
+    assert len(started) == 2  # the other three wait for a slot
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, TunnelTimeout) for r in results), results
+    assert len([i for i in backend.intents if isinstance(i, InstallTunnel)]) == 2
+
+
+@aio
+async def test_queued_setups_proceed_when_slots_free_up() -> None:
+    backend = FakeBackend()
+    backend.gate = asyncio.Event()
+    prov = Provisioner(backend, ProvisionConfig(timeout=2.0, max_setups=1))
+    specs = [tunnel_spec(key(dns.name.from_text(f"q{i}.example.test.")),
+                         IPv4Address(f"198.51.100.{40 + i}"), None) for i in range(3)]
+    tasks = [asyncio.create_task(prov.ensure(s, WHEN)) for s in specs]
+    await asyncio.sleep(0.05)
+    assert len([i for i in backend.intents if isinstance(i, InstallTunnel)]) == 1
+    backend.gate.set()
+    await asyncio.gather(*tasks)
+    assert len([i for i in backend.intents if isinstance(i, InstallTunnel)]) == 3
+    assert prov.counters.setups == 3
