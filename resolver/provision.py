@@ -305,6 +305,7 @@ class Provisioner:
         self._changes = 0  # change counter; `_saved` is the last one known to be on disk
         self._saved = 0
         self._writer: asyncio.Task[None] | None = None
+        self._wrote: asyncio.Future[None] | None = None  # done after each completed write
         self._io: ThreadPoolExecutor | None = None  # the state file's own thread
 
     # -- queries ---------------------------------------------------------------------------
@@ -619,7 +620,16 @@ class Provisioner:
             if writer is None or writer.done():  # the last writer failed: start another
                 self._writer = writer = asyncio.create_task(self._write_loop())
                 writer.add_done_callback(_retrieve)
-            await asyncio.shield(writer)
+            # Wake after the next completed write, not when the writer task ends: during a
+            # burst of changes the writer keeps going, and waiting for it made every answer
+            # wait for the whole burst (measured: all 200 answers at ~4.1 s).
+            if self._wrote is None or self._wrote.done():
+                self._wrote = asyncio.get_running_loop().create_future()
+            await asyncio.wait({self._wrote, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if self._saved < wanted and writer.done() and not writer.cancelled():
+                failure = writer.exception()
+                if failure is not None:
+                    raise failure
 
     async def _write_loop(self) -> None:
         """Write snapshots until everything changed so far is on disk (one write at a time)."""
@@ -635,6 +645,8 @@ class Provisioner:
             self._saved = max(self._saved, upto)
             for t, expires_at in tunnels:
                 t.saved_expires_at = expires_at
+            if self._wrote is not None and not self._wrote.done():
+                self._wrote.set_result(None)
 
     def _write_now(self) -> None:
         path = self.config.state_file

@@ -31,6 +31,7 @@ signature expiry along the chain. BOGUS answers carry ``Limits.bogus_ttl``; INDE
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -62,6 +63,7 @@ from resolver.validate_types import (
     SECURE,
     Budget,
     BudgetExhausted,
+    CpuTurn,
     Limits,
     Security,
     Verdict,
@@ -108,6 +110,7 @@ class Validator:
         self.fetch = fetch
         self.limits = limits if limits is not None else Limits()
         self.chain = TrustChain(anchors, fetch, self.limits)
+        self._cpu = asyncio.Semaphore(max(1, self.limits.max_validating))
 
     async def validate(
         self,
@@ -122,7 +125,9 @@ class Validator:
             The answer with its verdict. Any exception is a bug: every DNSSEC or upstream
             failure is a BOGUS or INDETERMINATE verdict with a reason and an EDE code.
         """
-        budget = Budget(self.limits)
+        turn = CpuTurn(self._cpu)
+        budget = Budget(self.limits, turn=turn)
+        await turn.acquire()
         try:
             result = await self._validate(qname, qtype, response, now, budget)
         except BudgetExhausted as e:
@@ -130,6 +135,8 @@ class Validator:
         except dns.exception.DNSException as e:  # e.g. NameTooLong from a DNAME substitution
             result = self._failed(bogus(f"malformed data: {e}", _EDE.INVALID_DATA), response,
                                   budget)
+        finally:
+            turn.release()
         what = f"{qname}/{type_text(qtype)}"
         if result.verdict.security in (Security.BOGUS, Security.INDETERMINATE):
             log.warning("validation failed: %s %s: %s (EDE %s)", what,

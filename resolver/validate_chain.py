@@ -261,7 +261,8 @@ class TrustChain:
         budget.charge_fetch()
         log.debug("fetch %s/%s", name, dns.rdatatype.to_text(rdtype))
         try:
-            return await self.fetch(name, rdtype)
+            async with budget.released():
+                return await self.fetch(name, rdtype)
         except (ResolverError, OSError, TimeoutError, dns.exception.DNSException) as e:
             return Verdict(Security.INDETERMINATE,
                            f"upstream failed for {name}/{dns.rdatatype.to_text(rdtype)}: {e}",

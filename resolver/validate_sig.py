@@ -18,7 +18,7 @@ public keys and knows nothing of the signer's zone (dnssec-notes §1.4), so we d
 
 Each attempt goes through ``Budget.charge_sig_check`` (per query) and a per-RRset counter, each
 failure through ``Budget.note_sig_failure``; running out raises ``BudgetExhausted``, which the
-validator turns into BOGUS. Every ``yield_every`` attempts we ``await asyncio.sleep(0)`` so that
+validator turns into BOGUS. Every ``yield_every`` attempts we yield (``Budget.pause``) so that
 cached answers are served in between (the "suspension" idea of Unbound and BIND).
 
 Skew: a signature is accepted from ``inception - skew`` to ``expiration + skew`` where skew is
@@ -34,7 +34,6 @@ left until expiration) and, for a wildcard expansion (RRSIG labels < owner label
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import struct
 from collections.abc import Iterable, Sequence
@@ -240,7 +239,7 @@ async def verify_rrset(
             checks += 1
             budget.charge_sig_check()
             if checks % limits.yield_every == 0:
-                await asyncio.sleep(0)
+                await budget.pause()
             if time_problem:
                 problems.setdefault(time_problem, f"RRSIG {time_problem} for {where}")
                 budget.note_sig_failure()

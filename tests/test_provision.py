@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
+from typing import Any
 
 import dns.name
 import pytest
@@ -451,3 +453,41 @@ async def test_queued_setups_proceed_when_slots_free_up() -> None:
     await asyncio.gather(*tasks)
     assert len([i for i in backend.intents if isinstance(i, InstallTunnel)]) == 3
     assert prov.counters.setups == 3
+
+
+@aio
+async def test_persist_returns_after_the_write_covering_it_not_after_the_burst(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit: while other changes keep the writer busy for a second, a caller waiting
+    for its change to be on disk is released by the first write that includes it."""
+    import resolver.provision as provision
+
+    real = provision._write_state
+
+    def slow_write(path: Path, snapshot: Any) -> None:
+        time.sleep(0.05)
+        real(path, snapshot)
+
+    monkeypatch.setattr(provision, "_write_state", slow_write)
+    prov = Provisioner(FakeBackend(), ProvisionConfig(state_file=tmp_path / "state.json"))
+    stop = asyncio.Event()
+
+    async def churn() -> None:  # other tunnels' changes, every 10 ms for up to 1 s
+        for _ in range(100):
+            if stop.is_set():
+                return
+            prov._save()
+            await asyncio.sleep(0.01)
+
+    other = asyncio.create_task(churn())
+    await asyncio.sleep(0.02)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await prov._persist()
+    waited = loop.time() - t0
+    still_writing = prov._writer is not None and not prov._writer.done()
+    stop.set()
+    await other
+    assert waited < 0.4, f"waited {waited:.2f} s: released only when the burst ended"
+    assert still_writing  # the writer was still busy with later changes: group commit
+    assert (tmp_path / "state.json").exists()

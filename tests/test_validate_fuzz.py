@@ -45,6 +45,9 @@ mutation = st.one_of(
 
 def apply(msg: dns.message.Message, steps: list[tuple[str, object, int]]
           ) -> dns.message.Message:
+    # Mutate a copy: the replies share RRset objects with the cached fixture world
+    # (dnssec_fixtures.build_world), and an in-place TTL change would leak into later tests.
+    msg = dns.message.from_wire(msg.to_wire())
     for kind, where, n in steps:
         if kind == "rcode":
             msg.set_rcode(int(where))  # type: ignore[call-overload]
