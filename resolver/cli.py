@@ -46,7 +46,8 @@ configuration file (TOML; every key is optional):
               tcp_timeout = 3.0
   [dnssec]    builtin_root_anchors = true, trust_anchor_files = ["root.key"],
               negative_trust_anchors = ["corp.example."]
-  [cache]     max_entries = 10000, max_ttl = 86400, bogus_ttl = 60, negative_max_ttl = 3600
+  [cache]     max_entries = 10000, max_ttl = 86400, bogus_ttl = 60, failure_ttl = 5,
+              negative_max_ttl = 3600
   [limits]    max_upstream_queries = 64, max_sig_checks_per_rrset = 4, ... (see DESIGN.md)
   [log]       level = "info" | "debug" | "warning" | "error", debug_queries = false
   [identity]  fqdn = "alice.example.com", private_key = "/etc/ipseckey-resolver/key.pem"

@@ -83,7 +83,8 @@ class CacheConfig:
 
     max_entries: int = 10000  # validated answers (and again as many final wire answers)
     max_ttl: int = 86400  # no answer is served or kept longer than this
-    bogus_ttl: int = 60  # bogus/indeterminate results are remembered this long
+    bogus_ttl: int = 60  # bogus results are remembered this long (Unbound's val-bogus-ttl)
+    failure_ttl: int = 5  # upstream failures (indeterminate), RFC 9520: >= 1 s, <= 5 min
     negative_max_ttl: int = 3600  # RFC 2308 section 5: cap on negative caching
 
 
@@ -216,6 +217,10 @@ def _at_least(n: int) -> Callable[[int], str | None]:
     return lambda v: None if v >= n else f"must be at least {n}"
 
 
+def _between(lo: int, hi: int) -> Callable[[int], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
+
+
 def parse_endpoint(text: str, default_port: int = DNS_PORT) -> Endpoint:
     """Parse "ADDR", "ADDR:PORT", "[V6]:PORT" or a bare IPv6 address.
 
@@ -333,6 +338,7 @@ def _cache(t: _Table) -> CacheConfig:
         max_entries=t.get("max_entries", int, d.max_entries, _at_least(16)),
         max_ttl=t.get("max_ttl", int, d.max_ttl, _at_least(0)),
         bogus_ttl=t.get("bogus_ttl", int, d.bogus_ttl, _at_least(0)),
+        failure_ttl=t.get("failure_ttl", int, d.failure_ttl, _between(1, 300)),
         negative_max_ttl=t.get("negative_max_ttl", int, d.negative_max_ttl, _at_least(0)),
     )
     t.done()

@@ -6,9 +6,9 @@ Theory of operation:
   returns a `ValidatedAnswer` from the answer cache (TTL aged), or joins an identical
   resolution already in flight, or starts one: fetch the question upstream (DO=1, CD=1), hand
   the response to the validator (which logs one line if validation failed), and cache the
-  result (positive: its TTL; negative: the RFC 2308 TTL from the SOA; bogus or
-  indeterminate: `bogus_ttl`).
-  Rule: nothing but a validator's verdict ever enters the answer cache.
+  result (positive: its TTL; negative: the RFC 2308 TTL from the SOA; bogus: `bogus_ttl`;
+  indeterminate, i.e. an upstream failure, also of the question itself: `failure_ttl`, 5 s,
+  as RFC 9520 asks). Rule: nothing but a verdict ever enters the answer cache.
 * Each resolution runs with a fresh `QueryBudget` in a context variable, so the validator's own
   fetches (DNSKEY, DS, proofs, CNAME targets) count against the same per-client-query limit.
   Those fetches go through `Resolution.fetch`, which caches raw responses briefly: the validator
@@ -156,8 +156,14 @@ class Resolution:
             response = await self.fetch(qname, qtype)
         except UpstreamError as e:
             log.warning("upstream failed: %s: %s", name, e)
-            return _failed(Security.INDETERMINATE, str(e),
-                           dns.edns.EDECode.NO_REACHABLE_AUTHORITY)
+            failed = _failed(Security.INDETERMINATE, str(e),
+                             dns.edns.EDECode.NO_REACHABLE_AUTHORITY)
+            # Remembered briefly (RFC 9520), like a failure inside validation, so a dead
+            # upstream is not asked again for every retry of every client.
+            self.answers.put((qname.canonicalize(), int(qtype)),
+                             (now + self.config.failure_ttl, failed),
+                             now + self.config.failure_ttl)
+            return failed
         trace.debug("%s: upstream rcode %s, %d answer / %d authority RRsets", name,
                     dns.rcode.to_text(response.rcode()), len(response.answer),
                     len(response.authority))
@@ -165,10 +171,14 @@ class Resolution:
         ans = await self.validator.validate(qname, qtype, response, now)
         verdict = ans.verdict
         trace.debug("%s: %s %s", name, verdict.security.value, verdict.reason)
-        if verdict.security in (Security.BOGUS, Security.INDETERMINATE):
+        if verdict.security is Security.BOGUS:
             # The validator logs the one "validation failed" line (name, type, reason); the
             # cache below keeps it from being repeated for every client for bogus_ttl.
             ttl = self.config.bogus_ttl
+        elif verdict.security is Security.INDETERMINATE:
+            # An upstream failure inside validation (a DNSKEY or DS fetch timed out) is not
+            # evidence against the data: short, as RFC 9520 asks, so recovery shows quickly.
+            ttl = self.config.failure_ttl
         else:
             ttl = min(ans.ttl, self.config.max_ttl)
             if ans.rcode == dns.rcode.NXDOMAIN or not ans.answer:

@@ -214,3 +214,44 @@ def test_ttl_capped_by_max_ttl_and_meta_queries_refused() -> None:
     assert r.answer[0].ttl == 60
     assert handle(dns.message.make_query(WWW, "AXFR")).rcode() == dns.rcode.NOTIMP
     assert handle(dns.message.make_query(WWW, A, rdclass="CH")).rcode() == dns.rcode.REFUSED
+
+
+def test_upstream_failure_is_remembered_for_failure_ttl_only() -> None:
+    """RFC 9520: a failed resolution is cached at least 1 s (here failure_ttl = 5 s), so a
+    dead upstream is not asked again for every retry, and not longer, so recovery shows."""
+    async def main() -> None:
+        async with ScriptedUpstream(lambda q, t: None) as up:
+            res = Resolution(Forwarder([up.endpoint], timeout=0.1, attempts=1),
+                             lambda f: FakeValidator(f))
+            assert (await res.resolve(WWW, A, WHEN)).verdict.security is Security.INDETERMINATE
+            asked = up.count()
+            again = await res.resolve(WWW, A, WHEN + 4)
+            assert again.verdict.security is Security.INDETERMINATE and up.count() == asked
+            await res.resolve(WWW, A, WHEN + 6)  # past failure_ttl: asked again
+            assert up.count() > asked
+
+    asyncio.run(main())
+
+
+def test_indeterminate_from_validation_is_not_kept_for_bogus_ttl() -> None:
+    """A DNSKEY fetch that failed inside validation is an upstream failure, not evidence that
+    the data is bad: failure_ttl (5 s), not bogus_ttl (60 s)."""
+    indeterminate = Verdict(Security.INDETERMINATE, "upstream failed for example.test./DNSKEY",
+                            int(dns.edns.EDECode.NETWORK_ERROR))
+
+    async def main() -> None:
+        async with ScriptedUpstream(script) as up:
+            holder: list[FakeValidator] = []
+
+            def make(fetch: Any) -> FakeValidator:
+                holder.append(FakeValidator(fetch, {"www.example.test.": indeterminate}))
+                return holder[0]
+
+            res = Resolution(Forwarder([up.endpoint], timeout=0.5), make)
+            await res.resolve(WWW, A, WHEN)
+            await res.resolve(WWW, A, WHEN + 4)
+            assert len(holder[0].calls) == 1  # kept for a few seconds
+            await res.resolve(WWW, A, WHEN + 10)
+            assert len(holder[0].calls) == 2  # but not for bogus_ttl (60 s)
+
+    asyncio.run(main())
