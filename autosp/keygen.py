@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from resolver.errors import ConfigError
+from resolver.keyfile import read_private_key_file
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -133,14 +133,7 @@ def load_private_key(path: Path | str) -> PrivateKey:
             PEM private key, or of an unsupported kind. The message names the file.
     """
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot open private key: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        _check_key_file_mode(path, st)
-        data = f.read(1 << 20)
+    data = read_private_key_file(path)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -149,18 +142,6 @@ def load_private_key(path: Path | str) -> PrivateKey:
     except (ValueError, UnsupportedAlgorithm):
         raise ConfigError(f"{path}: not a PEM private key") from None
     return _check_key_kind(path, key)
-
-
-def _check_key_file_mode(path: Path, st: os.stat_result) -> None:
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{path}: not a regular file")
-    if st.st_uid not in (os.geteuid(), 0):
-        raise ConfigError(f"{path}: private key owned by uid {st.st_uid}, not by us "
-                          f"(uid {os.geteuid()}) or root; refusing to use it")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise ConfigError(f"{path}: permissions {mode:04o} are too open: a private key must not "
-                          f"be accessible by group or others (run: chmod 600 {path})")
 
 
 def _check_key_kind(path: Path, key: object) -> PrivateKey:

@@ -793,7 +793,7 @@ def make_backend(config: ProvisionConfig, identity: Identity | None, *,
             raise ConfigError(f"{source}: [identity] is required with [provision] backend 'vici'")
         try:
             tunnels = ViciBackend(config.vici_socket, identity)
-        except ProvisioningError as exc:
+        except (ProvisioningError, ConfigError) as exc:  # unreadable, too open, not a key
             raise ConfigError(f"{source}: [identity] key 'private_key': {exc}") from None
     shunts = XfrmBackend(netns) if config.shunts == "xfrm" else None
     return CompositeBackend(tunnels, shunts)

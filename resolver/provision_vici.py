@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from resolver.ipseckey import spki_pem
+from resolver.keyfile import read_private_key_file
 from resolver.provision import (
     CONN_PREFIX,
     DaemonUnreachable,
@@ -498,8 +499,6 @@ def _text(v: object) -> str:
 
 
 def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise TunnelRejected(f"private key {path}: {exc}") from None
+    # Refuses a key file that others can read, as ssh does (ConfigError names the file).
+    return read_private_key_file(path)
 

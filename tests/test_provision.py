@@ -416,6 +416,10 @@ def test_make_backend(tmp_path: Path) -> None:
     pem.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
+    pem.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"private_key.*0644 are too open.*chmod 600"):
+        make_backend(ProvisionConfig(shunts="none"), Identity("a.example.test", pem))
+    pem.chmod(0o600)
     vici = make_backend(ProvisionConfig(shunts="none"), Identity("a.example.test", pem))
     assert isinstance(vici.tunnels, ViciBackend)
     vici.tunnels.close()
