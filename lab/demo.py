@@ -9,6 +9,7 @@ doing the lookup.)
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import dns.flags
@@ -40,6 +41,24 @@ def key_from_answer(answer: dns.message.Message, qname: str) -> str:
     return ipseckey.IpsecKey.from_rdata(dns.name.from_text(qname), best, 0).spki_pem()
 
 
+def ping_bob_on_the_wire(lab: Lab, target: str, *, family: str = "-4"
+                         ) -> tuple[subprocess.CompletedProcess[str], list[str], list[str]]:
+    """Ping bob (`target`: his address or name) from alice while tcpdump watches bob's switch
+    port; print the ping, the wire and alice's SAs. Returns (ping, ESP lines, cleartext ICMP
+    lines), so the caller can say whether the tunnel carried the traffic."""
+    a, b = lab.addr("alice"), lab.addr("bob")
+    with Capture(lab.switch_ns, "v-bob", ["host", a, "and", "host", b]) as cap:
+        ping = lab.exec("alice", ["ping", family, "-c", "3", "-i", "0.2", "-W", "1", target],
+                        check=False)
+    print(f"== alice: ping {family} -c 3 {target}\n{ping.stdout.strip()}")
+    print("== tcpdump on bob's switch port (the wire):")
+    for line in cap.lines:
+        print("   " + line)
+    sas = lab.exec("alice", ["swanctl", "--list-sas", "--uri", lab.vici_socket("alice")])
+    print(f"== alice's SAs (swanctl --list-sas)\n{sas.stdout.strip()}")
+    return ping, cap.esp(a, b) + cap.esp(b, a), cap.cleartext_icmp()
+
+
 def run_demo(lab: Lab) -> int:
     """Run the demo; returns 0 if ESP carried the ping and no cleartext ICMP was seen."""
     ok = False
@@ -61,17 +80,7 @@ def run_demo(lab: Lab) -> int:
             states = ike.child_states(s)
         print(f"== tunnel alice -> bob over VICI in {1000 * (time.monotonic() - t0):.1f} ms: "
               f"{states}")
-        a, b = lab.addr("alice"), lab.addr("bob")
-        with Capture(lab.switch_ns, "v-bob", ["host", a, "and", "host", b]) as cap:
-            ping = lab.exec("alice", ["ping", "-c", "3", "-i", "0.2", "-W", "1", b], check=False)
-        print(f"== alice: ping -c 3 {b}\n{ping.stdout.strip()}")
-        print("== tcpdump on bob's switch port (the wire):")
-        for line in cap.lines:
-            print("   " + line)
-        esp = cap.esp(a, b) + cap.esp(b, a)
-        clear = cap.cleartext_icmp()
-        sas = lab.exec("alice", ["swanctl", "--list-sas", "--uri", lab.vici_socket("alice")])
-        print(f"== alice's SAs (swanctl --list-sas)\n{sas.stdout.strip()}")
+        ping, esp, clear = ping_bob_on_the_wire(lab, lab.addr("bob"))
         ok = ping.returncode == 0 and bool(esp) and not clear
         print(f"== {'OK' if ok else 'FAILED'}: ping {'ok' if ping.returncode == 0 else 'failed'},"
               f" {len(esp)} ESP packets, {len(clear)} cleartext ICMP packets on the wire")

@@ -20,9 +20,9 @@ import sys
 import time
 
 from lab.core import Lab
+from lab.demo import ping_bob_on_the_wire
 from lab.net import LabError
 from lab.resolverd import ResolverDaemon
-from lab.wire import Capture
 
 
 def run(lab: Lab) -> int:
@@ -42,18 +42,7 @@ def run(lab: Lab) -> int:
         took = 1000 * (time.monotonic() - t0)
         print(f"== alice: dig bob.example.test ({took:.0f} ms including the tunnel setup)")
         print(dig.stdout.strip())
-        a, b = lab.addr("alice"), lab.addr("bob")
-        with Capture(lab.switch_ns, "v-bob", ["host", a, "and", "host", b]) as cap:
-            ping = lab.exec("alice", ["ping", "-4", "-c", "3", "-i", "0.2", "-W", "1",
-                                      "bob.example.test"], check=False)
-        print(f"== alice: ping -4 -c 3 bob.example.test\n{ping.stdout.strip()}")
-        print("== tcpdump on bob's switch port (the wire):")
-        for line in cap.lines:
-            print("   " + line)
-        esp = cap.esp(a, b) + cap.esp(b, a)
-        clear = cap.cleartext_icmp()
-        sas = lab.exec("alice", ["swanctl", "--list-sas", "--uri", lab.vici_socket("alice")])
-        print(f"== alice's SAs (swanctl --list-sas)\n{sas.stdout.strip()}")
+        ping, esp, clear = ping_bob_on_the_wire(lab, "bob.example.test")
         bad = lab.exec("alice", ["dig", "+noall", "+comments", "host.badsig.test"], check=False)
         print("== alice: dig host.badsig.test (its IPSECKEY signature is broken)")
         print("\n".join(ln for ln in bad.stdout.splitlines()

@@ -112,20 +112,23 @@ def prove_nxdomain(name: dns.name.Name, zone: dns.name.Name, nsecs: NsecList) ->
     return SECURE
 
 
-def _nodata_at(nsec: NSEC, name: dns.name.Name, rdtype: int, zone: dns.name.Name) -> Denial:
-    windows = nsec.windows
+def nodata_from_bitmap(kind: str, windows: Sequence[tuple[int, bytes]], name: dns.name.Name,
+                       rdtype: int, zone: dns.name.Name) -> Denial:
+    """What the type bitmap of the NSEC or NSEC3 (`kind`) matching `name` proves for a NODATA
+    of `rdtype`: the same rules for both (RFC 4035 5.4, RFC 5155 8.5-8.6), including whether
+    a DS denial shows an insecure delegation (NS without SOA)."""
     what = f"{name}/{type_text(rdtype)}"
     if has_type(windows, rdtype):
-        return Denial(bogus(f"NSEC shows the type exists: {what}"))
+        return Denial(bogus(f"{kind} shows the type exists: {what}"))
     if rdtype != dns.rdatatype.CNAME and has_type(windows, dns.rdatatype.CNAME):
-        return Denial(bogus(f"NSEC shows a CNAME at {name}, yet NODATA"))
+        return Denial(bogus(f"{kind} shows a CNAME at {name}, yet NODATA"))
     soa, ns = has_type(windows, dns.rdatatype.SOA), has_type(windows, dns.rdatatype.NS)
     if rdtype == dns.rdatatype.DS:
         if soa and name != zone:
-            return Denial(bogus(f"child-apex NSEC used to deny DS at {name}"))
+            return Denial(bogus(f"child-apex {kind} used to deny DS at {name}"))
         return Denial(SECURE, cut=ns and not soa)
     if ns and not soa and name != zone:
-        return Denial(bogus(f"parent-side delegation NSEC cannot prove NODATA for {what}"))
+        return Denial(bogus(f"parent-side delegation {kind} cannot prove NODATA for {what}"))
     return Denial(SECURE)
 
 
@@ -135,7 +138,7 @@ def prove_nodata(
     """NODATA: exact match without the type, an empty non-terminal, or wildcard NODATA."""
     match = _find_match(nsecs, name)
     if match is not None:
-        return _nodata_at(match, name, rdtype, zone)
+        return nodata_from_bitmap("NSEC", match.windows, name, rdtype, zone)
     cover = _find_cover(nsecs, name, zone)
     if cover is not None:
         owner, nsec = cover
@@ -144,7 +147,7 @@ def prove_nodata(
         wildcard = dns.name.Name(("*", *_closest_encloser(owner, nsec, name).labels))
         wild = _find_match(nsecs, wildcard)
         if wild is not None and rdtype != dns.rdatatype.DS:
-            return _nodata_at(wild, wildcard, rdtype, zone)
+            return nodata_from_bitmap("NSEC", wild.windows, wildcard, rdtype, zone)
         if rdtype == dns.rdatatype.DS:
             return Denial(SECURE)  # the name does not exist: certainly no zone cut there
     what = f"{name}/{type_text(rdtype)}"

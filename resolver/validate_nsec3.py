@@ -33,7 +33,7 @@ import dns.name
 import dns.rdatatype
 from dns.rdtypes.ANY.NSEC3 import NSEC3
 
-from resolver.validate_nsec import has_type
+from resolver.validate_nsec import has_type, nodata_from_bitmap
 from resolver.validate_types import SECURE, Budget, Denial, Verdict, bogus, insecure, type_text
 
 _MISSING = dns.edns.EDECode.NSEC_MISSING
@@ -176,7 +176,7 @@ class Nsec3Set:
         what = f"{name}/{type_text(rdtype)}"
         match = self._match(self._hash(name, budget))
         if match is not None:
-            return _nodata_at(match, name, rdtype, self.zone)
+            return nodata_from_bitmap("NSEC3", match.windows, name, rdtype, self.zone)
         found = self.closest_encloser(name, budget)
         if isinstance(found, Verdict):
             return Denial(found)
@@ -189,7 +189,7 @@ class Nsec3Set:
         wild = self._match(self._hash(wildcard, budget))
         if wild is None:
             return Denial(bogus(f"no NSEC3 proves NODATA for {what}", _MISSING))
-        return _nodata_at(wild, wildcard, rdtype, self.zone)
+        return nodata_from_bitmap("NSEC3", wild.windows, wildcard, rdtype, self.zone)
 
     def prove_wildcard(self, next_closer: dns.name.Name, budget: Budget) -> Verdict:
         """§8.8: a wildcard answer needs the next closer name covered."""
@@ -198,17 +198,3 @@ class Nsec3Set:
         return SECURE
 
 
-def _nodata_at(match: NSEC3, name: dns.name.Name, rdtype: int, zone: dns.name.Name) -> Denial:
-    windows = match.windows
-    if has_type(windows, rdtype):
-        return Denial(bogus(f"NSEC3 shows the type exists at {name}"))
-    if rdtype != dns.rdatatype.CNAME and has_type(windows, dns.rdatatype.CNAME):
-        return Denial(bogus(f"NSEC3 shows a CNAME at {name}, yet NODATA"))
-    soa, ns = has_type(windows, dns.rdatatype.SOA), has_type(windows, dns.rdatatype.NS)
-    if rdtype == dns.rdatatype.DS:
-        if soa and name != zone:
-            return Denial(bogus(f"child-apex NSEC3 used to deny DS at {name}"))
-        return Denial(SECURE, cut=ns and not soa)
-    if ns and not soa and name != zone:
-        return Denial(bogus(f"parent-side delegation NSEC3 cannot prove NODATA at {name}"))
-    return Denial(SECURE)
