@@ -105,9 +105,27 @@ def format_table(endpoints: list[dict[str, Any]], now: float | None = None) -> s
                      for r in rows)
 
 
-def format_status(e: dict[str, Any]) -> str:
-    """`autosp status NAME` output: every known field, one per line, failure reason last."""
-    lines = [f"{k}: {v}" for k, v in e.items() if k != "error"]
+_TIMES = ("next_refresh", "last_refresh", "added")  # POSIX seconds in the protocol
+
+
+def format_status(e: dict[str, Any], now: float | None = None) -> str:
+    """`autosp status NAME` output: every known field, one per line, failure reason last.
+
+    Times are shown as UTC and relative to now ("2026-11-23 10:05:00 UTC (in 40 s)"), not as
+    the raw POSIX seconds the protocol carries.
+    """
+    now = time.time() if now is None else now
+    lines = [f"{k}: {_when(v, now) if k in _TIMES else v}" for k, v in e.items()
+             if k != "error"]
     if e.get("error"):
         lines.append(f"error: {e['error']}")
     return "\n".join(lines)
+
+
+def _when(value: Any, now: float) -> str:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "-" if value is None else str(value)
+    delta = round(float(value) - now)
+    rel = f"in {delta} s" if delta >= 0 else f"{-delta} s ago"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(value)))
+    return f"{stamp} ({rel})"
