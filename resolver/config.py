@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from resolver.errors import ConfigError
+from resolver.validate_types import Limits
 
 DNS_PORT: Final = 53
 RESOLV_CONF: Final = Path("/etc/resolv.conf")
@@ -88,6 +89,9 @@ class CacheConfig:
     negative_max_ttl: int = 3600  # RFC 2308 section 5: cap on negative caching
 
 
+_LIMITS: Final = Limits()
+
+
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
     """[limits]: per-query work limits (design.md, "Limits that keep the resolver alive").
@@ -96,18 +100,19 @@ class LimitsConfig:
     the resolution core also enforces for the client query's own lookups.
     """
 
-    max_upstream_queries: int = 64  # per client query, validation fetches included
-    max_keys_per_tag: int = 2
-    max_sig_checks_per_rrset: int = 4
-    max_sig_checks_per_query: int = 32
-    max_sig_failures_per_query: int = 2
-    max_ds: int = 8
-    max_ds_mismatches: int = 4
-    max_nsec3_records: int = 8
-    max_nsec3_iterations: int = 50
-    max_nsec3_salt: int = 64
-    max_nsec3_hashes: int = 150
-    max_cname_chain: int = 12
+    # Defaults are the validator's own (one source of truth: validate_types.Limits).
+    max_upstream_queries: int = _LIMITS.max_fetches  # per client query, validation included
+    max_keys_per_tag: int = _LIMITS.max_keys_per_tag
+    max_sig_checks_per_rrset: int = _LIMITS.max_sig_checks_per_rrset
+    max_sig_checks_per_query: int = _LIMITS.max_sig_checks_per_query
+    max_sig_failures_per_query: int = _LIMITS.max_sig_failures_per_query
+    max_ds: int = _LIMITS.max_ds
+    max_ds_mismatches: int = _LIMITS.max_ds_mismatches
+    max_nsec3_records: int = _LIMITS.max_nsec3_records
+    max_nsec3_iterations: int = _LIMITS.max_nsec3_iterations
+    max_nsec3_salt: int = _LIMITS.max_nsec3_salt
+    max_nsec3_hashes: int = _LIMITS.max_nsec3_hashes
+    max_cname_chain: int = _LIMITS.max_cname_chain
 
 
 @dataclass(frozen=True, slots=True)
