@@ -501,6 +501,26 @@ class Run:
         self.upstream.mutate[(N(name), dns.rdatatype.from_text(rdtype))] = mutate
 
 
+def forge_nsec_next_outside_zone(zsk: Key, zone: str = "example.test."
+                                 ) -> Callable[[dns.message.Message], dns.message.Message]:
+    """A reply rewriter: every NSEC in the authority section gets the next name
+    zzz.elsewhere. and a valid signature by `zsk`, so one record would "prove" the absence of
+    everything after it, across zones (the aggressive-cache attack fixed in Knot 6.4.1)."""
+
+    def forge(msg: dns.message.Message) -> dns.message.Message:
+        out = []
+        for r in msg.authority:
+            if r.rdtype == T.NSEC:
+                forged = rr(r.name, "NSEC", "zzz.elsewhere. A RRSIG NSEC", ttl=r.ttl)
+                out += [forged, sign(forged, zsk, N(zone))]
+            elif not (r.rdtype == T.RRSIG and r.covers == T.NSEC):
+                out.append(r)
+        msg.authority = out
+        return msg
+
+    return forge
+
+
 def without(section_types: set[int], *, covers: bool = True, section: str = "answer"
             ) -> Callable[[dns.message.Message], dns.message.Message]:
     """Drop RRsets of these types (and RRSIGs covering them when ``covers``)."""

@@ -54,7 +54,15 @@ from resolver.resolve import Fetch, PlainHandler, Resolution
 from resolver.server import Server
 from resolver.upstream import Forwarder
 from resolver.validate import Limits, ValidatedAnswer, Validator
-from tests.dnssec_fixtures import WHEN, N, T, build_world, resign, rr, sign, without
+from tests.dnssec_fixtures import (
+    WHEN,
+    N,
+    T,
+    build_world,
+    forge_nsec_next_outside_zone,
+    resign,
+    without,
+)
 from tests.scripted_upstream import Reply, ScriptedUpstream
 
 EDE = dns.edns.EDECode
@@ -404,17 +412,7 @@ def test_nsec_next_name_outside_zone(stack: Stack) -> None:
     """
     zsk = stack.world["example.test."].zsk
 
-    def forge(msg: dns.message.Message) -> dns.message.Message:
-        out = []
-        for r in msg.authority:
-            if r.rdtype == T.NSEC:
-                forged = rr(r.name, "NSEC", "zzz.elsewhere. A RRSIG NSEC", ttl=r.ttl)
-                out += [forged, sign(forged, zsk, N("example.test."))]
-            elif not (r.rdtype == T.RRSIG and r.covers == T.NSEC):
-                out.append(r)
-        msg.authority = out
-        return msg
-
+    forge = forge_nsec_next_outside_zone(zsk)
     stack.on("nope2.example.test.", "A", on_reply(forge))
     bogus(stack, "NSEC next outside zone", "nope2.example.test.", "A", EDE.DNSSEC_BOGUS,
           "outside zone")

@@ -29,10 +29,10 @@ from tests.dnssec_fixtures import (
     T,
     build_world,
     clear_authority,
+    forge_nsec_next_outside_zone,
     rcode,
     resign,
     rr,
-    sign,
     without,
 )
 
@@ -118,17 +118,7 @@ def test_nsec_next_name_outside_zone() -> None:
     zsk = world["example.test."].zsk
     run = Run()
 
-    def forge(msg: dns.message.Message) -> dns.message.Message:
-        out = []
-        for r in msg.authority:
-            if r.rdtype == T.NSEC:
-                forged = rr(r.name, "NSEC", "zzz.elsewhere. A RRSIG NSEC", ttl=r.ttl)
-                out += [forged, sign(forged, zsk, N("example.test."))]
-            elif not (r.rdtype == T.RRSIG and r.covers == T.NSEC):
-                out.append(r)
-        msg.authority = out
-        return msg
-
+    forge = forge_nsec_next_outside_zone(zsk)
     run.on("nope.example.test.", "A", forge)
     bogus(run.ask("nope.example.test."), EDE.DNSSEC_BOGUS, "outside zone")
 
