@@ -16,10 +16,10 @@ Behind NAT the right public address cannot be seen from here; pass it with `--ad
 
 from __future__ import annotations
 
-import ipaddress
-from dataclasses import dataclass
+from resolver.hostaddr import InterfaceAddress, IPAddress, read_interface_addresses
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+__all__ = ["IPAddress", "InterfaceAddress", "read_interface_addresses", "select_published"]
+
 
 # linux/if_addr.h
 IFA_F_TEMPORARY = 0x01
@@ -28,18 +28,6 @@ IFA_F_DEPRECATED = 0x20
 IFA_F_TENTATIVE = 0x40
 _UNUSABLE = IFA_F_TEMPORARY | IFA_F_DADFAILED | IFA_F_DEPRECATED | IFA_F_TENTATIVE
 RT_SCOPE_UNIVERSE = 0
-IFF_UP = 0x1
-
-
-@dataclass(frozen=True, slots=True)
-class InterfaceAddress:
-    """One address as the kernel reports it."""
-
-    address: IPAddress
-    ifname: str
-    scope: int  # RT_SCOPE_*: 0 universe (global), 253 link, 254 host
-    flags: int  # IFA_F_*
-    up: bool
 
 
 def select_published(entries: list[InterfaceAddress]) -> list[IPAddress]:
@@ -53,32 +41,3 @@ def select_published(entries: list[InterfaceAddress]) -> list[IPAddress]:
             continue
         chosen.add(a)
     return sorted(chosen, key=lambda a: (a.version, int(a)))
-
-
-def read_interface_addresses() -> list[InterfaceAddress]:
-    """The kernel's address list in the current network namespace (netlink dump).
-
-    Raises:
-        OSError: netlink is unavailable (translated by the caller).
-    """
-    from pyroute2 import IPRoute  # imported here: only `publish --address auto` needs netlink
-
-    out: list[InterfaceAddress] = []
-    with IPRoute() as ipr:
-        links = {int(m["index"]): (str(m.get("IFLA_IFNAME") or m["index"]), int(m["flags"]))
-                 for m in ipr.get_links()}
-        for m in ipr.addr("dump"):
-            # For IPv4, IFA_LOCAL is our address (IFA_ADDRESS is the peer's on point-to-point).
-            text = m.get("IFA_LOCAL") or m.get("IFA_ADDRESS")
-            if text is None:
-                continue
-            name, ifflags = links.get(int(m["index"]), (str(m["index"]), 0))
-            flags = m.get("IFA_FLAGS")
-            out.append(InterfaceAddress(
-                address=ipaddress.ip_address(str(text).split("%")[0]),
-                ifname=name,
-                scope=int(m["scope"]),
-                flags=int(flags if flags is not None else m["flags"]),
-                up=bool(ifflags & IFF_UP),
-            ))
-    return out

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from resolver.capture import CaptureHandler, QueryHandler
 from resolver.config import Config
 from resolver.control import ControlConfig, ControlService, start_control
 from resolver.errors import ConfigError
+from resolver.hostaddr import read_interface_addresses
 from resolver.policy import Policy, PolicyConfig
 from resolver.provision import Identity, ProvisionConfig, Provisioner, make_backend
 from resolver.resolve import Fetch, PlainHandler, Resolution, Validating
@@ -172,15 +173,7 @@ def host_addresses() -> tuple[IPv4Address | IPv6Address, ...]:
     addresses or loopback are never tunnelled"), so they are read at start-up rather than
     trusted to the configuration alone.
     """
-    from pyroute2 import IPRoute  # late: only the daemon needs netlink
-
-    out: list[IPv4Address | IPv6Address] = []
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            value = msg.get_attr("IFA_ADDRESS")
-            if value:
-                out.append(ip_address(value))
-    return tuple(out)
+    return tuple(e.address for e in read_interface_addresses())
 
 
 async def _expire_loop(provisioner: Provisioner) -> None:
