@@ -28,7 +28,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
-from resolver.validate import Security, ValidatedAnswer, Verdict
+from resolver.validator.response import Security, ValidatedAnswer, Verdict
 
 # Flag bits of the wire-cache key: every client property that changes the reply's bytes.
 KEY_DO: Final = 1  # client wants DNSSEC records (and the DO echo)

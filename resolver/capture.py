@@ -53,7 +53,7 @@ from resolver.policy import (
     key_evidence,
 )
 from resolver.provision import Provisioner, TunnelRejected, TunnelSpec, classify, tunnel_spec
-from resolver.validate import Security, ValidatedAnswer, Verdict
+from resolver.validator.response import Security, ValidatedAnswer, Verdict
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from resolver import config as configuration
-from resolver.anchors import TrustAnchors
 from resolver.cache import WireCache
 from resolver.capture import CaptureHandler, QueryHandler
 from resolver.config import Config
-from resolver.control import ControlConfig, ControlService, start_control
+from resolver.endpoints.control import ControlConfig, ControlService, start_control
 from resolver.errors import ConfigError
 from resolver.hostaddr import read_interface_addresses
 from resolver.policy import Policy, PolicyConfig
@@ -34,7 +33,8 @@ from resolver.provision import Identity, ProvisionConfig, Provisioner, make_back
 from resolver.resolve import Fetch, PlainHandler, Resolution, Validating
 from resolver.server import Server
 from resolver.upstream import Forwarder
-from resolver.validate_types import Limits
+from resolver.validator.anchors import TrustAnchors
+from resolver.validator.types import Limits
 
 log = logging.getLogger("resolver")
 
@@ -196,7 +196,7 @@ async def serve(cfg: Config) -> int:
     (restoring tunnels that should exist, removing our strays) before the control socket
     restores pinned endpoints and before the first query is accepted.
     """
-    from resolver.validate import Validator  # late: the validator's part
+    from resolver.validator.response import Validator  # late: the validator's part
 
     anchors = build_anchors(cfg)
     limits = build_limits(cfg)

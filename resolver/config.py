@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from resolver.errors import ConfigError
-from resolver.validate_types import Limits
+from resolver.validator.types import Limits
 
 DNS_PORT: Final = 53
 RESOLV_CONF: Final = Path("/etc/resolv.conf")
@@ -96,8 +96,8 @@ _LIMITS: Final = Limits()
 class LimitsConfig:
     """[limits]: per-query work limits (design.md, "Limits that keep the resolver alive").
 
-    Names match resolver.validate.Limits, except max_upstream_queries (its max_fetches), which
-    the resolution core also enforces for the client query's own lookups.
+    Names match resolver.validator.types.Limits, except max_upstream_queries (its max_fetches),
+    which the resolution core also enforces for the client query's own lookups.
     """
 
     # Defaults are the validator's own (one source of truth: validate_types.Limits).

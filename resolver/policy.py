@@ -52,7 +52,7 @@ import dns.rrset
 
 from resolver.errors import ConfigError
 from resolver.ipseckey import IpsecKey, keys_from_rrset
-from resolver.validate import Security, Verdict
+from resolver.validator.response import Security, Verdict
 
 Address = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network

@@ -58,8 +58,8 @@ import dns.name
 from resolver.errors import ConfigError, ProvisioningError
 from resolver.ipseckey import NO_GATEWAY, IpsecKey, KeyAlgorithm, parse_gateway
 from resolver.policy import SetupFailure
-from resolver.provision_config import Identity as Identity
-from resolver.provision_config import ProvisionConfig as ProvisionConfig
+from resolver.tunnels.config import Identity as Identity
+from resolver.tunnels.config import ProvisionConfig as ProvisionConfig
 
 log = logging.getLogger(__name__)
 
@@ -779,9 +779,9 @@ def make_backend(config: ProvisionConfig, identity: Identity | None, *,
         ConfigError: VICI without an [identity], or an unreadable private key.
     """
     # Imported here: the backend modules import this one.
-    from resolver.provision_dryrun import DryRunBackend
-    from resolver.provision_vici import ViciBackend
-    from resolver.provision_xfrm import XfrmBackend
+    from resolver.tunnels.dryrun import DryRunBackend
+    from resolver.tunnels.vici import ViciBackend
+    from resolver.tunnels.xfrm import XfrmBackend
 
     tunnels: ProvisioningBackend
     if config.backend == "dryrun":

@@ -46,7 +46,7 @@ from resolver.cache import LruCache
 from resolver.config import CacheConfig
 from resolver.errors import UpstreamError
 from resolver.upstream import Forwarder, QueryBudget, current_budget
-from resolver.validate import Security, ValidatedAnswer, Verdict
+from resolver.validator.response import Security, ValidatedAnswer, Verdict
 
 log = logging.getLogger(__name__)
 trace = logging.getLogger("resolver.trace")
@@ -62,7 +62,7 @@ _META_TYPES: Final = frozenset({dns.rdatatype.ANY, dns.rdatatype.AXFR, dns.rdata
 
 
 class Validating(Protocol):
-    """What the core needs from resolver.validate.Validator."""
+    """What the core needs from resolver.validator.response.Validator."""
 
     async def validate(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType,
                        response: dns.message.Message, now: float) -> ValidatedAnswer: ...

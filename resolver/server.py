@@ -45,7 +45,7 @@ from resolver.cache import WireCache, WireEntry
 from resolver.config import Endpoint, ServerConfig
 from resolver.errors import ConfigError
 from resolver.resolve import QueryHandler
-from resolver.validate import Security, Verdict
+from resolver.validator.response import Security, Verdict
 
 log = logging.getLogger(__name__)
 trace = logging.getLogger("resolver.trace")

@@ -42,9 +42,9 @@ import dns.rrset
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from dns.rdtypes.ANY.DNSKEY import DNSKEY
 
-from resolver.anchors import TrustAnchors
 from resolver.errors import UpstreamError
-from resolver.validate import Limits, ValidatedAnswer, Validator
+from resolver.validator.anchors import TrustAnchors
+from resolver.validator.response import Limits, ValidatedAnswer, Validator
 
 WHEN = 1_790_000_000.0  # 2026-09-21, pinned clock of every test
 INCEPTION = int(WHEN - 86400)

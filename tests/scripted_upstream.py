@@ -23,7 +23,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
-import resolver.validate
+import resolver.validator.response
 from resolver.config import Endpoint
 
 
@@ -158,14 +158,15 @@ class _Udp(asyncio.DatagramProtocol):
 
 
 class FakeValidator:
-    """Stands in for resolver.validate.Validator in unit tests of the resolution core.
+    """Stands in for resolver.validator.response.Validator in unit tests of the resolution core.
 
     Verdicts come from `verdicts` (qname text -> Verdict), SECURE otherwise; the answer is the
     upstream's as it came. `fetches` extra lookups per validation go through the core's fetch,
     as the real validator's DNSKEY/DS lookups do.
     """
 
-    def __init__(self, fetch: object, verdicts: dict[str, resolver.validate.Verdict] | None = None,
+    def __init__(self, fetch: object,
+                 verdicts: dict[str, resolver.validator.response.Verdict] | None = None,
                  fetches: int = 0) -> None:
         self.fetch = fetch
         self.verdicts = verdicts or {}
@@ -179,13 +180,13 @@ class FakeValidator:
             try:
                 await self.fetch(dns.name.from_text("example.test."), dns.rdatatype.DNSKEY)  # type: ignore[operator]
             except Exception as e:  # the real validator turns fetch failures into verdicts
-                return resolver.validate.ValidatedAnswer(
-                    verdict=resolver.validate.Verdict(resolver.validate.Security.INDETERMINATE,
+                return resolver.validator.response.ValidatedAnswer(
+                    verdict=resolver.validator.response.Verdict(resolver.validator.response.Security.INDETERMINATE,
                                                       str(e), 22),
                     rcode=2, answer=[], authority=[], ttl=0)
         verdict = self.verdicts.get(qname.to_text(),
-                                    resolver.validate.Verdict(resolver.validate.Security.SECURE))
+                                    resolver.validator.response.Verdict(resolver.validator.response.Security.SECURE))
         ttls = [r.ttl for s in (response.answer, response.authority) for r in s]
-        return resolver.validate.ValidatedAnswer(
+        return resolver.validator.response.ValidatedAnswer(
             verdict=verdict, rcode=response.rcode(), answer=list(response.answer),
             authority=list(response.authority), ttl=min(ttls) if ttls else 0)

@@ -53,7 +53,7 @@ from resolver.config import Config, Endpoint
 from resolver.resolve import Fetch, PlainHandler, Resolution
 from resolver.server import Server
 from resolver.upstream import Forwarder
-from resolver.validate import Limits, ValidatedAnswer, Validator
+from resolver.validator.response import Limits, ValidatedAnswer, Validator
 from tests.dnssec_fixtures import (
     WHEN,
     N,

@@ -9,8 +9,8 @@ import dns.name
 import dns.rdata
 import pytest
 
-from resolver.anchors import TrustAnchors
 from resolver.errors import ConfigError
+from resolver.validator.anchors import TrustAnchors
 
 # The root KSKs as published in the root zone / root-anchors.xml (public key material).
 KSK_2017 = (

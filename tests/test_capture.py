@@ -34,7 +34,7 @@ from resolver.provision import (
     RemoveTunnel,
     TunnelTimeout,
 )
-from resolver.validate import Security, ValidatedAnswer, Verdict
+from resolver.validator.response import Security, ValidatedAnswer, Verdict
 from tests.asyncutil import aio
 
 WHEN = 1_800_000_000.0

@@ -1,5 +1,5 @@
-"""resolver.control: config, request parsing, and the socket server driven by autosp's real
-client (autosp/control.py), on a temporary socket path.
+"""resolver.endpoints.control: config, request parsing, and the socket server driven by
+autosp's real client (autosp/control.py), on a temporary socket path.
 
 Security requirements S1-S3 of the module docstring each have a test here: the socket is 0600
 from birth in a 0700 directory, another uid is refused (by SO_PEERCRED even when the file mode
@@ -24,8 +24,8 @@ import pytest
 
 from autosp import control as client
 from autosp.errors import DaemonUnreachable, OperationFailed
-from resolver import control
-from resolver.control import (
+from resolver.endpoints import control
+from resolver.endpoints.control import (
     ControlConfig,
     ControlServer,
     Request,
@@ -33,7 +33,7 @@ from resolver.control import (
     parse_request,
     start_control,
 )
-from resolver.endpoints import EndpointError
+from resolver.endpoints.manager import EndpointError
 from resolver.errors import ConfigError
 from tests.asyncutil import aio
 

@@ -1,5 +1,5 @@
-"""resolver.endpoints and its pure core (resolver.endpoints_core) with a scripted resolver, a
-fake provisioner and a pinned clock.
+"""resolver.endpoints.manager and its pure core (resolver.endpoints.core) with a scripted
+resolver, a fake provisioner and a pinned clock.
 
 Scenarios, one behaviour each (the Rules of the module docstring):
   * add: secure key + A + AAAA -> a tunnel per address; the ENDPOINT dict of the protocol.
@@ -32,8 +32,7 @@ import dns.rrset
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from resolver.endpoints import EndpointManager
-from resolver.endpoints_core import (
+from resolver.endpoints.core import (
     MIN_REFRESH,
     REFRESH_SLACK,
     Endpoint,
@@ -51,6 +50,7 @@ from resolver.endpoints_core import (
     plan_tunnels,
     retry_delay,
 )
+from resolver.endpoints.manager import EndpointManager
 from resolver.errors import ProvisioningError
 from resolver.ipseckey import IpsecKey, ipseckey_rdata_for
 from resolver.policy import Group
@@ -66,7 +66,7 @@ from resolver.provision import (
     TunnelTimeout,
     tunnel_spec,
 )
-from resolver.validate import Security, Verdict
+from resolver.validator.response import Security, Verdict
 from tests.asyncutil import aio
 
 WHEN = 1_800_000_000.0

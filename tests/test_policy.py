@@ -31,7 +31,7 @@ from resolver.policy import (
     Tunnel,
     key_evidence,
 )
-from resolver.validate import Security, Verdict
+from resolver.validator.response import Security, Verdict
 
 NAME = dns.name.from_text("bob.example.test.")
 BOB = IPv4Address("198.51.100.11")

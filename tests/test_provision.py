@@ -37,7 +37,7 @@ from resolver.provision import (
     connection_name,
     tunnel_spec,
 )
-from resolver.provision_dryrun import DryRunBackend
+from resolver.tunnels.dryrun import DryRunBackend
 from tests.asyncutil import aio
 
 WHEN = 1_800_000_000.0  # pinned clock (POSIX seconds)
@@ -403,7 +403,7 @@ def test_make_backend(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
 
     from resolver.provision import make_backend
-    from resolver.provision_vici import ViciBackend
+    from resolver.tunnels.vici import ViciBackend
 
     dry = make_backend(ProvisionConfig(backend="dryrun", shunts="none"), None)
     assert isinstance(dry.tunnels, DryRunBackend) and dry.shunts is None

@@ -1,4 +1,4 @@
-"""resolver.provision_vici without a daemon: the load-conn payload and error translation."""
+"""resolver.tunnels.vici without a daemon: the load-conn payload and error translation."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from resolver.provision import (
     TunnelRejected,
     tunnel_spec,
 )
-from resolver.provision_vici import ViciBackend
+from resolver.tunnels.vici import ViciBackend
 
 OWN = ed25519.Ed25519PrivateKey.generate()
 PEM = OWN.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -1,4 +1,4 @@
-"""resolver.provision_xfrm without the kernel: struct sizes, encoding, and what counts as ours."""
+"""resolver.tunnels.xfrm without the kernel: struct sizes, encoding, and what counts as ours."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import socket
 import struct
 from ipaddress import IPv4Address, IPv6Address
 
-from resolver.provision_xfrm import (
+from resolver.tunnels.xfrm import (
     ALLOW_PRIORITY,
     BLOCK_PRIORITY,
     XFRM_POLICY_BLOCK,
@@ -75,7 +75,7 @@ def test_only_our_policies_count() -> None:
 
 def test_batch_encoding_matches_pyroute2() -> None:
     """The struct-packed messages of the batch path are byte for byte pyroute2's."""
-    from resolver.provision_xfrm import (
+    from resolver.tunnels.xfrm import (
         XFRM_INF,
         XFRM_MSG_DELPOLICY,
         XFRM_MSG_UPDPOLICY,

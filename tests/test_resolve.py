@@ -19,7 +19,7 @@ import pytest
 from resolver.config import CacheConfig
 from resolver.resolve import PlainHandler, Resolution
 from resolver.upstream import Forwarder
-from resolver.validate import Security, Verdict
+from resolver.validator.response import Security, Verdict
 from tests.scripted_upstream import Delay, FakeValidator, ScriptedUpstream, answer
 
 WHEN = 1_800_000_000.0

@@ -26,7 +26,7 @@ from resolver.config import Endpoint, ServerConfig
 from resolver.resolve import PlainHandler, Resolution
 from resolver.server import Server, _TcpProtocol
 from resolver.upstream import Forwarder
-from resolver.validate import Security, Verdict
+from resolver.validator.response import Security, Verdict
 from tests.scripted_upstream import Delay, FakeValidator, ScriptedUpstream, answer
 
 WHEN = 1_800_000_000.0

@@ -18,8 +18,8 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from resolver.anchors import TrustAnchors
-from resolver.validate import Limits, Security, ValidatedAnswer, Validator
+from resolver.validator.anchors import TrustAnchors
+from resolver.validator.response import Limits, Security, ValidatedAnswer, Validator
 from tests.dnssec_fixtures import EXPIRATION, WHEN, N, Run, T, build_world, resign
 
 LIMITS = Limits()

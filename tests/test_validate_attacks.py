@@ -20,8 +20,8 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from resolver import validate_sig
-from resolver.validate import Limits, Security, ValidatedAnswer
+from resolver.validator import sig as validate_sig
+from resolver.validator.response import Limits, Security, ValidatedAnswer
 from tests.dnssec_fixtures import (
     WHEN,
     N,
@@ -321,7 +321,7 @@ def test_bogus_chain_result_cached_for_bogus_ttl() -> None:
 
 
 def test_failed_validation_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="resolver.validate"):
+    with caplog.at_level("WARNING", logger="resolver.validator"):
         Run().ask("www.wrongds.test.")
     assert any("www.wrongds.test./A" in r.message and "matches its DS" in r.message
                for r in caplog.records)
@@ -343,7 +343,7 @@ def test_upstream_failure_while_completing_a_chain() -> None:
 
 
 def test_debug_log_traces_the_chain(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("DEBUG", logger="resolver.validate"):
+    with caplog.at_level("DEBUG", logger="resolver.validator"):
         Run().ask("www.example.test.")
     text = "\n".join(r.getMessage() for r in caplog.records)
     for step in ("fetch ./DNSKEY", "secure DS at example.test.", "secure DNSKEY set for test.",

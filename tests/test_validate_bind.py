@@ -18,8 +18,8 @@ import dns.name
 import dns.rcode
 import pytest
 
-from resolver.anchors import TrustAnchors
-from resolver.validate import Security
+from resolver.validator.anchors import TrustAnchors
+from resolver.validator.response import Security
 from tests.dnssec_fixtures import WHEN, Run, World, Zone
 
 ORIGIN = "bind.test."

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from resolver.validate_types import CpuTurn
+from resolver.validator.types import CpuTurn
 from tests.asyncutil import aio
 
 

@@ -19,7 +19,7 @@ import dns.rrset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from resolver.validate import Limits, Security
+from resolver.validator.response import Limits, Security
 from tests.dnssec_fixtures import WHEN, N, Run, T
 
 QUESTIONS = [

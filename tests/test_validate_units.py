@@ -11,10 +11,10 @@ import dns.rdata
 import dns.rdatatype
 import pytest
 
-from resolver import validate_nsec
-from resolver.validate_nsec3 import Nsec3Set, nsec3_digest
-from resolver.validate_sig import signed_data, skew_for
-from resolver.validate_types import Budget, BudgetExhausted, Limits, Security, Verdict, worst
+from resolver.validator import nsec as validate_nsec
+from resolver.validator.nsec3 import Nsec3Set, nsec3_digest
+from resolver.validator.sig import signed_data, skew_for
+from resolver.validator.types import Budget, BudgetExhausted, Limits, Security, Verdict, worst
 from tests.dnssec_fixtures import new_key, rr, sign
 
 N = dns.name.from_text

@@ -37,7 +37,7 @@ from lab.resolverd import ResolverDaemon
 from lab.topology import HOSTS
 from lab.wire import Capture
 from resolver.ipseckey import ipseckey_rdata_for
-from resolver.provision_xfrm import XfrmPolicies, shunt_rules
+from resolver.tunnels.xfrm import XfrmPolicies, shunt_rules
 
 pytestmark = pytest.mark.integration
 

@@ -41,9 +41,9 @@ from resolver.provision import (
     Provisioner,
     RemoveTunnel,
 )
-from resolver.provision_vici import ViciBackend
-from resolver.provision_xfrm import XfrmBackend
-from resolver.validate import Security, ValidatedAnswer, Verdict
+from resolver.tunnels.vici import ViciBackend
+from resolver.tunnels.xfrm import XfrmBackend
+from resolver.validator.response import Security, ValidatedAnswer, Verdict
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,6 @@ import dns.rcode
 import pytest
 
 from lab import Lab
-from resolver.anchors import TrustAnchors
 from resolver.capture import CaptureHandler
 from resolver.config import Endpoint
 from resolver.policy import Policy, PolicyConfig
@@ -34,11 +33,12 @@ from resolver.provision import (
     Provisioner,
     RemoveTunnel,
 )
-from resolver.provision_vici import ViciBackend
-from resolver.provision_xfrm import XfrmBackend
 from resolver.resolve import Fetch, PlainHandler, Resolution
+from resolver.tunnels.vici import ViciBackend
+from resolver.tunnels.xfrm import XfrmBackend
 from resolver.upstream import Forwarder
-from resolver.validate import Validator
+from resolver.validator.anchors import TrustAnchors
+from resolver.validator.response import Validator
 
 pytestmark = pytest.mark.integration
 

@@ -43,8 +43,8 @@ from resolver.provision import (
     TunnelTimeout,
     tunnel_spec,
 )
-from resolver.provision_vici import ViciBackend
-from resolver.provision_xfrm import XfrmBackend
+from resolver.tunnels.vici import ViciBackend
+from resolver.tunnels.xfrm import XfrmBackend
 
 pytestmark = pytest.mark.integration
 

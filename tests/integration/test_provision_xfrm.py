@@ -17,7 +17,7 @@ from ipaddress import IPv4Address, IPv6Address
 import pytest
 
 from resolver.provision import InstallShunt, PolicyKey, RemoveShunt
-from resolver.provision_xfrm import BLOCK_PRIORITY, XfrmBackend
+from resolver.tunnels.xfrm import BLOCK_PRIORITY, XfrmBackend
 
 pytestmark = pytest.mark.integration
 

@@ -50,7 +50,7 @@ from typing import Any, Final, Protocol
 import dns.exception
 import dns.name
 
-from resolver.endpoints import EndpointError, EndpointManager, Resolver, Tunnels
+from resolver.endpoints.manager import EndpointError, EndpointManager, Resolver, Tunnels
 from resolver.errors import ConfigError
 from resolver.policy import Policy
 
@@ -128,7 +128,7 @@ class ControlConfig:
 
 
 class EndpointOps(Protocol):
-    """The operations behind the socket (resolver.endpoints.EndpointManager implements it).
+    """The operations behind the socket (resolver.endpoints.manager.EndpointManager implements it).
 
     Each returns the reply's `result` (JSON-serialisable) or raises ControlError.
     """

@@ -50,7 +50,7 @@ from resolver.errors import ProvisioningError
 from resolver.ipseckey import NO_GATEWAY, IpsecKey, KeyAlgorithm, parse_gateway
 from resolver.policy import AnswerLike, Group, KeyStatus, SetupFailure, key_evidence
 from resolver.provision import TunnelSpec, classify, tunnel_spec
-from resolver.validate import Security
+from resolver.validator.response import Security
 
 Address = IPv4Address | IPv6Address
 

@@ -47,9 +47,9 @@ from dns.rdtypes.ANY.CNAME import CNAME
 from dns.rdtypes.ANY.DNAME import DNAME
 from dns.rdtypes.ANY.SOA import SOA
 
-from resolver.anchors import TrustAnchors
-from resolver.validate_chain import Fetch, TrustChain
-from resolver.validate_denial import (
+from resolver.validator.anchors import TrustAnchors
+from resolver.validator.chain import Fetch, TrustChain
+from resolver.validator.denial import (
     Section,
     collect,
     find,
@@ -58,8 +58,8 @@ from resolver.validate_denial import (
     rrsig_rrset,
     rrsigs_for,
 )
-from resolver.validate_sig import ZoneKeys, verify_rrset
-from resolver.validate_types import (
+from resolver.validator.sig import ZoneKeys, verify_rrset
+from resolver.validator.types import (
     SECURE,
     Budget,
     BudgetExhausted,
@@ -76,7 +76,7 @@ from resolver.validate_types import (
 
 __all__ = ["Fetch", "Limits", "Security", "ValidatedAnswer", "Validator", "Verdict", "Work"]
 
-log = logging.getLogger("resolver.validate")
+log = logging.getLogger("resolver.validator")
 _EDE = dns.edns.EDECode
 _MAX_TTL = 2**31 - 1
 

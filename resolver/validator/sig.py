@@ -52,9 +52,9 @@ from dns.rdtypes.ANY.DNSKEY import DNSKEY
 from dns.rdtypes.ANY.RRSIG import RRSIG
 from dns.rdtypes.dnskeybase import Flag
 
-from resolver.validate_types import Budget, BudgetExhausted, Security, Verdict, bogus
+from resolver.validator.types import Budget, BudgetExhausted, Security, Verdict, bogus
 
-log = logging.getLogger("resolver.validate")
+log = logging.getLogger("resolver.validator")
 
 # RFC 8624 §3.1 "MUST NOT validate" (dns.dnssec.rfc_8624_policy.deny_validate).
 _DENIED_ALGORITHMS = frozenset({Algorithm.RSAMD5, Algorithm.DSA, Algorithm.DSANSEC3SHA1})

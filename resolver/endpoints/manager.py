@@ -30,7 +30,7 @@ from typing import Any, Final, Protocol
 import dns.name
 import dns.rdatatype
 
-from resolver.endpoints_core import (
+from resolver.endpoints.core import (
     Address,
     Endpoint,
     EndpointError,
@@ -55,7 +55,7 @@ from resolver.errors import ProvisioningError, ResolverError
 from resolver.ipseckey import IpsecKey
 from resolver.policy import AnswerLike, Group, Policy
 from resolver.provision import TunnelSpec, write_atomically
-from resolver.validate import Security
+from resolver.validator.response import Security
 
 __all__ = ["DEFAULT_KEEPALIVE", "EndpointError", "EndpointManager", "Resolver", "Tunnels"]
 

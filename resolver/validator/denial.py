@@ -26,10 +26,10 @@ from dns.rdtypes.ANY.NSEC import NSEC
 from dns.rdtypes.ANY.NSEC3 import NSEC3
 from dns.rdtypes.ANY.RRSIG import RRSIG
 
-from resolver import validate_nsec
-from resolver.validate_nsec3 import Nsec3Set, too_many
-from resolver.validate_sig import ZoneKeys, verify_rrset
-from resolver.validate_types import Budget, Denial, Security, Verdict, bogus, type_text
+from resolver.validator import nsec as validate_nsec
+from resolver.validator.nsec3 import Nsec3Set, too_many
+from resolver.validator.sig import ZoneKeys, verify_rrset
+from resolver.validator.types import Budget, Denial, Security, Verdict, bogus, type_text
 
 Section = Sequence[dns.rrset.RRset]
 

@@ -28,7 +28,7 @@ import dns.name
 import dns.rdatatype
 from dns.rdtypes.ANY.NSEC import NSEC
 
-from resolver.validate_types import SECURE, Denial, Verdict, bogus, type_text
+from resolver.validator.types import SECURE, Denial, Verdict, bogus, type_text
 
 NsecList = Sequence[tuple[dns.name.Name, NSEC]]
 _MISSING = dns.edns.EDECode.NSEC_MISSING

@@ -33,8 +33,8 @@ import dns.name
 import dns.rdatatype
 from dns.rdtypes.ANY.NSEC3 import NSEC3
 
-from resolver.validate_nsec import has_type, nodata_from_bitmap
-from resolver.validate_types import SECURE, Budget, Denial, Verdict, bogus, insecure, type_text
+from resolver.validator.nsec import has_type, nodata_from_bitmap
+from resolver.validator.types import SECURE, Budget, Denial, Verdict, bogus, insecure, type_text
 
 _MISSING = dns.edns.EDECode.NSEC_MISSING
 _ITER = dns.edns.EDECode.UNSUPPORTED_NSEC3_ITERATIONS_VALUE

@@ -48,13 +48,13 @@ from dns.dnssectypes import DSDigest
 from dns.rdtypes.ANY.DNSKEY import DNSKEY
 from dns.rdtypes.ANY.DS import DS
 
-from resolver.anchors import Anchor, TrustAnchors
 from resolver.errors import ResolverError
-from resolver.validate_denial import collect, find, prove_negative, rrsigs_for
-from resolver.validate_sig import ZoneKeys, algorithm_supported, index_keys, verify_rrset
-from resolver.validate_types import Budget, Limits, Security, Verdict, bogus, insecure
+from resolver.validator.anchors import Anchor, TrustAnchors
+from resolver.validator.denial import collect, find, prove_negative, rrsigs_for
+from resolver.validator.sig import ZoneKeys, algorithm_supported, index_keys, verify_rrset
+from resolver.validator.types import Budget, Limits, Security, Verdict, bogus, insecure
 
-log = logging.getLogger("resolver.validate")
+log = logging.getLogger("resolver.validator")
 
 Fetch = Callable[[dns.name.Name, dns.rdatatype.RdataType], Awaitable[dns.message.Message]]
 _EDE = dns.edns.EDECode
