@@ -42,7 +42,7 @@ import dns.rdatatype
 import dns.rrset
 
 from resolver import answer as replies
-from resolver.errors import ProvisioningError
+from resolver.errors import ProvisioningError, TunnelRejected
 from resolver.policy import (
     AnswerClear,
     Decision,
@@ -50,9 +50,11 @@ from resolver.policy import (
     Policy,
     Refuse,
     Tunnel,
+    classify,
     key_evidence,
 )
-from resolver.provision import Provisioner, TunnelRejected, TunnelSpec, classify, tunnel_spec
+from resolver.provision import Provisioner
+from resolver.tunnels.intents import TunnelSpec, tunnel_spec
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
 
 log = logging.getLogger(__name__)

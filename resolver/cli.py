@@ -29,9 +29,11 @@ from resolver.endpoints.control import ControlConfig, ControlService, start_cont
 from resolver.errors import ConfigError
 from resolver.hostaddr import read_interface_addresses
 from resolver.policy import Policy, PolicyConfig
-from resolver.provision import Identity, ProvisionConfig, Provisioner, make_backend
+from resolver.provision import Provisioner
 from resolver.resolve import Fetch, PlainHandler, Resolution, Validating
 from resolver.server import Server
+from resolver.tunnels.backend import make_backend
+from resolver.tunnels.config import Identity, ProvisionConfig
 from resolver.upstream import Forwarder
 from resolver.validator.anchors import TrustAnchors
 from resolver.validator.types import Limits

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
+from resolver.configtable import Table, at_least, between, positive, type_name
 from resolver.errors import ConfigError
 from resolver.validator.types import Limits
 
@@ -157,75 +158,6 @@ class Config:
         return "\n".join(lines)
 
 
-T = TypeVar("T")
-
-
-class _Table:
-    """Reads one TOML table key by key, so every error can name file, table and key."""
-
-    def __init__(self, where: str, name: str, raw: object) -> None:
-        self.where = where
-        self.name = name
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: [{name}] must be a table, not {_tname(raw)}")
-        self.raw: dict[str, Any] = raw
-        self.seen: set[str] = set()
-
-    def fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.where}: [{self.name}] key '{key}': {problem}")
-
-    def get(self, key: str, kind: type[T], default: T, check: Callable[[T], str | None]
-            | None = None) -> T:
-        self.seen.add(key)
-        if key not in self.raw:
-            return default
-        value = self.raw[key]
-        # bool is a subclass of int in Python; TOML keeps them apart and so do we.
-        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            raise self.fail(key, f"expected {kind.__name__}, got {_tname(value)}")
-        if check is not None and (problem := check(value)) is not None:
-            raise self.fail(key, problem)
-        return value  # type: ignore[no-any-return]
-
-    def strings(self, key: str) -> tuple[str, ...] | None:
-        self.seen.add(key)
-        if key not in self.raw:
-            return None
-        value = self.raw[key]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.fail(key, f"expected a list of strings, got {_tname(value)}")
-        return tuple(value)
-
-    def done(self) -> None:
-        unknown = sorted(set(self.raw) - self.seen)
-        if unknown:
-            raise self.fail(unknown[0], "unknown key" + _known(self.seen))
-
-
-def _known(keys: set[str]) -> str:
-    return f" (known keys: {', '.join(sorted(keys))})" if keys else ""
-
-
-def _tname(value: object) -> str:
-    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean",
-            int: "an integer", float: "a float"}.get(type(value), type(value).__name__)
-
-
-def _positive(v: float) -> str | None:
-    return None if v > 0 else "must be greater than 0"
-
-
-def _at_least(n: int) -> Callable[[int], str | None]:
-    return lambda v: None if v >= n else f"must be at least {n}"
-
-
-def _between(lo: int, hi: int) -> Callable[[int], str | None]:
-    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
-
-
 def parse_endpoint(text: str, default_port: int = DNS_PORT) -> Endpoint:
     """Parse "ADDR", "ADDR:PORT", "[V6]:PORT" or a bare IPv6 address.
 
@@ -259,7 +191,7 @@ def _port(text: str, whole: str) -> int:
     return int(text)
 
 
-def _endpoints(table: _Table, key: str, default: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+def _endpoints(table: Table, key: str, default: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
     items = table.strings(key)
     if items is None:
         return default
@@ -272,7 +204,7 @@ def _endpoints(table: _Table, key: str, default: tuple[Endpoint, ...]) -> tuple[
     return tuple(out)
 
 
-def _server(t: _Table) -> ServerConfig:
+def _server(t: Table) -> ServerConfig:
     d = ServerConfig()
     listen = _endpoints(t, "listen", d.listen)
     if not listen:
@@ -281,17 +213,17 @@ def _server(t: _Table) -> ServerConfig:
         listen=listen,
         edns_payload=t.get("edns_payload", int, d.edns_payload,
                            lambda v: None if 512 <= v <= 4096 else "must be 512-4096"),
-        tcp_idle_timeout=t.get("tcp_idle_timeout", float, d.tcp_idle_timeout, _positive),
+        tcp_idle_timeout=t.get("tcp_idle_timeout", float, d.tcp_idle_timeout, positive),
         tcp_max_connections=t.get("tcp_max_connections", int, d.tcp_max_connections,
-                                  _at_least(1)),
-        tcp_max_pipelined=t.get("tcp_max_pipelined", int, d.tcp_max_pipelined, _at_least(1)),
-        query_timeout=t.get("query_timeout", float, d.query_timeout, _positive),
+                                  at_least(1)),
+        tcp_max_pipelined=t.get("tcp_max_pipelined", int, d.tcp_max_pipelined, at_least(1)),
+        query_timeout=t.get("query_timeout", float, d.query_timeout, positive),
     )
     t.done()
     return cfg
 
 
-def _upstream(t: _Table, listen: tuple[Endpoint, ...], resolv_conf: Path,
+def _upstream(t: Table, listen: tuple[Endpoint, ...], resolv_conf: Path,
               override: tuple[Endpoint, ...]) -> UpstreamConfig:
     d = UpstreamConfig()
     servers = override or _endpoints(t, "servers", ())
@@ -301,9 +233,9 @@ def _upstream(t: _Table, listen: tuple[Endpoint, ...], resolv_conf: Path,
         servers = default_upstreams(listen, resolv_conf)
     cfg = UpstreamConfig(
         servers=servers,
-        timeout=t.get("timeout", float, d.timeout, _positive),
-        attempts=t.get("attempts", int, d.attempts, _at_least(1)),
-        tcp_timeout=t.get("tcp_timeout", float, d.tcp_timeout, _positive),
+        timeout=t.get("timeout", float, d.timeout, positive),
+        attempts=t.get("attempts", int, d.attempts, at_least(1)),
+        tcp_timeout=t.get("tcp_timeout", float, d.tcp_timeout, positive),
         from_resolv_conf=from_file,
     )
     t.done()
@@ -314,7 +246,7 @@ def _upstream(t: _Table, listen: tuple[Endpoint, ...], resolv_conf: Path,
     return cfg
 
 
-def _dnssec(t: _Table, base: Path) -> DnssecConfig:
+def _dnssec(t: Table, base: Path) -> DnssecConfig:
     d = DnssecConfig()
     files = t.strings("trust_anchor_files") or ()
     paths = tuple((base / f) if not Path(f).is_absolute() else Path(f) for f in files)
@@ -337,28 +269,28 @@ def _dnssec(t: _Table, base: Path) -> DnssecConfig:
     return cfg
 
 
-def _cache(t: _Table) -> CacheConfig:
+def _cache(t: Table) -> CacheConfig:
     d = CacheConfig()
     cfg = CacheConfig(
-        max_entries=t.get("max_entries", int, d.max_entries, _at_least(16)),
-        max_ttl=t.get("max_ttl", int, d.max_ttl, _at_least(0)),
-        bogus_ttl=t.get("bogus_ttl", int, d.bogus_ttl, _at_least(0)),
-        failure_ttl=t.get("failure_ttl", int, d.failure_ttl, _between(1, 300)),
-        negative_max_ttl=t.get("negative_max_ttl", int, d.negative_max_ttl, _at_least(0)),
+        max_entries=t.get("max_entries", int, d.max_entries, at_least(16)),
+        max_ttl=t.get("max_ttl", int, d.max_ttl, at_least(0)),
+        bogus_ttl=t.get("bogus_ttl", int, d.bogus_ttl, at_least(0)),
+        failure_ttl=t.get("failure_ttl", int, d.failure_ttl, between(1, 300)),
+        negative_max_ttl=t.get("negative_max_ttl", int, d.negative_max_ttl, at_least(0)),
     )
     t.done()
     return cfg
 
 
-def _limits(t: _Table) -> LimitsConfig:
+def _limits(t: Table) -> LimitsConfig:
     d = LimitsConfig()
-    values = {name: t.get(name, int, getattr(d, name), _at_least(1))
+    values = {name: t.get(name, int, getattr(d, name), at_least(1))
               for name in LimitsConfig.__dataclass_fields__}
     t.done()
     return LimitsConfig(**values)
 
 
-def _log(t: _Table) -> LogConfig:
+def _log(t: Table) -> LogConfig:
     d = LogConfig()
     cfg = LogConfig(
         level=t.get("level", str, d.level,
@@ -432,8 +364,8 @@ def load(path: Path | None, *, listen_override: tuple[Endpoint, ...] = (),
             raise ConfigError(f"{where}: unknown table [{name}] "
                               f"(known: {', '.join(sorted(known))})")
 
-    def table(name: str) -> _Table:
-        return _Table(where, name, raw.get(name, {}))
+    def table(name: str) -> Table:
+        return Table(where, name, raw.get(name, {}))
 
     server = _server(table("server"))
     if listen_override:
@@ -443,7 +375,7 @@ def load(path: Path | None, *, listen_override: tuple[Endpoint, ...] = (),
     for name in PASSTHROUGH_TABLES:
         if name in raw:
             if not isinstance(raw[name], dict):
-                raise ConfigError(f"{where}: [{name}] must be a table, not {_tname(raw[name])}")
+                raise ConfigError(f"{where}: [{name}] must be a table, not {type_name(raw[name])}")
             sections[name] = raw[name]
     return Config(
         path=path,

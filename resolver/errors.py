@@ -37,6 +37,18 @@ class ProvisioningError(ResolverError):
     """
 
 
+class TunnelTimeout(ProvisioningError):
+    """The CHILD_SA was not reported INSTALLED within the timeout. The peer's (or path's) fault."""
+
+
+class IkeDaemonUnreachable(ProvisioningError):
+    """The IKE daemon's control socket could not be used. Local fault."""
+
+
+class TunnelRejected(ProvisioningError):
+    """The IKE daemon refused or failed the setup (authentication, proposals, bad config)."""
+
+
 class BudgetExceeded(ResolverError):
     """A per-query work limit (signature checks, NSEC3 hashes, upstream queries) ran out.
 

@@ -50,7 +50,12 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
-from resolver.errors import ConfigError
+from resolver.errors import (
+    ConfigError,
+    IkeDaemonUnreachable,
+    ProvisioningError,
+    TunnelTimeout,
+)
 from resolver.ipseckey import IpsecKey, keys_from_rrset
 from resolver.validator.response import Security, Verdict
 
@@ -439,3 +444,12 @@ class Policy:
             drop = tunnel.destinations if tunnel.group is Group.PRIVATE else ()
             return Refuse(tunnel.group, _FAILURE_EDE[failure], text, drop=drop)
         return AnswerClear(tunnel.group, f"{text}: clear (private-or-clear)")
+
+
+def classify(exc: ProvisioningError) -> SetupFailure:
+    """The decision-table category of a provisioning failure."""
+    if isinstance(exc, TunnelTimeout):
+        return SetupFailure.TIMEOUT
+    if isinstance(exc, IkeDaemonUnreachable):
+        return SetupFailure.DAEMON_UNREACHABLE
+    return SetupFailure.REJECTED

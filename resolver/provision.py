@@ -37,214 +37,39 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import dataclasses
 import enum
 import functools
-import hashlib
 import ipaddress
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any
 
 import dns.name
 
-from resolver.errors import ConfigError, ProvisioningError
-from resolver.ipseckey import NO_GATEWAY, IpsecKey, KeyAlgorithm, parse_gateway
-from resolver.policy import SetupFailure
-from resolver.tunnels.config import Identity as Identity
-from resolver.tunnels.config import ProvisionConfig as ProvisionConfig
+from resolver.errors import ProvisioningError, TunnelRejected, TunnelTimeout
+from resolver.ipseckey import IpsecKey, KeyAlgorithm, parse_gateway
+from resolver.tunnels.backend import ProvisioningBackend
+from resolver.tunnels.config import ProvisionConfig
+from resolver.tunnels.intents import (
+    InstallShunt,
+    InstallTunnel,
+    Intent,
+    ItemKind,
+    PolicyKey,
+    RemoveShunt,
+    RemoveTunnel,
+    TunnelSpec,
+)
 
 log = logging.getLogger(__name__)
 
 Address = IPv4Address | IPv6Address
-
-CONN_PREFIX: Final = "isk-"
-
-
-# --- errors (classified, so policy can pick the EDE) ---------------------------------------
-
-
-class TunnelTimeout(ProvisioningError):
-    """The CHILD_SA was not reported INSTALLED within the timeout. The peer's (or path's) fault."""
-
-
-class DaemonUnreachable(ProvisioningError):
-    """The IKE daemon's control socket could not be used. Local fault."""
-
-
-class TunnelRejected(ProvisioningError):
-    """The IKE daemon refused or failed the setup (authentication, proposals, bad config)."""
-
-
-def classify(exc: ProvisioningError) -> SetupFailure:
-    """The decision-table category of a provisioning failure."""
-    if isinstance(exc, TunnelTimeout):
-        return SetupFailure.TIMEOUT
-    if isinstance(exc, DaemonUnreachable):
-        return SetupFailure.DAEMON_UNREACHABLE
-    return SetupFailure.REJECTED
-
-
-# --- intents -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TunnelSpec:
-    """Everything a backend needs to bring one host-to-host tunnel up.
-
-    `destination` is the address the DNS answer leads to (the remote traffic selector, /32 or
-    /128); `remote_addr` is the IKE peer: the destination itself, or the gateway of a gateway
-    IPSECKEY. `remote_id` is the IKE identity the key is bound to.
-    """
-
-    name: str
-    destination: Address
-    remote_addr: Address
-    remote_id: str
-    key: IpsecKey
-
-
-@dataclass(frozen=True, slots=True)
-class InstallTunnel:
-    """Load the peer's key and connection, initiate, and return once the CHILD_SA is INSTALLED.
-
-    `replaces`: a tunnel of the same name is up with another key or gateway. Make before break:
-    the backend brings a new SA up under the new configuration and only then ends the old SAs
-    of that name; if the new one fails, the old SAs are left alone.
-    """
-
-    spec: TunnelSpec
-    timeout: float
-    replaces: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class RemoveTunnel:
-    """Terminate the SAs (IKE too) of connection `name`, then unload it. Idempotent."""
-
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class InstallShunt:
-    """Drop traffic to `destination` (a kernel BLOCK policy). Idempotent."""
-
-    destination: Address
-
-
-@dataclass(frozen=True, slots=True)
-class RemoveShunt:
-    """Remove our drop shunt for `destination`. Idempotent."""
-
-    destination: Address
-
-
-Intent = InstallTunnel | RemoveTunnel | InstallShunt | RemoveShunt
-
-
-class ItemKind(enum.Enum):
-    TUNNEL = "tunnel"
-    SHUNT = "shunt"
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyKey:
-    """One thing a backend has installed: a tunnel by connection name, a shunt by address."""
-
-    kind: ItemKind
-    ident: str
-
-    @classmethod
-    def tunnel(cls, name: str) -> PolicyKey:
-        return cls(ItemKind.TUNNEL, name)
-
-    @classmethod
-    def shunt(cls, destination: Address) -> PolicyKey:
-        return cls(ItemKind.SHUNT, str(destination))
-
-
-class ProvisioningBackend(Protocol):
-    """The edge (httpcore's NetworkBackend in spirit). Raise only ProvisioningError subclasses."""
-
-    async def apply(self, intent: Intent) -> None: ...
-
-    async def installed(self) -> frozenset[PolicyKey]: ...
-
-
-class CompositeBackend:
-    """Tunnels to one backend (VICI), shunts to another (XFRM); `None` drops shunt intents."""
-
-    def __init__(self, tunnels: ProvisioningBackend, shunts: ProvisioningBackend | None) -> None:
-        self.tunnels = tunnels
-        self.shunts = shunts
-
-    async def apply(self, intent: Intent) -> None:
-        if isinstance(intent, InstallTunnel | RemoveTunnel):
-            await self.tunnels.apply(intent)
-        elif self.shunts is not None:
-            await self.shunts.apply(intent)
-
-    async def installed(self) -> frozenset[PolicyKey]:
-        found = {k for k in await self.tunnels.installed() if k.kind is ItemKind.TUNNEL}
-        if self.shunts is not None:
-            found |= {k for k in await self.shunts.installed() if k.kind is ItemKind.SHUNT}
-        return frozenset(found)
-
-
-# --- naming --------------------------------------------------------------------------------
-
-_UNSAFE = re.compile(r"[^a-z0-9-]")
-
-
-def connection_name(owner: dns.name.Name, destination: Address) -> str:
-    """A connection name safe for charon: "isk-" + up to 20 sanitized characters of the first
-    label + "-" + 10 hex digits of SHA-256(owner, destination).
-
-    DNS labels may hold any octet; only [a-z0-9-] survive, and the hash keeps names of
-    different owners/destinations apart whatever the sanitizing folded together.
-    """
-    first = owner.labels[0] if owner.labels and owner != dns.name.root else b"root"
-    label = _UNSAFE.sub("", first.decode("ascii", "replace").lower())[:20] or "x"
-    digest = hashlib.sha256(owner.to_digestable() + destination.packed).hexdigest()[:10]
-    return f"{CONN_PREFIX}{label}-{digest}"
-
-
-def tunnel_spec(key: IpsecKey, destination: Address, gateway_addr: Address | None) -> TunnelSpec:
-    """The tunnel for `destination` authenticated by `key`.
-
-    Args:
-        key: the (best) secure IpsecKey of the destination's name.
-        destination: one address of the answer.
-        gateway_addr: the gateway's address when `key.gateway` is a name (resolved by the
-            caller); ignored otherwise.
-
-    Raises:
-        ValueError: a name gateway without `gateway_addr`, or an address family mismatch.
-    """
-    gw = key.gateway
-    if gw is NO_GATEWAY:
-        remote: Address = destination
-        remote_id = key.owner.to_text(omit_final_dot=True)
-    elif isinstance(gw, dns.name.Name):
-        if gateway_addr is None:
-            raise ValueError(f"gateway {gw} of {key.owner} has no address")
-        remote, remote_id = gateway_addr, gw.to_text(omit_final_dot=True)
-    else:
-        # An address gateway tells us where, not who: the key is what authenticates it, and the
-        # identity is its address (charon matches the key to that id; see provision_vici).
-        remote, remote_id = gw, str(gw)
-    # The TTL is a property of one answer, not of the key: keep it out of the spec so that an
-    # aged or republished TTL never looks like a key change (which would replace the tunnel).
-    return TunnelSpec(connection_name(key.owner, destination), destination, remote, remote_id,
-                      dataclasses.replace(key, ttl=0))
-
 
 # --- the provisioner ---------------------------------------------------------------------------
 
@@ -336,7 +161,7 @@ class Provisioner:
                 the setup fails (group private).
 
         Raises:
-            ProvisioningError (TunnelTimeout, DaemonUnreachable, TunnelRejected): no tunnel.
+            ProvisioningError (TunnelTimeout, IkeDaemonUnreachable, TunnelRejected): no tunnel.
         """
         dest = spec.destination
         for _ in range(3):  # a concurrent setup may have been for another key: look again
@@ -770,30 +595,3 @@ def _spec_from_json(e: Mapping[str, Any]) -> TunnelSpec:
     )
 
 
-def make_backend(config: ProvisionConfig, identity: Identity | None, *,
-                 netns: str | None = None, source: str = "config") -> CompositeBackend:
-    """The backends the configuration asks for: tunnels over VICI (or the dry run, only when
-    `backend = "dryrun"` is written down: nothing falls back to it), shunts over XFRM.
-
-    Raises:
-        ConfigError: VICI without an [identity], or an unreadable private key.
-    """
-    # Imported here: the backend modules import this one.
-    from resolver.tunnels.dryrun import DryRunBackend
-    from resolver.tunnels.vici import ViciBackend
-    from resolver.tunnels.xfrm import XfrmBackend
-
-    tunnels: ProvisioningBackend
-    if config.backend == "dryrun":
-        log.warning("provisioning is a DRY RUN: tunnels are logged, not built; private "
-                    "destinations are answered without protection")
-        tunnels = DryRunBackend()
-    else:
-        if identity is None:
-            raise ConfigError(f"{source}: [identity] is required with [provision] backend 'vici'")
-        try:
-            tunnels = ViciBackend(config.vici_socket, identity)
-        except (ProvisioningError, ConfigError) as exc:  # unreadable, too open, not a key
-            raise ConfigError(f"{source}: [identity] key 'private_key': {exc}") from None
-    shunts = XfrmBackend(netns) if config.shunts == "xfrm" else None
-    return CompositeBackend(tunnels, shunts)

@@ -20,19 +20,18 @@ import dns.rrset
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from resolver.capture import CaptureHandler, chain_end
+from resolver.errors import IkeDaemonUnreachable, TunnelTimeout
 from resolver.ipseckey import IpsecKey
 from resolver.policy import Policy, PolicyConfig
-from resolver.provision import (
-    DaemonUnreachable,
+from resolver.provision import Provisioner
+from resolver.tunnels.config import ProvisionConfig
+from resolver.tunnels.intents import (
     InstallShunt,
     InstallTunnel,
     Intent,
     PolicyKey,
-    ProvisionConfig,
-    Provisioner,
     RemoveShunt,
     RemoveTunnel,
-    TunnelTimeout,
 )
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
 from tests.asyncutil import aio
@@ -242,7 +241,7 @@ async def test_tunnel_timeout_private_is_servfail() -> None:
 async def test_daemon_unreachable_ede() -> None:
     script = Script({("bob.example.test.", A): answer(BOB_A),
                      ("bob.example.test.", IPSECKEY): answer(key_rrset())})
-    h, _, _ = handler(script, backend=FakeBackend(DaemonUnreachable("no socket")))
+    h, _, _ = handler(script, backend=FakeBackend(IkeDaemonUnreachable("no socket")))
     reply = await h.handle(query(), WHEN)
     assert ede(reply) == (14, "IKE daemon unreachable: no socket")
 

@@ -51,19 +51,17 @@ from resolver.endpoints.core import (
     retry_delay,
 )
 from resolver.endpoints.manager import EndpointManager
-from resolver.errors import ProvisioningError
+from resolver.errors import IkeDaemonUnreachable, ProvisioningError, TunnelTimeout
 from resolver.ipseckey import IpsecKey, ipseckey_rdata_for
 from resolver.policy import Group
-from resolver.provision import (
-    DaemonUnreachable,
+from resolver.provision import Provisioner
+from resolver.tunnels.config import ProvisionConfig
+from resolver.tunnels.intents import (
     InstallTunnel,
     Intent,
     PolicyKey,
-    ProvisionConfig,
-    Provisioner,
     RemoveTunnel,
     TunnelSpec,
-    TunnelTimeout,
     tunnel_spec,
 )
 from resolver.validator.response import Security, Verdict
@@ -352,7 +350,7 @@ async def test_add_with_tunnel_failure_keeps_endpoint_and_retries() -> None:
 @aio
 async def test_ike_daemon_unreachable_code() -> None:
     m, _zone, t = manager()
-    t.fail[BOB4] = t.fail[BOB6] = DaemonUnreachable("charon.vici: connection refused")
+    t.fail[BOB4] = t.fail[BOB6] = IkeDaemonUnreachable("charon.vici: connection refused")
     with pytest.raises(EndpointError) as e:
         await m.add(BOB, None, WHEN)
     assert e.value.code == "ike-unreachable"

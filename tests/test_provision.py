@@ -15,29 +15,30 @@ import dns.name
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from resolver.errors import ConfigError, ProvisioningError
+from resolver.errors import (
+    ConfigError,
+    IkeDaemonUnreachable,
+    ProvisioningError,
+    TunnelRejected,
+    TunnelTimeout,
+)
 from resolver.ipseckey import IpsecKey
-from resolver.policy import SetupFailure
-from resolver.provision import (
-    CompositeBackend,
-    DaemonUnreachable,
-    Identity,
+from resolver.policy import SetupFailure, classify
+from resolver.provision import Provisioner
+from resolver.tunnels.backend import CompositeBackend
+from resolver.tunnels.config import Identity, ProvisionConfig
+from resolver.tunnels.dryrun import DryRunBackend
+from resolver.tunnels.intents import (
     InstallShunt,
     InstallTunnel,
     Intent,
     ItemKind,
     PolicyKey,
-    ProvisionConfig,
-    Provisioner,
     RemoveShunt,
     RemoveTunnel,
-    TunnelRejected,
-    TunnelTimeout,
-    classify,
     connection_name,
     tunnel_spec,
 )
-from resolver.tunnels.dryrun import DryRunBackend
 from tests.asyncutil import aio
 
 WHEN = 1_800_000_000.0  # pinned clock (POSIX seconds)
@@ -340,7 +341,7 @@ def test_tunnel_specs_for_gateways() -> None:
 
 def test_classify() -> None:
     assert classify(TunnelTimeout("x")) is SetupFailure.TIMEOUT
-    assert classify(DaemonUnreachable("x")) is SetupFailure.DAEMON_UNREACHABLE
+    assert classify(IkeDaemonUnreachable("x")) is SetupFailure.DAEMON_UNREACHABLE
     assert classify(TunnelRejected("x")) is SetupFailure.REJECTED
     assert classify(ProvisioningError("x")) is SetupFailure.REJECTED
 
@@ -402,7 +403,7 @@ async def test_dry_run_backend() -> None:
 def test_make_backend(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    from resolver.provision import make_backend
+    from resolver.tunnels.backend import make_backend
     from resolver.tunnels.vici import ViciBackend
 
     dry = make_backend(ProvisionConfig(backend="dryrun", shunts="none"), None)

@@ -11,15 +11,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from resolver.errors import IkeDaemonUnreachable, TunnelRejected
 from resolver.ipseckey import IpsecKey
-from resolver.provision import (
-    DaemonUnreachable,
-    Identity,
-    InstallShunt,
-    InstallTunnel,
-    TunnelRejected,
-    tunnel_spec,
-)
+from resolver.tunnels.config import Identity
+from resolver.tunnels.intents import InstallShunt, InstallTunnel, tunnel_spec
 from resolver.tunnels.vici import ViciBackend
 
 OWN = ed25519.Ed25519PrivateKey.generate()
@@ -69,9 +64,9 @@ def test_connection_payload_gateway_and_ipv6() -> None:
 def test_unreachable_daemon_is_translated() -> None:
     b = backend()
     spec = tunnel_spec(PEER, IPv4Address("198.51.100.11"), None)
-    with pytest.raises(DaemonUnreachable, match="nonexistent"):
+    with pytest.raises(IkeDaemonUnreachable, match="nonexistent"):
         asyncio.run(b.apply(InstallTunnel(spec, 1.0)))
-    with pytest.raises(DaemonUnreachable):
+    with pytest.raises(IkeDaemonUnreachable):
         asyncio.run(b.installed())
     with pytest.raises(TunnelRejected, match="not a VICI intent"):
         asyncio.run(b.apply(InstallShunt(IPv4Address("198.51.100.11"))))

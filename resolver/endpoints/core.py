@@ -48,8 +48,8 @@ import dns.rdatatype
 from resolver.capture import chain_end
 from resolver.errors import ProvisioningError
 from resolver.ipseckey import NO_GATEWAY, IpsecKey, KeyAlgorithm, parse_gateway
-from resolver.policy import AnswerLike, Group, KeyStatus, SetupFailure, key_evidence
-from resolver.provision import TunnelSpec, classify, tunnel_spec
+from resolver.policy import AnswerLike, Group, KeyStatus, SetupFailure, classify, key_evidence
+from resolver.tunnels.intents import TunnelSpec, tunnel_spec
 from resolver.validator.response import Security
 
 Address = IPv4Address | IPv6Address

@@ -54,7 +54,8 @@ from resolver.endpoints.core import (
 from resolver.errors import ProvisioningError, ResolverError
 from resolver.ipseckey import IpsecKey
 from resolver.policy import AnswerLike, Group, Policy
-from resolver.provision import TunnelSpec, write_atomically
+from resolver.provision import write_atomically
+from resolver.tunnels.intents import TunnelSpec
 from resolver.validator.response import Security
 
 __all__ = ["DEFAULT_KEEPALIVE", "EndpointError", "EndpointManager", "Resolver", "Tunnels"]

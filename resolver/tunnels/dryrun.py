@@ -8,13 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from resolver.provision import (
-    InstallShunt,
-    InstallTunnel,
-    Intent,
-    PolicyKey,
-    RemoveTunnel,
-)
+from resolver.tunnels.intents import InstallShunt, InstallTunnel, Intent, PolicyKey, RemoveTunnel
 
 log = logging.getLogger(__name__)
 

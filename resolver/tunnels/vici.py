@@ -53,21 +53,19 @@ import vici.exception
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from resolver.errors import IkeDaemonUnreachable, TunnelRejected, TunnelTimeout
 from resolver.ipseckey import spki_pem
 from resolver.keyfile import read_private_key_file
-from resolver.provision import (
+from resolver.tunnels.config import Identity
+from resolver.tunnels.intents import (
     CONN_PREFIX,
-    DaemonUnreachable,
-    Identity,
     InstallShunt,
     InstallTunnel,
     Intent,
     PolicyKey,
     RemoveShunt,
     RemoveTunnel,
-    TunnelRejected,
     TunnelSpec,
-    TunnelTimeout,
 )
 
 log = logging.getLogger(__name__)
@@ -340,12 +338,12 @@ class ViciBackend:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._pool, lambda: self._call(fn, *args))
-        except (TunnelTimeout, TunnelRejected, DaemonUnreachable):
+        except (TunnelTimeout, TunnelRejected, IkeDaemonUnreachable):
             raise
         except (OSError, vici.exception.SessionException,
                 vici.exception.DeserializationException) as exc:
             self._charon_since = None
-            raise DaemonUnreachable(f"IKE daemon at {self.uri}: {exc}") from None
+            raise IkeDaemonUnreachable(f"IKE daemon at {self.uri}: {exc}") from None
         except vici.exception.CommandException as exc:
             raise TunnelRejected(f"IKE daemon refused: {exc}") from None
 
@@ -359,7 +357,7 @@ def _connect(uri: str, timeout: float) -> socket.socket:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         address = (host.strip("[]"), int(port))
     else:
-        raise DaemonUnreachable(f"unsupported VICI URI {uri!r}")
+        raise IkeDaemonUnreachable(f"unsupported VICI URI {uri!r}")
     sock.settimeout(timeout)
     deadline = time.monotonic() + timeout
     while True:

@@ -49,7 +49,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nlsocket import NetlinkSocket
 
 from resolver.errors import ProvisioningError
-from resolver.provision import (
+from resolver.tunnels.intents import (
     InstallShunt,
     InstallTunnel,
     Intent,

@@ -34,13 +34,10 @@ from lab import Lab
 from lab.wire import Capture
 from resolver.capture import CaptureHandler
 from resolver.policy import Policy, PolicyConfig
-from resolver.provision import (
-    CompositeBackend,
-    Identity,
-    ProvisionConfig,
-    Provisioner,
-    RemoveTunnel,
-)
+from resolver.provision import Provisioner
+from resolver.tunnels.backend import CompositeBackend
+from resolver.tunnels.config import Identity, ProvisionConfig
+from resolver.tunnels.intents import RemoveTunnel
 from resolver.tunnels.vici import ViciBackend
 from resolver.tunnels.xfrm import XfrmBackend
 from resolver.validator.response import Security, ValidatedAnswer, Verdict

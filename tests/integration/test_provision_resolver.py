@@ -26,14 +26,11 @@ from lab import Lab
 from resolver.capture import CaptureHandler
 from resolver.config import Endpoint
 from resolver.policy import Policy, PolicyConfig
-from resolver.provision import (
-    CompositeBackend,
-    Identity,
-    ProvisionConfig,
-    Provisioner,
-    RemoveTunnel,
-)
+from resolver.provision import Provisioner
 from resolver.resolve import Fetch, PlainHandler, Resolution
+from resolver.tunnels.backend import CompositeBackend
+from resolver.tunnels.config import Identity, ProvisionConfig
+from resolver.tunnels.intents import RemoveTunnel
 from resolver.tunnels.vici import ViciBackend
 from resolver.tunnels.xfrm import XfrmBackend
 from resolver.upstream import Forwarder

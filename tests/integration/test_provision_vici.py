@@ -31,18 +31,12 @@ import pytest
 
 from lab import Lab
 from lab.wire import Capture
+from resolver.errors import TunnelTimeout
 from resolver.ipseckey import IpsecKey, keys_from_rrset
-from resolver.provision import (
-    CompositeBackend,
-    Identity,
-    InstallTunnel,
-    ProvisionConfig,
-    Provisioner,
-    RemoveTunnel,
-    TunnelSpec,
-    TunnelTimeout,
-    tunnel_spec,
-)
+from resolver.provision import Provisioner
+from resolver.tunnels.backend import CompositeBackend
+from resolver.tunnels.config import Identity, ProvisionConfig
+from resolver.tunnels.intents import InstallTunnel, RemoveTunnel, TunnelSpec, tunnel_spec
 from resolver.tunnels.vici import ViciBackend
 from resolver.tunnels.xfrm import XfrmBackend
 

@@ -16,7 +16,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from resolver.provision import InstallShunt, PolicyKey, RemoveShunt
+from resolver.tunnels.intents import InstallShunt, PolicyKey, RemoveShunt
 from resolver.tunnels.xfrm import BLOCK_PRIORITY, XfrmBackend
 
 pytestmark = pytest.mark.integration

@@ -1,0 +1,72 @@
+"""The backend interface (httpcore's NetworkBackend in spirit), the composite, and the factory.
+
+Backends are edges: they import the intents (`resolver.tunnels.intents`), never the
+Provisioner, and the Provisioner imports only this interface. `make_backend` is the one place
+that knows which implementations exist.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from resolver.errors import ConfigError, ProvisioningError
+from resolver.tunnels.config import Identity, ProvisionConfig
+from resolver.tunnels.dryrun import DryRunBackend
+from resolver.tunnels.intents import InstallTunnel, Intent, ItemKind, PolicyKey, RemoveTunnel
+from resolver.tunnels.vici import ViciBackend
+from resolver.tunnels.xfrm import XfrmBackend
+
+log = logging.getLogger(__name__)
+
+
+class ProvisioningBackend(Protocol):
+    """The edge (httpcore's NetworkBackend in spirit). Raise only ProvisioningError subclasses."""
+
+    async def apply(self, intent: Intent) -> None: ...
+
+    async def installed(self) -> frozenset[PolicyKey]: ...
+
+
+class CompositeBackend:
+    """Tunnels to one backend (VICI), shunts to another (XFRM); `None` drops shunt intents."""
+
+    def __init__(self, tunnels: ProvisioningBackend, shunts: ProvisioningBackend | None) -> None:
+        self.tunnels = tunnels
+        self.shunts = shunts
+
+    async def apply(self, intent: Intent) -> None:
+        if isinstance(intent, InstallTunnel | RemoveTunnel):
+            await self.tunnels.apply(intent)
+        elif self.shunts is not None:
+            await self.shunts.apply(intent)
+
+    async def installed(self) -> frozenset[PolicyKey]:
+        found = {k for k in await self.tunnels.installed() if k.kind is ItemKind.TUNNEL}
+        if self.shunts is not None:
+            found |= {k for k in await self.shunts.installed() if k.kind is ItemKind.SHUNT}
+        return frozenset(found)
+
+
+def make_backend(config: ProvisionConfig, identity: Identity | None, *,
+                 netns: str | None = None, source: str = "config") -> CompositeBackend:
+    """The backends the configuration asks for: tunnels over VICI (or the dry run, only when
+    `backend = "dryrun"` is written down: nothing falls back to it), shunts over XFRM.
+
+    Raises:
+        ConfigError: VICI without an [identity], or an unreadable private key.
+    """
+    tunnels: ProvisioningBackend
+    if config.backend == "dryrun":
+        log.warning("provisioning is a DRY RUN: tunnels are logged, not built; private "
+                    "destinations are answered without protection")
+        tunnels = DryRunBackend()
+    else:
+        if identity is None:
+            raise ConfigError(f"{source}: [identity] is required with [provision] backend 'vici'")
+        try:
+            tunnels = ViciBackend(config.vici_socket, identity)
+        except (ProvisioningError, ConfigError) as exc:  # unreadable, too open, not a key
+            raise ConfigError(f"{source}: [identity] key 'private_key': {exc}") from None
+    shunts = XfrmBackend(netns) if config.shunts == "xfrm" else None
+    return CompositeBackend(tunnels, shunts)

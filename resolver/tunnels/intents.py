@@ -1,0 +1,144 @@
+"""What the Provisioner asks a backend to do: tunnel specs, intents, and what a backend holds.
+
+Pure data and naming, no I/O: the Provisioner, the backends and the endpoints core all speak
+these types, and none of them imports another to get them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import re
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from typing import Final
+
+import dns.name
+
+from resolver.ipseckey import NO_GATEWAY, IpsecKey
+
+Address = IPv4Address | IPv6Address
+
+CONN_PREFIX: Final = "isk-"
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSpec:
+    """Everything a backend needs to bring one host-to-host tunnel up.
+
+    `destination` is the address the DNS answer leads to (the remote traffic selector, /32 or
+    /128); `remote_addr` is the IKE peer: the destination itself, or the gateway of a gateway
+    IPSECKEY. `remote_id` is the IKE identity the key is bound to.
+    """
+
+    name: str
+    destination: Address
+    remote_addr: Address
+    remote_id: str
+    key: IpsecKey
+
+
+@dataclass(frozen=True, slots=True)
+class InstallTunnel:
+    """Load the peer's key and connection, initiate, and return once the CHILD_SA is INSTALLED.
+
+    `replaces`: a tunnel of the same name is up with another key or gateway. Make before break:
+    the backend brings a new SA up under the new configuration and only then ends the old SAs
+    of that name; if the new one fails, the old SAs are left alone.
+    """
+
+    spec: TunnelSpec
+    timeout: float
+    replaces: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveTunnel:
+    """Terminate the SAs (IKE too) of connection `name`, then unload it. Idempotent."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class InstallShunt:
+    """Drop traffic to `destination` (a kernel BLOCK policy). Idempotent."""
+
+    destination: Address
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveShunt:
+    """Remove our drop shunt for `destination`. Idempotent."""
+
+    destination: Address
+
+
+Intent = InstallTunnel | RemoveTunnel | InstallShunt | RemoveShunt
+
+
+class ItemKind(enum.Enum):
+    TUNNEL = "tunnel"
+    SHUNT = "shunt"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyKey:
+    """One thing a backend has installed: a tunnel by connection name, a shunt by address."""
+
+    kind: ItemKind
+    ident: str
+
+    @classmethod
+    def tunnel(cls, name: str) -> PolicyKey:
+        return cls(ItemKind.TUNNEL, name)
+
+    @classmethod
+    def shunt(cls, destination: Address) -> PolicyKey:
+        return cls(ItemKind.SHUNT, str(destination))
+
+
+_UNSAFE = re.compile(r"[^a-z0-9-]")
+
+
+def connection_name(owner: dns.name.Name, destination: Address) -> str:
+    """A connection name safe for charon: "isk-" + up to 20 sanitized characters of the first
+    label + "-" + 10 hex digits of SHA-256(owner, destination).
+
+    DNS labels may hold any octet; only [a-z0-9-] survive, and the hash keeps names of
+    different owners/destinations apart whatever the sanitizing folded together.
+    """
+    first = owner.labels[0] if owner.labels and owner != dns.name.root else b"root"
+    label = _UNSAFE.sub("", first.decode("ascii", "replace").lower())[:20] or "x"
+    digest = hashlib.sha256(owner.to_digestable() + destination.packed).hexdigest()[:10]
+    return f"{CONN_PREFIX}{label}-{digest}"
+
+
+def tunnel_spec(key: IpsecKey, destination: Address, gateway_addr: Address | None) -> TunnelSpec:
+    """The tunnel for `destination` authenticated by `key`.
+
+    Args:
+        key: the (best) secure IpsecKey of the destination's name.
+        destination: one address of the answer.
+        gateway_addr: the gateway's address when `key.gateway` is a name (resolved by the
+            caller); ignored otherwise.
+
+    Raises:
+        ValueError: a name gateway without `gateway_addr`, or an address family mismatch.
+    """
+    gw = key.gateway
+    if gw is NO_GATEWAY:
+        remote: Address = destination
+        remote_id = key.owner.to_text(omit_final_dot=True)
+    elif isinstance(gw, dns.name.Name):
+        if gateway_addr is None:
+            raise ValueError(f"gateway {gw} of {key.owner} has no address")
+        remote, remote_id = gateway_addr, gw.to_text(omit_final_dot=True)
+    else:
+        # An address gateway tells us where, not who: the key is what authenticates it, and the
+        # identity is its address (charon matches the key to that id; see provision_vici).
+        remote, remote_id = gw, str(gw)
+    # The TTL is a property of one answer, not of the key: keep it out of the spec so that an
+    # aged or republished TTL never looks like a key change (which would replace the tunnel).
+    return TunnelSpec(connection_name(key.owner, destination), destination, remote, remote_id,
+                      dataclasses.replace(key, ttl=0))
