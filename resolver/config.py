@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from resolver.configtable import Table, at_least, between, positive, type_name
+from resolver.configtable import Table, at_least, between, one_of, positive
 from resolver.errors import ConfigError
 from resolver.validator.types import Limits
 
@@ -191,28 +191,14 @@ def _port(text: str, whole: str) -> int:
     return int(text)
 
 
-def _endpoints(table: Table, key: str, default: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
-    items = table.strings(key)
-    if items is None:
-        return default
-    out = []
-    for item in items:
-        try:
-            out.append(parse_endpoint(item))
-        except ValueError as e:
-            raise table.fail(key, str(e)) from None
-    return tuple(out)
-
-
 def _server(t: Table) -> ServerConfig:
     d = ServerConfig()
-    listen = _endpoints(t, "listen", d.listen)
+    listen = t.each("listen", parse_endpoint, d.listen)
     if not listen:
         raise t.fail("listen", "must list at least one address")
     cfg = ServerConfig(
         listen=listen,
-        edns_payload=t.get("edns_payload", int, d.edns_payload,
-                           lambda v: None if 512 <= v <= 4096 else "must be 512-4096"),
+        edns_payload=t.get("edns_payload", int, d.edns_payload, between(512, 4096)),
         tcp_idle_timeout=t.get("tcp_idle_timeout", float, d.tcp_idle_timeout, positive),
         tcp_max_connections=t.get("tcp_max_connections", int, d.tcp_max_connections,
                                   at_least(1)),
@@ -226,8 +212,8 @@ def _server(t: Table) -> ServerConfig:
 def _upstream(t: Table, listen: tuple[Endpoint, ...], resolv_conf: Path,
               override: tuple[Endpoint, ...]) -> UpstreamConfig:
     d = UpstreamConfig()
-    servers = override or _endpoints(t, "servers", ())
-    t.seen.add("servers")
+    servers = override or t.each("servers", parse_endpoint, d.servers)
+    t.defaults.setdefault("servers", d.servers)  # a known key even when --upstream replaces it
     from_file = "servers" not in t.raw and not override
     if from_file:
         servers = default_upstreams(listen, resolv_conf)
@@ -248,19 +234,23 @@ def _upstream(t: Table, listen: tuple[Endpoint, ...], resolv_conf: Path,
 
 def _dnssec(t: Table, base: Path) -> DnssecConfig:
     d = DnssecConfig()
-    files = t.strings("trust_anchor_files") or ()
-    paths = tuple((base / f) if not Path(f).is_absolute() else Path(f) for f in files)
-    for p in paths:
-        if not p.is_file():
-            raise t.fail("trust_anchor_files", f"{p}: no such file")
-    ntas = t.strings("negative_trust_anchors") or ()
-    for n in ntas:
-        if not n or any(c.isspace() for c in n) or ".." in n:
-            raise t.fail("negative_trust_anchors", f"{n!r} is not a domain name")
+
+    def anchor_file(name: str) -> Path:
+        path = base / name  # an absolute name stays as it is
+        if not path.is_file():
+            raise ValueError(f"{path}: no such file")
+        return path
+
+    def domain_name(name: str) -> str:
+        if not name or any(c.isspace() for c in name) or ".." in name:
+            raise ValueError(f"{name!r} is not a domain name")
+        return name
+
     cfg = DnssecConfig(
         builtin_root_anchors=t.get("builtin_root_anchors", bool, d.builtin_root_anchors),
-        trust_anchor_files=paths,
-        negative_trust_anchors=ntas,
+        trust_anchor_files=t.each("trust_anchor_files", anchor_file, d.trust_anchor_files),
+        negative_trust_anchors=t.each("negative_trust_anchors", domain_name,
+                                      d.negative_trust_anchors),
     )
     t.done()
     if not cfg.builtin_root_anchors and not cfg.trust_anchor_files:
@@ -293,8 +283,7 @@ def _limits(t: Table) -> LimitsConfig:
 def _log(t: Table) -> LogConfig:
     d = LogConfig()
     cfg = LogConfig(
-        level=t.get("level", str, d.level,
-                    lambda v: None if v in LOG_LEVELS else f"must be one of {LOG_LEVELS}"),
+        level=t.get("level", str, d.level, one_of(*LOG_LEVELS)),
         debug_queries=t.get("debug_queries", bool, d.debug_queries),
     )
     t.done()
@@ -374,9 +363,7 @@ def load(path: Path | None, *, listen_override: tuple[Endpoint, ...] = (),
     sections: dict[str, Mapping[str, Any]] = {}
     for name in PASSTHROUGH_TABLES:
         if name in raw:
-            if not isinstance(raw[name], dict):
-                raise ConfigError(f"{where}: [{name}] must be a table, not {type_name(raw[name])}")
-            sections[name] = raw[name]
+            sections[name] = Table(where, name, raw[name]).raw  # their owners parse them
     return Config(
         path=path,
         server=server,
