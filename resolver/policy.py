@@ -50,8 +50,8 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
+from resolver.configtable import Table, between, one_of
 from resolver.errors import (
-    ConfigError,
     IkeDaemonUnreachable,
     ProvisioningError,
     TunnelTimeout,
@@ -217,60 +217,39 @@ class PolicyConfig:
         Raises:
             ConfigError: "SOURCE: [policy] key 'K': problem" for the first bad key.
         """
+        return cls.from_table(Table(source, "policy", section))
 
-        def err(key: str, problem: str) -> ConfigError:
-            return ConfigError(f"{source}: [policy] key {key!r}: {problem}")
-
-        default, strict, max_ttl = DEFAULT_GROUP, False, 300
+    @classmethod
+    def from_table(cls, t: Table) -> PolicyConfig:
+        """Parse the [policy] table (see `from_section`)."""
+        d = cls()
+        default = t.get("default", str, d.default.value, one_of(*(g.value for g in Group)))
+        strict = t.get("strict", bool, d.strict)
+        max_ttl = t.get("max_ttl", int, d.max_ttl, between(1, 86400, "seconds"))
         networks: dict[Network, Group] = {}
         suffixes: dict[dns.name.Name, Group] = {}
-        for key, value in section.items():
-            if key == "default":
-                try:
-                    default = Group(value)
-                except ValueError:
-                    raise err(key, f"{value!r} is not a group ({_group_names()})") from None
-            elif key == "strict":
-                if not isinstance(value, bool):
-                    raise err(key, "must be true or false")
-                strict = value
-            elif key == "max_ttl":
-                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 86400:
-                    raise err(key, "must be an integer 1..86400 (seconds)")
-                max_ttl = value
-            elif key in _GROUP_KEYS:
-                group = Group(key)
-                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                    raise err(key, "must be a list of CIDRs and name suffixes (strings)")
-                for item in value:
-                    rule = _parse_rule(item, lambda p, k=key: err(k, p))
-                    table: dict[Any, Group] = networks if isinstance(rule, Network) else suffixes
-                    if rule in table and table[rule] is not group:
-                        raise err(key, f"{item!r} is also in group {table[rule].value!r}")
-                    table[rule] = group
-            else:
-                raise err(key, f"unknown key (known: default, strict, max_ttl, {_group_names()})")
-        return cls(default, strict, max_ttl, tuple(networks.items()), tuple(suffixes.items()))
+        for group in Group:  # each rule in exactly one group
+            for rule in t.each(group.value, _parse_rule, ()):
+                rules: dict[Any, Group] = networks if isinstance(rule, Network) else suffixes
+                if rules.setdefault(rule, group) is not group:
+                    raise t.fail(group.value, f"{str(rule)!r} is also in group "
+                                              f"{rules[rule].value!r}")
+        t.done()
+        return cls(Group(default), strict, max_ttl, tuple(networks.items()),
+                   tuple(suffixes.items()))
 
 
-_GROUP_KEYS: Final = frozenset(g.value for g in Group)
-
-
-def _group_names() -> str:
-    return ", ".join(g.value for g in Group)
-
-
-def _parse_rule(text: str, err: Any) -> Network | dns.name.Name:
+def _parse_rule(text: str) -> Network | dns.name.Name:
+    """A CIDR or a name suffix. Raises ValueError saying which it looked like."""
     if any(c in text for c in "/:") or text.replace(".", "").isdigit():
         try:
             return ipaddress.ip_network(text, strict=True)
         except ValueError as exc:
-            raise err(f"{text!r} is not a CIDR: {exc}") from None
+            raise ValueError(f"{text!r} is not a CIDR: {exc}") from None
     try:
-        name = dns.name.from_text(text)
+        return dns.name.from_text(text)
     except dns.exception.DNSException as exc:
-        raise err(f"{text!r} is not a name suffix: {exc}") from None
-    return name
+        raise ValueError(f"{text!r} is not a name suffix: {exc}") from None
 
 
 # --- evidence ----------------------------------------------------------------------------
