@@ -25,7 +25,8 @@ from resolver import config as configuration
 from resolver.cache import WireCache
 from resolver.capture import CaptureHandler, QueryHandler
 from resolver.config import Config
-from resolver.endpoints.control import ControlConfig, ControlService, start_control
+from resolver.endpoints.config import ControlConfig
+from resolver.endpoints.control import ControlService, start_control
 from resolver.errors import ConfigError
 from resolver.hostaddr import read_interface_addresses
 from resolver.policy import Policy, PolicyConfig
