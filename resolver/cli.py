@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import gc
 import logging
 import signal
@@ -19,7 +18,6 @@ import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import Any
 
 from resolver import config as configuration
 from resolver.cache import WireCache
@@ -37,7 +35,6 @@ from resolver.tunnels.backend import make_backend
 from resolver.tunnels.config import Identity, ProvisionConfig
 from resolver.upstream import Forwarder
 from resolver.validator.anchors import TrustAnchors
-from resolver.validator.types import Limits
 
 log = logging.getLogger("resolver")
 
@@ -158,17 +155,6 @@ def check_sections(cfg: Config) -> None:
                           "provisioning backend no destination can be made private")
 
 
-def build_limits(cfg: Config) -> Limits:
-    """The validator's Limits from [limits] (same names) and [cache] bogus_ttl."""
-    names = {f.name for f in dataclasses.fields(Limits)}
-    values: dict[str, Any] = {f.name: getattr(cfg.limits, f.name)
-                              for f in dataclasses.fields(cfg.limits) if f.name in names}
-    values["max_fetches"] = cfg.limits.max_upstream_queries
-    values["bogus_ttl"] = cfg.cache.bogus_ttl
-    values["cache_entries"] = cfg.cache.max_entries
-    return Limits(**{k: v for k, v in values.items() if k in names})
-
-
 def host_addresses() -> tuple[IPv4Address | IPv6Address, ...]:
     """The addresses of this host (its network namespace), read over netlink.
 
@@ -202,17 +188,16 @@ async def serve(cfg: Config) -> int:
     from resolver.validator.response import Validator  # late: the validator's part
 
     anchors = build_anchors(cfg)
-    limits = build_limits(cfg)
     source = str(cfg.path) if cfg.path is not None else "config"
 
     def make_validator(fetch: Fetch) -> Validating:
-        return Validator(anchors, fetch, limits)
+        return Validator(anchors, fetch, cfg.limits)
 
     forwarder = Forwarder(cfg.upstream.servers, timeout=cfg.upstream.timeout,
                           attempts=cfg.upstream.attempts, tcp_timeout=cfg.upstream.tcp_timeout,
                           payload=cfg.server.edns_payload)
     resolution = Resolution(forwarder, make_validator, cache=cfg.cache,
-                            max_upstream_queries=cfg.limits.max_upstream_queries)
+                            max_upstream_queries=cfg.limits.max_fetches)
     plain = PlainHandler(resolution, max_ttl=cfg.cache.max_ttl,
                          payload=cfg.server.edns_payload)
 

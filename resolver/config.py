@@ -13,6 +13,7 @@ the default upstream list (the system's nameservers minus this resolver's own ad
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import tomllib
 from collections.abc import Mapping
@@ -90,30 +91,15 @@ class CacheConfig:
     negative_max_ttl: int = 3600  # RFC 2308 section 5: cap on negative caching
 
 
-_LIMITS: Final = Limits()
-
-
-@dataclass(frozen=True, slots=True)
-class LimitsConfig:
-    """[limits]: per-query work limits (design.md, "Limits that keep the resolver alive").
-
-    Names match resolver.validator.types.Limits, except max_upstream_queries (its max_fetches),
-    which the resolution core also enforces for the client query's own lookups.
-    """
-
-    # Defaults are the validator's own (one source of truth: validate_types.Limits).
-    max_upstream_queries: int = _LIMITS.max_fetches  # per client query, validation included
-    max_keys_per_tag: int = _LIMITS.max_keys_per_tag
-    max_sig_checks_per_rrset: int = _LIMITS.max_sig_checks_per_rrset
-    max_sig_checks_per_query: int = _LIMITS.max_sig_checks_per_query
-    max_sig_failures_per_query: int = _LIMITS.max_sig_failures_per_query
-    max_ds: int = _LIMITS.max_ds
-    max_ds_mismatches: int = _LIMITS.max_ds_mismatches
-    max_nsec3_records: int = _LIMITS.max_nsec3_records
-    max_nsec3_iterations: int = _LIMITS.max_nsec3_iterations
-    max_nsec3_salt: int = _LIMITS.max_nsec3_salt
-    max_nsec3_hashes: int = _LIMITS.max_nsec3_hashes
-    max_cname_chain: int = _LIMITS.max_cname_chain
+# The [limits] keys, each a field of the validator's Limits (design.md, "Limits that keep the
+# resolver alive"), which is what [limits] is parsed into. One key is named differently:
+# max_upstream_queries sets Limits.max_fetches, because the resolution core (resolve.py) holds
+# the client query's own lookups to the same number, not only the validator's DS/DNSKEY fetches,
+# and the key says so. The other Limits fields are not settable here, or come from [cache].
+LIMIT_KEYS: Final = {"max_upstream_queries": "max_fetches", **{name: name for name in (
+    "max_keys_per_tag", "max_sig_checks_per_rrset", "max_sig_checks_per_query",
+    "max_sig_failures_per_query", "max_ds", "max_ds_mismatches", "max_nsec3_records",
+    "max_nsec3_iterations", "max_nsec3_salt", "max_nsec3_hashes", "max_cname_chain")}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +119,7 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     dnssec: DnssecConfig = field(default_factory=DnssecConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    limits: Limits = field(default_factory=Limits)
     log: LogConfig = field(default_factory=LogConfig)
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -272,12 +258,14 @@ def _cache(t: Table) -> CacheConfig:
     return cfg
 
 
-def _limits(t: Table) -> LimitsConfig:
-    d = LimitsConfig()
-    values = {name: t.get(name, int, getattr(d, name), at_least(1))
-              for name in LimitsConfig.__dataclass_fields__}
+def _limits(t: Table, cache: CacheConfig) -> Limits:
+    d = Limits()
+    values = {name: t.get(key, int, getattr(d, name), at_least(1))
+              for key, name in LIMIT_KEYS.items()}
     t.done()
-    return LimitsConfig(**values)
+    # The validator's DS/DNSKEY cache follows [cache]: as many entries, bogus kept as long.
+    return dataclasses.replace(d, **values, bogus_ttl=cache.bogus_ttl,
+                               cache_entries=cache.max_entries)
 
 
 def _log(t: Table) -> LogConfig:
@@ -360,6 +348,7 @@ def load(path: Path | None, *, listen_override: tuple[Endpoint, ...] = (),
     if listen_override:
         server = ServerConfig(**{**_asdict(server), "listen": listen_override})
     base = path.parent if path is not None else Path.cwd()
+    cache = _cache(table("cache"))
     sections: dict[str, Mapping[str, Any]] = {}
     for name in PASSTHROUGH_TABLES:
         if name in raw:
@@ -369,8 +358,8 @@ def load(path: Path | None, *, listen_override: tuple[Endpoint, ...] = (),
         server=server,
         upstream=_upstream(table("upstream"), server.listen, resolv_conf, upstream_override),
         dnssec=_dnssec(table("dnssec"), base),
-        cache=_cache(table("cache")),
-        limits=_limits(table("limits")),
+        cache=cache,
+        limits=_limits(table("limits"), cache),
         log=_log(table("log")),
         sections=sections,
     )

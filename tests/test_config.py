@@ -8,6 +8,7 @@ import pytest
 
 from resolver.config import Endpoint, load, parse_endpoint
 from resolver.errors import ConfigError
+from resolver.validator.types import Limits
 
 
 def write(tmp_path: Path, text: str, resolv: str = "nameserver 192.0.2.53\n") -> tuple[Path, Path]:
@@ -26,7 +27,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert c.upstream.servers == (Endpoint("192.0.2.53"),) and c.upstream.from_resolv_conf
     assert c.dnssec.builtin_root_anchors and c.dnssec.trust_anchor_files == ()
     assert c.cache.max_ttl == 86400 and c.cache.bogus_ttl == 60
-    assert c.limits.max_upstream_queries == 64 and c.limits.max_cname_chain == 12
+    assert c.limits == Limits()
     assert c.sections == {}
 
 
@@ -94,6 +95,9 @@ def test_full_file(tmp_path: Path) -> None:
     assert c.dnssec.trust_anchor_files == (tmp_path / "root.key",)
     assert c.dnssec.negative_trust_anchors == ("corp.example.",)
     assert c.cache.max_entries == 500 and c.limits.max_nsec3_iterations == 1
+    # [limits] max_upstream_queries is the validator's max_fetches; [cache] sizes its cache.
+    assert c.limits.max_fetches == 20
+    assert c.limits.cache_entries == 500 and c.limits.bogus_ttl == c.cache.bogus_ttl
     assert c.log.level == "debug"
     assert c.sections == {"policy": {"default": "private-or-clear"},
                           "control": {"socket": "/run/x.sock"}}
