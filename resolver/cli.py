@@ -95,11 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _override(args: argparse.Namespace, flag: str, values: list[str]
-              ) -> tuple[configuration.Endpoint, ...]:
+              ) -> tuple[configuration.HostPort, ...]:
     out = []
     for v in values:
         try:
-            out.append(configuration.parse_endpoint(v))
+            out.append(configuration.parse_hostport(v))
         except ValueError as e:
             raise ConfigError(f"{flag}: {e}") from None
     return tuple(out)

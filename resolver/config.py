@@ -32,8 +32,11 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True, slots=True)
-class Endpoint:
-    """An IP address and port (listen address or upstream server)."""
+class HostPort:
+    """An IP address and port: a listen address or an upstream server.
+
+    (Not an "endpoint": in resolver/endpoints that word means a peer pinned by name.)
+    """
 
     host: str
     port: int = DNS_PORT
@@ -51,7 +54,7 @@ class Endpoint:
 class ServerConfig:
     """[server]: where we listen and how we treat clients."""
 
-    listen: tuple[Endpoint, ...] = (Endpoint("127.0.0.1"), Endpoint("::1"))
+    listen: tuple[HostPort, ...] = (HostPort("127.0.0.1"), HostPort("::1"))
     edns_payload: int = 1232  # RFC 9715 / DNS flag day 2020: no fragmentation
     tcp_idle_timeout: float = 10.0  # seconds a TCP connection may sit without a query
     tcp_max_connections: int = 256
@@ -63,7 +66,7 @@ class ServerConfig:
 class UpstreamConfig:
     """[upstream]: the resolvers we forward to (with DO=1, CD=1)."""
 
-    servers: tuple[Endpoint, ...] = ()
+    servers: tuple[HostPort, ...] = ()
     timeout: float = 1.5  # per attempt on one server
     attempts: int = 2  # rounds over the whole server list
     tcp_timeout: float = 3.0
@@ -144,7 +147,7 @@ class Config:
         return "\n".join(lines)
 
 
-def parse_endpoint(text: str, default_port: int = DNS_PORT) -> Endpoint:
+def parse_hostport(text: str, default_port: int = DNS_PORT) -> HostPort:
     """Parse "ADDR", "ADDR:PORT", "[V6]:PORT" or a bare IPv6 address.
 
     Raises:
@@ -168,7 +171,7 @@ def parse_endpoint(text: str, default_port: int = DNS_PORT) -> Endpoint:
         addr = ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(f"{text!r}: not an IP address (names are not allowed here)") from None
-    return Endpoint(str(addr), port)
+    return HostPort(str(addr), port)
 
 
 def _port(text: str, whole: str) -> int:
@@ -179,7 +182,7 @@ def _port(text: str, whole: str) -> int:
 
 def _server(t: Table) -> ServerConfig:
     d = ServerConfig()
-    listen = t.each("listen", parse_endpoint, d.listen)
+    listen = t.each("listen", parse_hostport, d.listen)
     if not listen:
         raise t.fail("listen", "must list at least one address")
     cfg = ServerConfig(
@@ -195,10 +198,10 @@ def _server(t: Table) -> ServerConfig:
     return cfg
 
 
-def _upstream(t: Table, listen: tuple[Endpoint, ...], resolv_conf: Path,
-              override: tuple[Endpoint, ...]) -> UpstreamConfig:
+def _upstream(t: Table, listen: tuple[HostPort, ...], resolv_conf: Path,
+              override: tuple[HostPort, ...]) -> UpstreamConfig:
     d = UpstreamConfig()
-    servers = override or t.each("servers", parse_endpoint, d.servers)
+    servers = override or t.each("servers", parse_hostport, d.servers)
     t.defaults.setdefault("servers", d.servers)  # a known key even when --upstream replaces it
     from_file = "servers" not in t.raw and not override
     if from_file:
@@ -278,8 +281,8 @@ def _log(t: Table) -> LogConfig:
     return cfg
 
 
-def default_upstreams(listen: tuple[Endpoint, ...], resolv_conf: Path = RESOLV_CONF
-                      ) -> tuple[Endpoint, ...]:
+def default_upstreams(listen: tuple[HostPort, ...], resolv_conf: Path = RESOLV_CONF
+                      ) -> tuple[HostPort, ...]:
     """The nameservers of resolv.conf that are not this resolver itself.
 
     A nameserver is "us" when it equals one of our listen addresses on port 53, or when we
@@ -293,7 +296,7 @@ def default_upstreams(listen: tuple[Endpoint, ...], resolv_conf: Path = RESOLV_C
     ours = {(ipaddress.ip_address(e.host), e.port) for e in listen}
     wildcard = any(ipaddress.ip_address(e.host).is_unspecified and e.port == DNS_PORT
                    for e in listen)
-    out: list[Endpoint] = []
+    out: list[HostPort] = []
     for line in text.splitlines():
         words = line.split("#", 1)[0].split(";", 1)[0].split()
         if len(words) < 2 or words[0] != "nameserver":
@@ -304,14 +307,14 @@ def default_upstreams(listen: tuple[Endpoint, ...], resolv_conf: Path = RESOLV_C
             continue
         if (addr, DNS_PORT) in ours or (wildcard and addr.is_loopback):
             continue
-        ep = Endpoint(str(addr))
+        ep = HostPort(str(addr))
         if ep not in out:
             out.append(ep)
     return tuple(out)
 
 
-def load(path: Path | None, *, listen_override: tuple[Endpoint, ...] = (),
-         upstream_override: tuple[Endpoint, ...] = (), resolv_conf: Path = RESOLV_CONF
+def load(path: Path | None, *, listen_override: tuple[HostPort, ...] = (),
+         upstream_override: tuple[HostPort, ...] = (), resolv_conf: Path = RESOLV_CONF
          ) -> Config:
     """Read and check the configuration file (None: all defaults).
 

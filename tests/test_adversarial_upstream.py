@@ -49,7 +49,7 @@ import pytest
 from resolver import config as configuration
 from resolver.cache import WireCache
 from resolver.cli import build_anchors
-from resolver.config import Config, Endpoint
+from resolver.config import Config, HostPort
 from resolver.resolve import Fetch, PlainHandler, Resolution
 from resolver.server import Server
 from resolver.upstream import Forwarder
@@ -158,7 +158,7 @@ class Stack:
             f"timeout = {UPSTREAM_TIMEOUT}\nattempts = 2\ntcp_timeout = 1.0\n"
             "[dnssec]\nbuiltin_root_anchors = false\n"
             f'trust_anchor_files = ["{anchor}"]\n', encoding="utf-8")
-        return configuration.load(toml, listen_override=(Endpoint("127.0.0.1", 0),))
+        return configuration.load(toml, listen_override=(HostPort("127.0.0.1", 0),))
 
     async def _build(self) -> None:
         """What resolver.cli.serve assembles (plain mode), with the pinned clock."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from resolver.config import Endpoint, load, parse_endpoint
+from resolver.config import HostPort, load, parse_hostport
 from resolver.errors import ConfigError
 from resolver.validator.types import Limits
 
@@ -22,9 +22,9 @@ def write(tmp_path: Path, text: str, resolv: str = "nameserver 192.0.2.53\n") ->
 def test_defaults(tmp_path: Path) -> None:
     cfg, rc = write(tmp_path, "")
     c = load(cfg, resolv_conf=rc)
-    assert c.server.listen == (Endpoint("127.0.0.1", 53), Endpoint("::1", 53))
+    assert c.server.listen == (HostPort("127.0.0.1", 53), HostPort("::1", 53))
     assert c.server.edns_payload == 1232
-    assert c.upstream.servers == (Endpoint("192.0.2.53"),) and c.upstream.from_resolv_conf
+    assert c.upstream.servers == (HostPort("192.0.2.53"),) and c.upstream.from_resolv_conf
     assert c.dnssec.builtin_root_anchors and c.dnssec.trust_anchor_files == ()
     assert c.cache.max_ttl == 86400 and c.cache.bogus_ttl == 60
     assert c.limits == Limits()
@@ -33,7 +33,7 @@ def test_defaults(tmp_path: Path) -> None:
 
 def test_no_file_means_defaults(tmp_path: Path) -> None:
     _, rc = write(tmp_path, "")
-    assert load(None, resolv_conf=rc).server.listen[0] == Endpoint("127.0.0.1")
+    assert load(None, resolv_conf=rc).server.listen[0] == HostPort("127.0.0.1")
 
 
 def test_default_upstreams_exclude_ourselves(tmp_path: Path) -> None:
@@ -43,10 +43,10 @@ def test_default_upstreams_exclude_ourselves(tmp_path: Path) -> None:
     cfg, rc = write(tmp_path, "", resolv)
     c = load(cfg, resolv_conf=rc)
     # 127.0.0.1 and ::1 are our listen addresses; 127.0.0.53 (systemd-resolved) is not us.
-    assert c.upstream.servers == (Endpoint("127.0.0.53"), Endpoint("198.51.100.53"))
+    assert c.upstream.servers == (HostPort("127.0.0.53"), HostPort("198.51.100.53"))
     # Listening on a wildcard: every loopback nameserver could be us.
-    c = load(cfg, resolv_conf=rc, listen_override=(Endpoint("0.0.0.0"),))
-    assert c.upstream.servers == (Endpoint("198.51.100.53"),)
+    c = load(cfg, resolv_conf=rc, listen_override=(HostPort("0.0.0.0"),))
+    assert c.upstream.servers == (HostPort("198.51.100.53"),)
 
 
 def test_only_ourselves_in_resolv_conf_is_an_error(tmp_path: Path) -> None:
@@ -87,10 +87,10 @@ def test_full_file(tmp_path: Path) -> None:
     cfg, rc = write(tmp_path, FULL)
     (tmp_path / "root.key").write_text(". IN DS 1 8 2 00\n")
     c = load(cfg, resolv_conf=rc)
-    assert c.server.listen == (Endpoint("127.0.0.2", 5353), Endpoint("::1", 5353),
-                               Endpoint("192.0.2.1", 53))
+    assert c.server.listen == (HostPort("127.0.0.2", 5353), HostPort("::1", 5353),
+                               HostPort("192.0.2.1", 53))
     assert c.server.edns_payload == 1400 and c.server.tcp_idle_timeout == 5.0
-    assert c.upstream.servers == (Endpoint("198.51.100.53"), Endpoint("2001:db8::53", 5300))
+    assert c.upstream.servers == (HostPort("198.51.100.53"), HostPort("2001:db8::53", 5300))
     assert not c.upstream.from_resolv_conf and c.upstream.attempts == 3
     assert c.dnssec.trust_anchor_files == (tmp_path / "root.key",)
     assert c.dnssec.negative_trust_anchors == ("corp.example.",)
@@ -145,11 +145,11 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "ep"), [
-    ("192.0.2.1", Endpoint("192.0.2.1", 53)),
-    ("192.0.2.1:5300", Endpoint("192.0.2.1", 5300)),
-    ("::1", Endpoint("::1", 53)),
-    ("[::1]:5300", Endpoint("::1", 5300)),
-    ("[2001:DB8::1]", Endpoint("2001:db8::1", 53)),
+    ("192.0.2.1", HostPort("192.0.2.1", 53)),
+    ("192.0.2.1:5300", HostPort("192.0.2.1", 5300)),
+    ("::1", HostPort("::1", 53)),
+    ("[::1]:5300", HostPort("::1", 5300)),
+    ("[2001:DB8::1]", HostPort("2001:db8::1", 53)),
 ])
-def test_parse_endpoint(text: str, ep: Endpoint) -> None:
-    assert parse_endpoint(text) == ep
+def test_parse_hostport(text: str, ep: HostPort) -> None:
+    assert parse_hostport(text) == ep
