@@ -180,7 +180,8 @@ def _port(text: str, whole: str) -> int:
     return int(text)
 
 
-def _server(t: Table) -> ServerConfig:
+def parse_server(t: Table) -> ServerConfig:
+    """[server] (every table parser reads a configtable.Table and calls its done())."""
     d = ServerConfig()
     listen = t.each("listen", parse_hostport, d.listen)
     if not listen:
@@ -198,8 +199,10 @@ def _server(t: Table) -> ServerConfig:
     return cfg
 
 
-def _upstream(t: Table, listen: tuple[HostPort, ...], resolv_conf: Path,
-              override: tuple[HostPort, ...]) -> UpstreamConfig:
+def parse_upstream(t: Table, listen: tuple[HostPort, ...], resolv_conf: Path,
+                   override: tuple[HostPort, ...]) -> UpstreamConfig:
+    """[upstream]. `override` (--upstream) replaces servers; without either, the
+    nameservers of `resolv_conf` that are not one of `listen` (see default_upstreams)."""
     d = UpstreamConfig()
     servers = override or t.each("servers", parse_hostport, d.servers)
     t.defaults.setdefault("servers", d.servers)  # a known key even when --upstream replaces it
@@ -221,7 +224,8 @@ def _upstream(t: Table, listen: tuple[HostPort, ...], resolv_conf: Path,
     return cfg
 
 
-def _dnssec(t: Table, base: Path) -> DnssecConfig:
+def parse_dnssec(t: Table, base: Path) -> DnssecConfig:
+    """[dnssec]; relative anchor file names are taken from `base`, the config's folder."""
     d = DnssecConfig()
 
     def anchor_file(name: str) -> Path:
@@ -248,7 +252,8 @@ def _dnssec(t: Table, base: Path) -> DnssecConfig:
     return cfg
 
 
-def _cache(t: Table) -> CacheConfig:
+def parse_cache(t: Table) -> CacheConfig:
+    """[cache]."""
     d = CacheConfig()
     cfg = CacheConfig(
         max_entries=t.get("max_entries", int, d.max_entries, at_least(16)),
@@ -261,7 +266,8 @@ def _cache(t: Table) -> CacheConfig:
     return cfg
 
 
-def _limits(t: Table, cache: CacheConfig) -> Limits:
+def parse_limits(t: Table, cache: CacheConfig) -> Limits:
+    """[limits], into the validator's own Limits (see LIMIT_KEYS)."""
     d = Limits()
     values = {name: t.get(key, int, getattr(d, name), at_least(1))
               for key, name in LIMIT_KEYS.items()}
@@ -271,7 +277,8 @@ def _limits(t: Table, cache: CacheConfig) -> Limits:
                                cache_entries=cache.max_entries)
 
 
-def _log(t: Table) -> LogConfig:
+def parse_log(t: Table) -> LogConfig:
+    """[log]."""
     d = LogConfig()
     cfg = LogConfig(
         level=t.get("level", str, d.level, one_of(*LOG_LEVELS)),
@@ -347,11 +354,11 @@ def load(path: Path | None, *, listen_override: tuple[HostPort, ...] = (),
     def table(name: str) -> Table:
         return Table(where, name, raw.get(name, {}))
 
-    server = _server(table("server"))
+    server = parse_server(table("server"))
     if listen_override:
-        server = ServerConfig(**{**_asdict(server), "listen": listen_override})
+        server = dataclasses.replace(server, listen=listen_override)
     base = path.parent if path is not None else Path.cwd()
-    cache = _cache(table("cache"))
+    cache = parse_cache(table("cache"))
     sections: dict[str, Mapping[str, Any]] = {}
     for name in PASSTHROUGH_TABLES:
         if name in raw:
@@ -359,15 +366,11 @@ def load(path: Path | None, *, listen_override: tuple[HostPort, ...] = (),
     return Config(
         path=path,
         server=server,
-        upstream=_upstream(table("upstream"), server.listen, resolv_conf, upstream_override),
-        dnssec=_dnssec(table("dnssec"), base),
+        upstream=parse_upstream(table("upstream"), server.listen, resolv_conf, upstream_override),
+        dnssec=parse_dnssec(table("dnssec"), base),
         cache=cache,
-        limits=_limits(table("limits"), cache),
-        log=_log(table("log")),
+        limits=parse_limits(table("limits"), cache),
+        log=parse_log(table("log")),
         sections=sections,
     )
 
-
-def _asdict(obj: ServerConfig) -> dict[str, Any]:
-    # dataclasses.asdict would deep-copy Endpoints into dicts; we want them as they are.
-    return {name: getattr(obj, name) for name in ServerConfig.__dataclass_fields__}

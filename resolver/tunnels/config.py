@@ -58,7 +58,6 @@ class ProvisionConfig:
     def from_table(cls, t: Table) -> ProvisionConfig:
         """Parse the [provision] table (see `from_section`)."""
         d = cls()
-        state_file = t.get("state_file", str, d.state_file, non_empty)
         cfg = cls(
             backend=t.get("backend", str, d.backend, one_of("vici", "dryrun")),
             vici_socket=t.get("vici_socket", str, d.vici_socket, _vici_uri),
@@ -69,10 +68,14 @@ class ProvisionConfig:
             failure_hold=t.get("failure_hold", float, d.failure_hold,
                                between(0, 3600, "seconds")),
             max_setups=t.get("max_setups", int, d.max_setups, between(1, 4096)),
-            state_file=None if state_file is None else Path(state_file),
+            state_file=_optional_path(t.get("state_file", str, d.state_file, non_empty)),
         )
         t.done()
         return cfg
+
+
+def _optional_path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)
 
 
 def _vici_uri(value: str) -> str | None:
