@@ -1,11 +1,14 @@
 """The resolver's configuration: one TOML file, every setting with a default.
 
-Theory of operation: `load(path)` reads the file with tomllib and turns each table this module
-owns ([server] [upstream] [dnssec] [cache] [limits] [log]) into a frozen dataclass, checking
-types and ranges key by key. Tables owned by other modules ([policy] [provision] [control]
-[identity]) are passed through raw in `Config.sections`; their owners parse them. Anything else
-(an unknown table, an unknown key, a wrong type) is a `ConfigError` whose message names the
-file, the table, the key and the problem, so an operator never has to guess.
+Theory of operation: `load(path)` reads the file with tomllib and hands each table this module
+owns to its parser (`parse_server`, `parse_upstream`, `parse_dnssec`, `parse_cache`,
+`parse_limits`, `parse_log`), which reads it key by key through configtable.Table into a frozen
+dataclass; [limits] goes straight into the validator's own `Limits`. Tables owned by other
+modules ([policy] [provision] [control] [identity]) are passed through raw in `Config.sections`
+and parsed by their owners through the same Table. Anything wrong (an unknown table, an unknown
+key, a wrong type or range) is a `ConfigError` whose message names the file, the table, the key
+and the problem, so an operator never has to guess. `--help` prints every key with its default
+by running these same parsers (confighelp.py).
 
 Nothing here opens sockets. The one piece of the environment we read is /etc/resolv.conf, for
 the default upstream list (the system's nameservers minus this resolver's own addresses).
@@ -94,7 +97,7 @@ class CacheConfig:
     negative_max_ttl: int = 3600  # RFC 2308 section 5: cap on negative caching
 
 
-# The [limits] keys, each a field of the validator's Limits (design.md, "Limits that keep the
+# The [limits] keys, each a field of the validator's Limits (DESIGN.md, "Limits that keep the
 # resolver alive"), which is what [limits] is parsed into. One key is named differently:
 # max_upstream_queries sets Limits.max_fetches, because the resolution core (resolve.py) holds
 # the client query's own lookups to the same number, not only the validator's DS/DNSKEY fetches,

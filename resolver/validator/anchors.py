@@ -12,9 +12,10 @@ Sources:
   SHA-256 DS records, from https://data.iana.org/root-anchors/root-anchors.xml. The digests were
   checked by recomputing them from the published root DNSKEYs (tests/test_anchors.py does it).
 * ``from_file(path)``: BIND syntax (``trust-anchors { NAME initial-ds|static-ds|initial-key|
-  static-key ...; };`` and the older ``managed-keys``/``trusted-keys`` blocks), or zone-file
-  lines of DS/DNSKEY records as Unbound's ``trust-anchor-file`` (and ``unbound-anchor``) write
-  them, with ``;`` comments and ``( )`` continuation. Every error names ``file:line``.
+  static-key ...; };`` and the older ``managed-keys``/``trusted-keys`` blocks, read with the
+  named.conf tokenizer of resolver/namedconf.py), or zone-file lines of DS/DNSKEY records as
+  Unbound's ``trust-anchor-file`` (and ``unbound-anchor``) write them, with ``;`` comments and
+  ``( )`` continuation. Every error names ``file:line``.
 
 RFC 5011 automatic rollover is not implemented: a new root KSK means a new release or an anchor
 file (design note; Unbound's auto-trust-anchor-file is the model if it is ever needed).
