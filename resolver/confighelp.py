@@ -9,14 +9,12 @@ one the code uses, and an example that stops parsing breaks --help (and its test
 
 from __future__ import annotations
 
-import enum
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
 from resolver import config
-from resolver.configtable import REQUIRED, Table
+from resolver.configtable import REQUIRED, Table, toml_value
 from resolver.endpoints.config import ControlConfig
 from resolver.policy import PolicyConfig
 from resolver.tunnels.config import Identity, ProvisionConfig
@@ -62,19 +60,6 @@ NOTES: Final[dict[tuple[str, str], str]] = {
 }
 
 _COMMENT_COLUMN: Final = 44
-
-
-def toml_value(value: object) -> str:
-    """A default or example as TOML text (HostPort, Path and enums as their strings)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, tuple | list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, enum.Enum):
-        value = value.value
-    return json.dumps(str(value))
 
 
 def section_lines(name: str, parse: Callable[[Table], object]) -> list[str]:

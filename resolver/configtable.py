@@ -12,8 +12,10 @@ unknown-key message exact and lets `--help` print every key with its real defaul
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Final, TypeVar
+import enum
+import json
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Final, Self, TypeVar
 
 from resolver.errors import ConfigError
 
@@ -93,6 +95,44 @@ class Table:
         if check is not None and (problem := check(value)) is not None:
             raise self.fail(key, problem)
         return value  # type: ignore[no-any-return]
+
+
+class Section:
+    """Base of a table's dataclass: `from_table` parses a Table, `from_section` raw values.
+
+    The tables other modules own ([policy], [provision], [identity], [control]) arrive raw in
+    Config.sections; `from_section` wraps them in a Table named TABLE, so every owner's errors
+    come out in the one shape.
+    """
+
+    __slots__ = ()
+    TABLE: ClassVar[str]
+
+    @classmethod
+    def from_table(cls, t: Table) -> Self:
+        raise NotImplementedError
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any], source: str = "config") -> Self:
+        """Parse Config.sections[TABLE].
+
+        Raises:
+            ConfigError: "SOURCE: [TABLE] key 'K': problem" for the first bad key.
+        """
+        return cls.from_table(Table(source, cls.TABLE, section))
+
+
+def toml_value(value: object) -> str:
+    """TOML text for a value (HostPort, Path and enums as their strings): --help, the lab."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, enum.Enum):
+        value = value.value
+    return json.dumps(str(value))  # a TOML basic string is JSON's
 
 
 def type_name(value: object) -> str:

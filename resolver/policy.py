@@ -39,10 +39,10 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 import dns.edns
 import dns.exception
@@ -51,7 +51,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
-from resolver.configtable import Table, between, one_of
+from resolver.configtable import Section, Table, between, one_of
 from resolver.errors import (
     IkeDaemonUnreachable,
     ProvisioningError,
@@ -189,7 +189,7 @@ _FAILURE_TEXT: Final = {
 
 
 @dataclass(frozen=True, slots=True)
-class PolicyConfig:
+class PolicyConfig(Section):
     """The parsed [policy] table.
 
     ```toml
@@ -205,6 +205,8 @@ class PolicyConfig:
     ```
     """
 
+    TABLE: ClassVar[str] = "policy"
+
     default: Group = DEFAULT_GROUP
     strict: bool = False
     max_ttl: int = 300
@@ -212,17 +214,8 @@ class PolicyConfig:
     suffixes: tuple[tuple[dns.name.Name, Group], ...] = ()
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any], source: str = "config") -> PolicyConfig:
-        """Parse Config.sections["policy"].
-
-        Raises:
-            ConfigError: "SOURCE: [policy] key 'K': problem" for the first bad key.
-        """
-        return cls.from_table(Table(source, "policy", section))
-
-    @classmethod
     def from_table(cls, t: Table) -> PolicyConfig:
-        """Parse the [policy] table (see `from_section`)."""
+        """Parse the [policy] table."""
         d = cls()
         default = t.get("default", str, d.default.value, one_of(*(g.value for g in Group)))
         strict = t.get("strict", bool, d.strict)

@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 
 from resolver.cli import main
-from resolver.config import PASSTHROUGH_TABLES
+from resolver.config import PASSTHROUGH_TABLES, HostPort
 from resolver.confighelp import EXAMPLES, NOTES, SECTIONS
-from resolver.configtable import Table
+from resolver.configtable import Table, toml_value
 from resolver.errors import ConfigError
+from resolver.policy import Group
 
 
 def help_toml(capsys: pytest.CaptureFixture[str]) -> str:
@@ -61,3 +62,12 @@ def test_notes_name_real_keys(capsys: pytest.CaptureFixture[str]) -> None:
     doc = tomllib.loads(help_toml(capsys))
     for name, key in NOTES:
         assert key in doc[name], (name, key)
+
+
+@pytest.mark.parametrize(("value", "parsed"), [
+    (True, True), (0, 0), (1.5, 1.5), (10.0, 10.0), ("a \"q\" \\ é\n", "a \"q\" \\ é\n"),
+    (Path("/etc/x y.pem"), "/etc/x y.pem"), (HostPort("::1", 5353), "[::1]:5353"),
+    (Group.PRIVATE, "private"), ((), []), (["a", 1, [True]], ["a", 1, [True]]),
+])
+def test_toml_value_round_trips(value: object, parsed: object) -> None:
+    assert tomllib.loads(f"k = {toml_value(value)}")["k"] == parsed

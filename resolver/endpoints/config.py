@@ -8,12 +8,11 @@ summary and `--check-config` need not import the socket code.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import ClassVar, Final
 
-from resolver.configtable import Table
+from resolver.configtable import Section, Table
 
 DEFAULT_SOCKET: Final = Path("/run/ipseckey-resolver/control.sock")
 DEFAULT_STATE_FILE: Final = Path("/var/lib/ipseckey-resolver/endpoints.json")
@@ -22,7 +21,7 @@ MAX_SOCKET_PATH: Final = 107
 
 
 @dataclass(frozen=True, slots=True)
-class ControlConfig:
+class ControlConfig(Section):
     """The parsed [control] table.
 
     ```toml
@@ -33,22 +32,15 @@ class ControlConfig:
     ```
     """
 
+    TABLE: ClassVar[str] = "control"
+
     enabled: bool = True
     socket: Path = DEFAULT_SOCKET
     state_file: Path = DEFAULT_STATE_FILE
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any], source: str = "config") -> ControlConfig:
-        """Parse Config.sections["control"].
-
-        Raises:
-            ConfigError: "SOURCE: [control] key 'K': problem" for the first bad key.
-        """
-        return cls.from_table(Table(source, "control", section))
-
-    @classmethod
     def from_table(cls, t: Table) -> ControlConfig:
-        """Parse the [control] table (see `from_section`)."""
+        """Parse the [control] table."""
         d = cls()
         cfg = cls(
             enabled=t.get("enabled", bool, d.enabled),

@@ -7,22 +7,21 @@ ConfigError of the one shape (file, table, key, why) and unknown keys are refuse
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import dns.exception
 import dns.name
 
-from resolver.configtable import Table, between, non_empty, one_of
+from resolver.configtable import Section, Table, between, non_empty, one_of
 
 Address = IPv4Address | IPv6Address
 
 
 @dataclass(frozen=True, slots=True)
-class ProvisionConfig:
+class ProvisionConfig(Section):
     """The parsed [provision] table.
 
     ```toml
@@ -39,6 +38,8 @@ class ProvisionConfig:
     ```
     """
 
+    TABLE: ClassVar[str] = "provision"
+
     backend: str = "vici"
     vici_socket: str = "unix:///var/run/charon.vici"
     shunts: str = "xfrm"
@@ -50,13 +51,8 @@ class ProvisionConfig:
     state_file: Path | None = None
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any], source: str = "config") -> ProvisionConfig:
-        """Parse Config.sections["provision"]. Raises ConfigError naming the key."""
-        return cls.from_table(Table(source, "provision", section))
-
-    @classmethod
     def from_table(cls, t: Table) -> ProvisionConfig:
-        """Parse the [provision] table (see `from_section`)."""
+        """Parse the [provision] table."""
         d = cls()
         cfg = cls(
             backend=t.get("backend", str, d.backend, one_of("vici", "dryrun")),
@@ -83,21 +79,18 @@ def _vici_uri(value: str) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
-class Identity:
+class Identity(Section):
     """This host as an IKE peer: [identity] fqdn, private_key (PKCS#8 PEM path), addresses."""
+
+    TABLE: ClassVar[str] = "identity"
 
     fqdn: str
     private_key: Path
     addresses: tuple[Address, ...] = ()
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any], source: str = "config") -> Identity:
-        """Parse Config.sections["identity"]. Raises ConfigError naming the key."""
-        return cls.from_table(Table(source, "identity", section))
-
-    @classmethod
     def from_table(cls, t: Table) -> Identity:
-        """Parse the [identity] table (see `from_section`)."""
+        """Parse the [identity] table."""
         try:
             fqdn = dns.name.from_text(t.need("fqdn", str, non_empty))
         except dns.exception.DNSException as exc:
