@@ -28,18 +28,15 @@ Any exception other than cancellation leaving `handle` is a bug.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Final, Protocol
+from typing import Protocol
 
 import dns.message
 import dns.name
 import dns.rdataclass
 import dns.rdatatype
-import dns.rrset
 
 from resolver import answer as replies
 from resolver.errors import ProvisioningError, TunnelRejected
@@ -54,15 +51,11 @@ from resolver.policy import (
     key_evidence,
 )
 from resolver.provision import Provisioner
+from resolver.rrsets import ADDRESS_TYPES, Address, addresses_of, chain_end, only_addresses
 from resolver.tunnels.intents import TunnelSpec, tunnel_spec
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
 
 log = logging.getLogger(__name__)
-
-Address = IPv4Address | IPv6Address
-
-_ADDRESS_TYPES: Final = (dns.rdatatype.A, dns.rdatatype.AAAA)
-MAX_CHAIN: Final = 12  # design.md: CNAME chain at most 12
 
 
 class QueryHandler(Protocol):
@@ -101,7 +94,7 @@ class CaptureHandler:
     async def handle(self, query: dns.message.Message, now: float) -> dns.message.Message:
         """Answer one query (already checked by the server: opcode QUERY, one question)."""
         q = query.question[0]
-        if q.rdclass != dns.rdataclass.IN or q.rdtype not in _ADDRESS_TYPES:
+        if q.rdclass != dns.rdataclass.IN or q.rdtype not in ADDRESS_TYPES:
             return await self.plain.handle(query, now)
         self.counters.queries += 1
         qtype = dns.rdatatype.RdataType(q.rdtype)
@@ -208,41 +201,6 @@ class CaptureHandler:
                 log.warning("drop shunt for %s failed: %s", decision.drop, exc)
         verdict = Verdict(Security.INDETERMINATE, decision.reason, decision.ede)
         return replies.servfail(query, verdict, self.payload)
-
-
-def chain_end(rrsets: Sequence[dns.rrset.RRset], qname: dns.name.Name) -> dns.name.Name:
-    """The name a CNAME chain starting at qname ends at (qname itself without CNAMEs)."""
-    cnames = {r.name: r for r in rrsets if r.rdtype == dns.rdatatype.CNAME}
-    name = qname
-    for _ in range(MAX_CHAIN + 1):
-        rrset = cnames.get(name)
-        if rrset is None or len(rrset) == 0:
-            return name
-        name = next(iter(rrset)).target
-    return name  # the validator enforces the limit; stop here rather than loop
-
-
-def addresses_of(rrsets: Sequence[dns.rrset.RRset], owner: dns.name.Name,
-                 rdtype: dns.rdatatype.RdataType) -> list[Address]:
-    """The addresses of owner's A or AAAA RRset in an answer section."""
-    return [ip_address(rd.address) for r in rrsets if r.rdtype == rdtype and r.name == owner
-            for rd in r]
-
-
-def only_addresses(ans: ValidatedAnswer, keep: Sequence[Address]) -> ValidatedAnswer:
-    """`ans` with only the address records in `keep` (RRSIGs no longer match: dropped)."""
-    wanted = set(keep)
-    out: list[dns.rrset.RRset] = []
-    for r in ans.answer:
-        if r.rdtype in _ADDRESS_TYPES:
-            kept = dns.rrset.RRset(r.name, r.rdclass, r.rdtype)
-            for rd in r:
-                if ip_address(rd.address) in wanted:
-                    kept.add(rd, r.ttl)
-            out.append(kept)
-        elif not (r.rdtype == dns.rdatatype.RRSIG and r.covers in _ADDRESS_TYPES):
-            out.append(r)
-    return dataclasses.replace(ans, answer=out)
 
 
 def _ignore_result(task: asyncio.Task[ValidatedAnswer]) -> None:

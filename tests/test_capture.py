@@ -19,7 +19,7 @@ import dns.rdatatype
 import dns.rrset
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from resolver.capture import CaptureHandler, chain_end
+from resolver.capture import CaptureHandler
 from resolver.errors import IkeDaemonUnreachable, TunnelTimeout
 from resolver.ipseckey import IpsecKey
 from resolver.policy import Policy, PolicyConfig
@@ -397,10 +397,3 @@ async def test_unprovable_ipseckey_is_never_no_key() -> None:
     h, _, _ = handler(script, group="private-or-clear")
     reply = await h.handle(query(), WHEN)
     assert reply.rcode() == dns.rcode.SERVFAIL and ede(reply)[0] == 22
-
-
-def test_chain_end() -> None:
-    loop = [rrset("a.test.", 1, "CNAME", "b.test."), rrset("b.test.", 1, "CNAME", "a.test.")]
-    assert chain_end(loop, n("a.test.")) in (n("a.test."), n("b.test."))  # terminates
-    assert chain_end([CNAME, BOB_A], n("www.example.test.")) == BOB
-    assert chain_end([BOB_A], BOB) == BOB

@@ -36,7 +36,6 @@ from resolver.endpoints.core import (
     EndpointError,
     Failure,
     Observation,
-    addresses_of,
     choose_key,
     display_name,
     dump_state,
@@ -55,6 +54,7 @@ from resolver.errors import ProvisioningError, ResolverError
 from resolver.ipseckey import IpsecKey
 from resolver.policy import AnswerLike, Group, Policy
 from resolver.provision import write_atomically
+from resolver.rrsets import addresses_of, chain_end
 from resolver.tunnels.intents import TunnelSpec
 from resolver.validator.response import Security
 
@@ -395,7 +395,7 @@ class EndpointManager:
             if isinstance(ans, ResolverError) or ans.verdict.security in (
                     Security.BOGUS, Security.INDETERMINATE):
                 continue
-            found.extend(addresses_of(ans))
+            found.extend(addresses_of(ans.answer, chain_end(ans.answer, key.gateway), rdtype))
         return tuple(found)
 
     def _save(self) -> None:
