@@ -31,7 +31,6 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import dns.message
 import dns.name
@@ -51,22 +50,12 @@ from resolver.policy import (
     key_evidence,
 )
 from resolver.provision import Provisioner
+from resolver.resolve import QueryHandler, Resolver
 from resolver.rrsets import ADDRESS_TYPES, Address, addresses_of, chain_end, only_addresses
 from resolver.tunnels.intents import TunnelSpec, tunnel_spec
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
 
 log = logging.getLogger(__name__)
-
-
-class QueryHandler(Protocol):
-    async def handle(self, query: dns.message.Message, now: float) -> dns.message.Message: ...
-
-
-class Resolver(Protocol):
-    """The part of resolve.Resolution we use."""
-
-    async def resolve(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float,
-                      *, fresh: bool = False) -> ValidatedAnswer: ...
 
 
 @dataclass(slots=True)

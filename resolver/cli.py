@@ -23,14 +23,14 @@ from typing import Any
 
 from resolver import config as configuration
 from resolver.cache import WireCache
-from resolver.capture import CaptureHandler, QueryHandler
+from resolver.capture import CaptureHandler
 from resolver.config import Config
 from resolver.endpoints.control import ControlConfig, ControlService, start_control
 from resolver.errors import ConfigError
 from resolver.hostaddr import read_interface_addresses
 from resolver.policy import Policy, PolicyConfig
 from resolver.provision import Provisioner
-from resolver.resolve import Fetch, PlainHandler, Resolution, Validating
+from resolver.resolve import Fetch, PlainHandler, QueryHandler, Resolution, Validating
 from resolver.server import Server
 from resolver.tunnels.backend import make_backend
 from resolver.tunnels.config import Identity, ProvisionConfig

@@ -50,9 +50,10 @@ from typing import Any, Final, Protocol
 import dns.exception
 import dns.name
 
-from resolver.endpoints.manager import EndpointError, EndpointManager, Resolver, Tunnels
+from resolver.endpoints.manager import EndpointError, EndpointManager, Tunnels
 from resolver.errors import ConfigError
 from resolver.policy import Policy
+from resolver.resolve import Resolver
 
 log = logging.getLogger(__name__)
 

@@ -54,11 +54,12 @@ from resolver.errors import ProvisioningError, ResolverError
 from resolver.ipseckey import IpsecKey
 from resolver.policy import AnswerLike, Group, Policy
 from resolver.provision import write_atomically
+from resolver.resolve import Resolver
 from resolver.rrsets import addresses_of, chain_end
 from resolver.tunnels.intents import TunnelSpec
 from resolver.validator.response import Security
 
-__all__ = ["DEFAULT_KEEPALIVE", "EndpointError", "EndpointManager", "Resolver", "Tunnels"]
+__all__ = ["DEFAULT_KEEPALIVE", "EndpointError", "EndpointManager", "Tunnels"]
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,6 @@ DEFAULT_KEEPALIVE: Final = 120.0
 
 
 # --- the collaborators, as far as we use them ----------------------------------------------
-
-
-class Resolver(Protocol):
-    """resolver.resolve.Resolution, structurally."""
-
-    async def resolve(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType,
-                      now: float, *, fresh: bool = False) -> AnswerLike: ...
 
 
 class Tunnels(Protocol):
