@@ -223,25 +223,19 @@ def _keygen(args: argparse.Namespace) -> int:
 def _endpoint(args: argparse.Namespace) -> int:
     path: Path = args.control
     cmd = args.command
-    name = getattr(args, "name", None)
-    if name is not None:
-        try:
-            name = dns.name.from_text(name).to_text()
-        except dns.exception.DNSException as exc:
-            raise ConfigError(f"{name!r} is not a DNS name: {exc}") from None
+    # Checked as the daemon will check it (bad input: exit 2 without connecting).
+    req = control.make_request(cmd, getattr(args, "name", None), getattr(args, "group", None))
+    name = req.name.to_text() if req.name is not None else None
+    result = control.send(path, req)
     if cmd == "add":
-        result = control.request(path, "add", name=name, group=args.group)
         print(f"added {name}" + (f": {control.format_status(result)}" if result else ""))
     elif cmd == "remove":
-        control.request(path, "remove", name=name)
         print(f"removed {name}")
     elif cmd == "list":
-        result = control.request(path, "list")
         print(control.format_table(list((result or {}).get("endpoints", [])), time.time()))
     elif cmd == "status":
-        print(control.format_status(control.request(path, "status", name=name) or {}))
+        print(control.format_status(result or {}))
     else:
-        control.request(path, "refresh", name=name)
         print(f"refreshed {name or 'all endpoints'}")
     return EXIT_OK
 

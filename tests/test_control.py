@@ -1,5 +1,5 @@
-"""resolver.endpoints.control: config, request parsing, and the socket server driven by
-autosp's real client (autosp/control.py), on a temporary socket path.
+"""resolver.endpoints.control and .protocol: config, request parsing, and the socket server
+driven by autosp's real client (autosp/control.py), on a temporary socket path.
 
 Security requirements S1-S3 of the module docstring each have a test here: the socket is 0600
 from birth in a 0700 directory, another uid is refused (by SO_PEERCRED even when the file mode
@@ -25,15 +25,8 @@ import pytest
 from autosp import control as client
 from autosp.errors import DaemonUnreachable, OperationFailed
 from resolver.endpoints import control
-from resolver.endpoints.control import (
-    ControlConfig,
-    ControlServer,
-    Request,
-    bind_socket,
-    parse_request,
-    start_control,
-)
-from resolver.endpoints.manager import EndpointError
+from resolver.endpoints.control import ControlConfig, ControlServer, bind_socket, start_control
+from resolver.endpoints.protocol import MAX_REQUEST, EndpointError, Request, parse_request
 from resolver.errors import ConfigError
 from tests.asyncutil import aio
 
@@ -244,7 +237,7 @@ async def test_hostile_requests_get_bad_request(tmp_path: Path) -> None:
     try:
         reply = await raw(path, b"{garbage\n")
         assert reply["ok"] is False and reply["code"] == "bad-request"
-        reply = await raw(path, b"x" * (control.MAX_REQUEST + 10) + b"\n")
+        reply = await raw(path, b"x" * (MAX_REQUEST + 10) + b"\n")
         assert reply["code"] == "bad-request" and "longer than" in reply["error"]
         reply = await raw(path, b'{"op": "list"', shut=False)  # no newline, no EOF: silence
         assert reply["code"] == "bad-request" and "no request within" in reply["error"]

@@ -45,6 +45,7 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 
+from resolver.endpoints.protocol import EndpointError
 from resolver.errors import ProvisioningError
 from resolver.ipseckey import NO_GATEWAY, IpsecKey, KeyAlgorithm, parse_gateway
 from resolver.policy import AnswerLike, Group, KeyStatus, SetupFailure, classify, key_evidence
@@ -62,18 +63,6 @@ RETRY_MIN: Final = 5.0
 RETRY_MAX: Final = 300.0
 PINNED_GROUPS: Final = (Group.PRIVATE, Group.PRIVATE_OR_CLEAR)
 STATE_VERSION: Final = 1
-
-
-class EndpointError(Exception):
-    """An operation that ends in an `{"ok": false}` control reply; `code` is the protocol's.
-
-    Expected failures only (unknown name, no secure key, IKE daemon unreachable, bad input);
-    the message is the one sentence autosp prints.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # --- pure core: observing ------------------------------------------------------------------
@@ -291,7 +280,7 @@ def health(ep: Endpoint, installed: Mapping[Address, TunnelSpec]) -> Health:
 
 def view(ep: Endpoint, installed: Mapping[Address, TunnelSpec],
          policy_group: Group | None = None) -> dict[str, Any]:
-    """The ENDPOINT dict of the control protocol (autosp/control.py), plus details.
+    """The ENDPOINT dict of the control protocol (resolver/endpoints/protocol.py), plus details.
 
     The protocol's fields come first, always present (null when unknown): name, addresses,
     algorithm, fingerprint, security, tunnel, next_refresh, error. The details after them are

@@ -33,7 +33,6 @@ import dns.rdatatype
 from resolver.endpoints.core import (
     Address,
     Endpoint,
-    EndpointError,
     Failure,
     Observation,
     choose_key,
@@ -50,6 +49,7 @@ from resolver.endpoints.core import (
     view,
     without_exempt,
 )
+from resolver.endpoints.protocol import EndpointError
 from resolver.errors import ProvisioningError, ResolverError
 from resolver.ipseckey import IpsecKey
 from resolver.policy import AnswerLike, Group, Policy
