@@ -20,10 +20,10 @@ import dns.exception
 import dns.name
 
 from autosp import control, keygen, records
-from autosp.errors import DaemonUnreachable, OperationFailed
+from autosp.errors import OperationFailed, ResolverUnreachable
 from resolver.errors import ConfigError
 
-EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_DAEMON = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 PLACEHOLDER_NAME = "host.example.com."
 DEFAULT_PUBLISH_TTL = 300
 DEFAULT_RECORD_TTL = 3600
@@ -249,8 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc, EXIT_INPUT)
     except OperationFailed as exc:
         return _fail(exc, EXIT_FAILED)
-    except DaemonUnreachable as exc:
-        return _fail(exc, EXIT_DAEMON)
+    except ResolverUnreachable as exc:
+        return _fail(exc, EXIT_UNREACHABLE)
     except KeyboardInterrupt:
         print("autosp: interrupted", file=sys.stderr)
         return 130

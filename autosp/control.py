@@ -5,7 +5,7 @@ resolver/endpoints/protocol.py, shared with the daemon's server; this module con
 reads the bounded reply, and maps its outcome onto autosp's errors (and so exit statuses):
 a "bad-request" reply or a request that `check_request` refuses is ConfigError (exit 2), any
 other failure reply OperationFailed (exit 1); no daemon listening (or none answering) is
-DaemonUnreachable (exit 3).
+ResolverUnreachable (exit 3).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from autosp.errors import DaemonUnreachable, OperationFailed
+from autosp.errors import OperationFailed, ResolverUnreachable
 from resolver.endpoints import protocol
 from resolver.endpoints.protocol import DEFAULT_SOCKET, EndpointError, Request
 from resolver.errors import ConfigError
@@ -45,10 +45,9 @@ def send(path: Path, req: Request, timeout: float = 30.0) -> Any:
     """Send one request and return the reply's `result`.
 
     Raises:
-        DaemonUnreachable: the socket is missing, refuses or the daemon does not answer.
+        ResolverUnreachable: the socket is missing, refuses or the daemon does not answer.
         ConfigError: the daemon says the request was malformed.
-        OperationFailed: the daemon could not do it (its sentence is the message), or this
-            user may not open the socket.
+        OperationFailed: the daemon could not do it (its sentence is the message).
     """
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -57,22 +56,22 @@ def send(path: Path, req: Request, timeout: float = 30.0) -> Any:
             s.sendall(req.to_line())
             data = _read_line(s)
     except FileNotFoundError:
-        raise DaemonUnreachable(f"no control socket at {path}: is ipseckey-resolver running "
+        raise ResolverUnreachable(f"no control socket at {path}: is ipseckey-resolver running "
                                   "(with [control] enabled)? The endpoint commands need the "
                                   "resolver's control socket") from None
     except PermissionError:
-        raise DaemonUnreachable(f"{path}: permission denied (the control socket is for root "
-                                "only; run autosp as root)") from None
+        raise ResolverUnreachable(f"{path}: permission denied (the control socket is for "
+                                  "root only; run autosp as root)") from None
     except TimeoutError:
-        raise DaemonUnreachable(f"{path}: the resolver did not answer within "
+        raise ResolverUnreachable(f"{path}: the resolver did not answer within "
                                   f"{timeout:g} s") from None
     except OSError as exc:
-        raise DaemonUnreachable(f"cannot reach the resolver at {path}: "
+        raise ResolverUnreachable(f"cannot reach the resolver at {path}: "
                                   f"{exc.strerror}") from None
     try:
         return protocol.parse_reply(data)
     except ValueError as exc:
-        raise DaemonUnreachable(f"{path}: the resolver's reply is not usable: {exc}") from None
+        raise ResolverUnreachable(f"{path}: the resolver's reply is not usable: {exc}") from None
     except EndpointError as exc:
         if exc.code in protocol.INPUT_CODES:
             raise ConfigError(str(exc)) from None

@@ -23,7 +23,7 @@ import dns.name
 import pytest
 
 from autosp import control as client
-from autosp.errors import DaemonUnreachable, OperationFailed
+from autosp.errors import OperationFailed, ResolverUnreachable
 from resolver.endpoints import control
 from resolver.endpoints.control import ControlConfig, ControlServer, bind_socket, start_control
 from resolver.endpoints.protocol import MAX_REQUEST, EndpointError, Request, parse_request
@@ -358,7 +358,7 @@ def test_directory_writable_by_others_is_refused(tmp_path: Path) -> None:
 
 
 def test_client_without_daemon_says_so(tmp_path: Path) -> None:
-    with pytest.raises(DaemonUnreachable, match="no control socket"):
+    with pytest.raises(ResolverUnreachable, match="no control socket"):
         client.request(tmp_path / "none.sock", "list", 1.0)
 
 
