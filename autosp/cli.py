@@ -1,8 +1,9 @@
 """The `autosp` command line: parse arguments, call one module, map errors to exit statuses.
 
-Exit statuses: 0 done; 1 the operation failed (refused, timed out, raced); 2 bad input or
-configuration; 3 the resolver daemon is not reachable. Errors are one line on stderr, never a
-traceback (set AUTOSP_DEBUG=1 to get one).
+Exit statuses: 0 done; 1 the operation failed (refused, timed out, raced; also permission
+denied on the control socket); 2 bad input or configuration; 3 the resolver is not running (no
+control socket, or nothing answers on it). Errors are one line on stderr, never a traceback (set
+AUTOSP_DEBUG=1 to get one).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ DEFAULT_PUBLISH_TTL = 300
 DEFAULT_RECORD_TTL = 3600
 
 EXIT_HELP = """\
-exit status: 0 ok, 1 operation failed, 2 bad input or configuration, 3 resolver daemon not
-reachable."""
+exit status: 0 ok, 1 operation failed, 2 bad input or configuration, 3 resolver not running
+(no control socket, or no answer on it). Permission denied on the control socket is 1."""
 
 PUBLISH_EPILOG = """\
 what is sent:

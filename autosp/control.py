@@ -4,7 +4,8 @@ The protocol (one JSON request line, one JSON reply line, the codes and the size
 resolver/endpoints/protocol.py, shared with the daemon's server; this module connects, sends,
 reads the bounded reply, and maps its outcome onto autosp's errors (and so exit statuses):
 a "bad-request" reply or a request that `check_request` refuses is ConfigError (exit 2), any
-other failure reply OperationFailed (exit 1); no daemon listening (or none answering) is
+other failure reply OperationFailed (exit 1), as is a socket this user may not open (the same
+sentence as the daemon's "forbidden" reply); no daemon listening (or none answering) is
 ResolverUnreachable (exit 3).
 """
 
@@ -47,7 +48,8 @@ def send(path: Path, req: Request, timeout: float = 30.0) -> Any:
     Raises:
         ResolverUnreachable: the socket is missing, refuses or the daemon does not answer.
         ConfigError: the daemon says the request was malformed.
-        OperationFailed: the daemon could not do it (its sentence is the message).
+        OperationFailed: the daemon could not do it (its sentence is the message), or this
+            user may not open the socket.
     """
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -60,8 +62,8 @@ def send(path: Path, req: Request, timeout: float = 30.0) -> Any:
                                   "(with [control] enabled)? The endpoint commands need the "
                                   "resolver's control socket") from None
     except PermissionError:
-        raise ResolverUnreachable(f"{path}: permission denied (the control socket is for "
-                                  "root only; run autosp as root)") from None
+        # Not "unreachable" (exit 3 means "resolver not running"): it may well be running.
+        raise OperationFailed(f"{path}: {protocol.PERMISSION_DENIED}") from None
     except TimeoutError:
         raise ResolverUnreachable(f"{path}: the resolver did not answer within "
                                   f"{timeout:g} s") from None

@@ -45,6 +45,7 @@ from resolver.endpoints.manager import EndpointManager, Tunnels
 from resolver.endpoints.protocol import (
     DEFAULT_SOCKET,
     MAX_REQUEST,
+    PERMISSION_DENIED,
     EndpointError,
     Request,
     parse_request,
@@ -248,7 +249,7 @@ class ControlServer:
             problem = ""
         if uid is None or uid not in self.allowed_uids:
             log.warning("control socket: refused a request from uid %s", uid)
-            return reply_error("forbidden", "the control socket is for root only")
+            return reply_error("forbidden", PERMISSION_DENIED)
         if problem:
             return reply_error("bad-request", problem)
         try:

@@ -51,6 +51,9 @@ CODES: Final = {
     "internal": "a bug in the daemon, or an operation that outlived its time limit",
 }
 INPUT_CODES: Final = frozenset({"bad-request"})  # the client's fault: autosp exits 2
+# The sentence for a peer that may not use the socket: the daemon's "forbidden" reply, and
+# autosp's message when the file mode already stops it.
+PERMISSION_DENIED: Final = "permission denied: run as root or as the daemon's user"
 
 
 class EndpointError(Exception):
