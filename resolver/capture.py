@@ -1,7 +1,7 @@
 """The capturing QueryHandler: an A/AAAA answer only after the tunnel to it is up.
 
-Theory of operation (design.md steps 2-7 for address queries; everything else goes to the plain
-handler unchanged):
+Theory of operation (DESIGN.md steps 3, 6, 7 and 8 for address queries; everything else goes
+to the plain handler unchanged):
 
   1. The address RRset and the IPSECKEY RRset of the query name are resolved in parallel
      (`Resolution.resolve`, cached and coalesced, so the IPSECKEY costs no extra latency).

@@ -171,9 +171,9 @@ def build_limits(cfg: Config) -> Limits:
 def host_addresses() -> tuple[IPv4Address | IPv6Address, ...]:
     """The addresses of this host (its network namespace), read over netlink.
 
-    Policy never tunnels or blocks these (design.md: "destinations that are this host's own
-    addresses or loopback are never tunnelled"), so they are read at start-up rather than
-    trusted to the configuration alone.
+    Policy never tunnels or blocks these (DESIGN.md, step 6: "the host's own addresses and
+    loopback are never tunnelled"), so they are read at start-up rather than trusted to the
+    configuration alone.
     """
     return tuple(e.address for e in read_interface_addresses())
 

@@ -95,7 +95,7 @@ _LIMITS: Final = Limits()
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    """[limits]: per-query work limits (design.md, "Limits that keep the resolver alive").
+    """[limits]: per-query work limits (DESIGN.md, "Limits that keep the resolver alive").
 
     Names match resolver.validator.types.Limits, except max_upstream_queries (its max_fetches),
     which the resolution core also enforces for the client query's own lookups.

@@ -2,7 +2,7 @@
 
 Theory of operation: this module is pure. It never looks anything up, never provisions and
 never reads the clock; it is given what the resolution core proved and returns what should
-happen, as data. The decision table of design.md lives in one place, `Policy.decide` plus
+happen, as data. The decision table of DESIGN.md lives in one place, `Policy.decide` plus
 `Policy.after_setup_failure`, and tests/test_policy.py walks every cell of it.
 
 Groups (Libreswan's names):
@@ -14,11 +14,12 @@ Groups (Libreswan's names):
     clear-or-private  answer in clear; tunnels the peer starts are accepted (charon's business)
     clear             answer in clear; the IPSECKEY is not even waited for
 
-Rule 1 (from the ipsecmod gaps in design.md): an IPSECKEY whose absence is not *proven* is never
-"no key". Only a secure NXDOMAIN/NODATA or an insecure zone is `KeyStatus.ABSENT`; bogus data,
-missing proofs, timeouts, NSEC3 over the iteration limit, and an insecure IPSECKEY next to a
-secure address (same owner, so the same zone: something is wrong) are `BOGUS`/`UNPROVABLE`,
-and those are SERVFAIL in every group that looks at keys.
+Rule 1 (DESIGN.md, security requirement 3; Unbound's ipsecmod returns the address in clear when
+the IPSECKEY lookup fails): an IPSECKEY whose absence is not *proven* is never "no key". Only a
+secure NXDOMAIN/NODATA or an insecure zone is `KeyStatus.ABSENT`; bogus data, missing proofs,
+timeouts, NSEC3 over the iteration limit, and an insecure IPSECKEY next to a secure address
+(same owner, so the same zone: something is wrong) are `BOGUS`/`UNPROVABLE`, and those are
+SERVFAIL in every group that looks at keys.
 
 Rule 2: a bogus (or indeterminate) *address* RRset is SERVFAIL whatever the group.
 
@@ -116,7 +117,7 @@ class KeyEvidence:
 
 
 class SetupFailure(enum.Enum):
-    """Why a tunnel did not come up (provision.py classifies ProvisioningErrors into these)."""
+    """Why a tunnel did not come up (`classify` maps a ProvisioningError onto these)."""
 
     TIMEOUT = "timeout"  # the CHILD_SA was not INSTALLED within the timeout
     DAEMON_UNREACHABLE = "daemon-unreachable"  # the IKE daemon's control socket failed
@@ -385,7 +386,7 @@ class Policy:
         address_verdict: Verdict,
         keys: KeyEvidence | None,
     ) -> Decision:
-        """The decision table of design.md.
+        """The decision table of DESIGN.md.
 
         Args:
             qname: the owner of the addresses (the end of any CNAME chain).

@@ -5,8 +5,8 @@ Theory of operation. No I/O, no asyncio, no clock (`now` is passed in). `observe
 validated A, AAAA and IPSECKEY answers of a name to an `Observation` (or a `Failure` carrying a
 control-protocol code); `choose_key` and `plan_tunnels` decide which tunnels should exist and
 which go; `view` makes the ENDPOINT dict of the control protocol; `dump_state`/`load_state`
-(de)serialize the endpoint list. resolver/endpoints.py (`EndpointManager`) runs them: it
-performs the lookups and the provisioning these functions ask for, and owns the timers.
+(de)serialize the endpoint list. resolver/endpoints/manager.py (`EndpointManager`) runs them:
+it performs the lookups and the provisioning these functions ask for, and owns the timers.
 
 Rules (each has a test in tests/test_endpoints.py):
 

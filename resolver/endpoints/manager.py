@@ -1,6 +1,6 @@
 """Pinned endpoints: the names `autosp add` keeps a tunnel to, followed as their records change.
 
-Theory of operation. The decisions are pure functions in resolver/endpoints_core.py (observe a
+Theory of operation. The decisions are pure functions in resolver/endpoints/core.py (observe a
 name, plan its tunnels, show it, persist it; Rules 1-6 are stated there). This module is the
 asyncio layer around them:
 

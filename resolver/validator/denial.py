@@ -5,12 +5,13 @@ Theory of operation
 A negative answer (or a wildcard expansion, or a DS denial met while walking the chain) carries
 NSEC or NSEC3 records in its authority section. ``collect`` keeps those that belong to one
 secure zone (owner under the zone, an RRSIG by the zone), checks the NSEC3 count *before* any
-crypto, verifies each RRset with the zone's keys (budgeted in validate_sig), and hands the
-verified records to validate_nsec / validate_nsec3. Records signed by another zone are left for
+crypto, verifies each RRset with the zone's keys (budgeted in sig.py), and hands the
+verified records to nsec.py / nsec3.py. Records signed by another zone are left for
 that zone's own step; records without any RRSIG make a missing proof "RRSIGs missing" rather
 than "NSEC missing", which is the more useful EDE for a stripping middlebox.
 
-A missing or broken proof is always BOGUS: "no data" is never assumed (design.md).
+A missing or broken proof is always BOGUS: "no data" is never assumed (DESIGN.md, security
+requirement 3).
 """
 
 from __future__ import annotations
