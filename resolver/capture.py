@@ -51,7 +51,14 @@ from resolver.policy import (
 )
 from resolver.provision import Provisioner
 from resolver.resolve import QueryHandler, Resolver
-from resolver.rrsets import ADDRESS_TYPES, Address, addresses_of, chain_end, only_addresses
+from resolver.rrsets import (
+    ADDRESS_TYPES,
+    Address,
+    addresses_of,
+    chain_end,
+    gateway_addresses,
+    only_addresses,
+)
 from resolver.tunnels.intents import TunnelSpec, tunnel_spec
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
 
@@ -164,20 +171,15 @@ class CaptureHandler:
 
     async def _gateway_address(self, name: dns.name.Name, destinations: Sequence[Address],
                                now: float) -> Address:
-        """The address of a gateway given by name: same family as the destination first.
-
-        The gateway's address needs no DNSSEC proof of its own (IKE authenticates the gateway
-        by the secure key), but bogus data is never used.
-        """
+        """The address of a gateway given by name: same family as the destination first."""
         order = (dns.rdatatype.A, dns.rdatatype.AAAA)
         if destinations and destinations[0].version == 6:
             order = (dns.rdatatype.AAAA, dns.rdatatype.A)
         for rdtype in order:
-            ans = await self.resolution.resolve(name, rdtype, now)
-            if ans.verdict.security in (Security.SECURE, Security.INSECURE):
-                found = addresses_of(ans.answer, chain_end(ans.answer, name), rdtype)
-                if found:
-                    return found[0]
+            found = gateway_addresses(await self.resolution.resolve(name, rdtype, now), name,
+                                      rdtype)
+            if found:
+                return found[0]
         raise TunnelRejected(f"gateway {name} has no usable address")
 
     async def _refuse(self, query: dns.message.Message, decision: Refuse, now: float

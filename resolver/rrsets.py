@@ -19,7 +19,7 @@ import dns.name
 import dns.rdatatype
 import dns.rrset
 
-from resolver.validator.response import ValidatedAnswer
+from resolver.validator.response import Security, ValidatedAnswer
 
 Address = IPv4Address | IPv6Address
 
@@ -51,6 +51,19 @@ def addresses_of(rrsets: Iterable[dns.rrset.RRset], owner: dns.name.Name,
     """
     return [ip_address(rd.address) for r in rrsets if r.rdtype == rdtype and r.name == owner
             for rd in r]
+
+
+def gateway_addresses(ans: ValidatedAnswer, name: dns.name.Name,
+                      rdtype: dns.rdatatype.RdataType) -> list[Address]:
+    """The addresses the A or AAAA answer `ans` gives for a gateway `name` (an IPSECKEY's
+    gateway field), or none if the answer is bogus or indeterminate.
+
+    A gateway's address needs no DNSSEC proof of its own: IKE authenticates the gateway by the
+    secure key, so an insecure address is usable. Bogus data is never used.
+    """
+    if ans.verdict.security not in (Security.SECURE, Security.INSECURE):
+        return []
+    return addresses_of(ans.answer, chain_end(ans.answer, name), rdtype)
 
 
 def only_addresses(ans: ValidatedAnswer, keep: Sequence[Address]) -> ValidatedAnswer:

@@ -9,7 +9,7 @@ import dns.name
 import dns.rdatatype
 import dns.rrset
 
-from resolver.rrsets import addresses_of, chain_end, only_addresses
+from resolver.rrsets import addresses_of, chain_end, gateway_addresses, only_addresses
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
 
 A, AAAA = dns.rdatatype.A, dns.rdatatype.AAAA
@@ -54,3 +54,17 @@ def test_only_addresses_keeps_the_rest_and_drops_stale_signatures() -> None:
     assert kept.answer[0] == WWW_CNAME
     assert [str(rd) for rd in kept.answer[1]] == ["198.51.100.12"]
     assert len(kept.answer) == 2  # the RRSIG over both addresses no longer matches
+
+
+def test_gateway_addresses_insecure_yes_bogus_never() -> None:
+    gw = n("gw.example.test.")
+    section = [rrset("gw.example.test.", "A", "198.51.100.20")]
+
+    def ans(security: Security) -> ValidatedAnswer:
+        return ValidatedAnswer(verdict=Verdict(security), rcode=0, answer=section, authority=[],
+                               ttl=60)
+
+    assert gateway_addresses(ans(Security.SECURE), gw, A) == [ip_address("198.51.100.20")]
+    assert gateway_addresses(ans(Security.INSECURE), gw, A) == [ip_address("198.51.100.20")]
+    assert gateway_addresses(ans(Security.BOGUS), gw, A) == []
+    assert gateway_addresses(ans(Security.INDETERMINATE), gw, A) == []

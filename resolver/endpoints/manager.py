@@ -52,12 +52,12 @@ from resolver.endpoints.core import (
 from resolver.endpoints.protocol import EndpointError
 from resolver.errors import ProvisioningError, ResolverError
 from resolver.ipseckey import IpsecKey
-from resolver.policy import AnswerLike, Group, Policy
+from resolver.policy import Group, Policy
 from resolver.provision import write_atomically
 from resolver.resolve import Resolver
-from resolver.rrsets import addresses_of, chain_end
+from resolver.rrsets import ADDRESS_TYPES, gateway_addresses
 from resolver.tunnels.intents import TunnelSpec
-from resolver.validator.response import Security
+from resolver.validator.response import ValidatedAnswer
 
 __all__ = ["DEFAULT_KEEPALIVE", "EndpointError", "EndpointManager", "Tunnels"]
 
@@ -372,24 +372,22 @@ class EndpointManager:
         return observe(name, *results)
 
     async def _lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType,
-                      now: float, fresh: bool = False) -> AnswerLike | ResolverError:
+                      now: float, fresh: bool = False) -> ValidatedAnswer | ResolverError:
         try:
             return await self.resolution.resolve(name, rdtype, now, fresh=fresh)
         except ResolverError as exc:  # anything else is a bug and propagates
             return exc
 
     async def _gateway_addresses(self, key: IpsecKey, now: float) -> tuple[Address, ...]:
-        """Addresses of a gateway given by name (the key authenticates it, so an insecure
-        address is acceptable here, a bogus one is not)."""
+        """Addresses of a gateway given by name, both families (`plan_tunnels` picks one per
+        destination)."""
         if not isinstance(key.gateway, dns.name.Name):
             return ()
         found: list[Address] = []
-        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        for rdtype in ADDRESS_TYPES:
             ans = await self._lookup(key.gateway, rdtype, now)
-            if isinstance(ans, ResolverError) or ans.verdict.security in (
-                    Security.BOGUS, Security.INDETERMINATE):
-                continue
-            found.extend(addresses_of(ans.answer, chain_end(ans.answer, key.gateway), rdtype))
+            if not isinstance(ans, ResolverError):
+                found.extend(gateway_addresses(ans, key.gateway, rdtype))
         return tuple(found)
 
     def _save(self) -> None:
