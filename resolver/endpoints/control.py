@@ -13,8 +13,9 @@ Security requirements, each enforced here and tested in tests/test_control.py:
       never briefly wider: it is bound under a umask of 0177), SO_PEERCRED is the second (a
       descriptor passed on by a privileged process still shows the connecting peer).
   S2. A request is bounded: MAX_REQUEST bytes, `read_timeout` seconds to arrive, `op_timeout`
-      seconds to be carried out. Nothing a client sends can stop the daemon: every failure is
-      a reply, and a bug is logged and answered with code "internal".
+      seconds to be carried out; JSON nested deeper than the parser's recursion limit is
+      "bad-request" (protocol.py). Nothing a client sends can stop the daemon: every failure
+      is a reply, and a bug is logged and answered with code "internal".
   S3. The socket path is never taken from anyone but the operator (config), a stale socket is
       removed only if nothing answers on it, and a non-socket file in its place is refused.
 
