@@ -21,7 +21,7 @@ from pathlib import Path
 
 from resolver import config as configuration
 from resolver.cache import WireCache
-from resolver.capture import CaptureHandler, QueryHandler
+from resolver.capture import CaptureHandler
 from resolver.config import Config
 from resolver.confighelp import config_help
 from resolver.endpoints.config import ControlConfig
@@ -30,7 +30,7 @@ from resolver.errors import ConfigError
 from resolver.hostaddr import read_interface_addresses
 from resolver.policy import Policy, PolicyConfig
 from resolver.provision import Provisioner
-from resolver.resolve import Fetch, PlainHandler, Resolution, Validating
+from resolver.resolve import Fetch, PlainHandler, QueryHandler, Resolution, Validating
 from resolver.server import Server
 from resolver.tunnels.backend import make_backend
 from resolver.tunnels.config import Identity, ProvisionConfig
@@ -132,9 +132,9 @@ def check_sections(cfg: Config) -> None:
 def host_addresses() -> tuple[IPv4Address | IPv6Address, ...]:
     """The addresses of this host (its network namespace), read over netlink.
 
-    Policy never tunnels or blocks these (design.md: "destinations that are this host's own
-    addresses or loopback are never tunnelled"), so they are read at start-up rather than
-    trusted to the configuration alone.
+    Policy never tunnels or blocks these (DESIGN.md, step 6: "the host's own addresses and
+    loopback are never tunnelled"), so they are read at start-up rather than trusted to the
+    configuration alone.
     """
     return tuple(e.address for e in read_interface_addresses())
 

@@ -14,12 +14,12 @@ Groups (Libreswan's names):
     clear-or-private  answer in clear; tunnels the peer starts are accepted (charon's business)
     clear             answer in clear; the IPSECKEY is not even waited for
 
-Rule 1 (where Unbound's ipsecmod answers in clear after a failed IPSECKEY lookup, we do not): an
-IPSECKEY whose absence is not *proven* is never "no key". Only a secure NXDOMAIN/NODATA or an
-insecure zone is `KeyStatus.ABSENT`; bogus data, missing proofs, timeouts, NSEC3 over the
-iteration limit, and an insecure IPSECKEY next to a secure address (same owner, so the same
-zone: something is wrong) are `BOGUS`/`UNPROVABLE`, and those are SERVFAIL in every group that
-looks at keys.
+Rule 1 (DESIGN.md, security requirement 3; Unbound's ipsecmod returns the address in clear when
+the IPSECKEY lookup fails): an IPSECKEY whose absence is not *proven* is never "no key". Only a
+secure NXDOMAIN/NODATA or an insecure zone is `KeyStatus.ABSENT`; bogus data, missing proofs,
+timeouts, NSEC3 over the iteration limit, and an insecure IPSECKEY next to a secure address
+(same owner, so the same zone: something is wrong) are `BOGUS`/`UNPROVABLE`, and those are
+SERVFAIL in every group that looks at keys.
 
 Rule 2: a bogus (or indeterminate) *address* RRset is SERVFAIL whatever the group.
 
@@ -117,7 +117,7 @@ class KeyEvidence:
 
 
 class SetupFailure(enum.Enum):
-    """Why a tunnel did not come up (provision.py classifies ProvisioningErrors into these)."""
+    """Why a tunnel did not come up (`classify` maps a ProvisioningError onto these)."""
 
     TIMEOUT = "timeout"  # the CHILD_SA was not INSTALLED within the timeout
     DAEMON_UNREACHABLE = "daemon-unreachable"  # the IKE daemon's control socket failed

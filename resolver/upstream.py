@@ -45,7 +45,7 @@ _RETRY_RCODES: Final = frozenset(
 
 @dataclass(slots=True)
 class QueryBudget:
-    """Upstream queries allowed for one client query (design.md: at most 64)."""
+    """Upstream queries allowed for one client query (DESIGN.md limits: at most 64)."""
 
     limit: int
     used: int = 0

@@ -15,7 +15,7 @@ reply exceeds the query's EDNS size), except for the one (name, type) a scenario
 Each side runs its own event loop in its own thread, as two processes would, and every question
 is asked by a real client (dns.query.udp from the test thread). Per scenario we check the rcode,
 the AD bit, the Extended DNS Error, the validator's Work counters and the number of queries the
-upstream saw (design.md: at most 64 per client query), and the CPU the query cost: process CPU
+upstream saw (DESIGN.md: at most 64 per client query), and the CPU the query cost: process CPU
 (time.process_time: client + upstream + resolver) and the resolver thread's own CPU.
 
 The last tests fire KeyTrap queries, silent upstreams and garbage while another client asks a
@@ -256,7 +256,7 @@ def record(label: str, out: Outcome, extra: str = "") -> None:
 
 def within_limits(stack: Stack, out: Outcome, name: str, rdtype: str = "A",
                   validated: bool = True) -> str:
-    """Work stayed within design.md's limits; returns the counters for the figures."""
+    """Work stayed within DESIGN.md's limits; returns the counters for the figures."""
     assert out.upstream_queries <= stack.cfg.limits.max_fetches, out.upstream_queries
     assert out.cpu < CPU_BOUND, out.cpu
     assert out.resolver_cpu < CPU_BOUND, out.resolver_cpu

@@ -1,4 +1,4 @@
-"""resolver.policy: groups from config, and every cell of design.md's decision table."""
+"""resolver.policy: groups from config, and every cell of DESIGN.md's decision table."""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import ClassVar, Final
 
 from resolver.configtable import Section, Table
+from resolver.endpoints.protocol import DEFAULT_SOCKET
 
-DEFAULT_SOCKET: Final = Path("/run/ipseckey-resolver/control.sock")
 DEFAULT_STATE_FILE: Final = Path("/var/lib/ipseckey-resolver/endpoints.json")
 # sun_path holds 108 bytes including the NUL; a longer path cannot be bound.
 MAX_SOCKET_PATH: Final = 107

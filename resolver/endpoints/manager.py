@@ -1,6 +1,6 @@
 """Pinned endpoints: the names `autosp add` keeps a tunnel to, followed as their records change.
 
-Theory of operation. The decisions are pure functions in resolver/endpoints_core.py (observe a
+Theory of operation. The decisions are pure functions in resolver/endpoints/core.py (observe a
 name, plan its tunnels, show it, persist it; Rules 1-6 are stated there). This module is the
 asyncio layer around them:
 
@@ -33,10 +33,8 @@ import dns.rdatatype
 from resolver.endpoints.core import (
     Address,
     Endpoint,
-    EndpointError,
     Failure,
     Observation,
-    addresses_of,
     choose_key,
     display_name,
     dump_state,
@@ -51,14 +49,17 @@ from resolver.endpoints.core import (
     view,
     without_exempt,
 )
+from resolver.endpoints.protocol import EndpointError
 from resolver.errors import ProvisioningError, ResolverError
 from resolver.ipseckey import IpsecKey
-from resolver.policy import AnswerLike, Group, Policy
+from resolver.policy import Group, Policy
 from resolver.provision import write_atomically
+from resolver.resolve import Resolver
+from resolver.rrsets import ADDRESS_TYPES, gateway_addresses
 from resolver.tunnels.intents import TunnelSpec
-from resolver.validator.response import Security
+from resolver.validator.response import ValidatedAnswer
 
-__all__ = ["DEFAULT_KEEPALIVE", "EndpointError", "EndpointManager", "Resolver", "Tunnels"]
+__all__ = ["DEFAULT_KEEPALIVE", "EndpointError", "EndpointManager", "Tunnels"]
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,6 @@ DEFAULT_KEEPALIVE: Final = 120.0
 
 
 # --- the collaborators, as far as we use them ----------------------------------------------
-
-
-class Resolver(Protocol):
-    """resolver.resolve.Resolution, structurally."""
-
-    async def resolve(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType,
-                      now: float, *, fresh: bool = False) -> AnswerLike: ...
 
 
 class Tunnels(Protocol):
@@ -378,24 +372,22 @@ class EndpointManager:
         return observe(name, *results)
 
     async def _lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType,
-                      now: float, fresh: bool = False) -> AnswerLike | ResolverError:
+                      now: float, fresh: bool = False) -> ValidatedAnswer | ResolverError:
         try:
             return await self.resolution.resolve(name, rdtype, now, fresh=fresh)
         except ResolverError as exc:  # anything else is a bug and propagates
             return exc
 
     async def _gateway_addresses(self, key: IpsecKey, now: float) -> tuple[Address, ...]:
-        """Addresses of a gateway given by name (the key authenticates it, so an insecure
-        address is acceptable here, a bogus one is not)."""
+        """Addresses of a gateway given by name, both families (`plan_tunnels` picks one per
+        destination)."""
         if not isinstance(key.gateway, dns.name.Name):
             return ()
         found: list[Address] = []
-        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        for rdtype in ADDRESS_TYPES:
             ans = await self._lookup(key.gateway, rdtype, now)
-            if isinstance(ans, ResolverError) or ans.verdict.security in (
-                    Security.BOGUS, Security.INDETERMINATE):
-                continue
-            found.extend(addresses_of(ans))
+            if not isinstance(ans, ResolverError):
+                found.extend(gateway_addresses(ans, key.gateway, rdtype))
         return tuple(found)
 
     def _save(self) -> None:

@@ -10,7 +10,8 @@ verified records to nsec.py / nsec3.py. Records signed by another zone are left 
 that zone's own step; records without any RRSIG make a missing proof "RRSIGs missing" rather
 than "NSEC missing", which is the more useful EDE for a stripping middlebox.
 
-A missing or broken proof is always BOGUS: "no data" is never assumed.
+A missing or broken proof is always BOGUS: "no data" is never assumed (DESIGN.md, security
+requirement 3).
 """
 
 from __future__ import annotations
