@@ -24,11 +24,12 @@ import enum
 import hashlib
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import Final
+from typing import Any, Final
 
+import dns.exception
 import dns.name
 import dns.rdataclass
 import dns.rdatatype
@@ -131,6 +132,45 @@ class IpsecKey:
         """
         algorithm, field = key_field_for(public_key)
         return cls(owner, _precedence(precedence), gateway, algorithm, field, ttl)
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> IpsecKey:
+        """The key of a `to_json` mapping (extra keys are ignored: the provisioner's state file
+        stores them flat beside the tunnel's own fields).
+
+        A state file is input too: the key is checked as `from_rdata` checks a record, so a
+        damaged file never hands a malformed key to a backend.
+
+        Raises:
+            UnusableKey: a field is missing, has the wrong type, or the key is not usable.
+        """
+        try:
+            key = cls(
+                owner=dns.name.from_text(str(doc["owner"])),
+                precedence=_precedence(int(doc["precedence"])),
+                gateway=parse_gateway(str(doc["gateway"])),
+                algorithm=_algorithm(int(doc["algorithm"])),
+                public_key=base64.b64decode(str(doc["public_key"]), validate=True),
+                ttl=int(doc["ttl"]),
+            )
+        except UnusableKey:
+            raise
+        except (KeyError, TypeError, ValueError, dns.exception.DNSException) as exc:
+            raise UnusableKey(f"stored key: {exc!r}") from None
+        key.crypto_key()  # Rule 1
+        return key
+
+    def to_json(self) -> dict[str, Any]:
+        """The key as JSON values, for the state files (the inverse of `from_json`)."""
+        return {
+            "owner": self.owner.to_text(),
+            "precedence": self.precedence,
+            "gateway": self.gateway.to_text() if isinstance(self.gateway, dns.name.Name)
+            else str(self.gateway),
+            "algorithm": int(self.algorithm),
+            "public_key": base64.b64encode(self.public_key).decode(),
+            "ttl": self.ttl,
+        }
 
     def crypto_key(self) -> PublicKey:
         """The `cryptography` public key. Raises UnusableKey if the field is malformed."""

@@ -35,7 +35,6 @@ leases must survive a restart in the state file. Real waiting (the setup timeout
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import enum
 import functools
@@ -50,10 +49,8 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
-import dns.name
-
 from resolver.errors import ProvisioningError, TunnelRejected, TunnelTimeout
-from resolver.ipseckey import IpsecKey, KeyAlgorithm, parse_gateway
+from resolver.ipseckey import IpsecKey
 from resolver.tunnels.backend import ProvisioningBackend
 from resolver.tunnels.config import ProvisionConfig
 from resolver.tunnels.intents import (
@@ -559,39 +556,21 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 def _spec_to_json(spec: TunnelSpec, expires_at: float) -> dict[str, Any]:
-    k = spec.key
-    return {
+    """A tunnel of the state file: the spec's fields and its key's, flat, and the lease end."""
+    return spec.key.to_json() | {
         "name": spec.name,
         "destination": str(spec.destination),
         "remote_addr": str(spec.remote_addr),
         "remote_id": spec.remote_id,
-        "owner": k.owner.to_text(),
-        "precedence": k.precedence,
-        "gateway": str(k.gateway) if not isinstance(k.gateway, dns.name.Name)
-        else k.gateway.to_text(),
-        "algorithm": int(k.algorithm),
-        "public_key": base64.b64encode(k.public_key).decode(),
-        "ttl": k.ttl,
         "expires_at": expires_at,
     }
 
 
 def _spec_from_json(e: Mapping[str, Any]) -> TunnelSpec:
-    key = IpsecKey(
-        owner=dns.name.from_text(e["owner"]),
-        precedence=int(e["precedence"]),
-        gateway=parse_gateway(e["gateway"]),
-        algorithm=KeyAlgorithm(int(e["algorithm"])),
-        public_key=base64.b64decode(e["public_key"]),
-        ttl=int(e["ttl"]),
-    )
-    key.crypto_key()  # a state file is input too: never hand a malformed key to a backend
     return TunnelSpec(
         name=str(e["name"]),
         destination=ipaddress.ip_address(e["destination"]),
         remote_addr=ipaddress.ip_address(e["remote_addr"]),
         remote_id=str(e["remote_id"]),
-        key=key,
+        key=IpsecKey.from_json(e),
     )
-
-
