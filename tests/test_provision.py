@@ -30,7 +30,6 @@ from resolver.tunnels.dryrun import DryRunBackend
 from resolver.tunnels.intents import (
     InstallShunt,
     InstallTunnel,
-    Intent,
     ItemKind,
     PolicyKey,
     RemoveShunt,
@@ -39,6 +38,7 @@ from resolver.tunnels.intents import (
     tunnel_spec,
 )
 from tests.asyncutil import aio
+from tests.fakes import FakeBackend
 
 WHEN = 1_800_000_000.0  # pinned clock (POSIX seconds)
 BOB_NAME = dns.name.from_text("bob.example.test.")
@@ -53,40 +53,6 @@ def key(owner: dns.name.Name = BOB_NAME) -> IpsecKey:
 
 KEY1, KEY2 = key(), key()
 SPEC = tunnel_spec(KEY1, BOB, None)
-
-
-class FakeBackend:
-    """Records intents; InstallTunnel waits on `gate` (if set) and raises `fail` (if set)."""
-
-    def __init__(self) -> None:
-        self.intents: list[Intent] = []
-        self.items: set[PolicyKey] = set()
-        self.gate: asyncio.Event | None = None
-        self.fail: ProvisioningError | None = None
-        self.hang = False
-
-    async def apply(self, intent: Intent) -> None:
-        self.intents.append(intent)
-        if isinstance(intent, InstallTunnel):
-            if self.gate is not None:
-                await self.gate.wait()
-            if self.hang:
-                await asyncio.sleep(3600)
-            if self.fail is not None:
-                raise self.fail
-            self.items.add(PolicyKey.tunnel(intent.spec.name))
-        elif isinstance(intent, RemoveTunnel):
-            self.items.discard(PolicyKey.tunnel(intent.name))
-        elif isinstance(intent, InstallShunt):
-            self.items.add(PolicyKey.shunt(intent.destination))
-        else:
-            self.items.discard(PolicyKey.shunt(intent.destination))
-
-    async def installed(self) -> frozenset[PolicyKey]:
-        return frozenset(self.items)
-
-    def kinds(self) -> list[str]:
-        return [type(i).__name__ for i in self.intents]
 
 
 def prov(backend: FakeBackend, tmp: Path | None = None, **kw: float) -> Provisioner:
@@ -413,13 +379,24 @@ async def test_composite_routes_intents() -> None:
 
 
 @aio
-async def test_dry_run_backend() -> None:
+async def test_dry_run_backend(caplog: pytest.LogCaptureFixture) -> None:
     d = DryRunBackend()
     p = Provisioner(d, ProvisionConfig(backend="dryrun"))
     await p.ensure(SPEC, WHEN)
     assert await d.installed() == {PolicyKey.tunnel(SPEC.name)}
+    await d.apply(InstallShunt(CAROL))
+    assert await d.installed() == {PolicyKey.tunnel(SPEC.name), PolicyKey.shunt(CAROL)}
     await d.apply(RemoveTunnel(SPEC.name))
+    await d.apply(RemoveShunt(CAROL))
     assert await d.installed() == frozenset()
+    assert d.log == [InstallTunnel(SPEC, 3.0), InstallShunt(CAROL), RemoveTunnel(SPEC.name),
+                     RemoveShunt(CAROL)]
+    # every intent says, as a warning, that nothing is protected (unless quiet: the tests' fake)
+    said = [r for r in caplog.records if "nothing is protected" in r.getMessage()]
+    assert len(said) == 4 and all(r.levelname == "WARNING" for r in said)
+    caplog.clear()
+    await DryRunBackend(quiet=True).apply(InstallShunt(CAROL))
+    assert not caplog.records
 
 
 def test_make_backend(tmp_path: Path) -> None:
