@@ -3,7 +3,8 @@
 Theory of operation: this module is pure (no I/O, no clock). It turns the IPSECKEY records of a
 DNSSEC-secure RRset into `IpsecKey` values that the policy and provisioning layers can trust to
 be well formed, and turns a `cryptography` public key back into IPSECKEY rdata (for autosp and the
-lab, so that the project has one encoder).
+lab, so that the project has one encoder). `to_json`/`from_json` are the one JSON form of a key,
+used by both state files (a key read back is checked like one from DNS).
 
 Rule 1: an `IpsecKey` is only ever built from a key field that `cryptography` accepted. Anything
 else (algorithm 0/1 or unknown, a truncated RSA blob, a point not on the curve, an Ed25519 field of

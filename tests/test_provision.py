@@ -1,5 +1,6 @@
-"""resolver.provision with a FakeBackend and a pinned clock: coalescing, timeouts, leases,
-replacement, shunts, the state file and reconcile."""
+"""resolver.provision with the tests' FakeBackend (tests/fakes.py) and a pinned clock:
+coalescing, timeouts, leases, replacement, shunts, the state file and reconcile; the backend
+composite and factory, the dry run, naming and the [provision] table."""
 
 from __future__ import annotations
 

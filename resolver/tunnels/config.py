@@ -1,7 +1,7 @@
 """[provision] and [identity]: the provisioner's configuration and this host as an IKE peer.
 
 Parsed from the raw tables in Config.sections; every problem is a ConfigError that names the
-file, the table and the key. Re-exported by resolver.provision.
+file, the table and the key.
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def tunnel_spec(key: IpsecKey, destination: Address, gateway_addr: Address | Non
         remote, remote_id = gateway_addr, gw.to_text(omit_final_dot=True)
     else:
         # An address gateway tells us where, not who: the key is what authenticates it, and the
-        # identity is its address (charon matches the key to that id; see provision_vici).
+        # identity is its address (charon matches the key to that id; see resolver/tunnels/vici.py).
         remote, remote_id = gw, str(gw)
     # The TTL is a property of one answer, not of the key: keep it out of the spec so that an
     # aged or republished TTL never looks like a key change (which would replace the tunnel).
