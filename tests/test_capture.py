@@ -308,15 +308,22 @@ async def test_cname_ignores_key_at_alias() -> None:
     assert spec.key.public_key == BOB_KEY.public_key
 
 
-@aio
-async def test_gateway_by_name() -> None:
-    gw = n("gw.example.test.")
+def behind_gateway(gateway_answers: dict[tuple[str, int], ValidatedAnswer]) -> Script:
+    """srv.example.test (203.0.113.21), whose key names gw.example.test as its gateway; the
+    gateway's address lookups answer as given."""
     srv_key = IpsecKey.from_public_key(n("srv.example.test."),
                                        ed25519.Ed25519PrivateKey.generate().public_key(),
-                                       gateway=gw)
-    script = Script({
+                                       gateway=n("gw.example.test."))
+    return Script({
         ("srv.example.test.", A): answer(rrset("srv.example.test.", 60, "A", "203.0.113.21")),
         ("srv.example.test.", IPSECKEY): answer(key_rrset("srv.example.test.", key=srv_key)),
+        **gateway_answers,
+    })
+
+
+@aio
+async def test_gateway_by_name() -> None:
+    script = behind_gateway({
         ("gw.example.test.", A): answer(rrset("gw.example.test.", 60, "A", "198.51.100.20")),
     })
     h, fb, _ = handler(script)
@@ -328,16 +335,7 @@ async def test_gateway_by_name() -> None:
 
 @aio
 async def test_gateway_without_address_fails_closed() -> None:
-    gw = n("gw.example.test.")
-    srv_key = IpsecKey.from_public_key(n("srv.example.test."),
-                                       ed25519.Ed25519PrivateKey.generate().public_key(),
-                                       gateway=gw)
-    script = Script({
-        ("srv.example.test.", A): answer(rrset("srv.example.test.", 60, "A", "203.0.113.21")),
-        ("srv.example.test.", IPSECKEY): answer(key_rrset("srv.example.test.", key=srv_key)),
-        ("gw.example.test.", A): NODATA,
-        ("gw.example.test.", AAAA): NODATA,
-    })
+    script = behind_gateway({("gw.example.test.", A): NODATA, ("gw.example.test.", AAAA): NODATA})
     h, fb, _ = handler(script)
     reply = await h.handle(query("srv.example.test."), WHEN)
     assert reply.rcode() == dns.rcode.SERVFAIL and "gateway" in ede(reply)[1]
