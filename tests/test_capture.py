@@ -28,13 +28,12 @@ from resolver.tunnels.config import ProvisionConfig
 from resolver.tunnels.intents import (
     InstallShunt,
     InstallTunnel,
-    Intent,
-    PolicyKey,
     RemoveShunt,
     RemoveTunnel,
 )
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
 from tests.asyncutil import aio
+from tests.fakes import FakeBackend
 
 WHEN = 1_800_000_000.0
 A, AAAA, IPSECKEY = dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.IPSECKEY
@@ -91,27 +90,6 @@ class Plain:
     async def handle(self, query: dns.message.Message, now: float) -> dns.message.Message:
         self.queries.append(query)
         return dns.message.make_response(query)
-
-
-class FakeBackend:
-    def __init__(self, fail: Exception | None = None, fail_for: set[IPv4Address] | None = None
-                 ) -> None:
-        self.intents: list[Intent] = []
-        self.fail = fail
-        self.fail_for = fail_for
-
-    async def apply(self, intent: Intent) -> None:
-        self.intents.append(intent)
-        await asyncio.sleep(0.001)
-        if isinstance(intent, InstallTunnel) and self.fail is not None and (
-                self.fail_for is None or intent.spec.destination in self.fail_for):
-            raise self.fail
-
-    async def installed(self) -> frozenset[PolicyKey]:
-        return frozenset()
-
-    def of(self, kind: type) -> list[Intent]:
-        return [i for i in self.intents if isinstance(i, kind)]
 
 
 def handler(script: Script, *, group: str = "private", backend: FakeBackend | None = None,
@@ -366,8 +344,14 @@ async def test_gateway_without_address_fails_closed() -> None:
 async def test_fifty_concurrent_lookups_one_tunnel() -> None:
     script = Script({("bob.example.test.", A): answer(BOB_A),
                      ("bob.example.test.", IPSECKEY): answer(key_rrset())})
-    h, fb, _ = handler(script)
-    replies = await asyncio.gather(*(h.handle(query(), WHEN) for _ in range(50)))
+    fb = FakeBackend()
+    fb.gate = asyncio.Event()  # the setup stays in flight until all fifty have asked
+    h, _, _ = handler(script, backend=fb)
+    lookups = [asyncio.create_task(h.handle(query(), WHEN)) for _ in range(50)]
+    await asyncio.sleep(0.01)
+    assert len(fb.of(InstallTunnel)) == 1 and not any(t.done() for t in lookups)
+    fb.gate.set()
+    replies = await asyncio.gather(*lookups)
     assert all(r.rcode() == dns.rcode.NOERROR for r in replies)
     assert len(fb.of(InstallTunnel)) == 1
 

@@ -30,7 +30,6 @@ Rules (each has a test in tests/test_endpoints.py):
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import enum
 import ipaddress
@@ -47,7 +46,7 @@ import dns.rdatatype
 
 from resolver.endpoints.protocol import EndpointError
 from resolver.errors import ProvisioningError
-from resolver.ipseckey import NO_GATEWAY, IpsecKey, KeyAlgorithm, parse_gateway
+from resolver.ipseckey import NO_GATEWAY, IpsecKey
 from resolver.policy import AnswerLike, Group, KeyStatus, SetupFailure, classify, key_evidence
 from resolver.rrsets import ADDRESS_TYPES, addresses_of, chain_end
 from resolver.tunnels.intents import TunnelSpec, tunnel_spec
@@ -334,23 +333,6 @@ def _tunnel_lines(ep: Endpoint, installed: Mapping[Address, TunnelSpec]) -> list
 # --- state file (Rule 6) -------------------------------------------------------------------
 
 
-def _key_to_json(k: IpsecKey) -> dict[str, Any]:
-    return {"owner": k.owner.to_text(), "precedence": k.precedence,
-            "gateway": k.gateway.to_text() if isinstance(k.gateway, dns.name.Name)
-            else str(k.gateway),
-            "algorithm": int(k.algorithm), "public_key": base64.b64encode(k.public_key).decode(),
-            "ttl": k.ttl}
-
-
-def _key_from_json(d: Mapping[str, Any]) -> IpsecKey:
-    k = IpsecKey(owner=dns.name.from_text(d["owner"]), precedence=int(d["precedence"]),
-                 gateway=parse_gateway(str(d["gateway"])),
-                 algorithm=KeyAlgorithm(int(d["algorithm"])),
-                 public_key=base64.b64decode(d["public_key"], validate=True), ttl=int(d["ttl"]))
-    k.crypto_key()  # a state file is input too: never hand a malformed key to a backend
-    return k
-
-
 def dump_state(endpoints: Sequence[Endpoint]) -> bytes:
     """The state file's bytes: every endpoint, its key in use and the tunnels it holds."""
     doc = {"version": STATE_VERSION, "endpoints": [{
@@ -358,7 +340,7 @@ def dump_state(endpoints: Sequence[Endpoint]) -> bytes:
         "group": ep.group.value if ep.group is not None else None,
         "added_at": ep.added_at,
         "addresses": [str(a) for a in ep.addresses],
-        "key": _key_to_json(ep.key) if ep.key is not None else None,
+        "key": ep.key.to_json() if ep.key is not None else None,
         "security": ep.security.value if ep.security is not None else None,
         "tunnels": [{"destination": str(s.destination), "name": s.name,
                      "remote_addr": str(s.remote_addr), "remote_id": s.remote_id,
@@ -380,7 +362,7 @@ def load_state(data: bytes) -> list[Endpoint]:
     out: list[Endpoint] = []
     try:
         for e in doc["endpoints"]:
-            key = _key_from_json(e["key"]) if e.get("key") else None
+            key = IpsecKey.from_json(e["key"]) if e.get("key") else None
             tunnels: dict[Address, TunnelSpec] = {}
             for t in e.get("tunnels", []):
                 if key is None:
