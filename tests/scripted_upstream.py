@@ -24,7 +24,9 @@ import dns.rdatatype
 import dns.rrset
 
 import resolver.validator.response
-from resolver.config import Endpoint
+from resolver.config import CacheConfig, Endpoint
+from resolver.resolve import Resolution
+from resolver.upstream import Forwarder
 
 
 @dataclass
@@ -190,3 +192,20 @@ class FakeValidator:
         return resolver.validator.response.ValidatedAnswer(
             verdict=verdict, rcode=response.rcode(), answer=list(response.answer),
             authority=list(response.authority), ttl=min(ttls) if ttls else 0)
+
+
+def fake_resolution(up: ScriptedUpstream,
+                    verdicts: dict[str, resolver.validator.response.Verdict] | None = None, *,
+                    fetches: int = 0, cache: CacheConfig | None = None, timeout: float = 0.5,
+                    attempts: int = 2) -> tuple[Resolution, FakeValidator]:
+    """A Resolution forwarding to `up`, validated by a FakeValidator (returned too, so tests
+    can count its calls). `timeout`/`attempts` are the Forwarder's."""
+    made: list[FakeValidator] = []
+
+    def make(fetch: object) -> FakeValidator:
+        made.append(FakeValidator(fetch, verdicts, fetches=fetches))
+        return made[-1]
+
+    res = Resolution(Forwarder([up.endpoint], timeout=timeout, attempts=attempts), make,
+                     cache=cache)
+    return res, made[0]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from ipaddress import IPv4Address
 
-import dns.edns
 import dns.flags
 import dns.message
 import dns.name
@@ -34,7 +33,7 @@ from resolver.tunnels.intents import (
     RemoveTunnel,
 )
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
-from tests.asyncutil import aio
+from tests.helpers import aio, ede
 
 WHEN = 1_800_000_000.0
 A, AAAA, IPSECKEY = dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.IPSECKEY
@@ -128,12 +127,6 @@ def handler(script: Script, *, group: str = "private", backend: FakeBackend | No
 def query(name: str = "bob.example.test.", rdtype: str = "A", do: bool = True
           ) -> dns.message.Message:
     return dns.message.make_query(name, rdtype, want_dnssec=do, use_edns=0)
-
-
-def ede(reply: dns.message.Message) -> tuple[int, str]:
-    opts = [o for o in reply.options if isinstance(o, dns.edns.EDEOption)]
-    assert len(opts) == 1, reply
-    return int(opts[0].code), opts[0].text or ""
 
 
 BOB_A = rrset("bob.example.test.", 300, "A", "198.51.100.11")

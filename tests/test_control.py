@@ -35,7 +35,7 @@ from resolver.endpoints.control import (
 )
 from resolver.endpoints.manager import EndpointError
 from resolver.errors import ConfigError
-from tests.asyncutil import aio
+from tests.helpers import aio
 
 WHEN = 1_800_000_000.0
 BOB = dns.name.from_text("bob.example.test.")
