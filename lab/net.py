@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from lab.topology import BLACKHOLE_PREFIXES, CHARON_TABLE, HOSTS, Host
 
@@ -362,6 +362,39 @@ def kill_all(pids: Iterable[int], grace: float = 2.0) -> None:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 5.0) -> int | None:
+    """SIGTERM a child we started and reap it; SIGKILL it if it is still there after `grace`
+    seconds. Returns its exit status, or None when it had to be killed (it ignored SIGTERM)."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.terminate()
+    try:
+        return proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
+        return None
+
+
+def poll(check: Callable[[], T], timeout: float, interval: float = 0.05) -> T:
+    """Call `check` until it returns something truthy or `timeout` seconds have passed; returns
+    its last result (falsy on a timeout, for callers that assert on what is left)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() >= deadline:
+            return result
+        time.sleep(interval)
+
+
+def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """`poll`, and LabError("<what> after <timeout> s") when `check` never came true."""
+    result = poll(check, timeout, interval)
+    if not result:
+        raise LabError(f"{what} after {timeout:g} s")
+    return result
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
