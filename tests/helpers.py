@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from ipaddress import ip_address
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import dns.message
 
@@ -127,7 +127,8 @@ class AliceTunnels:
 
     `joined`: the caller's thread is in alice's namespace already (`lab.call_in`), so XFRM
     needs no namespace of its own. `cleanup()` removes every tunnel and shunt it made and
-    closes both backends.
+    closes both backends; used as a context manager (outside an event loop) it cleans up on
+    the way out.
     """
 
     def __init__(self, lab: Lab, *, families: Sequence[int] = (4,), joined: bool = False,
@@ -138,6 +139,12 @@ class AliceTunnels:
         self.xfrm = XfrmBackend(None if joined else lab.ns("alice"))
         self.provisioner = Provisioner(CompositeBackend(self.vici, self.xfrm),
                                        ProvisionConfig(timeout=timeout, state_file=state))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run(self.cleanup())
 
     async def cleanup(self) -> None:
         for key in await self.vici.installed():

@@ -194,10 +194,10 @@ class FakeValidator:
             authority=list(response.authority), ttl=min(ttls) if ttls else 0)
 
 
-def fake_resolution(up: ScriptedUpstream,
-                    verdicts: dict[str, resolver.validator.response.Verdict] | None = None, *,
-                    fetches: int = 0, cache: CacheConfig | None = None, timeout: float = 0.5,
-                    attempts: int = 2) -> tuple[Resolution, FakeValidator]:
+def resolution(up: ScriptedUpstream,
+               verdicts: dict[str, resolver.validator.response.Verdict] | None = None, *,
+               fetches: int = 0, cache: CacheConfig | None = None, timeout: float = 0.5,
+               attempts: int = 2) -> tuple[Resolution, FakeValidator]:
     """A Resolution forwarding to `up`, validated by a FakeValidator (returned too, so tests
     can count its calls). `timeout`/`attempts` are the Forwarder's."""
     made: list[FakeValidator] = []

@@ -21,13 +21,7 @@ from resolver.resolve import PlainHandler, Resolution
 from resolver.validator.response import Security, Verdict
 from tests.helpers import ede
 from tests.helpers import run as run_async
-from tests.scripted_upstream import (
-    Delay,
-    FakeValidator,
-    ScriptedUpstream,
-    answer,
-    fake_resolution,
-)
+from tests.scripted_upstream import Delay, FakeValidator, ScriptedUpstream, answer, resolution
 
 WHEN = 1_800_000_000.0
 WWW = dns.name.from_text("www.example.test.")
@@ -54,7 +48,7 @@ Body = Callable[[ScriptedUpstream, Resolution, FakeValidator], Awaitable[None]]
 def run(body: Body, *, fetches: int = 0, cache: CacheConfig | None = None) -> None:
     async def main() -> None:
         async with ScriptedUpstream(script) as up:
-            res, validator = fake_resolution(up, {"bad.example.test.": Verdict(
+            res, validator = resolution(up, {"bad.example.test.": Verdict(
                 Security.BOGUS, "RRSIG over A does not verify", 6)}, fetches=fetches, cache=cache)
             await body(up, res, validator)
 
@@ -131,7 +125,7 @@ def test_max_ttl_caps_what_is_kept() -> None:
 def test_upstream_failure_is_an_indeterminate_verdict_not_an_exception() -> None:
     async def main() -> None:
         async with ScriptedUpstream(lambda q, t: None) as up:
-            res, _ = fake_resolution(up, timeout=0.1, attempts=1)
+            res, _ = resolution(up, timeout=0.1, attempts=1)
             a = await res.resolve(WWW, A, WHEN)
             assert a.verdict.security is Security.INDETERMINATE
             assert a.verdict.ede == dns.edns.EDECode.NO_REACHABLE_AUTHORITY
@@ -218,7 +212,7 @@ def test_upstream_failure_is_remembered_for_failure_ttl_only() -> None:
     dead upstream is not asked again for every retry, and not longer, so recovery shows."""
     async def main() -> None:
         async with ScriptedUpstream(lambda q, t: None) as up:
-            res, _ = fake_resolution(up, timeout=0.1, attempts=1)
+            res, _ = resolution(up, timeout=0.1, attempts=1)
             assert (await res.resolve(WWW, A, WHEN)).verdict.security is Security.INDETERMINATE
             asked = up.count()
             again = await res.resolve(WWW, A, WHEN + 4)
@@ -237,7 +231,7 @@ def test_indeterminate_from_validation_is_not_kept_for_bogus_ttl() -> None:
 
     async def main() -> None:
         async with ScriptedUpstream(script) as up:
-            res, validator = fake_resolution(up, {"www.example.test.": indeterminate})
+            res, validator = resolution(up, {"www.example.test.": indeterminate})
             await res.resolve(WWW, A, WHEN)
             await res.resolve(WWW, A, WHEN + 4)
             assert len(validator.calls) == 1  # kept for a few seconds

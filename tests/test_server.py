@@ -27,13 +27,7 @@ from resolver.resolve import PlainHandler, Resolution
 from resolver.server import Server, _TcpProtocol
 from resolver.validator.response import Security, Verdict
 from tests.helpers import ede, run
-from tests.scripted_upstream import (
-    Delay,
-    FakeValidator,
-    ScriptedUpstream,
-    answer,
-    fake_resolution,
-)
+from tests.scripted_upstream import Delay, FakeValidator, ScriptedUpstream, answer, resolution
 
 WHEN = 1_800_000_000.0
 BIG_TXT = [f"big.example.test. 300 IN TXT \"{'y' * 200} {i}\"" for i in range(10)]
@@ -75,7 +69,7 @@ class Env:
 def with_server(body: Callable[[Env], Awaitable[None]], **server_kw: Any) -> None:
     async def main() -> None:
         async with ScriptedUpstream(script) as up:
-            res, validator = fake_resolution(up, {"bad.example.test.": Verdict(
+            res, validator = resolution(up, {"bad.example.test.": Verdict(
                 Security.BOGUS, "signature expired", dns.edns.EDECode.SIGNATURE_EXPIRED)})
             clock = [WHEN]
             cfg = ServerConfig(listen=(Endpoint("127.0.0.1", 0),), **server_kw)

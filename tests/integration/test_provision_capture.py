@@ -77,11 +77,8 @@ class Stack(AliceTunnels):
 
 @pytest.fixture
 def private(lab: Lab) -> Iterator[Stack]:
-    s = Stack(lab, "private")
-    try:
+    with Stack(lab, "private") as s:
         yield s
-    finally:
-        asyncio.run(s.cleanup())
 
 
 def test_lookup_brings_tunnel_up_before_answer(lab: Lab, private: Stack) -> None:
@@ -101,22 +98,16 @@ def test_no_key_private_and_private_or_clear(lab: Lab, private: Stack) -> None:
     assert reply.rcode() == dns.rcode.SERVFAIL and ede(reply)[0] == 28
     assert asyncio.run(private.xfrm.installed())  # drop shunt for plain's address
     blocked_ping(lab, lab.addr("plain"), port="plain")
-    opportunistic = Stack(lab, "private-or-clear")
-    try:
+    with Stack(lab, "private-or-clear") as opportunistic:
         assert opportunistic.ask("plain.example.test.").rcode() == dns.rcode.NOERROR
-    finally:
-        asyncio.run(opportunistic.cleanup())
 
 
 @pytest.mark.parametrize("group", ["private", "private-or-clear"])
 def test_bad_signature_ipseckey_is_servfail(lab: Lab, group: str) -> None:
-    s = Stack(lab, group)
-    try:
+    with Stack(lab, group) as s:
         reply = s.ask("host.badsig.test.")
         assert reply.rcode() == dns.rcode.SERVFAIL and ede(reply)[0] == 6
         assert asyncio.run(s.vici.installed()) == frozenset()
-    finally:
-        asyncio.run(s.cleanup())
 
 
 def test_unsigned_zone_key_never_authenticates(lab: Lab, private: Stack) -> None:

@@ -65,11 +65,8 @@ class Alice(AliceTunnels):
 
 @pytest.fixture
 def alice(lab: Lab) -> Iterator[Alice]:
-    a = Alice(lab)
-    try:
+    with Alice(lab) as a:
         yield a
-    finally:
-        asyncio.run(a.cleanup())
 
 
 def spec_for(lab: Lab, host: str) -> TunnelSpec:
@@ -144,13 +141,12 @@ def test_dead_peer_fails_closed_within_timeout(lab: Lab, alice: Alice) -> None:
 
 def test_restart_reconciles(lab: Lab, alice: Alice, tmp_path: Path) -> None:
     state = tmp_path / "state.json"
-    first = Alice(lab, state)
     spec = spec_for(lab, "bob")
     stray = spec_for(lab, "dave")
     stray = TunnelSpec("isk-stray-0000000000", stray.destination, stray.remote_addr,
                        stray.remote_id, stray.key)
 
-    async def scenario() -> None:
+    async def scenario(first: Alice) -> None:
         await first.provisioner.ensure(spec, NOW)
         await first.vici.apply(InstallTunnel(stray, 3.0))  # up, but not in the state file
         # "kill -9": the first provisioner is simply abandoned; a new one starts.
@@ -161,10 +157,8 @@ def test_restart_reconciles(lab: Lab, alice: Alice, tmp_path: Path) -> None:
         second.vici.close()
         await second.xfrm.aclose()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        asyncio.run(first.cleanup())
+    with Alice(lab, state) as first:
+        asyncio.run(scenario(first))
 
 
 @pytest.mark.parametrize("owner", ["srv", "srv-byname"])
