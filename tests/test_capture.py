@@ -323,17 +323,23 @@ async def test_cname_ignores_key_at_alias() -> None:
     assert spec.key.public_key == BOB_KEY.public_key
 
 
-@aio
-async def test_gateway_by_name() -> None:
-    gw = n("gw.example.test.")
+def srv_behind_gw(gw: dict[tuple[str, int], ValidatedAnswer]) -> Script:
+    """srv.example.test (203.0.113.21), whose IPSECKEY names gw.example.test as its gateway;
+    `gw` holds the answers to gw's address lookups."""
     srv_key = IpsecKey.from_public_key(n("srv.example.test."),
                                        ed25519.Ed25519PrivateKey.generate().public_key(),
-                                       gateway=gw)
-    script = Script({
+                                       gateway=n("gw.example.test."))
+    return Script({
         ("srv.example.test.", A): answer(rrset("srv.example.test.", 60, "A", "203.0.113.21")),
         ("srv.example.test.", IPSECKEY): answer(key_rrset("srv.example.test.", key=srv_key)),
-        ("gw.example.test.", A): answer(rrset("gw.example.test.", 60, "A", "198.51.100.20")),
+        **gw,
     })
+
+
+@aio
+async def test_gateway_by_name() -> None:
+    script = srv_behind_gw({
+        ("gw.example.test.", A): answer(rrset("gw.example.test.", 60, "A", "198.51.100.20"))})
     h, fb, _ = handler(script)
     assert (await h.handle(query("srv.example.test."), WHEN)).rcode() == dns.rcode.NOERROR
     spec = fb.of(InstallTunnel)[0].spec  # type: ignore[attr-defined]
@@ -343,16 +349,7 @@ async def test_gateway_by_name() -> None:
 
 @aio
 async def test_gateway_without_address_fails_closed() -> None:
-    gw = n("gw.example.test.")
-    srv_key = IpsecKey.from_public_key(n("srv.example.test."),
-                                       ed25519.Ed25519PrivateKey.generate().public_key(),
-                                       gateway=gw)
-    script = Script({
-        ("srv.example.test.", A): answer(rrset("srv.example.test.", 60, "A", "203.0.113.21")),
-        ("srv.example.test.", IPSECKEY): answer(key_rrset("srv.example.test.", key=srv_key)),
-        ("gw.example.test.", A): NODATA,
-        ("gw.example.test.", AAAA): NODATA,
-    })
+    script = srv_behind_gw({("gw.example.test.", A): NODATA, ("gw.example.test.", AAAA): NODATA})
     h, fb, _ = handler(script)
     reply = await h.handle(query("srv.example.test."), WHEN)
     assert reply.rcode() == dns.rcode.SERVFAIL and "gateway" in ede(reply)[1]
