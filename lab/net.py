@@ -348,20 +348,17 @@ def cmdline(pid: int) -> list[str]:
 def kill_all(pids: Iterable[int], grace: float = 2.0) -> None:
     """SIGTERM, then SIGKILL whatever is still alive after `grace` seconds."""
     pids = [p for p in set(pids) if p > 1]
+    _signal(pids, signal.SIGTERM)
+    poll(lambda: all(is_zombie(p) for p in pids), grace, 0.02)
+    _signal([p for p in pids if not is_zombie(p)], signal.SIGKILL)
+
+
+def _signal(pids: Iterable[int], sig: signal.Signals) -> None:
     for p in pids:
         try:
-            os.kill(p, signal.SIGTERM)
+            os.kill(p, sig)
         except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(not is_zombie(p) for p in pids):
-        time.sleep(0.02)
-    for p in pids:
-        if not is_zombie(p):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            pass  # gone already
 
 
 def stop_process(proc: subprocess.Popen[Any], grace: float = 5.0) -> int | None:

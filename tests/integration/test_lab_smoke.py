@@ -136,7 +136,8 @@ def test_namespaces_have_no_default_route_and_host_has_blackholes(lab: Lab) -> N
 
 
 def test_tunnel_from_dns_key_carries_ping_as_esp(lab: Lab) -> None:
-    """alice -> bob: key from DNS, VICI load-conn + initiate, ping goes as ESP-in-UDP only."""
+    """alice -> bob: key from DNS, VICI load-conn + initiate (lab.tunnel), ping goes as
+    ESP-in-UDP only."""
     b = lab.addr("bob")
     # Control: before the tunnel, the same capture does see the ping in clear, so "no ICMP"
     # below means encrypted, not "capture blind".
@@ -145,20 +146,13 @@ def test_tunnel_from_dns_key_carries_ping_as_esp(lab: Lab) -> None:
     assert clear.capture.matching("ICMP echo request"), clear.report()
     answer = lab.query("alice", "bob.example.test", "IPSECKEY")
     spki = key_from_answer(answer, "bob.example.test")
-    conn = ike.initiator_conn("smoke-bob", HOSTS["alice"], b, "bob.example.test",
-                              lab.public_key_pem("alice"), spki)
-    try:
-        with lab.vici("alice") as s:
-            s.load_conn(conn)
-            ike.initiate(s, "smoke-bob", "smoke-bob")
-            assert ike.child_states(s).get("smoke-bob") == "INSTALLED"
+    with lab.tunnel("alice", "smoke-bob", b, "bob.example.test", spki) as states:
+        assert states.get("smoke-bob") == "INSTALLED"
         assert "INSTALLED" in lab.child_states("bob").values()
         w = esp_ping(lab, b, port="bob")
         if lab.esp == "libipsec":  # userland ESP is always UDP-encapsulated on 4500
             assert all(".4500 > " in ln and "UDP-encap" in ln
                        for ln in w.esp_out + w.esp_back), w.report()
-    finally:
-        lab.close_conns("alice", ["smoke-bob"])
 
 
 def test_wrong_key_is_rejected(lab: Lab) -> None:
@@ -180,17 +174,10 @@ def test_gateway_tunnel_reaches_srv_and_nothing_else_does(lab: Lab) -> None:
     """srv (203.0.113.21) is reachable from alice only through a tunnel to gw."""
     srv = HOSTS["srv"].v4
     assert lab.ping("plain", srv)[0] != 0  # no route: the lab has no default routes
-    conn = ike.initiator_conn("smoke-gw", HOSTS["alice"], lab.addr("gw"), "gw.example.test",
-                              lab.public_key_pem("alice"), lab.public_key_pem("gw"),
-                              remote_ts=["203.0.113.0/24"])
-    try:
-        with lab.vici("alice") as s:
-            s.load_conn(conn)
-            ike.initiate(s, "smoke-gw", "smoke-gw")
+    with lab.tunnel("alice", "smoke-gw", lab.addr("gw"), "gw.example.test",
+                    lab.public_key_pem("gw"), remote_ts=["203.0.113.0/24"]):
         rc, out = lab.ping("alice", srv, count=2)
         assert rc == 0, out
-    finally:
-        lab.close_conns("alice", ["smoke-gw"])
 
 
 def _secure(lab: Lab, qname: str, rdtype: str) -> dns.message.Message:
