@@ -16,7 +16,8 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,6 +110,10 @@ class Probes:
         def public_key_pem(self, host: str) -> str: ...
 
         def public_key(self, host: str) -> PublicKey: ...
+
+        def start_charon(self, host: str) -> None: ...
+
+        def stop_charon(self, host: str) -> None: ...
 
     # --- ping and the wire ---------------------------------------------------------------
 
@@ -228,6 +233,21 @@ class Probes:
         """CHILD_SA name -> state in `host`'s charon, for the names starting with `prefix`."""
         with self.vici(host) as s:
             return {n: st for n, st in ike.child_states(s).items() if n.startswith(prefix)}
+
+    @contextmanager
+    def charon_stopped(self, host: str) -> Iterator[None]:
+        """`host`'s charon is down (a dead IKE peer) inside the block, up again after it."""
+        self.stop_charon(host)
+        try:
+            yield
+        finally:
+            self.start_charon(host)
+
+    def restart_charon(self, host: str) -> None:
+        """Stop and start `host`'s charon: every SA gone, its lab key and responder conns
+        loaded afresh."""
+        self.stop_charon(host)
+        self.start_charon(host)
 
     def respond_as(self, host: str, *identities: str, peer: str = "alice",
                    spki: str | None = None) -> list[str]:

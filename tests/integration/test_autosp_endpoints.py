@@ -111,8 +111,7 @@ def bob_restored(lab: Lab) -> Iterator[None]:
     finally:
         if lab.addr("bob") != original:
             lab.move("bob", original)
-        lab.stop_charon("bob")
-        lab.start_charon("bob")  # the lab key and responder conns again
+        lab.restart_charon("bob")  # the lab key and responder conns again
         lab_records = ("--key", str(lab.private_key("bob")), "--address", original,
                        lab.addr("bob", 6), "--ttl", str(LAB_TTL), "--no-check")
         publish(lab, NAME, *lab_records)
@@ -215,8 +214,7 @@ def test_pinned_endpoint_follows_move_rollover_and_restart(
     # 6. Harder: the resolver is killed and alice's charon restarted too (every SA gone). The
     #    restarted resolver must build the tunnels again, not just find them.
     resolver.kill9()
-    lab.stop_charon("alice")
-    lab.start_charon("alice")
+    lab.restart_charon("alice")
     assert alice_conns(lab) == {}
     resolver.start()
     st = resolver.wait_tunnel()

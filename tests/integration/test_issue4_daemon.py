@@ -252,8 +252,7 @@ def test_dead_peer_is_servfail_within_timeout_and_nothing_leaks(lab: Lab,
                                                                 private: ResolverDaemon) -> None:
     carol = lab.addr("carol")
     assert tunnels_to(lab, carol) == []
-    lab.stop_charon("carol")
-    try:
+    with lab.charon_stopped("carol"):
         t0 = time.monotonic()
         reply = private.query("carol.example.test.")
         took = time.monotonic() - t0
@@ -262,8 +261,6 @@ def test_dead_peer_is_servfail_within_timeout_and_nothing_leaks(lab: Lab,
         assert ede(reply)[0] == EDE_TUNNEL
         blocked_ping(lab, carol, port="carol", count=2, eperm=False)
         assert our_conns(lab, "carol-") == []  # the failed conn (and its trap) unloaded
-    finally:
-        lab.start_charon("carol")
 
 
 # --- private-or-clear (shared daemon) ----------------------------------------------------------

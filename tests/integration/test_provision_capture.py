@@ -118,15 +118,12 @@ def test_unsigned_zone_key_never_authenticates(lab: Lab, private: Stack) -> None
 
 def test_dead_peer_servfail_within_timeout(lab: Lab, private: Stack) -> None:
     bob = lab.addr("bob")
-    lab.stop_charon("bob")
-    try:
+    with lab.charon_stopped("bob"):
         t0 = time.monotonic()
         reply = private.ask("bob.example.test.")
         assert time.monotonic() - t0 < 3.0 + 1.0
         assert reply.rcode() == dns.rcode.SERVFAIL and ede(reply)[0] == 23
         blocked_ping(lab, bob, port="bob", eperm=False)
-    finally:
-        lab.start_charon("bob")
 
 
 def test_fifty_concurrent_lookups_one_tunnel(lab: Lab, private: Stack) -> None:

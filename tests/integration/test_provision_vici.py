@@ -123,8 +123,7 @@ def test_rsa_and_ecdsa_peers(lab: Lab, alice: Alice, host: str, kind: str) -> No
 def test_dead_peer_fails_closed_within_timeout(lab: Lab, alice: Alice) -> None:
     spec = spec_for(lab, "bob")
     b = lab.addr("bob")
-    lab.stop_charon("bob")
-    try:
+    with lab.charon_stopped("bob"):
         t0 = time.monotonic()
         with pytest.raises(TunnelTimeout):
             asyncio.run(alice.provisioner.ensure(spec, NOW, shunt=True))
@@ -135,8 +134,6 @@ def test_dead_peer_fails_closed_within_timeout(lab: Lab, alice: Alice) -> None:
         assert f"dst {b}/32" in shown and "action block" in shown
         blocked_ping(lab, b, port="bob")  # nothing reached bob in clear
         assert alice.provisioner.counters.failures == 1
-    finally:
-        lab.start_charon("bob")
 
 
 def test_restart_reconciles(lab: Lab, alice: Alice, tmp_path: Path) -> None:
