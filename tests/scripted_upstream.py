@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import dns.message
 import dns.name
@@ -25,7 +25,7 @@ import dns.rrset
 
 import resolver.validator.response
 from resolver.config import CacheConfig, Endpoint
-from resolver.resolve import Resolution
+from resolver.resolve import Fetch, Resolution
 from resolver.upstream import Forwarder
 
 
@@ -202,7 +202,7 @@ def resolution(up: ScriptedUpstream,
     can count its calls). `timeout`/`attempts` are the Forwarder's."""
     made: list[FakeValidator] = []
 
-    def make(fetch: object) -> FakeValidator:
+    def make(fetch: Fetch) -> Any:  # a FakeValidator: duck-typed, not a Validating
         made.append(FakeValidator(fetch, verdicts, fetches=fetches))
         return made[-1]
 
