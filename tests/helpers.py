@@ -95,6 +95,12 @@ def blocked_ping(lab: Lab, target: str, *, port: str, host: str = "alice", count
     return w
 
 
+def children(lab: Lab, prefix: str = "isk-") -> dict[str, str]:
+    """CHILD_SA name -> state in alice's charon, for the names starting with `prefix` (by
+    default the resolver's own)."""
+    return lab.child_states("alice", prefix)
+
+
 def clean_alice(lab: Lab, extra: Iterable[str] = ()) -> None:
     """Take the resolver's traces out of alice: its ("isk-") conns and `extra` ones terminated
     and unloaded, its XFRM policies removed (foreign ones are left)."""

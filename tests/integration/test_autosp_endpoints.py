@@ -33,7 +33,7 @@ import pytest
 from lab import Lab, keys
 from lab.net import poll
 from lab.resolverd import ResolverDaemon
-from tests.helpers import clean_alice, esp_ping, publish
+from tests.helpers import children, clean_alice, esp_ping, publish
 
 pytestmark = pytest.mark.integration
 
@@ -53,11 +53,6 @@ def fingerprint(pem: Path) -> str:
     from resolver.ipseckey import fingerprint as fp
 
     return fp(keys.load_private(pem).public_key())
-
-
-def alice_conns(lab: Lab) -> dict[str, str]:
-    """alice's charon: our ("isk-") CHILD_SAs and their states."""
-    return lab.child_states("alice", "isk-")
 
 
 # --- the resolver in alice ------------------------------------------------------------------
@@ -149,7 +144,7 @@ def test_pinned_endpoint_follows_move_rollover_and_restart(
     st = status(lab, resolver.control)
     assert st["addresses"] == f"['{bob4}', '{bob6}']" and st["security"] == "secure"
     assert st["fingerprint"] == old_fp and st["algorithm"] == "ed25519"
-    assert len(alice_conns(lab)) == 2 and set(alice_conns(lab).values()) == {"INSTALLED"}
+    assert len(children(lab)) == 2 and set(children(lab).values()) == {"INSTALLED"}
     esp_ping(lab, bob4, wait=2)
     esp_ping(lab, bob6, family=6, wait=2)
     listing = resolver.autosp("list")
@@ -166,7 +161,7 @@ def test_pinned_endpoint_follows_move_rollover_and_restart(
     st = resolver.wait_tunnel()
     assert st["addresses"] == f"['{BOB_MOVED}', '{bob6}']", st
     esp_ping(lab, BOB_MOVED, wait=2)
-    assert len(alice_conns(lab)) == 2  # the tunnel to the old address is gone
+    assert len(children(lab)) == 2  # the tunnel to the old address is gone
 
     # 4. bob rolls his key over, make before break.
     new_pem = tmp_path / "bob-new.pem"
@@ -208,18 +203,18 @@ def test_pinned_endpoint_follows_move_rollover_and_restart(
     assert st["addresses"] == f"['{BOB_MOVED}', '{bob6}']" and st["fingerprint"] == new_fp
     after = resolver.autosp("list").stdout
     assert _rows(after) == _rows(before), (before, after)
-    assert len(alice_conns(lab)) == 2 and set(alice_conns(lab).values()) == {"INSTALLED"}
+    assert len(children(lab)) == 2 and set(children(lab).values()) == {"INSTALLED"}
     esp_ping(lab, BOB_MOVED, wait=2)
 
     # 6. Harder: the resolver is killed and alice's charon restarted too (every SA gone). The
     #    restarted resolver must build the tunnels again, not just find them.
     resolver.kill9()
     lab.restart_charon("alice")
-    assert alice_conns(lab) == {}
+    assert children(lab) == {}
     resolver.start()
     st = resolver.wait_tunnel()
     assert st["fingerprint"] == new_fp
-    assert len(alice_conns(lab)) == 2 and set(alice_conns(lab).values()) == {"INSTALLED"}
+    assert len(children(lab)) == 2 and set(children(lab).values()) == {"INSTALLED"}
     esp_ping(lab, BOB_MOVED, wait=2)
     esp_ping(lab, bob6, family=6, wait=2)
 

@@ -33,7 +33,7 @@ from lab.resolverd import ResolverDaemon
 from lab.topology import HOSTS
 from resolver.ipseckey import ipseckey_rdata_for
 from resolver.tunnels.xfrm import XfrmPolicies, shunt_rules
-from tests.helpers import blocked_ping, clean_alice, ede, esp_ping
+from tests.helpers import blocked_ping, children, clean_alice, ede, esp_ping
 
 pytestmark = pytest.mark.integration
 
@@ -157,11 +157,6 @@ def our_conns(lab: Lab, label: str = "") -> list[str]:
 def tunnels_to(lab: Lab, address: str) -> list[dict[str, Any]]:
     """alice's IKE_SAs with `address` as the peer."""
     return [sa for _, sa in lab.ike_sas("alice") if sa.get("remote-host") == address]
-
-
-def children(lab: Lab, prefix: str = "isk-") -> dict[str, str]:
-    """CHILD_SA name -> state in alice, for names starting with `prefix`."""
-    return lab.child_states("alice", prefix)
 
 
 # --- the tests (the shared private daemon first, so it starts once) ---------------------------
