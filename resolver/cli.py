@@ -1,9 +1,11 @@
 """`ipseckey-resolver`: command line, wiring of the parts, signal handling.
 
-Theory of operation: parse arguments, load the configuration (errors exit 2 with the message
-naming the key), build the trust anchors, the forwarder, the validator, the resolution core
-and the server, then run until SIGTERM or SIGINT, which close the listeners and cancel queries
-in progress before the process exits 0.
+Theory of operation: the start-up steps of resolver/startup.py (DESIGN.md, "Start-up"), each
+a named function here: parse (`load_config`), check (`startup.check`, also `--check-config`),
+lock (`InstanceLock`), bind (`Server.start`), reconcile (`reconcile`), serve
+(`run_until_stopped`). A step that fails prints one line and exits 2, having touched nothing
+that a later step would. SIGTERM or SIGINT close the listeners and cancel queries in progress
+(`shut_down`) before the process exits 0.
 """
 
 from __future__ import annotations
@@ -16,31 +18,35 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from resolver import config as configuration
+from resolver import startup
 from resolver.cache import WireCache
 from resolver.capture import CaptureHandler
 from resolver.config import Config
 from resolver.confighelp import config_help
-from resolver.endpoints.config import ControlConfig
 from resolver.endpoints.control import ControlService, start_control
 from resolver.errors import ConfigError
 from resolver.hostaddr import read_interface_addresses
-from resolver.policy import Policy, PolicyConfig
+from resolver.instancelock import InstanceLock
+from resolver.policy import Policy
 from resolver.provision import Provisioner
 from resolver.resolve import Fetch, PlainHandler, QueryHandler, Resolution, Validating
 from resolver.server import Server
+from resolver.startup import StartupGate, build_anchors, check_sections
 from resolver.tunnels.backend import make_backend
-from resolver.tunnels.config import Identity, ProvisionConfig
 from resolver.upstream import Forwarder
-from resolver.validator.anchors import TrustAnchors
+
+__all__ = ["build_anchors", "check_sections", "main", "serve"]  # the first two: moved, kept
 
 log = logging.getLogger("resolver")
 
 EXIT_STATUS = """
-exit status: 0 clean shutdown or valid config, 2 configuration error, 1 other failure.
+exit status: 0 clean shutdown or valid config, 2 configuration error or refused start (another
+instance running, address in use, state directory not writable), 1 other failure.
 """
 
 
@@ -56,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", type=Path, metavar="FILE",
                    help="TOML configuration file (default: built-in defaults only)")
     p.add_argument("--check-config", action="store_true",
-                   help="parse the configuration, print a summary and exit (0 valid, 2 invalid)")
+                   help="run every check the daemon runs at start-up (key file, identity, policy, "
+                        "state directory, lock, listen addresses), warn about what cannot be "
+                        "reached yet (the IKE daemon), print a summary with the effective "
+                        "policy and exit (0 valid, 2 invalid)")
     p.add_argument("--debug", action="store_true",
                    help="log at debug level and trace every query through cache, upstream "
                         "and validator")
@@ -92,43 +101,6 @@ def load_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def build_anchors(cfg: Config) -> TrustAnchors:
-    """Trust anchors from [dnssec]: builtin root DS, anchor files, negative trust anchors.
-
-    Raises:
-        ConfigError: an anchor file is unreadable or broken (the message names file:line).
-    """
-    anchors: TrustAnchors | None = None
-    if cfg.dnssec.builtin_root_anchors:
-        anchors = TrustAnchors.builtin()
-    for path in cfg.dnssec.trust_anchor_files:
-        extra = TrustAnchors.from_file(path)
-        anchors = extra if anchors is None else anchors.merged(extra)
-    if anchors is None:  # config.py refuses this; keep mypy and a future caller honest
-        raise ConfigError("no trust anchors configured")
-    return anchors.with_negative(cfg.dnssec.negative_trust_anchors)
-
-
-def check_sections(cfg: Config) -> None:
-    """Parse the tables other modules own, so `--check-config` catches their errors too.
-
-    Nothing is connected to or loaded: the private key is not read here (the daemon reads it at
-    start-up, refusing one that others can read).
-
-    Raises:
-        ConfigError: the first bad key, named with its table.
-    """
-    source = str(cfg.path) if cfg.path is not None else "config"
-    PolicyConfig.from_section(cfg.sections.get("policy", {}), source)
-    ProvisionConfig.from_section(cfg.sections.get("provision", {}), source)
-    if "identity" in cfg.sections:
-        Identity.from_section(cfg.sections["identity"], source)
-    ControlConfig.from_section(cfg.sections.get("control", {}), source)
-    if "policy" in cfg.sections and "identity" not in cfg.sections:
-        raise ConfigError(f"{source}: [policy] needs [identity] (and [provision]): without a "
-                          "provisioning backend no destination can be made private")
-
-
 def host_addresses() -> tuple[IPv4Address | IPv6Address, ...]:
     """The addresses of this host (its network namespace), read over netlink.
 
@@ -152,17 +124,52 @@ async def _expire_loop(provisioner: Provisioner) -> None:
         await asyncio.sleep(delay)
 
 
+@dataclass
+class Daemon:
+    """The parts `serve` starts and stops, built by `build` (nothing is touched yet then)."""
+
+    server: Server
+    gate: StartupGate
+    provisioner: Provisioner | None = None
+    policy: Policy | None = None
+    resolution: Resolution | None = None
+    control: ControlService | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
 async def serve(cfg: Config) -> int:
     """Run the resolver until SIGTERM/SIGINT. Returns the exit status.
 
-    Start-up order matters: the provisioner reconciles its state file with the IKE daemon
-    (restoring tunnels that should exist, removing our strays) before the control socket
-    restores pinned endpoints and before the first query is accepted.
+    The start-up steps of resolver/startup.py, in order; 1 (parse) was `load_config`. A step
+    that fails raises ConfigError: one line, exit 2, and nothing after it was touched.
+    """
+    checked = startup.check(cfg)  # 2: the same function as --check-config
+    for warning in checked.warnings:
+        log.warning("%s", warning)
+    lock = InstanceLock(checked.state_dirs)  # 3: one owner of the tunnels
+    lock.acquire()
+    try:
+        daemon = await build(cfg, checked)
+        await daemon.server.start(cfg.server.listen)  # 4: bind
+        try:
+            await reconcile(cfg, daemon)  # 5: the first step that touches charon or XFRM
+            daemon.gate.open()  # 6: serve
+            return await run_until_stopped(cfg, daemon)
+        finally:
+            await shut_down(daemon)
+    finally:
+        lock.release()
+
+
+async def build(cfg: Config, checked: startup.Checked) -> Daemon:
+    """The resolution core, the handlers, the provisioner and the server: built, not started.
+
+    Raises:
+        ConfigError: the backend cannot be built (an unreadable private key).
     """
     from resolver.validator.response import Validator  # late: the validator's part
 
-    anchors = build_anchors(cfg)
-    source = str(cfg.path) if cfg.path is not None else "config"
+    anchors = checked.anchors
 
     def make_validator(fetch: Fetch) -> Validating:
         return Validator(anchors, fetch, cfg.limits)
@@ -174,32 +181,42 @@ async def serve(cfg: Config) -> int:
                             max_upstream_queries=cfg.limits.max_fetches)
     plain = PlainHandler(resolution, max_ttl=cfg.cache.max_ttl,
                          payload=cfg.server.edns_payload)
-
     handler: QueryHandler = plain
     provisioner: Provisioner | None = None
-    control: ControlService | None = None
-    tasks: list[asyncio.Task[None]] = []
-    check_sections(cfg)
-    if cfg.sections.get("provision") is not None or "identity" in cfg.sections:
-        pcfg = ProvisionConfig.from_section(cfg.sections.get("provision", {}), source)
-        ident = (Identity.from_section(cfg.sections["identity"], source)
-                 if "identity" in cfg.sections else None)
+    policy: Policy | None = None
+    pcfg, ident = checked.provision, checked.identity
+    if pcfg is not None and checked.policy is not None:
         # pyroute2 0.9 runs its own event loop: its sync API must be called off ours.
         own = (*await asyncio.to_thread(host_addresses), *(ident.addresses if ident else ()))
-        policy = Policy(PolicyConfig.from_section(cfg.sections.get("policy", {}), source),
-                        own_addresses=own)
-        provisioner = Provisioner(make_backend(pcfg, ident, source=source), pcfg)
-        await provisioner.reconcile(time.time())
+        policy = Policy(checked.policy, own_addresses=own)
+        provisioner = Provisioner(make_backend(pcfg, ident, source=checked.source), pcfg)
         handler = CaptureHandler(plain, resolution, policy, provisioner,
                                  payload=cfg.server.edns_payload)
-        tasks.append(asyncio.create_task(_expire_loop(provisioner)))
-        control = await start_control(cfg, resolution, provisioner, clock=time.time,
-                                      policy=policy)
-        log.info("capture on: policy default %s, backend %s, shunts %s",
-                 policy.config.default.value, pcfg.backend, pcfg.shunts)
+    gate = StartupGate(handler, plain)
+    server = Server(gate, cfg.server, cache=WireCache(cfg.cache.max_entries))
+    return Daemon(server, gate, provisioner, policy, resolution)
 
-    server = Server(handler, cfg.server, cache=WireCache(cfg.cache.max_entries))
-    await server.start(cfg.server.listen)
+
+async def reconcile(cfg: Config, daemon: Daemon) -> None:
+    """Step 5: the provisioner's state with charon and XFRM (an IKE daemon that is not there
+    yet is retried in the background), then the pinned endpoints and the lease timer."""
+    provisioner = daemon.provisioner
+    if provisioner is None or daemon.resolution is None:
+        return
+    await provisioner.reconcile(time.time())
+    if not provisioner.ike_ready:
+        daemon.tasks.append(asyncio.create_task(provisioner.connect_later(time.time)))
+    daemon.tasks.append(asyncio.create_task(_expire_loop(provisioner)))
+    daemon.control = await start_control(cfg, daemon.resolution, provisioner, clock=time.time,
+                                         policy=daemon.policy)
+    pcfg = provisioner.config
+    log.info("capture on: policy default %s, backend %s, shunts %s",
+             daemon.policy.config.default.value if daemon.policy else "?", pcfg.backend,
+             pcfg.shunts)
+
+
+async def run_until_stopped(cfg: Config, daemon: Daemon) -> int:
+    """Serve until SIGTERM or SIGINT; returns 0."""
     # Cyclic GC pauses are part of the tail of cached-answer latency: move everything built at
     # start-up out of the collector's view, and collect the young generation less often.
     # Measured (bench/bench_resolver.py, paced at half our peak): p90 0.57 -> 0.18 ms,
@@ -212,17 +229,32 @@ async def serve(cfg: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
     log.info("ipseckey-resolver ready; upstream %s",
              ", ".join(map(str, cfg.upstream.servers)))
+    await stop.wait()
+    return 0
+
+
+async def shut_down(daemon: Daemon) -> None:
+    """Close the listeners, cancel queries in progress; tunnels stay up (a restart keeps them)."""
+    log.info("shutting down")
+    for task in daemon.tasks:
+        task.cancel()
+    if daemon.control is not None:
+        await daemon.control.close()
+    await daemon.server.stop()
+    if daemon.provisioner is not None:
+        await daemon.provisioner.close()
+
+
+def check_config(cfg: Config) -> int:
+    """`--check-config`: step 2 of the start, its warnings and the summary. 0 or 2."""
     try:
-        await stop.wait()
-    finally:
-        log.info("shutting down")
-        for task in tasks:
-            task.cancel()
-        if control is not None:
-            await control.close()
-        await server.stop()
-        if provisioner is not None:
-            await provisioner.close()
+        checked = startup.check(cfg)
+    except ConfigError as e:
+        print(f"ipseckey-resolver: {e}", file=sys.stderr)
+        return 2
+    for warning in checked.warnings:
+        print(f"ipseckey-resolver: warning: {warning}", file=sys.stderr)
+    print(startup.summary(cfg, checked))
     return 0
 
 
@@ -230,19 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console script entry point. Returns the process exit status."""
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args)
+        cfg = load_config(args)  # 1: parse
     except ConfigError as e:
         print(f"ipseckey-resolver: {e}", file=sys.stderr)
         return 2
     if args.check_config:
-        try:
-            build_anchors(cfg)
-            check_sections(cfg)
-        except ConfigError as e:
-            print(f"ipseckey-resolver: {e}", file=sys.stderr)
-            return 2
-        print(cfg.summary())
-        return 0
+        return check_config(cfg)
     debug = args.debug or cfg.log.debug_queries
     level = logging.DEBUG if debug else getattr(logging, cfg.log.level.upper())
     logging.basicConfig(level=level, stream=sys.stderr,

@@ -55,6 +55,7 @@ from resolver.configtable import Section, Table, between, one_of
 from resolver.errors import (
     IkeDaemonUnreachable,
     ProvisioningError,
+    StateUnrecorded,
     TunnelTimeout,
 )
 from resolver.ipseckey import IpsecKey, keys_from_rrset
@@ -122,6 +123,7 @@ class SetupFailure(enum.Enum):
     TIMEOUT = "timeout"  # the CHILD_SA was not INSTALLED within the timeout
     DAEMON_UNREACHABLE = "daemon-unreachable"  # the IKE daemon's control socket failed
     REJECTED = "rejected"  # the daemon refused (key mismatch, auth failed, bad config)
+    UNRECORDED = "unrecorded"  # up, but the state file could not record it: undone
 
 
 # --- decisions ---------------------------------------------------------------------------
@@ -172,16 +174,20 @@ EDE_INDETERMINATE: Final = int(dns.edns.EDECode.DNSSEC_INDETERMINATE)
 EDE_BLOCKED: Final = int(dns.edns.EDECode.BLOCKED)
 EDE_TUNNEL: Final = int(dns.edns.EDECode.NETWORK_ERROR)
 EDE_DAEMON: Final = int(dns.edns.EDECode.NOT_READY)
+# No RFC 8914 code says "our own disk failed"; 0 (Other) with the reason in the text does.
+EDE_STATE: Final = int(dns.edns.EDECode.OTHER)
 
 _FAILURE_EDE: Final = {
     SetupFailure.TIMEOUT: EDE_TUNNEL,
     SetupFailure.REJECTED: EDE_TUNNEL,
     SetupFailure.DAEMON_UNREACHABLE: EDE_DAEMON,
+    SetupFailure.UNRECORDED: EDE_STATE,
 }
 _FAILURE_TEXT: Final = {
     SetupFailure.TIMEOUT: "IPsec tunnel setup timed out",
     SetupFailure.REJECTED: "IPsec tunnel setup failed",
     SetupFailure.DAEMON_UNREACHABLE: "IKE daemon unreachable",
+    SetupFailure.UNRECORDED: "cannot record tunnel state",
 }
 
 
@@ -425,4 +431,6 @@ def classify(exc: ProvisioningError) -> SetupFailure:
         return SetupFailure.TIMEOUT
     if isinstance(exc, IkeDaemonUnreachable):
         return SetupFailure.DAEMON_UNREACHABLE
+    if isinstance(exc, StateUnrecorded):
+        return SetupFailure.UNRECORDED
     return SetupFailure.REJECTED

@@ -29,6 +29,17 @@ keeps the books:
           stray, and no answer was given for it. Lease extensions and pins are written soon,
           not waited for: a restart then restores a slightly older lease (endpoints are also
           restored by the endpoints manager from its own state file).
+          A write that fails (disk full, read-only) undoes what it was to record: the tunnel
+          is removed again (its drop shunt, if it had one, stays) and the lookup fails with
+          StateUnrecorded; nothing is answered over an SA a restart would not know about.
+  Rule 6: state that cannot be trusted never removes a tunnel. A corrupt state file (kept as
+          `.bad` by statefile.py) makes `reconcile` *adopt* what charon and XFRM hold under our
+          names instead of removing it as strays: adopted tunnels get a short lease
+          (ADOPTED_LEASE), are re-authenticated against DNS (make before break) by their next
+          lookup, and are torn down like any other when unused. An IKE daemon that cannot be
+          reached at start-up removes nothing either: `ike_ready` stays False, lookups that
+          need a tunnel fail at once (IkeDaemonUnreachable: SERVFAIL EDE 14), the wanted state
+          stays in the file, and `connect_later` reconciles when the daemon answers.
 
 Time: every entry point takes `now` (POSIX seconds, the same clock as RRSIG validity) because
 leases must survive a restart in the state file. Real waiting (the setup timeout) uses asyncio.
@@ -41,12 +52,21 @@ import contextlib
 import enum
 import functools
 import ipaddress
-import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
+from typing import Final
 
-from resolver.errors import ProvisioningError, StateCorrupt, TunnelRejected, TunnelTimeout
+from resolver.errors import (
+    IkeDaemonUnreachable,
+    ProvisioningError,
+    StateCorrupt,
+    StateUnrecorded,
+    StateWriteFailed,
+    TunnelRejected,
+    TunnelTimeout,
+)
 from resolver.statefile import Encode, StateFile
 from resolver.tunnels.backend import ProvisioningBackend
 from resolver.tunnels.config import ProvisionConfig
@@ -60,10 +80,14 @@ from resolver.tunnels.intents import (
     RemoveTunnel,
     TunnelSpec,
 )
+from resolver.tunnels.statedoc import Snapshot, dump, parse
 
 log = logging.getLogger(__name__)
 
 Address = IPv4Address | IPv6Address
+
+ADOPTED_LEASE: Final = 60.0  # seconds (at most [provision] lease) an adopted tunnel lives unused
+IKE_RETRY: Final = 2.0  # seconds between connection attempts to an IKE daemon absent at start-up
 
 # --- the provisioner ---------------------------------------------------------------------------
 
@@ -92,6 +116,7 @@ class Counters:
     coalesced: int = 0
     active: int = 0
     shunts: int = 0
+    adopted: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +131,18 @@ class _Books:
     shunts: dict[Address, float] = field(default_factory=dict)
     failed: dict[Address, _Failure] = field(default_factory=dict)
     pinned: set[Address] = field(default_factory=set)
+    adopted: dict[str, float] = field(default_factory=dict)  # conn name -> lease end (Rule 6)
     inflight: dict[Address, tuple[TunnelSpec, asyncio.Task[float]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    """What `reconcile` starts from; `trusted` False: the state file was corrupt (Rule 6)."""
+
+    tunnels: list[tuple[TunnelSpec, float]]
+    shunts: dict[Address, float]
+    adopted: dict[str, float]
+    trusted: bool = True
 
 
 class Provisioner:
@@ -123,6 +159,8 @@ class Provisioner:
         self._b = _Books()
         path = self.config.state_file
         self._state = StateFile(path, self._snapshot) if path is not None else None
+        self.ike_ready = True  # False: the IKE daemon was unreachable at start-up (Rule 6)
+        self._pending: _Loaded | None = None  # loaded, not reconciled yet
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -155,16 +193,22 @@ class Provisioner:
             ProvisioningError (TunnelTimeout, IkeDaemonUnreachable, TunnelRejected): no tunnel.
         """
         dest = spec.destination
+        if not self.ike_ready:
+            raise IkeDaemonUnreachable(f"not ready: not connected since start-up, retrying "
+                                       f"every {IKE_RETRY:g} s")
         for _ in range(3):  # a concurrent setup may have been for another key: look again
             t = self._b.tunnels.get(dest)
-            if t is not None and t.state is TunnelState.INSTALLED and t.spec == spec:
+            running = self._b.inflight.get(dest)
+            # A setup of this very spec still in flight is still writing its state (Rule 5):
+            # join it rather than answer over a tunnel that may yet be undone.
+            if t is not None and t.state is TunnelState.INSTALLED and t.spec == spec \
+                    and (running is None or running[0] != spec):
                 return self._extend(t, now)
             failed = self._b.failed.get(dest)
             if failed is not None and failed.until > now:
                 if shunt:
                     await self.shunt([dest], now)
                 raise failed.error
-            running = self._b.inflight.get(dest)
             if running is None:
                 task = asyncio.create_task(self._setup(spec, now, shunt))
                 self._b.inflight[dest] = (spec, task)
@@ -189,7 +233,7 @@ class Provisioner:
         address, blackholed the working tunnel to bob.)
         """
         if await self._install_shunts(destinations, now):
-            await self._persist()
+            await self._persist_quietly()  # in place either way; SERVFAIL does not wait on it
 
     async def _install_shunts(self, destinations: tuple[Address, ...] | list[Address],
                               now: float) -> bool:
@@ -228,13 +272,20 @@ class Provisioner:
                 changed = True
                 del self._b.shunts[dest]
                 await self._quietly(RemoveShunt(dest))
+        for name, until in list(self._b.adopted.items()):
+            if until + grace <= now:
+                log.info("adopted tunnel %s unused: tearing down", name)
+                changed = True
+                del self._b.adopted[name]
+                await self._quietly(RemoveTunnel(name))
         self._b.failed = {d: f for d, f in self._b.failed.items() if f.until > now}
         self._count()
         if changed:
-            await self._persist()
+            await self._persist_quietly()  # a restart filters ended leases anyway
         ends = [t.expires_at + grace for d, t in self._b.tunnels.items()
                 if d not in self._b.pinned]
         ends += [u + grace for u in self._b.shunts.values()]
+        ends += [u + grace for u in self._b.adopted.values()]
         return min(ends) if ends else None
 
     def pin(self, destination: Address, pinned: bool = True) -> None:
@@ -265,10 +316,30 @@ class Provisioner:
         await self._persist()
 
     async def reconcile(self, now: float) -> None:
-        """At start-up: restore the wanted state from the state file, remove our strays."""
-        tunnels, shunts = self._load(now)
-        installed = await self.backend.installed()
+        """At start-up: restore the wanted state from the state file, remove our strays.
+
+        Without a trustworthy state file, adopt what we find instead; with the IKE daemon
+        unreachable, remove nothing and wait for it (Rule 6).
+        """
+        loaded = self._pending = self._pending or self._load(now)
+        try:
+            installed = await self.backend.installed()
+        except IkeDaemonUnreachable as exc:
+            await self._not_connected(loaded, exc)
+            return
+        self._pending = None
+        if not self.ike_ready:
+            log.warning("IKE daemon connected (%s): reconciling", self.config.vici_socket)
+            self.ike_ready = True
+        tunnels, shunts = loaded.tunnels, dict(loaded.shunts)
+        for dest, until in self._b.shunts.items():  # added while the IKE daemon was away
+            shunts[dest] = max(until, shunts.get(dest, 0.0))
+        self._b.adopted = {n: u for n, u in loaded.adopted.items()
+                           if PolicyKey.tunnel(n) in installed}
+        if not loaded.trusted:
+            self._adopt(installed, shunts, now)
         wanted = {PolicyKey.tunnel(s.name) for s, _ in tunnels}
+        wanted |= {PolicyKey.tunnel(n) for n in self._b.adopted}
         wanted |= {PolicyKey.shunt(d) for d in shunts}
         for stray in sorted(installed - wanted, key=lambda k: (k.kind.value, k.ident)):
             log.info("reconcile: removing stray %s %s", stray.kind.value, stray.ident)
@@ -277,9 +348,14 @@ class Provisioner:
             else:
                 await self._quietly(RemoveShunt(ipaddress.ip_address(stray.ident)))
         for dest, until in shunts.items():
+            t = self._b.tunnels.get(dest)
+            if t is not None and t.state is TunnelState.INSTALLED:
+                continue  # up since (a late reconcile, `connect_later`): see `shunt`
             await self._quietly(InstallShunt(dest))
             self._b.shunts[dest] = until
         for spec, until in tunnels:
+            if spec.destination in self._b.tunnels:
+                continue  # a lookup was quicker (a late reconcile): it has the newer key
             try:
                 await self.ensure(spec, now)
             except ProvisioningError as exc:
@@ -290,6 +366,47 @@ class Provisioner:
             t.expires_at = t.saved_expires_at = until  # the lease it had, not a fresh one
         self._count()
         await self._persist()
+
+    # -- no trustworthy state, no IKE daemon (Rule 6) -----------------------------------------
+
+    def _adopt(self, installed: frozenset[PolicyKey], shunts: dict[Address, float],
+               now: float) -> None:
+        """Make what is installed under our names wanted, with a short lease."""
+        until = now + min(self.config.lease, ADOPTED_LEASE)
+        names = [k.ident for k in installed if k.kind is ItemKind.TUNNEL]
+        for name in names:
+            self._b.adopted[name] = until
+        found = [ipaddress.ip_address(k.ident) for k in installed if k.kind is ItemKind.SHUNT]
+        for dest in found:
+            shunts[dest] = max(shunts.get(dest, 0.0), until)
+        log.warning("no trustworthy state: adopting %d tunnel(s) and %d drop shunt(s) of ours "
+                    "for %.0f s (a lookup re-checks a tunnel against DNS; unused ones expire)",
+                    len(names), len(found), until - now)
+
+    async def _not_connected(self, loaded: _Loaded, exc: IkeDaemonUnreachable) -> None:
+        """Serve without the IKE daemon: shunts from the state file go in (XFRM needs no
+        charon), nothing is removed, `ensure` fails at once until `connect_later` succeeds."""
+        if self.ike_ready:
+            log.warning("IKE daemon not connected (%s): serving DNS; lookups that need a tunnel "
+                        "get SERVFAIL (EDE 14) until it is; retrying every %g s",
+                        exc, IKE_RETRY)
+            self.ike_ready = False
+        for dest, until in loaded.shunts.items():
+            if dest not in self._b.shunts:
+                await self._quietly(InstallShunt(dest))
+                self._b.shunts[dest] = until
+        self._count()
+
+    async def connect_later(self, clock: Callable[[], float]) -> None:
+        """While the IKE daemon is unreachable since start-up: try every IKE_RETRY seconds and
+        reconcile once it answers. A plain retry on purpose: charon's event watch
+        (resolver/watch.py), where present, is what follows charon after that."""
+        while not self.ike_ready:
+            await asyncio.sleep(IKE_RETRY)
+            try:
+                await self.reconcile(clock())
+            except (ProvisioningError, OSError) as exc:
+                log.warning("reconcile after the IKE daemon came back failed: %s", exc)
 
     async def close(self) -> None:
         """Wait for in-flight setups (used by tests and shutdown; tunnels stay up)."""
@@ -316,13 +433,17 @@ class Provisioner:
         old = self._b.tunnels.get(dest)
         if old is not None and old.state is not TunnelState.INSTALLED:
             old = None
+        # An adopted conn of this name (Rule 6) is re-authenticated against the key DNS gave
+        # us now: a new IKE_SA under it, then the old ones end (make before break, as Rule 4).
+        adopted = self._b.adopted.pop(spec.name, None) if old is None else None
         if old is not None:
             # Rule 4, make before break: the old tunnel carries traffic until the new one is up
             # (so no negotiating shunt either: it would block the working tunnel).
             log.info("key or gateway of %s changed: replacing tunnel %s", dest, old.spec.name)
-        elif shunt and dest not in self._b.shunts:
+        elif shunt and dest not in self._b.shunts and adopted is None:
             await self._install_shunts([dest], now)  # not waited for on disk: see Rule 5
         same_name = old is not None and old.spec.name == spec.name
+        replaces = same_name or adopted is not None
         if old is None:
             self._b.tunnels[dest] = _Tunnel(spec, TunnelState.PENDING, now + cfg.lease)
         try:
@@ -339,27 +460,57 @@ class Provisioner:
                 await self._slots.acquire()  # free: returns at once
             try:
                 async with asyncio.timeout(left + 0.5):
-                    await self.backend.apply(InstallTunnel(spec, left, replaces=same_name))
+                    await self.backend.apply(InstallTunnel(spec, left, replaces=replaces))
             finally:
                 self._slots.release()
         except (ProvisioningError, TimeoutError) as exc:
             if old is not None:
                 return await self._replacement_failed(old, spec, now, exc)
             return await self._failed(spec, now, exc)
-        if old is not None:
+        expires = max(now + cfg.lease, old.expires_at if old is not None else 0.0)
+        self._b.tunnels[dest] = _Tunnel(spec, TunnelState.INSTALLED, expires)
+        shunted = self._b.shunts.pop(dest, None)  # out of the books; in the kernel until saved
+        try:
+            await self._persist()  # on disk before anyone is told the tunnel is up
+        except StateWriteFailed as exc:
+            return await self._unrecorded(spec, old, shunted, now, exc)
+        if old is not None:  # break only what the file no longer holds
             self.counters.replacements += 1
             if not same_name:
                 await self._quietly(RemoveTunnel(old.spec.name))
-        expires = max(now + cfg.lease, old.expires_at if old is not None else 0.0)
-        self._b.tunnels[dest] = _Tunnel(spec, TunnelState.INSTALLED, expires)
         self.counters.setups += 1
-        if dest in self._b.shunts:
-            del self._b.shunts[dest]
+        if shunted is not None:
             await self._quietly(RemoveShunt(dest))
         self._b.failed.pop(dest, None)
         self._count()
-        await self._persist()  # on disk before anyone is told the tunnel is up
         return expires
+
+    async def _unrecorded(self, spec: TunnelSpec, old: _Tunnel | None, shunted: float | None,
+                          now: float, exc: StateWriteFailed) -> float:
+        """The tunnel is up but the state file could not record it: undo it (Rule 5).
+
+        Its drop shunt (a private destination's) never left the kernel and goes back into
+        the books; an old tunnel under another name was not broken yet and stays.
+        """
+        dest = spec.destination
+        cause = exc.__cause__
+        why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(exc)
+        path = self._state.path if self._state is not None else None
+        error = StateUnrecorded(f"{why} ({path})")
+        self.counters.failures += 1
+        log.error("tunnel %s to %s undone: cannot record tunnel state: %s", spec.name, dest,
+                  error)
+        if old is not None and old.spec.name != spec.name:
+            self._b.tunnels[dest] = old
+        else:
+            self._b.tunnels.pop(dest, None)
+        await self._quietly(RemoveTunnel(spec.name))  # terminate + unload: no orphan SA
+        if shunted is not None:
+            self._b.shunts[dest] = shunted
+        if self.config.failure_hold > 0:
+            self._b.failed[dest] = _Failure(now + self.config.failure_hold, error)
+        self._count()
+        raise error
 
     async def _replacement_failed(self, old: _Tunnel, spec: TunnelSpec, now: float,
                                   exc: ProvisioningError | TimeoutError) -> float:
@@ -387,7 +538,7 @@ class Provisioner:
         if self.config.failure_hold > 0:
             self._b.failed[dest] = _Failure(now + self.config.failure_hold, error)
         self._count()
-        await self._persist()
+        await self._persist_quietly()  # the answer is a failure either way
         raise error
 
     async def _quietly(self, intent: Intent) -> None:
@@ -401,6 +552,7 @@ class Provisioner:
         self.counters.active = sum(
             1 for t in self._b.tunnels.values() if t.state is TunnelState.INSTALLED)
         self.counters.shunts = len(self._b.shunts)
+        self.counters.adopted = len(self._b.adopted)
 
     # -- state file (Rule 5; the writing is resolver/statefile.py's) ------------------------
 
@@ -419,73 +571,41 @@ class Provisioner:
         if self._state is not None:
             await self._state.persist()
 
+    async def _persist_quietly(self) -> None:
+        """`_persist` for changes no answer depends on: a failed write is logged (by the state
+        file; it is retried with the next change)."""
+        with contextlib.suppress(StateWriteFailed):
+            await self._persist()
+
     def _snapshot(self) -> Encode:
         """The wanted state as values (cheap, on the loop); serialized on the file's thread."""
         tunnels = [t for t in self._b.tunnels.values() if t.state is TunnelState.INSTALLED]
         for t in tunnels:
             t.saved_expires_at = t.expires_at  # what this write (and `_extend`) goes by
-        snap = _Snapshot(
-            tunnels=tuple((t.spec, t.expires_at, t.spec.destination in self._b.pinned)
-                          for t in tunnels),
-            shunts=tuple(self._b.shunts.items()))
-        return functools.partial(_dump, snap)
+        entries = [(t.spec, t.expires_at, t.spec.destination in self._b.pinned)
+                   for t in tunnels]
+        if self._pending is not None:  # not reconciled yet (Rule 6): still wanted, keep them
+            have = {spec.destination for spec, _, _ in entries}
+            entries += [(spec, until, spec.destination in self._b.pinned)
+                        for spec, until in self._pending.tunnels if spec.destination not in have]
+        snap = Snapshot(tunnels=tuple(entries), shunts=tuple(self._b.shunts.items()),
+                         adopted=tuple(self._b.adopted.items()))
+        return functools.partial(dump, snap)
 
-    def _load(self, now: float) -> tuple[list[tuple[TunnelSpec, float]], dict[Address, float]]:
+    def _load(self, now: float) -> _Loaded:
         if self._state is None:
-            return [], {}
+            return _Loaded([], {}, {})
         try:
-            saved = self._state.load(_parse)
+            saved = self._state.load(parse)
         except StateCorrupt as exc:
-            # A corrupt state file must not keep the resolver down: start from nothing, and
-            # reconcile removes every stray we find (fail closed: no tunnel, no clear answer).
-            log.error("%s: starting empty", exc)
-            return [], {}
-        if saved is None:
-            return [], {}
+            # Never a reason to remove tunnels (Rule 6): reconcile adopts what it finds.
+            log.error("%s; adopting the tunnels and shunts of ours found", exc)
+            return _Loaded([], {}, {}, trusted=False)
+        if saved is None:  # first start, or the operator removed it: nothing is wanted
+            return _Loaded([], {}, {})
         self._b.pinned |= saved.pinned
         grace = self.config.grace
         tunnels = [(s, u) for s, u in saved.tunnels
                    if u + grace > now or s.destination in saved.pinned]
-        return tunnels, {d: u for d, u in saved.shunts.items() if u + grace > now}
-
-
-# --- the state file's document -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Snapshot:
-    tunnels: tuple[tuple[TunnelSpec, float, bool], ...]  # spec, lease end, pinned
-    shunts: tuple[tuple[Address, float], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class _Saved:
-    tunnels: list[tuple[TunnelSpec, float]]  # spec, lease end
-    pinned: set[Address]
-    shunts: dict[Address, float]
-
-
-def _dump(snap: _Snapshot) -> bytes:
-    """The state file's bytes (runs on the state file's thread)."""
-    doc = {
-        "version": 1,
-        "tunnels": [spec.to_json() | {"expires_at": exp, "pinned": pinned}
-                    for spec, exp, pinned in snap.tunnels],
-        "shunts": [{"destination": str(d), "expires_at": u} for d, u in snap.shunts],
-    }
-    # No indent: with one, json falls back to its pure-Python encoder.
-    return json.dumps(doc, sort_keys=True).encode()
-
-
-def _parse(data: bytes) -> _Saved:
-    """Raises ValueError for anything but a document `_dump` wrote."""
-    try:
-        doc = json.loads(data)
-        return _Saved(
-            tunnels=[(TunnelSpec.from_json(e), float(e["expires_at"])) for e in doc["tunnels"]],
-            pinned={ipaddress.ip_address(e["destination"]) for e in doc["tunnels"]
-                    if e.get("pinned") is True},
-            shunts={ipaddress.ip_address(e["destination"]): float(e["expires_at"])
-                    for e in doc["shunts"]})
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"not a provisioning state document: {exc!r}") from None
+        return _Loaded(tunnels, {d: u for d, u in saved.shunts.items() if u + grace > now},
+                       {n: u for n, u in saved.adopted.items() if u + grace > now})
