@@ -35,8 +35,9 @@ keeps the books:
   Rule 6: state that cannot be trusted never removes a tunnel. A corrupt state file (kept as
           `.bad` by statefile.py) makes `reconcile` *adopt* what charon and XFRM hold under our
           names instead of removing it as strays: adopted tunnels get a short lease
-          (ADOPTED_LEASE), are re-authenticated against DNS (make before break) by their next
-          lookup, and are torn down like any other when unused. An IKE daemon that cannot be
+          (ADOPTED_LEASE), are set up again under the key in DNS by their next lookup (its drop
+          shunt covers a private destination meanwhile), and are torn down like any other
+          when unused. An IKE daemon that cannot be
           reached at start-up removes nothing either: `ike_ready` stays False, lookups that
           need a tunnel fail at once (IkeDaemonUnreachable: SERVFAIL EDE 14), the wanted state
           stays in the file, and `connect_later` reconciles when the daemon answers.
@@ -433,17 +434,20 @@ class Provisioner:
         old = self._b.tunnels.get(dest)
         if old is not None and old.state is not TunnelState.INSTALLED:
             old = None
-        # An adopted conn of this name (Rule 6) is re-authenticated against the key DNS gave
-        # us now: a new IKE_SA under it, then the old ones end (make before break, as Rule 4).
-        adopted = self._b.adopted.pop(spec.name, None) if old is None else None
         if old is not None:
             # Rule 4, make before break: the old tunnel carries traffic until the new one is up
             # (so no negotiating shunt either: it would block the working tunnel).
             log.info("key or gateway of %s changed: replacing tunnel %s", dest, old.spec.name)
-        elif shunt and dest not in self._b.shunts and adopted is None:
+        elif shunt and dest not in self._b.shunts:
             await self._install_shunts([dest], now)  # not waited for on disk: see Rule 5
+        if old is None and self._b.adopted.pop(spec.name, None) is not None:
+            # Rule 6: an adopted conn is set up again under the key DNS gives now, break before
+            # make: charon keeps the IKE_SA of a conn loaded again unchanged, so there would be
+            # no new SA to wait for, and one authenticated by an older key would pass as new.
+            # A private destination's drop shunt covers the gap.
+            log.info("adopted tunnel %s: setting it up again with the key in DNS", spec.name)
+            await self._quietly(RemoveTunnel(spec.name))
         same_name = old is not None and old.spec.name == spec.name
-        replaces = same_name or adopted is not None
         if old is None:
             self._b.tunnels[dest] = _Tunnel(spec, TunnelState.PENDING, now + cfg.lease)
         try:
@@ -460,7 +464,7 @@ class Provisioner:
                 await self._slots.acquire()  # free: returns at once
             try:
                 async with asyncio.timeout(left + 0.5):
-                    await self.backend.apply(InstallTunnel(spec, left, replaces=replaces))
+                    await self.backend.apply(InstallTunnel(spec, left, replaces=same_name))
             finally:
                 self._slots.release()
         except (ProvisioningError, TimeoutError) as exc:

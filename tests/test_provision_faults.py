@@ -3,7 +3,8 @@ the tests' FakeBackend and a pinned clock:
 
 - a state file that cannot be trusted (empty, truncated, random bytes, wrong schema, a
   directory) never removes a tunnel: what the backend holds under our names is adopted with a
-  short lease, re-checked by the next lookup, torn down when unused; the file is kept as .bad;
+  short lease, set up again under the DNS key by the next lookup, torn down when unused; the
+  file is kept as .bad;
 - a state write that fails undoes the tunnel it was to record (its drop shunt stays) and the
   lookup fails with StateUnrecorded, also for a lookup that came in while the write was on;
 - an IKE daemon missing at start-up removes nothing, fails lookups at once, keeps the wanted
@@ -136,7 +137,7 @@ async def test_adopted_tunnels_and_shunts_expire_when_unused(tmp_path: Path) -> 
 
 
 @aio
-async def test_a_lookup_reauthenticates_an_adopted_tunnel_make_before_break(
+async def test_a_lookup_sets_an_adopted_tunnel_up_again_under_the_dns_key(
         tmp_path: Path) -> None:
     (tmp_path / "state.json").write_bytes(b"{")
     fb = FakeBackend()
@@ -145,11 +146,12 @@ async def test_a_lookup_reauthenticates_an_adopted_tunnel_make_before_break(
     await p.reconcile(WHEN)
     fb.intents.clear()
     lease_end = await p.ensure(BOB_SPEC, WHEN + 1, shunt=True)
-    # the conn is loaded again with the key DNS gave now, as a replacement (new IKE_SA first,
-    # then the old ones end): no negotiating shunt over a tunnel that carries traffic
-    assert fb.intents == [InstallTunnel(BOB_SPEC, 3.0, replaces=True)]
+    # not taken as it is (its key is unknown): dropped meanwhile, removed, set up afresh
+    assert fb.intents == [InstallShunt(BOB), RemoveTunnel(BOB_SPEC.name),
+                          InstallTunnel(BOB_SPEC, 3.0), RemoveShunt(BOB)]
     assert lease_end == WHEN + 601 and p.tunnels() == {BOB: BOB_SPEC}
     assert p.counters.adopted == 1
+    fb.intents.clear()
     await p.expire(WHEN + ADOPTED_LEASE + 11)  # carol's adoption ends, bob's tunnel is ours
     assert set(removals(fb)) == {RemoveTunnel(CAROL_SPEC.name), RemoveShunt(DAVE)}
     assert p.tunnels() == {BOB: BOB_SPEC}
