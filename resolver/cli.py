@@ -28,9 +28,10 @@ from resolver.config import Config
 from resolver.endpoints.control import ControlConfig, ControlService, start_control
 from resolver.errors import ConfigError
 from resolver.hostaddr import read_interface_addresses
+from resolver.iterate import Iterator
 from resolver.policy import Policy, PolicyConfig
 from resolver.provision import Provisioner
-from resolver.resolve import Fetch, PlainHandler, Resolution, Validating
+from resolver.resolve import Fetch, PlainHandler, Resolution, Upstream, Validating
 from resolver.server import Server
 from resolver.tunnels.backend import make_backend
 from resolver.tunnels.config import Identity, ProvisionConfig
@@ -47,7 +48,8 @@ configuration file (TOML; every key is optional):
               query_timeout = 10.0
   [upstream]  servers = ["192.0.2.1", "[2001:db8::1]:53"]  (default: the nameservers of
               /etc/resolv.conf that are not this resolver), timeout = 1.5, attempts = 2,
-              tcp_timeout = 3.0
+              tcp_timeout = 3.0, mode = "forward" | "iterate" (from the root; servers
+              unused), root_hints = ["198.41.0.4", ...] (default: the IANA root servers)
   [dnssec]    builtin_root_anchors = true, trust_anchor_files = ["root.key"],
               negative_trust_anchors = ["corp.example."]
   [cache]     max_entries = 10000, max_ttl = 86400, bogus_ttl = 60, failure_ttl = 5,
@@ -168,6 +170,17 @@ def build_limits(cfg: Config) -> Limits:
     return Limits(**{k: v for k, v in values.items() if k in names})
 
 
+def build_upstream(cfg: Config, limits: Limits) -> Upstream:
+    """The forwarder, or the iterator for `[upstream] mode = "iterate"`."""
+    up = cfg.upstream
+    if up.mode == "iterate":
+        return Iterator(up.root_hints, limits=limits, timeout=up.timeout,
+                        attempts=up.attempts, tcp_timeout=up.tcp_timeout,
+                        payload=cfg.server.edns_payload)
+    return Forwarder(up.servers, timeout=up.timeout, attempts=up.attempts,
+                     tcp_timeout=up.tcp_timeout, payload=cfg.server.edns_payload)
+
+
 def host_addresses() -> tuple[IPv4Address | IPv6Address, ...]:
     """The addresses of this host (its network namespace), read over netlink.
 
@@ -207,9 +220,7 @@ async def serve(cfg: Config) -> int:
     def make_validator(fetch: Fetch) -> Validating:
         return Validator(anchors, fetch, limits)
 
-    forwarder = Forwarder(cfg.upstream.servers, timeout=cfg.upstream.timeout,
-                          attempts=cfg.upstream.attempts, tcp_timeout=cfg.upstream.tcp_timeout,
-                          payload=cfg.server.edns_payload)
+    forwarder = build_upstream(cfg, limits)
     resolution = Resolution(forwarder, make_validator, cache=cfg.cache,
                             max_upstream_queries=cfg.limits.max_upstream_queries)
     plain = PlainHandler(resolution, max_ttl=cfg.cache.max_ttl,
@@ -251,7 +262,8 @@ async def serve(cfg: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("ipseckey-resolver ready; upstream %s",
-             ", ".join(map(str, cfg.upstream.servers)))
+             "iterative from the root" if cfg.upstream.mode == "iterate"
+             else ", ".join(map(str, cfg.upstream.servers)))
     try:
         await stop.wait()
     finally:

@@ -58,10 +58,17 @@ class ServerConfig:
     query_timeout: float = 10.0  # a client query that takes longer gets SERVFAIL
 
 
+# "forward": to `servers` (DO=1, CD=1); "iterate": from the root (resolver/iterate.py).
+# "auto" (forward while the forwarders pass a DNSSEC probe, else iterate) will join the list.
+UPSTREAM_MODES: Final = ("forward", "iterate")
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    """[upstream]: the resolvers we forward to (with DO=1, CD=1)."""
+    """[upstream]: where answers come from: forwarders, or iteration from the root."""
 
+    mode: str = "forward"  # one of UPSTREAM_MODES
+    root_hints: tuple[Endpoint, ...] = ()  # iterate: root server addresses; () = IANA's
     servers: tuple[Endpoint, ...] = ()
     timeout: float = 1.5  # per attempt on one server
     attempts: int = 2  # rounds over the whole server list
@@ -142,6 +149,9 @@ class Config:
         up = ", ".join(map(str, self.upstream.servers)) or "(none)"
         if self.upstream.from_resolv_conf:
             up += " (from /etc/resolv.conf)"
+        if self.upstream.mode == "iterate":
+            up = "iterate from the root, hints: " + (
+                ", ".join(map(str, self.upstream.root_hints)) or "built-in (IANA)")
         anchors = ["builtin root"] if self.dnssec.builtin_root_anchors else []
         anchors += [str(p) for p in self.dnssec.trust_anchor_files]
         lines = [
@@ -232,6 +242,9 @@ def _upstream(t: Table, listen: tuple[Endpoint, ...], resolv_conf: Path,
     if from_file:
         servers = default_upstreams(listen, resolv_conf)
     cfg = UpstreamConfig(
+        mode=t.get("mode", str, d.mode, lambda v: None if v in UPSTREAM_MODES
+                   else f"must be one of {', '.join(UPSTREAM_MODES)}"),
+        root_hints=_endpoints(t, "root_hints", d.root_hints),
         servers=servers,
         timeout=t.get("timeout", float, d.timeout, positive),
         attempts=t.get("attempts", int, d.attempts, at_least(1)),
@@ -239,7 +252,7 @@ def _upstream(t: Table, listen: tuple[Endpoint, ...], resolv_conf: Path,
         from_resolv_conf=from_file,
     )
     t.done()
-    if not cfg.servers:
+    if not cfg.servers and cfg.mode == "forward":
         where = (f"no usable nameserver in {resolv_conf} (ours excluded)" if from_file
                  else "empty list")
         raise t.fail("servers", f"no upstream resolver: {where}; set [upstream] servers")
