@@ -290,13 +290,13 @@ class Iterator:
         return merge_chain(qname, qtype, parts, self.payload)
 
     async def _iterate(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType,
-                       walk: _Walk) -> dns.message.Message:
+                       walk: _Walk, *, minimise: bool = True) -> dns.message.Message:
         """Walk down to the servers of qname's zone; their answer or denial, scrubbed."""
         above = qtype == dns.rdatatype.DS and len(qname) > 1
         deleg = self.cache.closest(qname, self.clock(), above=above)
         if deleg is None:
             deleg = await self._root(walk)
-        child, count, minimise = deleg.zone, 0, self.minimise
+        child, count, minimise = deleg.zone, 0, minimise and self.minimise
         while True:
             step = plan(child, qname, qtype, count, minimise=minimise)
             try:
@@ -358,7 +358,10 @@ class Iterator:
         names = names[: self.limits.max_ns_per_referral]
         glue = referral_glue(raw.additional, names, dns.name.root,
                              allow_loopback=self.allow_loopback)
-        deleg = Delegation(dns.name.root, names, glue)
+        # Without addresses in the priming answer the hints stay usable: the root's own
+        # names can only be resolved by asking the root.
+        deleg = Delegation(dns.name.root, names, {**self.hints.glue, **glue},
+                           () if glue else self.hints.hints)
         self.cache.put(deleg, ns_rrset.ttl, self.clock())
         self.stats.primed += 1
         log.info("primed the root: %d servers, %d with addresses", len(names), len(glue))
@@ -467,7 +470,9 @@ class Iterator:
         ttl = 0
         for rdtype in _ADDRESS_TYPES:
             try:
-                response = await self._iterate(name, rdtype, inner)
+                # Not minimised: an NS name is published in referrals anyway, and asking it
+                # in full costs the (perhaps NXNS victim) zone one query per name, not two.
+                response = await self._iterate(name, rdtype, inner, minimise=False)
             except IterationLimitReached:
                 raise
             except UpstreamError as e:

@@ -95,7 +95,7 @@ class ServerTable:
     def record_rtt(self, addr: Address, rtt: float, now: float) -> None:
         """A reply came back after ``rtt`` seconds: the server is healthy again."""
         h = self._get(addr, now)
-        if h.srtt is None:
+        if h.srtt is None or h.timeouts:  # first sample, or back after timeouts: start over
             h.srtt, h.rttvar = rtt, rtt / 2
         else:
             h.rttvar = 0.75 * h.rttvar + 0.25 * abs(h.srtt - rtt)
