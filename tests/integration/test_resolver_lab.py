@@ -1,7 +1,8 @@
 """ipseckey-resolver inside the lab: our verdicts agree with delv's for every name the lab serves.
 
-Scenario: our resolver runs inside alice on 127.0.0.1:53, forwarding to the lab's Unbound, with
-only the lab root's DS as trust anchor (the built-in IANA anchors off). For every (name, type)
+Scenario: our resolver runs inside alice on 127.0.0.1:53, with only the lab root's DS as trust
+anchor (the built-in IANA anchors off), in both upstream modes: forwarding to the lab's Unbound,
+and iterating from the lab root (root_hints = ns-root, no forwarder). For every (name, type)
 that lab/topology.py puts in a zone — plus, per zone, the apex SOA/NS/DNSKEY, the zone's DS at
 its parent, a name that does not exist and a type that does not exist at an existing name —
 we ask our resolver with `dig +dnssec` and ask `delv`, anchored at the same root DS, through the
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from lab.topology import ZONES, AddressRecords, IpseckeyRecord, TextRecord
+from lab.topology import HOSTS, ZONES, AddressRecords, IpseckeyRecord, TextRecord
 
 if TYPE_CHECKING:
     from lab.core import Lab
@@ -103,16 +104,24 @@ def our_outcome(lab: Lab, name: str, rdtype: str) -> tuple[str, str]:
     return ("AD" if "ad" in flags.group(1).split() else "plain"), rcode
 
 
-@pytest.fixture(scope="module")
-def resolver(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def upstream_table(lab: Lab, mode: str) -> str:
+    """[upstream] for a mode: forward to the lab Unbound, or iterate from the lab root."""
+    if mode == "iterate":
+        return f'mode = "iterate"\nroot_hints = ["{HOSTS[ZONES["."].server].v4}"]'
+    return f'servers = ["{lab.unbound_addr}"]'
+
+
+@pytest.fixture(scope="module", params=["forward", "iterate"])
+def resolver(lab: Lab, tmp_path_factory: pytest.TempPathFactory,
+             request: pytest.FixtureRequest) -> Iterator[Path]:
     """Our resolver running in alice; yields its log file; SIGTERM must end it with 0."""
-    work = tmp_path_factory.mktemp("resolver-lab")
+    work = tmp_path_factory.mktemp(f"resolver-lab-{request.param}")
     cfg = work / "resolver.toml"
     cfg.write_text(f"""
 [server]
 listen = ["{LISTEN}:53"]
 [upstream]
-servers = ["{lab.unbound_addr}"]
+{upstream_table(lab, request.param)}
 [dnssec]
 builtin_root_anchors = false
 trust_anchor_files = ["{lab.root_anchor_file}"]
