@@ -143,9 +143,7 @@ def scrub(response: dns.message.Message, zone: dns.name.Name) -> dns.message.Mes
     out.question = list(response.question)
     out.answer = [rr for rr in response.answer if in_bailiwick(rr.name, zone)]
     out.authority = [rr for rr in response.authority if in_bailiwick(rr.name, zone)]
-    if response.edns >= 0:
-        out.use_edns(response.edns, response.ednsflags, response.payload)
-    return out
+    return out  # no OPT: nothing downstream reads the server's EDNS
 
 
 def classify(response: dns.message.Message, qname: dns.name.Name, qtype: int,
@@ -336,14 +334,40 @@ def _link_target(section: Sequence[dns.rrset.RRset], name: dns.name.Name, qtype:
     return None
 
 
+def referral_ds(response: dns.message.Message, cut: dns.name.Name
+                ) -> tuple[dns.message.Message, int] | None:
+    """The DS RRset (and its RRSIGs) a referral to ``cut`` carries, as a response to "cut DS".
+
+    A signed parent puts the child's DS in its referrals; keeping it saves the validator's DS
+    query to the parent, as Unbound does. Nothing is trusted by this: the validator checks the
+    DS RRset against the parent's keys exactly as if it had been asked for. Only a positive
+    DS is kept (an unsigned delegation's NSEC/NSEC3 proof comes with the real DS query, SOA
+    included). Returns the response and the smallest TTL, or None.
+    """
+    ds = next((rr for rr in response.authority if rr.name == cut
+               and rr.rdtype == dns.rdatatype.DS), None)
+    if ds is None:
+        return None
+    sigs = [rr for rr in response.authority if rr.name == cut
+            and rr.rdtype == dns.rdatatype.RRSIG and rr.covers == dns.rdatatype.DS]
+    out = dns.message.Message()
+    out.flags = dns.flags.QR | dns.flags.AA
+    out.question = [dns.rrset.RRset(cut, dns.rdataclass.IN, dns.rdatatype.DS)]
+    out.answer = [ds, *sigs]
+    out.use_edns(0, dns.flags.DO, 1232)
+    return out, min(rr.ttl for rr in out.answer)
+
+
 def merge_chain(qname: dns.name.Name, qtype: int, parts: Sequence[dns.message.Message],
                 payload: int) -> dns.message.Message:
     """One response to (qname, qtype) from the responses along a CNAME chain, in order.
 
     The answer sections are concatenated (duplicates dropped); authority and rcode are the
-    last response's, as a recursive server's would be.
+    last response's, as a recursive server's would be. A single part is returned as it is.
     """
     last = parts[-1]
+    if len(parts) == 1 and last.question and last.question[0].name == qname:
+        return last
     out = dns.message.Message()
     out.flags = dns.flags.QR | dns.flags.RA | (last.flags & dns.flags.AA)
     out.set_rcode(last.rcode())

@@ -90,6 +90,9 @@ class Authority:
             if ns is None or (q.rdtype == dns.rdatatype.DS and cut == q.name):
                 continue
             r.authority.append(_rrset(cut, ns))
+            ds = node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.DS) if node else None
+            if ds is not None:  # a signed parent sends the DS with the referral
+                r.authority.append(_rrset(cut, ds))
             self._glue(zone, ns, r)
             return r
         r.flags |= dns.flags.AA

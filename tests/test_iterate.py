@@ -168,14 +168,23 @@ def test_walks_down_minimised_with_0x20_and_caches_the_cuts() -> None:
     run(main)
 
 
-def test_ds_is_asked_of_the_parent() -> None:
+def test_ds_is_asked_of_the_parent_unless_the_referral_brought_it() -> None:
     async def main() -> None:
         async with hierarchy() as (it, s):
             await it.query(N("bob.example.test."), A)  # example.test's cut is cached now
             reply = await it.query(N("example.test."), DS)
             assert reply.answer and reply.answer[0].rdtype == DS
-            assert s[TEST].asked("example.test.") == ["example.test. A", "example.test. DS"]
+            assert str(reply.answer[0][0]) == DS_RDATA
+            # The DS came with test.'s referral: not asked again, of either side.
+            assert s[TEST].asked("example.test.") == ["example.test. A"]
             assert s[EXAMPLE].asked("example.test.") == []
+            # sib.test's referral had no DS: the question goes to the parent side (test.),
+            # although the cut sib.test. is known and its own server would answer too.
+            await it.query(N("host.sib.test."), A)
+            reply = await it.query(N("sib.test."), DS)
+            assert not reply.answer and reply.rcode() == dns.rcode.NOERROR
+            assert s[TEST].asked("sib.test.") == ["sib.test. A", "sib.test. DS"]
+            assert s[SIB].asked("sib.test.") == []
 
     run(main)
 

@@ -30,6 +30,7 @@ from resolver.iterate_core import (
     minimised_child,
     plan,
     randomise_case,
+    referral_ds,
     usable_address,
 )
 
@@ -190,6 +191,24 @@ def test_answers_are_scrubbed_to_the_zone() -> None:
 ])
 def test_usable_address(text: str, loopback_ok: bool, usable: bool) -> None:
     assert usable_address(text, allow_loopback=loopback_ok) is usable
+
+
+def test_referral_ds_becomes_the_answer_to_the_ds_question() -> None:
+    sig = ("example.test. 30 IN RRSIG DS 13 2 60 20270101000000 20261201000000 4711 test. "
+           + "AAAA" * 16)
+    reply = response("www.example.test.", A, authority=(
+        *REFERRAL_NS, "example.test. 60 IN DS 12345 13 2 " + "ab" * 32, sig,
+        "other.test. 60 IN DS 999 13 2 " + "cd" * 32), additional=GLUE)
+    got = referral_ds(reply, N("example.test."))
+    assert got is not None
+    msg, ttl = got
+    assert ttl == 30
+    assert (msg.question[0].name, msg.question[0].rdtype) == (N("example.test."), DS)
+    assert [(rr.rdtype, rr.covers) for rr in msg.answer] == [
+        (DS, dns.rdatatype.NONE), (dns.rdatatype.RRSIG, DS)]
+    assert msg.flags & dns.flags.AA and msg.ednsflags & dns.flags.DO
+    assert referral_ds(response("www.example.test.", A, authority=REFERRAL_NS),
+                       N("example.test.")) is None  # unsigned delegation: asked for real
 
 
 # -- QNAME minimisation -----------------------------------------------------------------------
