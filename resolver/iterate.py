@@ -14,15 +14,17 @@ validate forwarded ones. Nothing the authoritative servers say is trusted before
 2. **Walk down** (``_iterate``). With QNAME minimisation (``iterate_core.plan``) the servers
    of each zone see one more label of qname, asked with QTYPE A, until a referral moves the
    walk one zone down or the full question is asked. A referral is charged to the client
-   query's ``QueryBudget`` (``max_referrals``) and cached (cut -> NS names + glue, NS TTL).
+   query's ``QueryBudget`` (``max_referrals``) and cached (cut -> NS names + glue, NS TTL);
+   the DS RRset a signed parent sends with it is kept and answers a later DS question (the
+   validator's), which it checks as if it had been fetched.
 3. **Pick a server** (``_ask``). Candidates are the glue and resolved addresses of the zone's
    NS names, best first by smoothed RTT, parked (timed out) and lame ones last
    (``iterate_infra.ServerTable``). When no known address is left (or only parked/lame ones),
-   the next NS name is resolved by a nested walk (``max_ns_lookups`` per client query,
-   ``max_iteration_depth`` nesting, never a name that is being resolved already: glueless
-   cycles end there). An error, a timeout or a lame answer moves on to the next server; a
-   second round retries the servers that timed out.
-4. **One exchange** (``_exchange``). A fresh UDP socket (random source port), a random ID,
+   the next NS name is resolved by a nested, unminimised walk (``max_ns_lookups`` per client
+   query, ``max_iteration_depth`` nesting, never a name that is being resolved already:
+   glueless cycles end there). An error, a timeout or a lame answer moves on to the next
+   server; a second round retries the servers that timed out.
+4. **One exchange** (``_exchange``, the sockets in ``iterate_net``). A fresh UDP socket (random source port), a random ID,
    RD=0, EDNS0 with DO=1 and payload 1232, and 0x20: the letters of the question name in
    random case. A reply counts only from the address and port asked, with our ID, QR=1 and
    the question echoed byte for byte (case included); everything else is ignored. A server
@@ -46,8 +48,6 @@ import asyncio
 import ipaddress
 import logging
 import random
-import secrets
-import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -82,6 +82,7 @@ from resolver.iterate_core import (
 )
 from resolver.iterate_hints import builtin_root, configured_root
 from resolver.iterate_infra import Address, Delegation, DelegationCache, ServerTable
+from resolver.iterate_net import CaseMismatch, IterStats, Unreachable, tcp_exchange, udp_exchange
 from resolver.upstream import EDNS_PAYLOAD, QueryBudget, current_budget
 from resolver.validator.types import Limits
 
@@ -106,30 +107,6 @@ class IterationLimitReached(UpstreamError):
     """A per-client-query limit of iterative mode ran out (queries, referrals, NS lookups)."""
 
 
-class _Unreachable(Exception):
-    """One server did not answer usably (timeout, network error); try the next one."""
-
-
-class _CaseMismatch(Exception):
-    """A reply matched in everything but the letter case of the question (no 0x20 echo)."""
-
-
-@dataclass(slots=True)
-class IterStats:
-    """Counters for tests, the benchmark and debugging."""
-
-    sent_udp: int = 0
-    sent_tcp: int = 0
-    timeouts: int = 0
-    lame: int = 0
-    referrals: int = 0
-    ns_lookups: int = 0
-    case_mismatch: int = 0
-    ignored: int = 0  # datagrams that did not match the question we asked
-    coalesced: int = 0
-    primed: int = 0
-
-
 @dataclass(frozen=True, slots=True)
 class _Walk:
     """Per client query: its budget, how deep NS-name lookups are nested, and which run."""
@@ -140,68 +117,6 @@ class _Walk:
 
     def nested(self, name: dns.name.Name) -> _Walk:
         return _Walk(self.budget, self.depth + 1, self.resolving | {name})
-
-
-class _Waiter(asyncio.DatagramProtocol):
-    """Waits on one connected socket for the reply to our question, compared byte for byte."""
-
-    def __init__(self, server: Address, qid: int, sent: bytes, original: bytes,
-                 type_class: bytes, stats: IterStats, *, glue: bool) -> None:
-        self.server, self.qid, self.glue = server, qid, glue
-        self.sent, self.original, self.type_class = sent, original, type_class
-        self.stats = stats
-        self.case_mismatch = False
-        self.result: asyncio.Future[dns.message.Message] = (
-            asyncio.get_running_loop().create_future())
-
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        if self.result.done() or not _same_address(addr, self.server) or len(data) < 12:
-            self.stats.ignored += 1
-            return
-        qid, flags, qdcount = struct.unpack_from("!HHH", data)
-        end = 12 + len(self.sent)
-        if qid != self.qid or not flags & dns.flags.QR or qdcount != 1 \
-                or data[end:end + 4] != self.type_class:
-            self.stats.ignored += 1
-            return
-        got = data[12:end]
-        if got != self.sent:
-            if got.lower() == self.sent.lower():
-                self.case_mismatch = True
-            self.stats.ignored += 1
-            return
-        head = data[:12]
-        if not self.glue and data[6:8] != b"\0\0":
-            # An answer: its additional section (glue, OPT) is never used, and parsing it
-            # was a third of the CPU time of a lookup. ARCOUNT=0 and the rest ignored.
-            head = data[:10] + b"\0\0"
-        try:
-            # The question back in the caller's case; pointers into it follow.
-            reply = dns.message.from_wire(head + self.original + data[end:],
-                                          ignore_trailing=True)
-        except (dns.exception.DNSException, ValueError, UnicodeError, IndexError,
-                struct.error):
-            self.stats.ignored += 1  # our ID and question but not DNS: keep waiting
-            return
-        self.result.set_result(reply)
-
-    def error_received(self, exc: Exception) -> None:
-        if not self.result.done():
-            self.result.set_exception(_Unreachable(f"{self.server[0]}: {exc}"))
-
-
-def _same_address(addr: tuple[str | int, ...], server: Address) -> bool:
-    try:
-        return addr[1] == server[1] and ipaddress.ip_address(str(addr[0])) == \
-            ipaddress.ip_address(server[0])
-    except ValueError:
-        return False
-
-
-def _wire(name: dns.name.Name) -> bytes:
-    wire = name.to_wire()
-    assert wire is not None  # to_wire() without a file returns the bytes
-    return wire
 
 
 def _address(text: str, port: int) -> Address:
@@ -413,7 +328,7 @@ class Iterator:
                 tried.add(addr)
                 try:
                     raw = await self._exchange(addr, step.name, step.rdtype, walk)
-                except _Unreachable as e:
+                except Unreachable as e:
                     problems.append(str(e))
                     timed_out.append(addr)
                     continue
@@ -513,7 +428,7 @@ class Iterator:
         """One question to one server: UDP with 0x20, TCP when needed.
 
         Raises:
-            _Unreachable: timeout or network error (recorded in the server table).
+            Unreachable: timeout or network error (recorded in the server table).
             IterationLimitReached: the client query's budget is spent.
         """
         self._charge(walk, name, rdtype)
@@ -521,13 +436,14 @@ class Iterator:
         case = self.use_0x20 and self._no_0x20.get(addr, start) is None
         sent = randomise_case(name, self.rng.getrandbits(64)) if case else name
         try:
-            reply = await self._udp(addr, name, sent, rdtype, self.servers.rto(addr, start))
-        except _CaseMismatch:
+            reply = await udp_exchange(addr, name, sent, rdtype, self.servers.rto(addr, start),
+                                       self.payload, self.stats)
+        except CaseMismatch:
             self.stats.case_mismatch += 1
             self._no_0x20.put(addr, True, start + 3600)
             log.info("%s does not echo the question's letter case; asking it over TCP", addr[0])
             reply = None
-        except _Unreachable:
+        except Unreachable:
             self.stats.timeouts += 1
             self.servers.record_timeout(addr, self.clock())
             raise
@@ -535,68 +451,9 @@ class Iterator:
             self.servers.record_rtt(addr, self.clock() - start, self.clock())
         if reply is None or reply.flags & dns.flags.TC:
             self._charge(walk, name, rdtype)
-            reply = await self._tcp(addr, name, rdtype)
+            reply = await tcp_exchange(addr, name, rdtype, self.tcp_timeout, self.payload,
+                                       self.stats)
         return reply
-
-    def _make_query(self, sent: dns.name.Name, rdtype: dns.rdatatype.RdataType
-                    ) -> dns.message.Message:
-        q = dns.message.make_query(sent, rdtype, use_edns=0, want_dnssec=True,
-                                   payload=self.payload)
-        q.flags = 0  # RD=0: we ask authorities, not recursive servers
-        q.id = secrets.randbelow(65536)
-        return q
-
-    async def _udp(self, addr: Address, name: dns.name.Name, sent: dns.name.Name,
-                   rdtype: dns.rdatatype.RdataType, timeout: float) -> dns.message.Message:
-        q = self._make_query(sent, rdtype)
-        type_class = struct.pack("!HH", rdtype, dns.rdataclass.IN)
-        loop = asyncio.get_running_loop()
-        self.stats.sent_udp += 1
-        try:
-            transport, waiter = await loop.create_datagram_endpoint(
-                lambda: _Waiter(addr, q.id, _wire(sent), _wire(name), type_class, self.stats,
-                                glue=rdtype == dns.rdatatype.NS),
-                remote_addr=addr)
-        except OSError as e:
-            raise _Unreachable(f"{addr[0]}: {e.strerror or e}") from None
-        try:
-            transport.sendto(q.to_wire())
-            return await asyncio.wait_for(waiter.result, timeout)
-        except TimeoutError:
-            if waiter.case_mismatch:
-                raise _CaseMismatch from None
-            raise _Unreachable(f"{addr[0]}: timeout after {timeout:.2f} s") from None
-        finally:
-            transport.close()
-
-    async def _tcp(self, addr: Address, name: dns.name.Name, rdtype: dns.rdatatype.RdataType
-                   ) -> dns.message.Message:
-        q = self._make_query(name, rdtype)
-        self.stats.sent_tcp += 1
-        try:
-            async with asyncio.timeout(self.tcp_timeout):
-                reader, writer = await asyncio.open_connection(addr[0], addr[1])
-                try:
-                    wire = q.to_wire()
-                    writer.write(len(wire).to_bytes(2, "big") + wire)
-                    await writer.drain()
-                    length = int.from_bytes(await reader.readexactly(2), "big")
-                    data = await reader.readexactly(length)
-                finally:
-                    writer.close()
-        except TimeoutError:
-            raise _Unreachable(f"{addr[0]}: TCP timeout after {self.tcp_timeout} s") from None
-        except (OSError, asyncio.IncompleteReadError) as e:
-            raise _Unreachable(f"{addr[0]}: TCP: {e}") from None
-        try:
-            reply = dns.message.from_wire(data)
-        except Exception as e:  # dnspython raises a dozen types on garbage
-            raise _Unreachable(f"{addr[0]}: TCP reply is not DNS: {e}") from None
-        q0 = reply.question[0] if len(reply.question) == 1 else None
-        if reply.id != q.id or q0 is None or q0.name != name or q0.rdtype != rdtype:
-            raise _Unreachable(f"{addr[0]}: TCP reply does not match the question")
-        return reply
-
 
 class _NoServer(Exception):
     """No server of a zone gave a usable answer to one step."""

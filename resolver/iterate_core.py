@@ -44,6 +44,9 @@ makes about the bytes it got back is taken here, so it can be tested with tables
 
 * ``chain_next(response, qname, qtype)`` follows CNAME/DNAME links inside one authoritative
   response and says which name must be asked next when the chain leaves the server's zone.
+
+* ``referral_ds`` turns the DS RRset a referral carries into the response to "cut DS", and
+  ``randomise_case`` draws the 0x20 letter case of a question.
 """
 
 from __future__ import annotations
