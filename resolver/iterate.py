@@ -24,15 +24,15 @@ validate forwarded ones. Nothing the authoritative servers say is trusted before
    query, ``max_iteration_depth`` nesting, never a name that is being resolved already:
    glueless cycles end there). An error, a timeout or a lame answer moves on to the next
    server; a second round retries the servers that timed out.
-4. **One exchange** (``_exchange``, the sockets in ``iterate_net``). A fresh UDP socket (random source port), a random ID,
-   RD=0, EDNS0 with DO=1 and payload 1232, and 0x20: the letters of the question name in
-   random case. A reply counts only from the address and port asked, with our ID, QR=1 and
-   the question echoed byte for byte (case included); everything else is ignored. A server
-   that does not echo the case is asked again over TCP (where forging needs the TCP
-   handshake) and not sent 0x20 again; TC=1 is asked again over TCP too. Every datagram
-   sent is charged to the QueryBudget (``max_upstream_queries``, 64 by default, shared with
-   the validator's own fetches). The reply's question name gets the caller's case back, so
-   the answer looks as if 0x20 never happened.
+4. **One exchange** (``_exchange``, the sockets in ``iterate_net``). A fresh UDP socket
+   (random source port), a random ID, RD=0, EDNS0 with DO=1 and payload 1232, and 0x20: the
+   letters of the question name in random case. A reply counts only from the address and
+   port asked, with our ID, QR=1 and the question echoed byte for byte (case included);
+   everything else is ignored. A server that does not echo the case is asked again over TCP
+   (where forging needs the TCP handshake) and not sent 0x20 again; TC=1 is asked again over
+   TCP too. Every datagram sent is charged to the QueryBudget (``max_upstream_queries``, 64
+   by default, shared with the validator's own fetches). The reply's question name gets the
+   caller's case back, so the answer looks as if 0x20 never happened.
 5. **CNAME/DNAME** chains that leave a server's zone are followed (up to
    ``max_cname_chain``) and merged into one response, as a recursive server's would be.
 
