@@ -93,7 +93,7 @@ DNS_PORT: Final = 53
 _ADDRESS_TYPES: Final = (dns.rdatatype.A, dns.rdatatype.AAAA)
 
 
-class HostPort(Protocol):
+class AddressAndPort(Protocol):
     """An address and port (config.py's listen/upstream endpoint type)."""
 
     @property
@@ -144,7 +144,7 @@ class Iterator:
         clock: monotonic seconds, for cache expiry and RTTs.
     """
 
-    def __init__(self, root_hints: Sequence[HostPort] = (), *, limits: Limits | None = None,
+    def __init__(self, root_hints: Sequence[AddressAndPort] = (), *, limits: Limits | None = None,
                  timeout: float = 1.5, attempts: int = 2, tcp_timeout: float = 3.0,
                  payload: int = EDNS_PAYLOAD, port: int = DNS_PORT,
                  allow_loopback: bool = False, minimise: bool = True, use_0x20: bool = True,
