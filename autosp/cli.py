@@ -1,8 +1,9 @@
 """The `autosp` command line: parse arguments, call one module, map errors to exit statuses.
 
-Exit statuses: 0 done; 1 the operation failed (refused, timed out, raced); 2 bad input or
-configuration; 3 the resolver daemon is not reachable. Errors are one line on stderr, never a
-traceback (set AUTOSP_DEBUG=1 to get one).
+Exit statuses: 0 done; 1 the operation failed (refused, timed out, raced; also permission
+denied on the control socket); 2 bad input or configuration; 3 the resolver is not running (no
+control socket, or nothing answers on it). Errors are one line on stderr, never a traceback (set
+AUTOSP_DEBUG=1 to get one).
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ import dns.exception
 import dns.name
 
 from autosp import control, keygen, records
-from autosp.errors import DaemonUnreachable, OperationFailed
+from autosp.errors import OperationFailed, ResolverUnreachable
 from resolver.errors import ConfigError
 
-EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_DAEMON = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 PLACEHOLDER_NAME = "host.example.com."
 DEFAULT_PUBLISH_TTL = 300
 DEFAULT_RECORD_TTL = 3600
 
 EXIT_HELP = """\
-exit status: 0 ok, 1 operation failed, 2 bad input or configuration, 3 resolver daemon not
-reachable."""
+exit status: 0 ok, 1 operation failed, 2 bad input or configuration, 3 resolver not running
+(no control socket, or no answer on it). Permission denied on the control socket is 1."""
 
 PUBLISH_EPILOG = """\
 what is sent:
@@ -223,25 +224,19 @@ def _keygen(args: argparse.Namespace) -> int:
 def _endpoint(args: argparse.Namespace) -> int:
     path: Path = args.control
     cmd = args.command
-    name = getattr(args, "name", None)
-    if name is not None:
-        try:
-            name = dns.name.from_text(name).to_text()
-        except dns.exception.DNSException as exc:
-            raise ConfigError(f"{name!r} is not a DNS name: {exc}") from None
+    # Checked as the daemon will check it (bad input: exit 2 without connecting).
+    req = control.make_request(cmd, getattr(args, "name", None), getattr(args, "group", None))
+    name = req.name.to_text() if req.name is not None else None
+    result = control.send(path, req)
     if cmd == "add":
-        result = control.request(path, "add", name=name, group=args.group)
         print(f"added {name}" + (f": {control.format_status(result)}" if result else ""))
     elif cmd == "remove":
-        control.request(path, "remove", name=name)
         print(f"removed {name}")
     elif cmd == "list":
-        result = control.request(path, "list")
         print(control.format_table(list((result or {}).get("endpoints", [])), time.time()))
     elif cmd == "status":
-        print(control.format_status(control.request(path, "status", name=name) or {}))
+        print(control.format_status(result or {}))
     else:
-        control.request(path, "refresh", name=name)
         print(f"refreshed {name or 'all endpoints'}")
     return EXIT_OK
 
@@ -255,8 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc, EXIT_INPUT)
     except OperationFailed as exc:
         return _fail(exc, EXIT_FAILED)
-    except DaemonUnreachable as exc:
-        return _fail(exc, EXIT_DAEMON)
+    except ResolverUnreachable as exc:
+        return _fail(exc, EXIT_UNREACHABLE)
     except KeyboardInterrupt:
         print("autosp: interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,4 @@
-"""strongSwan charon per peer namespace, configured as lab-notes prescribe, driven over VICI.
+"""strongSwan charon per peer namespace, configured as strongswan_conf explains, driven over VICI.
 
 Theory of operation: the ESP data path is a choice (`ESP_MODES`, env LAB_ESP). The default,
 "libipsec", runs charon with kernel-libipsec (userland ESP over a TUN device, always
@@ -52,7 +52,7 @@ def plugins(esp: str) -> str:
 
 
 def strongswan_conf(cdir: Path, esp: str = ESP_LIBIPSEC) -> str:
-    """strongswan.conf for one charon (see lab-notes for why each setting is there)."""
+    """strongswan.conf for one charon (comments in it say why each setting is there)."""
     return f"""# Written by lab/ike.py at `lab up` (ESP data path: {esp}).
 charon {{
     load = {plugins(esp)}
@@ -247,7 +247,7 @@ def initiate(s: vici.Session, child: str, ike: str, timeout_ms: int = 5000) -> l
 def close(s: vici.Session, name: str) -> None:
     """Terminate the IKE_SA of connection `name` (if any) and unload the connection.
 
-    Terminate first: `unload-conn` alone keeps an established SA (lab-notes).
+    Terminate first: `unload-conn` alone keeps an established SA.
     """
     try:
         for _ in s.terminate({"ike": name, "force": "yes", "timeout": 2000}):

@@ -5,8 +5,8 @@ Theory of operation: bounded LRU maps (`LruCache`) with absolute expiry times, a
 
 * the answer cache keeps `ValidatedAnswer`s per (qname, qtype). Positive answers live for the
   answer's TTL, negative ones for the RFC 2308 TTL (min of the SOA's TTL and MINIMUM field),
-  bogus and indeterminate ones for `bogus_ttl` (60 s by default, as design.md asks), so a broken
-  zone costs one validation a minute rather than one per query.
+  bogus and indeterminate ones for `bogus_ttl` (60 s by default, DESIGN.md's limits), so a
+  broken zone costs one validation a minute rather than one per query.
 * the raw cache keeps upstream responses (fetched with CD=1) for the validator's own
   fetches (DNSKEY, DS, proofs). These are never served to a client: the validator checks them
   every time it uses them, so caching them saves round trips without trusting anything.

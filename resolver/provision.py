@@ -1,32 +1,34 @@
-"""Tunnels from decisions: intents, the backend interface, leases, coalescing, state, reconcile.
+"""The Provisioner: tunnels and shunts from decisions, with leases, coalescing and reconcile.
 
 Theory of operation. The policy says *that* a destination needs a tunnel (`policy.Tunnel`) or a
-drop shunt (`policy.Refuse.drop`); the `Provisioner` here turns that into intents for a
-`ProvisioningBackend` and keeps the books:
+drop shunt (`policy.Refuse.drop`); the `Provisioner` here turns that into intents
+(resolver/tunnels/intents.py) for one `ProvisioningBackend` (resolver/tunnels/backend.py) and
+keeps the books:
 
   Rule 1: one setup in flight per destination. Concurrent lookups of the same name (or of
-          names sharing an address) await the same task; fifty lookups make one tunnel.
+          names sharing an address) await the same task; fifty lookups make one tunnel. At most
+          `max_setups` setups run at once; the wait for a slot counts against the timeout.
   Rule 2: success means the backend said so: `apply(InstallTunnel)` returns only once the IKE
           daemon reports the CHILD_SA INSTALLED, and the provisioner bounds it with `timeout`.
   Rule 3: every tunnel and shunt has a lease. Each answer extends it (`ensure`); `expire(now)`
           tears down what has been unused for lease + grace. A failed setup is remembered for
           `failure_hold` seconds so that a dead peer costs one timeout, not one per query.
-  Rule 4: a destination whose published key (or gateway) changed gets its tunnel replaced:
-          RemoveTunnel(old) then InstallTunnel(new), inside the same in-flight slot.
-  Rule 5: the wanted state (tunnels and shunts with their lease ends, in POSIX seconds) is written
-          atomically (tmp + fsync + rename + fsync dir). `reconcile(now)` at start-up re-applies
-          what is still wanted and removes our strays, so `kill -9` and a restart converge.
-          Writes are group commits on a thread of their own (`_persist`): a change marks the
-          books dirty; one write at a time takes a snapshot of everything changed so far, so
-          200 concurrent setups cost a handful of writes, not 200 (each serializing all
-          tunnels: measured 50% of the event loop's time in the 200-peer benchmark).
+          Pinned tunnels (autosp endpoints) have no lease end: only `release` removes them.
+  Rule 4: a destination whose published key (or gateway) changed gets its tunnel replaced,
+          make before break, inside the same in-flight slot: InstallTunnel(new) while the old
+          one carries traffic, then RemoveTunnel(old) (or the connection is replaced in place
+          when the name is the same). If the new one fails, the old one stays as it was.
+  Rule 5: the wanted state (tunnels and shunts with their lease ends, in POSIX seconds) is kept
+          in a state file (resolver/statefile.py: atomic, written off the event loop, group
+          commits). `reconcile(now)` at start-up re-applies what is still wanted and removes
+          our strays, so `kill -9` and a restart converge.
           "Nothing lost on a crash" means: no answer leaves before the state it depends on is
           on disk. A tunnel is only reported up (and so answered) once a write that includes it
-          has completed; a refusal's drop shunt likewise. A negotiating shunt is not waited
-          for: if we crash before it is written, reconcile removes it as a stray, and no
-          answer was given for it. Lease extensions and pins are written soon, not waited for:
-          a restart then restores a slightly older lease (pins are restored by the control
-          socket from its own state file).
+          has completed (`_persist`); a refusal's drop shunt likewise. A negotiating shunt is
+          not waited for (`_save`): if we crash before it is written, reconcile removes it as a
+          stray, and no answer was given for it. Lease extensions and pins are written soon,
+          not waited for: a restart then restores a slightly older lease (endpoints are also
+          restored by the endpoints manager from its own state file).
 
 Time: every entry point takes `now` (POSIX seconds, the same clock as RRSIG validity) because
 leases must survive a restart in the state file. Real waiting (the setup timeout) uses asyncio.
@@ -35,25 +37,17 @@ leases must survive a restart in the state file. Real waiting (the setup timeout
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import enum
 import functools
 import ipaddress
 import json
 import logging
-import os
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
-from pathlib import Path
-from typing import Any
 
-import dns.name
-
-from resolver.errors import ProvisioningError, TunnelRejected, TunnelTimeout
-from resolver.ipseckey import IpsecKey, KeyAlgorithm, parse_gateway
+from resolver.errors import ProvisioningError, StateCorrupt, TunnelRejected, TunnelTimeout
+from resolver.statefile import Encode, StateFile
 from resolver.tunnels.backend import ProvisioningBackend
 from resolver.tunnels.config import ProvisionConfig
 from resolver.tunnels.intents import (
@@ -84,7 +78,7 @@ class _Tunnel:
     spec: TunnelSpec
     state: TunnelState
     expires_at: float  # lease end; teardown at expires_at + grace
-    saved_expires_at: float = 0.0
+    saved_expires_at: float = 0.0  # the lease end in the last snapshot given to the state file
 
 
 @dataclass(slots=True)
@@ -127,11 +121,8 @@ class Provisioner:
         # its timeout; the wait for a slot counts against that timeout (fail closed).
         self._slots = asyncio.Semaphore(self.config.max_setups)
         self._b = _Books()
-        self._changes = 0  # change counter; `_saved` is the last one known to be on disk
-        self._saved = 0
-        self._writer: asyncio.Task[None] | None = None
-        self._wrote: asyncio.Future[None] | None = None  # done after each completed write
-        self._io: ThreadPoolExecutor | None = None  # the state file's own thread
+        path = self.config.state_file
+        self._state = StateFile(path, self._snapshot) if path is not None else None
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -223,7 +214,7 @@ class Provisioner:
         Returns the next time `expire` has work to do, or None.
         """
         grace = self.config.grace
-        changed = self._saved < self._changes
+        changed = self._state is not None and self._state.pending
         for dest, t in list(self._b.tunnels.items()):
             if (t.expires_at + grace <= now and dest not in self._b.inflight
                     and dest not in self._b.pinned):
@@ -305,12 +296,9 @@ class Provisioner:
         tasks = [task for _, task in self._b.inflight.values()]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._saved < self._changes:  # lease extensions and pins not yet on disk
+        if self._state is not None:  # lease extensions and pins not yet on disk
             with contextlib.suppress(OSError):
-                await self._persist()
-        if self._io is not None:
-            self._io.shutdown(wait=False)
-            self._io = None
+                await self._state.close()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -414,106 +402,54 @@ class Provisioner:
             1 for t in self._b.tunnels.values() if t.state is TunnelState.INSTALLED)
         self.counters.shunts = len(self._b.shunts)
 
-    # -- state file --------------------------------------------------------------------------
+    # -- state file (Rule 5; the writing is resolver/statefile.py's) ------------------------
 
     def _save(self) -> None:
-        """The books changed: have them written soon (by the writer task), without waiting."""
-        if self.config.state_file is None:
-            return
-        self._changes += 1
-        if self._writer is None or self._writer.done():
-            try:
-                self._writer = asyncio.get_running_loop().create_task(self._write_loop())
-            except RuntimeError:  # no event loop (a synchronous caller): write here
-                self._write_now()
-                return
-            self._writer.add_done_callback(_retrieve)
+        """The books changed: have them written soon, without waiting."""
+        if self._state is not None:
+            self._state.changed()
 
     async def _persist(self) -> None:
-        """Mark the books changed and return once a write that includes the change is done.
+        """Return once a write that includes the books as they are now is on disk.
 
         Raises:
-            OSError: the state file cannot be written (a bug-class failure: the answer
-                becomes SERVFAIL rather than an answer a restart would forget).
+            StateWriteFailed: the state file cannot be written (the answer becomes SERVFAIL
+                rather than an answer a restart would forget).
         """
-        if self.config.state_file is None:
-            return
-        self._save()
-        wanted = self._changes
-        while self._saved < wanted:
-            writer = self._writer
-            if writer is None or writer.done():  # the last writer failed: start another
-                self._writer = writer = asyncio.create_task(self._write_loop())
-                writer.add_done_callback(_retrieve)
-            # Wake after the next completed write, not when the writer task ends: during a
-            # burst of changes the writer keeps going, and waiting for it made every answer
-            # wait for the whole burst (measured: all 200 answers at ~4.1 s).
-            if self._wrote is None or self._wrote.done():
-                self._wrote = asyncio.get_running_loop().create_future()
-            await asyncio.wait({self._wrote, writer}, return_when=asyncio.FIRST_COMPLETED)
-            if self._saved < wanted and writer.done() and not writer.cancelled():
-                failure = writer.exception()
-                if failure is not None:
-                    raise failure
+        if self._state is not None:
+            await self._state.persist()
 
-    async def _write_loop(self) -> None:
-        """Write snapshots until everything changed so far is on disk (one write at a time)."""
-        path = self.config.state_file
-        assert path is not None
-        if self._io is None:
-            self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
-        loop = asyncio.get_running_loop()
-        while self._saved < self._changes:
-            upto = self._changes
-            tunnels, snapshot = self._snapshot()
-            await loop.run_in_executor(self._io, _write_state, path, snapshot)
-            self._saved = max(self._saved, upto)
-            for t, expires_at in tunnels:
-                t.saved_expires_at = expires_at
-            if self._wrote is not None and not self._wrote.done():
-                self._wrote.set_result(None)
-
-    def _write_now(self) -> None:
-        path = self.config.state_file
-        if path is None:
-            return
-        upto = self._changes
-        tunnels, snapshot = self._snapshot()
-        _write_state(path, snapshot)
-        self._saved = max(self._saved, upto)
-        for t, expires_at in tunnels:
-            t.saved_expires_at = expires_at
-
-    def _snapshot(self) -> tuple[list[tuple[_Tunnel, float]], _Snapshot]:
-        """The wanted state as immutable values (cheap, on the loop); serialized elsewhere."""
-        tunnels = [(t, t.expires_at) for t in self._b.tunnels.values()
-                   if t.state is TunnelState.INSTALLED]
+    def _snapshot(self) -> Encode:
+        """The wanted state as values (cheap, on the loop); serialized on the file's thread."""
+        tunnels = [t for t in self._b.tunnels.values() if t.state is TunnelState.INSTALLED]
+        for t in tunnels:
+            t.saved_expires_at = t.expires_at  # what this write (and `_extend`) goes by
         snap = _Snapshot(
-            tunnels=tuple((t.spec, exp, t.spec.destination in self._b.pinned)
-                          for t, exp in tunnels),
+            tunnels=tuple((t.spec, t.expires_at, t.spec.destination in self._b.pinned)
+                          for t in tunnels),
             shunts=tuple(self._b.shunts.items()))
-        return tunnels, snap
+        return functools.partial(_dump, snap)
 
     def _load(self, now: float) -> tuple[list[tuple[TunnelSpec, float]], dict[Address, float]]:
-        path = self.config.state_file
-        if path is None or not path.exists():
+        if self._state is None:
             return [], {}
         try:
-            doc = json.loads(path.read_bytes())
-            grace = self.config.grace
-            tunnels = [(_spec_from_json(e), float(e["expires_at"])) for e in doc["tunnels"]]
-            pinned = {ipaddress.ip_address(e["destination"]) for e in doc["tunnels"]
-                      if e.get("pinned") is True}
-            shunts = {ipaddress.ip_address(e["destination"]): float(e["expires_at"])
-                      for e in doc["shunts"]}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            saved = self._state.load(_parse)
+        except StateCorrupt as exc:
             # A corrupt state file must not keep the resolver down: start from nothing, and
             # reconcile removes every stray we find (fail closed: no tunnel, no clear answer).
-            log.error("state file %s unreadable (%s): starting empty", path, exc)
+            log.error("%s: starting empty", exc)
             return [], {}
-        self._b.pinned |= pinned
-        tunnels = [(s, u) for s, u in tunnels if u + grace > now or s.destination in pinned]
-        return tunnels, {d: u for d, u in shunts.items() if u + grace > now}
+        if saved is None:
+            return [], {}
+        self._b.pinned |= saved.pinned
+        grace = self.config.grace
+        tunnels = [(s, u) for s, u in saved.tunnels
+                   if u + grace > now or s.destination in saved.pinned]
+        return tunnels, {d: u for d, u in saved.shunts.items() if u + grace > now}
+
+
+# --- the state file's document -------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -522,76 +458,34 @@ class _Snapshot:
     shunts: tuple[tuple[Address, float], ...]
 
 
-def _write_state(path: Path, snap: _Snapshot) -> None:
-    """Serialize and write a snapshot (runs on the state file's thread)."""
+@dataclass(frozen=True, slots=True)
+class _Saved:
+    tunnels: list[tuple[TunnelSpec, float]]  # spec, lease end
+    pinned: set[Address]
+    shunts: dict[Address, float]
+
+
+def _dump(snap: _Snapshot) -> bytes:
+    """The state file's bytes (runs on the state file's thread)."""
     doc = {
         "version": 1,
-        "tunnels": [_spec_to_json(spec, exp) | {"pinned": pinned}
+        "tunnels": [spec.to_json() | {"expires_at": exp, "pinned": pinned}
                     for spec, exp, pinned in snap.tunnels],
         "shunts": [{"destination": str(d), "expires_at": u} for d, u in snap.shunts],
     }
     # No indent: with one, json falls back to its pure-Python encoder.
-    write_atomically(path, json.dumps(doc, sort_keys=True).encode())
+    return json.dumps(doc, sort_keys=True).encode()
 
 
-def _retrieve(task: asyncio.Task[None]) -> None:
-    """Writer tasks nobody awaited: a failure is logged here, and retried by the next change."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("state file write failed: %s", task.exception())
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _parse(data: bytes) -> _Saved:
+    """Raises ValueError for anything but a document `_dump` wrote."""
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def _spec_to_json(spec: TunnelSpec, expires_at: float) -> dict[str, Any]:
-    k = spec.key
-    return {
-        "name": spec.name,
-        "destination": str(spec.destination),
-        "remote_addr": str(spec.remote_addr),
-        "remote_id": spec.remote_id,
-        "owner": k.owner.to_text(),
-        "precedence": k.precedence,
-        "gateway": str(k.gateway) if not isinstance(k.gateway, dns.name.Name)
-        else k.gateway.to_text(),
-        "algorithm": int(k.algorithm),
-        "public_key": base64.b64encode(k.public_key).decode(),
-        "ttl": k.ttl,
-        "expires_at": expires_at,
-    }
-
-
-def _spec_from_json(e: Mapping[str, Any]) -> TunnelSpec:
-    key = IpsecKey(
-        owner=dns.name.from_text(e["owner"]),
-        precedence=int(e["precedence"]),
-        gateway=parse_gateway(e["gateway"]),
-        algorithm=KeyAlgorithm(int(e["algorithm"])),
-        public_key=base64.b64decode(e["public_key"]),
-        ttl=int(e["ttl"]),
-    )
-    key.crypto_key()  # a state file is input too: never hand a malformed key to a backend
-    return TunnelSpec(
-        name=str(e["name"]),
-        destination=ipaddress.ip_address(e["destination"]),
-        remote_addr=ipaddress.ip_address(e["remote_addr"]),
-        remote_id=str(e["remote_id"]),
-        key=key,
-    )
-
-
+        doc = json.loads(data)
+        return _Saved(
+            tunnels=[(TunnelSpec.from_json(e), float(e["expires_at"])) for e in doc["tunnels"]],
+            pinned={ipaddress.ip_address(e["destination"]) for e in doc["tunnels"]
+                    if e.get("pinned") is True},
+            shunts={ipaddress.ip_address(e["destination"]): float(e["expires_at"])
+                    for e in doc["shunts"]})
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a provisioning state document: {exc!r}") from None

@@ -19,7 +19,7 @@ import dns.rdatatype
 import dns.rrset
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from resolver.capture import CaptureHandler, chain_end
+from resolver.capture import CaptureHandler
 from resolver.errors import IkeDaemonUnreachable, TunnelTimeout
 from resolver.ipseckey import IpsecKey
 from resolver.policy import Policy, PolicyConfig
@@ -28,13 +28,12 @@ from resolver.tunnels.config import ProvisionConfig
 from resolver.tunnels.intents import (
     InstallShunt,
     InstallTunnel,
-    Intent,
-    PolicyKey,
     RemoveShunt,
     RemoveTunnel,
 )
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
 from tests.asyncutil import aio
+from tests.fakes import FakeBackend
 
 WHEN = 1_800_000_000.0
 A, AAAA, IPSECKEY = dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.IPSECKEY
@@ -91,27 +90,6 @@ class Plain:
     async def handle(self, query: dns.message.Message, now: float) -> dns.message.Message:
         self.queries.append(query)
         return dns.message.make_response(query)
-
-
-class FakeBackend:
-    def __init__(self, fail: Exception | None = None, fail_for: set[IPv4Address] | None = None
-                 ) -> None:
-        self.intents: list[Intent] = []
-        self.fail = fail
-        self.fail_for = fail_for
-
-    async def apply(self, intent: Intent) -> None:
-        self.intents.append(intent)
-        await asyncio.sleep(0.001)
-        if isinstance(intent, InstallTunnel) and self.fail is not None and (
-                self.fail_for is None or intent.spec.destination in self.fail_for):
-            raise self.fail
-
-    async def installed(self) -> frozenset[PolicyKey]:
-        return frozenset()
-
-    def of(self, kind: type) -> list[Intent]:
-        return [i for i in self.intents if isinstance(i, kind)]
 
 
 def handler(script: Script, *, group: str = "private", backend: FakeBackend | None = None,
@@ -330,17 +308,22 @@ async def test_cname_ignores_key_at_alias() -> None:
     assert spec.key.public_key == BOB_KEY.public_key
 
 
-@aio
-async def test_gateway_by_name() -> None:
-    gw = n("gw.example.test.")
+def behind_gateway(gateway_answers: dict[int, ValidatedAnswer]) -> Script:
+    """srv.example.test (203.0.113.21), whose key names gw.example.test as its gateway."""
     srv_key = IpsecKey.from_public_key(n("srv.example.test."),
                                        ed25519.Ed25519PrivateKey.generate().public_key(),
-                                       gateway=gw)
-    script = Script({
+                                       gateway=n("gw.example.test."))
+    return Script({
         ("srv.example.test.", A): answer(rrset("srv.example.test.", 60, "A", "203.0.113.21")),
         ("srv.example.test.", IPSECKEY): answer(key_rrset("srv.example.test.", key=srv_key)),
-        ("gw.example.test.", A): answer(rrset("gw.example.test.", 60, "A", "198.51.100.20")),
+        **{("gw.example.test.", t): a for t, a in gateway_answers.items()},
     })
+
+
+@aio
+async def test_gateway_by_name() -> None:
+    script = behind_gateway(
+        {A: answer(rrset("gw.example.test.", 60, "A", "198.51.100.20"))})
     h, fb, _ = handler(script)
     assert (await h.handle(query("srv.example.test."), WHEN)).rcode() == dns.rcode.NOERROR
     spec = fb.of(InstallTunnel)[0].spec  # type: ignore[attr-defined]
@@ -350,16 +333,7 @@ async def test_gateway_by_name() -> None:
 
 @aio
 async def test_gateway_without_address_fails_closed() -> None:
-    gw = n("gw.example.test.")
-    srv_key = IpsecKey.from_public_key(n("srv.example.test."),
-                                       ed25519.Ed25519PrivateKey.generate().public_key(),
-                                       gateway=gw)
-    script = Script({
-        ("srv.example.test.", A): answer(rrset("srv.example.test.", 60, "A", "203.0.113.21")),
-        ("srv.example.test.", IPSECKEY): answer(key_rrset("srv.example.test.", key=srv_key)),
-        ("gw.example.test.", A): NODATA,
-        ("gw.example.test.", AAAA): NODATA,
-    })
+    script = behind_gateway({A: NODATA, AAAA: NODATA})
     h, fb, _ = handler(script)
     reply = await h.handle(query("srv.example.test."), WHEN)
     assert reply.rcode() == dns.rcode.SERVFAIL and "gateway" in ede(reply)[1]
@@ -370,8 +344,14 @@ async def test_gateway_without_address_fails_closed() -> None:
 async def test_fifty_concurrent_lookups_one_tunnel() -> None:
     script = Script({("bob.example.test.", A): answer(BOB_A),
                      ("bob.example.test.", IPSECKEY): answer(key_rrset())})
-    h, fb, _ = handler(script)
-    replies = await asyncio.gather(*(h.handle(query(), WHEN) for _ in range(50)))
+    fb = FakeBackend()
+    fb.gate = asyncio.Event()  # the setup stays in flight until all fifty have asked
+    h, _, _ = handler(script, backend=fb)
+    lookups = [asyncio.create_task(h.handle(query(), WHEN)) for _ in range(50)]
+    await asyncio.sleep(0.01)
+    assert len(fb.of(InstallTunnel)) == 1 and not any(t.done() for t in lookups)
+    fb.gate.set()
+    replies = await asyncio.gather(*lookups)
     assert all(r.rcode() == dns.rcode.NOERROR for r in replies)
     assert len(fb.of(InstallTunnel)) == 1
 
@@ -397,10 +377,3 @@ async def test_unprovable_ipseckey_is_never_no_key() -> None:
     h, _, _ = handler(script, group="private-or-clear")
     reply = await h.handle(query(), WHEN)
     assert reply.rcode() == dns.rcode.SERVFAIL and ede(reply)[0] == 22
-
-
-def test_chain_end() -> None:
-    loop = [rrset("a.test.", 1, "CNAME", "b.test."), rrset("b.test.", 1, "CNAME", "a.test.")]
-    assert chain_end(loop, n("a.test.")) in (n("a.test."), n("b.test."))  # terminates
-    assert chain_end([CNAME, BOB_A], n("www.example.test.")) == BOB
-    assert chain_end([BOB_A], BOB) == BOB

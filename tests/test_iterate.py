@@ -26,7 +26,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from resolver.config import Endpoint
+from resolver.config import HostPort
 from resolver.errors import UpstreamError
 from resolver.iterate import IterationLimitReached, Iterator
 from resolver.upstream import QueryBudget, current_budget
@@ -124,7 +124,7 @@ async def hierarchy(behave: dict[str, Behave] | None = None, *, limits: Limits |
                ZONES.items()}
     for s in servers.values():
         await s.start()
-    it = Iterator([Endpoint(ROOT, port)], port=port, allow_loopback=True, timeout=0.5,
+    it = Iterator([HostPort(ROOT, port)], port=port, allow_loopback=True, timeout=0.5,
                   limits=limits, rng=random.Random(seed))
     try:
         yield it, servers

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from resolver.cli import build_limits, build_upstream, main
-from resolver.config import Endpoint, load
+from resolver.cli import build_upstream, main
+from resolver.config import HostPort, load
 from resolver.errors import ConfigError
 from resolver.iterate import Iterator
 from resolver.iterate_hints import ROOT_SERVERS
@@ -26,7 +26,7 @@ def test_forward_is_the_default(tmp_path: Path) -> None:
     cfg, rc = write(tmp_path, "")
     c = load(cfg, resolv_conf=rc)
     assert c.upstream.mode == "forward" and c.upstream.root_hints == ()
-    assert isinstance(build_upstream(c, build_limits(c)), Forwarder)
+    assert isinstance(build_upstream(c), Forwarder)
 
 
 def test_iterate_needs_no_forwarder_and_takes_root_hints(tmp_path: Path) -> None:
@@ -35,8 +35,8 @@ def test_iterate_needs_no_forwarder_and_takes_root_hints(tmp_path: Path) -> None
                     resolv="nameserver 127.0.0.1\n")  # only ourselves: fine when iterating
     c = load(cfg, resolv_conf=rc)
     assert c.upstream.mode == "iterate"
-    assert c.upstream.root_hints == (Endpoint("198.51.100.2"), Endpoint("2001:db8:100::2", 5353))
-    it = build_upstream(c, build_limits(c))
+    assert c.upstream.root_hints == (HostPort("198.51.100.2"), HostPort("2001:db8:100::2", 5353))
+    it = build_upstream(c)
     assert isinstance(it, Iterator)
     assert it.hints.hints == (("198.51.100.2", 53), ("2001:db8:100::2", 5353))
     assert "iterate from the root, hints: 198.51.100.2:53" in c.summary()
@@ -44,7 +44,7 @@ def test_iterate_needs_no_forwarder_and_takes_root_hints(tmp_path: Path) -> None
 
 def test_builtin_root_hints_are_the_iana_servers(tmp_path: Path) -> None:
     cfg, rc = write(tmp_path, '[upstream]\nmode = "iterate"\n')
-    it = build_upstream(load(cfg, resolv_conf=rc), build_limits(load(cfg, resolv_conf=rc)))
+    it = build_upstream(load(cfg, resolv_conf=rc))
     assert isinstance(it, Iterator)
     assert len(it.hints.ns) == 13 and len(ROOT_SERVERS) == 13
     assert it.hints.glue[it.hints.ns[0]] == ("198.41.0.4", "2001:503:ba3e::2:30")

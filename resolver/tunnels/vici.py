@@ -12,7 +12,8 @@ threads polling kept charon and the GIL busy, detected an SA up to 7 ms late, an
 queued behind one another. A slow poll (25 ms doubling to 250 ms) remains as the safety net
 for a missed event (listener reconnecting after a charon restart) and to see a failed IKE_SA.
 
-One tunnel (lab-notes, "IKE" section, followed exactly):
+One tunnel (measured with strongSwan 5.9.8 and kernel-libipsec in the lab, where this is the one
+setup that carries traffic; each step is there for a failure seen without it):
   1. the host's private key is loaded once (`load-key`), again whenever charon was restarted
      (detected by its start time in `stats`);
   2. `load-conn` "isk-...": local id = our FQDN with our SPKI; remote id = the peer's identity with
@@ -166,7 +167,7 @@ class ViciBackend:
             "remote": {"auth": "pubkey", "id": spec.remote_id, "pubkeys": [spec.key.spki_pem()]},
             "children": {
                 spec.name: {
-                    "mode": "tunnel",  # transport fails under kernel-libipsec (lab-notes)
+                    "mode": "tunnel",  # transport fails under kernel-libipsec ("unsupported mode")
                     "local_ts": local_ts,
                     "remote_ts": [str(ip_network(spec.destination))],
                     "start_action": "trap",

@@ -37,7 +37,7 @@ from lab.resolverd import ResolverDaemon
 from lab.topology import HOSTS
 from lab.wire import Capture
 from resolver.ipseckey import ipseckey_rdata_for
-from resolver.tunnels.xfrm import XfrmPolicies, shunt_rules
+from resolver.tunnels.xfrm import XfrmPolicies, encode_update, shunt_rules
 
 pytestmark = pytest.mark.integration
 
@@ -427,10 +427,11 @@ def test_kill9_and_restart_restore_tunnels_and_remove_strays(lab: Lab, daemons: 
             ike.initiate(s, foreign, foreign)
         x = XfrmPolicies(lab.ns("alice"))
         try:
-            for rule in shunt_rules(ip_address(stray_shunt)):
-                x.add(rule)
+            acks = x.send([encode_update(r, x.next_seq())
+                           for r in shunt_rules(ip_address(stray_shunt))])
         finally:
             x.close()
+        assert set(acks.values()) == {0}, acks
         assert stray_shunt in shunted(lab)
 
         d.start()  # same config, same state file: reconcile runs before the first answer
