@@ -260,19 +260,28 @@ def close(s: vici.Session, name: str) -> None:
         pass  # never loaded
 
 
-def list_sas(s: vici.Session) -> list[dict[str, Any]]:
-    """All IKE_SAs with their CHILD_SAs, fully iterated."""
-    return [{k: _decode(v) for k, v in sa.items()} for sa in s.list_sas()]
+def list_sas(s: vici.Session, ike: str | None = None) -> list[dict[str, Any]]:
+    """All IKE_SAs (or those of conn `ike`) with their CHILD_SAs, fully iterated."""
+    return [{k: _decode(v) for k, v in sa.items()}
+            for sa in s.list_sas({"ike": ike} if ike else None)]
 
 
-def child_states(s: vici.Session) -> dict[str, str]:
-    """CHILD_SA name -> state (e.g. "INSTALLED") for every CHILD_SA charon has."""
-    out: dict[str, str] = {}
-    for sa in list_sas(s):
-        for ike in sa.values():
-            for child in (ike.get("child-sas") or {}).values():
-                out[str(child.get("name"))] = str(child.get("state"))
-    return out
+def child_sas(s: vici.Session, ike: str | None = None
+              ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(IKE_SA, CHILD_SA) for every CHILD_SA charon has (of conn `ike`), decoded."""
+    return [(ike_sa, child) for sa in list_sas(s, ike) for ike_sa in sa.values()
+            for child in (ike_sa.get("child-sas") or {}).values()]
+
+
+def child_states(s: vici.Session, ike: str | None = None) -> dict[str, str]:
+    """CHILD_SA name -> state (e.g. "INSTALLED") for every CHILD_SA charon has (of conn
+    `ike`)."""
+    return {str(child.get("name")): str(child.get("state")) for _, child in child_sas(s, ike)}
+
+
+def conn_names(s: vici.Session) -> list[str]:
+    """Names of the connections loaded in charon."""
+    return [_text(n) for n in s.get_conns().get("conns", [])]
 
 
 def _text(v: object) -> str:

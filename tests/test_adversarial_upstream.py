@@ -63,6 +63,7 @@ from tests.dnssec_fixtures import (
     resign,
     without,
 )
+from tests.helpers import edes
 from tests.scripted_upstream import Reply, ScriptedUpstream
 
 EDE = dns.edns.EDECode
@@ -130,7 +131,7 @@ class Outcome:
 
     @property
     def ede(self) -> list[tuple[int, str]]:
-        return [(int(e.code), e.text or "") for e in self.reply.extended_errors()]
+        return edes(self.reply)
 
 
 class Stack:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from ipaddress import IPv4Address
 
-import dns.edns
 import dns.flags
 import dns.message
 import dns.name
@@ -32,8 +31,8 @@ from resolver.tunnels.intents import (
     RemoveTunnel,
 )
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
-from tests.asyncutil import aio
 from tests.fakes import FakeBackend
+from tests.helpers import aio, ede
 
 WHEN = 1_800_000_000.0
 A, AAAA, IPSECKEY = dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.IPSECKEY
@@ -106,12 +105,6 @@ def handler(script: Script, *, group: str = "private", backend: FakeBackend | No
 def query(name: str = "bob.example.test.", rdtype: str = "A", do: bool = True
           ) -> dns.message.Message:
     return dns.message.make_query(name, rdtype, want_dnssec=do, use_edns=0)
-
-
-def ede(reply: dns.message.Message) -> tuple[int, str]:
-    opts = [o for o in reply.options if isinstance(o, dns.edns.EDEOption)]
-    assert len(opts) == 1, reply
-    return int(opts[0].code), opts[0].text or ""
 
 
 BOB_A = rrset("bob.example.test.", 300, "A", "198.51.100.11")
@@ -308,22 +301,23 @@ async def test_cname_ignores_key_at_alias() -> None:
     assert spec.key.public_key == BOB_KEY.public_key
 
 
-def behind_gateway(gateway_answers: dict[int, ValidatedAnswer]) -> Script:
-    """srv.example.test (203.0.113.21), whose key names gw.example.test as its gateway."""
+def srv_behind_gw(gw: dict[tuple[str, int], ValidatedAnswer]) -> Script:
+    """srv.example.test (203.0.113.21), whose IPSECKEY names gw.example.test as its gateway;
+    `gw` holds the answers to gw's address lookups."""
     srv_key = IpsecKey.from_public_key(n("srv.example.test."),
                                        ed25519.Ed25519PrivateKey.generate().public_key(),
                                        gateway=n("gw.example.test."))
     return Script({
         ("srv.example.test.", A): answer(rrset("srv.example.test.", 60, "A", "203.0.113.21")),
         ("srv.example.test.", IPSECKEY): answer(key_rrset("srv.example.test.", key=srv_key)),
-        **{("gw.example.test.", t): a for t, a in gateway_answers.items()},
+        **gw,
     })
 
 
 @aio
 async def test_gateway_by_name() -> None:
-    script = behind_gateway(
-        {A: answer(rrset("gw.example.test.", 60, "A", "198.51.100.20"))})
+    script = srv_behind_gw({
+        ("gw.example.test.", A): answer(rrset("gw.example.test.", 60, "A", "198.51.100.20"))})
     h, fb, _ = handler(script)
     assert (await h.handle(query("srv.example.test."), WHEN)).rcode() == dns.rcode.NOERROR
     spec = fb.of(InstallTunnel)[0].spec  # type: ignore[attr-defined]
@@ -333,7 +327,7 @@ async def test_gateway_by_name() -> None:
 
 @aio
 async def test_gateway_without_address_fails_closed() -> None:
-    script = behind_gateway({A: NODATA, AAAA: NODATA})
+    script = srv_behind_gw({("gw.example.test.", A): NODATA, ("gw.example.test.", AAAA): NODATA})
     h, fb, _ = handler(script)
     reply = await h.handle(query("srv.example.test."), WHEN)
     assert reply.rcode() == dns.rcode.SERVFAIL and "gateway" in ede(reply)[1]

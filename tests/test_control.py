@@ -32,7 +32,7 @@ from resolver.endpoints import control
 from resolver.endpoints.control import ControlConfig, ControlServer, bind_socket, start_control
 from resolver.endpoints.protocol import MAX_REQUEST, EndpointError, Request, parse_request
 from resolver.errors import ConfigError
-from tests.asyncutil import aio
+from tests.helpers import aio
 
 WHEN = 1_800_000_000.0
 BOB = dns.name.from_text("bob.example.test.")

@@ -63,8 +63,8 @@ from resolver.tunnels.intents import (
     tunnel_spec,
 )
 from resolver.validator.response import Security, Verdict
-from tests.asyncutil import aio
 from tests.fakes import FakeBackend
+from tests.helpers import aio
 
 WHEN = 1_800_000_000.0
 BOB = dns.name.from_text("bob.example.test.")

@@ -38,8 +38,8 @@ from resolver.tunnels.intents import (
     connection_name,
     tunnel_spec,
 )
-from tests.asyncutil import aio
 from tests.fakes import FakeBackend
+from tests.helpers import aio
 
 WHEN = 1_800_000_000.0  # pinned clock (POSIX seconds)
 BOB_NAME = dns.name.from_text("bob.example.test.")

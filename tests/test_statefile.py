@@ -15,7 +15,7 @@ import pytest
 
 from resolver.errors import StateCorrupt, StateWriteFailed
 from resolver.statefile import Encode, StateFile
-from tests.asyncutil import aio
+from tests.helpers import aio
 
 
 class Owner:

@@ -27,10 +27,10 @@ from tests.dnssec_fixtures import (
     N,
     Run,
     T,
-    answer_only_at,
     build_world,
     clear_authority,
     forge_nsec_next_outside_zone,
+    only_owner,
     rcode,
     resign,
     rr,
@@ -331,7 +331,7 @@ def test_failed_validation_is_logged(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_upstream_failure_while_completing_a_chain() -> None:
     run = Run()
-    run.on("alias.example.test.", "A", answer_only_at("alias.example.test."))
+    run.on("alias.example.test.", "A", only_owner("alias.example.test."))
     run.upstream.fail.add((N("www.example.test."), T.A))
     result = run.ask("alias.example.test.")
     assert result.verdict.security is Security.INDETERMINATE
