@@ -5,7 +5,7 @@ validate, both run in the lab host `plain` pinned to one CPU with `taskset -c 1`
 other); dnsperf runs on CPU 0. Unbound runs with its defaults (QNAME minimisation on,
 target-fetch-policy "3 2 1 0 0") plus what the lab needs (`local-zone: "test." nodefault`).
 Upstream queries are counted where they arrive: the query logs of the lab's named servers
-(`querylog yes`), lines from `plain`'s addresses, so both resolvers are measured the same way.
+(`querylog yes`, lab/querylog.py), from `plain`'s addresses: both are measured the same way.
 
 1. Names: one TSIG-signed UPDATE batch adds `b<i>.example.test A` (named signs them).
 2. Cold start, per resolver, `--rounds` times: a fresh process, readiness with `. SOA` (the
@@ -37,39 +37,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import dns.update  # noqa: E402
+
 from lab.core import Lab  # noqa: E402
+from lab.probes import python_argv  # noqa: E402
+from lab.querylog import QueryLog  # noqa: E402
 from lab.topology import DOMAIN, HOSTS, ZONES  # noqa: E402
 
 HOST = "plain"
 OURS_PORT, UNBOUND_PORT = 5301, 5302
 SERVER_CPU, CLIENT_CPU = "1", "0"
-OURS_ADDRS = {HOSTS[HOST].v4, HOSTS[HOST].v6}
-SERVERS = sorted({z.server for z in ZONES.values()})
-_QUERY = re.compile(r"^\S+ (\S+) client @\S+ (\S+)#\d+ \(\S+\): query: (\S+) IN (\S+) ",
-                    re.M)
 _VERBOSE = re.compile(r"^> (\S+) (\S+) (\S+) ([0-9.]+)$")
-
-
-class QueryLogs:
-    """Queries from `plain` that reached the lab's named servers since `mark()`."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.paths = [lab.run_dir / s / "named.log" for s in SERVERS]
-        self.offsets = [0] * len(self.paths)
-
-    def mark(self) -> None:
-        self.offsets = [p.stat().st_size for p in self.paths]
-
-    def since(self) -> list[str]:
-        """The queries ("name TYPE"), in the order they arrived (named's clock, 1 ms)."""
-        out = []
-        for path, offset in zip(self.paths, self.offsets, strict=True):
-            with open(path, "rb") as f:
-                f.seek(offset)
-                text = f.read().decode(errors="replace")
-            out += [(m.group(1), f"{m.group(3).lower()} {m.group(4)}")
-                    for m in _QUERY.finditer(text) if m.group(2) in OURS_ADDRS]
-        return [q for _when, q in sorted(out, key=lambda x: x[0])]
 
 
 def add_names(lab: Lab, first: int, count: int) -> None:
@@ -80,21 +58,15 @@ def add_names(lab: Lab, first: int, count: int) -> None:
     """
     if count > 2500:
         sys.exit("bench: at most 2500 names (one UPDATE message)")
-    ns = HOSTS[ZONES[DOMAIN].server].v4
-    lines = [f"server {ns}", f"zone {DOMAIN}"]
-    lines += [f"update add b{i}.{DOMAIN} 60 A 192.0.2.{i % 250 + 1}"
-              for i in range(first, first + count)]
-    lab.exec(HOST, ["nsupdate", "-t", "10", "-k", str(lab.tsig_keyfile)],
-             input="\n".join([*lines, "send"]) + "\n", timeout=120)
-    deadline = time.monotonic() + 60
+
+    def build(msg: dns.update.UpdateMessage) -> None:
+        for i in range(first, first + count):
+            msg.add(f"b{i}.{DOMAIN}", 60, "A", f"192.0.2.{i % 250 + 1}")
+
+    lab.update(build, host=HOST, timeout=60)
     for i in (first, first + count - 1):
-        name = f"b{i}.{DOMAIN}"
-        while not re.search(rf"^{re.escape(name)}\s+\d+\s+IN\s+RRSIG\s+A\s", lab.exec(
-                HOST, ["dig", f"@{ns}", "+norec", "+dnssec", name, "A"], check=False).stdout,
-                re.M):
-            if time.monotonic() > deadline:
-                sys.exit(f"bench: {name} not signed by named after 60 s")
-            time.sleep(0.2)
+        lab.wait_signed(f"b{i}.{DOMAIN}", "A", HOSTS[ZONES[DOMAIN].server].v4, host=HOST,
+                        timeout=60)
 
 
 def ours_argv(lab: Lab, work: Path) -> list[str]:
@@ -114,8 +86,7 @@ max_entries = 100000
 [log]
 level = "warning"
 """)
-    return ["taskset", "-c", SERVER_CPU, "env", f"PYTHONPATH={ROOT}", sys.executable, "-m",
-            "resolver", "--config", str(cfg)]
+    return ["taskset", "-c", SERVER_CPU, *python_argv("-m", "resolver", "--config", str(cfg))]
 
 
 def unbound_argv(lab: Lab, work: Path) -> list[str]:
@@ -188,7 +159,7 @@ class Result:
 
 def cold_rounds(lab: Lab, res: Result, argv: list[str], port: int, work: Path,
                 names: list[str]) -> None:
-    logs = QueryLogs(lab)
+    logs = QueryLog(lab, HOST)
     for name in names:
         with resolver(lab, argv, port, work / f"{res.label}.log"):
             logs.mark()
@@ -201,14 +172,14 @@ def cold_rounds(lab: Lab, res: Result, argv: list[str], port: int, work: Path,
             sent = logs.since()
             res.cold_queries.append(len(sent))
             if not res.cold_example:
-                res.cold_example = sent
+                res.cold_example = [f"{q.name} {q.rdtype}" for q in sent]
 
 
 def first_lookups(lab: Lab, res: Result, argv: list[str], port: int, work: Path,
                   names: list[str]) -> None:
     data = work / f"names-{res.label}.txt"
     data.write_text("".join(f"{n} A\n" for n in names))
-    logs = QueryLogs(lab)
+    logs = QueryLog(lab, HOST)
     with resolver(lab, argv, port, work / f"{res.label}.log"):
         out = dig(lab, port, "+dnssec", f"warm.{DOMAIN}", "A")  # example.test's chain, cached
         if "status: NXDOMAIN" not in out:
