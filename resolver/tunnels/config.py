@@ -36,6 +36,8 @@ class ProvisionConfig:
     failure_hold = 10                  # seconds a failed setup is answered from memory
     max_setups = 32                    # IKE setups in flight at once; the rest wait their turn
     state_file = "/var/lib/ipseckey-resolver/state.json"
+    watch_interval = 30                # seconds between checks of charon's SAs besides its
+                                       # events (0: only events and reconnects)
     ```
     """
 
@@ -48,6 +50,7 @@ class ProvisionConfig:
     failure_hold: float = 10.0
     max_setups: int = 32
     state_file: Path | None = None
+    watch_interval: float = 30.0
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], source: str = "config") -> ProvisionConfig:
@@ -60,7 +63,7 @@ class ProvisionConfig:
 
 _CHOICES: Final = {"backend": ("vici", "dryrun"), "shunts": ("xfrm", "none")}
 _SECONDS: Final = {"timeout": (0.1, 60.0), "lease": (5.0, 86400.0), "grace": (0.0, 3600.0),
-                   "failure_hold": (0.0, 3600.0)}
+                   "failure_hold": (0.0, 3600.0), "watch_interval": (0.0, 3600.0)}
 
 
 def _provision_value(key: str, value: Any, source: str) -> Any:
