@@ -359,14 +359,28 @@ class Provisioner:
         self.counters.lost += len(gone)
         for hook in self.on_lost:  # before any await: no cached answer for them from now on
             hook()
-        private = [d for d in gone if self._private(self._b.tunnels[d])]
+        await self._shunt_now([d for d in gone if self._private(self._b.tunnels[d])], now)
         self._count()
-        try:
-            await self._install_shunts(private, now)
-        except ProvisioningError as exc:  # logged loudly: this is the one thing that must work
-            log.error("drop shunts for %s failed: %s", ", ".join(map(str, private)), exc)
         self._save()
         return gone
+
+    async def suspect(self, names: Iterable[str], now: float) -> list[Address]:
+        """Charon reported these tunnels down; not checked yet (resolver/watch.py asks charon
+        next). Their private destinations are shunted *now*, while we ask: with the SA gone,
+        a packet may otherwise leave in clear. Returns what was shunted here, for `cleared`."""
+        held = self.held_names()
+        dests = [held[n] for n in names if n in held]
+        return await self._shunt_now([d for d in dests if self._private(self._b.tunnels[d])],
+                                     now)
+
+    async def cleared(self, dests: Iterable[Address]) -> None:
+        """Charon still holds these tunnels after all: take `suspect`'s shunts out again."""
+        for dest in dests:
+            t = self._b.tunnels.get(dest)
+            if t is not None and t.state is TunnelState.INSTALLED and dest in self._b.shunts:
+                del self._b.shunts[dest]
+                await self._quietly(RemoveShunt(dest))
+        self._count()
 
     async def daemon_lost(self, why: str, now: float) -> list[Address]:
         """The IKE daemon's connection closed (stopped, crashed, restarted): every tunnel
@@ -402,8 +416,6 @@ class Provisioner:
             log.info("tunnel to %s (%s) not back yet: %s",
                      t.spec.key.owner.to_text(omit_final_dot=True), dest, exc)
             return False
-        log.info("tunnel to %s (%s) is back", t.spec.key.owner.to_text(omit_final_dot=True),
-                 dest)
         return True
 
     async def close(self) -> None:
@@ -436,6 +448,27 @@ class Provisioner:
                     "refused", spec.key.owner.to_text(omit_final_dot=True),
                     spec.destination, owner)
         raise AddressBound(f"{spec.destination} is bound to the key of {owner} (live tunnel)")
+
+    async def _shunt_now(self, dests: list[Address], now: float) -> list[Address]:
+        """Shunt `dests` at once, all in one batch (the XFRM backend sends concurrent intents
+        together), even if their tunnels still count as up; a failure is logged loudly: this
+        is the one thing that must work. Returns the destinations newly shunted."""
+        new = [d for d in dests if d not in self._b.shunts]
+        results = await asyncio.gather(*(self.backend.apply(InstallShunt(d)) for d in new),
+                                       return_exceptions=True)
+        done = []
+        for dest, res in zip(new, results, strict=True):
+            if isinstance(res, ProvisioningError):
+                log.error("drop shunt for %s failed: %s", dest, res)
+            elif isinstance(res, BaseException):
+                raise res
+            else:
+                done.append(dest)
+        for dest in dests:
+            if dest in done or dest in self._b.shunts:
+                self._b.shunts[dest] = max(self._b.shunts.get(dest, 0.0), now + self.config.lease)
+        self._count()
+        return done
 
     def _private(self, t: _Tunnel) -> bool:
         return t.private or self._must_drop(t.spec)
@@ -500,6 +533,9 @@ class Provisioner:
         expires = max(now + cfg.lease, old.expires_at if old is not None else 0.0)
         self._b.tunnels[dest] = _Tunnel(spec, TunnelState.INSTALLED, expires,
                                         private=private or (old is not None and old.private))
+        if down is not None:
+            log.info("tunnel to %s (%s) is back", spec.key.owner.to_text(omit_final_dot=True),
+                     dest)
         self.counters.setups += 1
         if dest in self._b.shunts:
             del self._b.shunts[dest]

@@ -182,12 +182,17 @@ async def test_rekey_replacement_and_own_teardown_are_not_losses() -> None:
     charon.report(ChildSaWentDown(SPEC.name, "old one deleted",
                                   gone_child=frozenset({old.child_id})))
     charon.report(ChildSaCameUp(SPEC.name))
+    await asyncio.sleep(0.05)
+    # shunted while charon was asked (fail closed), then the shunt was taken out again
+    assert p.counters.lost == 0 and cleared == [] and p.shunted() == frozenset()
+    assert p.tunnels() == {BOB: SPEC}
+    assert [type(i) for i in charon.intents] == [InstallShunt, InstallTunnel, RemoveShunt,
+                                                 InstallShunt, RemoveShunt]
     await p.release(BOB, WHEN)  # our own teardown reports a down too
     charon.report(ChildSaWentDown(SPEC.name, "terminated by us"))
     await asyncio.sleep(0.05)
     assert p.counters.lost == 0 and cleared == [] and p.shunted() == frozenset()
-    assert [type(i) for i in charon.intents] == [InstallShunt, InstallTunnel, RemoveShunt,
-                                                 RemoveTunnel]
+    assert [type(i) for i in charon.intents][5:] == [RemoveTunnel]
     await w.close()
 
 
@@ -449,3 +454,23 @@ async def test_a_down_tunnel_is_never_answered_from() -> None:
     assert await p.lost([SPEC.name], "peer deleted it", WHEN) == [BOB]
     assert p.tunnels() == {} and p.lease_left(BOB, WHEN) is None
     assert p.held_names() == {} and p.wanted_down(WHEN) == {BOB: SPEC.name}
+
+
+def test_listener_keeps_quiet_about_ike_sas_we_end_ourselves() -> None:
+    """The old IKE_SAs of a make-before-break replacement: their downs are no loss."""
+    seen: list[BackendEvent] = []
+
+    class Loop:
+        def call_soon_threadsafe(self, fn: Callable[[BackendEvent], None],
+                                 event: BackendEvent) -> None:
+            fn(event)
+
+    listener = EventListener("unix:///nonexistent", 1.0)
+    listener.subscribe(Loop(), seen.append)  # type: ignore[arg-type]
+    listener.ending({"3"})
+    listener._event("ike-updown", {"isk-bob-aa8231d363": {"uniqueid": b"3"}})
+    listener._event("child-updown", _DOWN)
+    assert seen == []
+    listener._event("child-updown", {"isk-bob-aa8231d363": {**_DOWN["isk-bob-aa8231d363"],
+                                                            "uniqueid": b"4"}})
+    assert [type(e) for e in seen] == [ChildSaWentDown]

@@ -216,6 +216,7 @@ class ViciBackend:
             self._events.discard(spec.name, waiter)
         self.timings.append(((t1 - t0) * 1000, (time.perf_counter() - t1) * 1000))
         if old_ids:
+            self._events.ending(old_ids)  # our own doing, not a loss for the watch
             await self._run(self._terminate_ids, old_ids)
 
     def _prepare(self, spec: TunnelSpec, timeout: float, replaces: bool, deadline: float

@@ -50,6 +50,7 @@ _LISTEN_TICK: Final = 0.1  # the listener's receive timeout (how soon it notices
 _RECONNECT_FIRST: Final = 0.1  # the listener's reconnect backoff, doubling to _RECONNECT_LAST
 _RECONNECT_LAST: Final = 2.0
 _EVENTS: Final = ["child-updown", "ike-updown", "child-rekey"]
+_ENDING_KEPT: Final = 1024
 
 
 def connect(uri: str, timeout: float) -> socket.socket:
@@ -101,6 +102,9 @@ class EventListener:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._sink: tuple[asyncio.AbstractEventLoop, Callable[[BackendEvent], None]] | None = None
+        # IKE_SAs we end ourselves: their downs are no news (insertion-ordered, bounded; ids
+        # are never reused, and an IKE_SA's several down events come in no fixed order)
+        self._ending: dict[str, None] = {}
         self._sessions = 0  # sessions registered so far (DaemonConnected.first)
 
     def subscribe(self, loop: asyncio.AbstractEventLoop,
@@ -129,6 +133,14 @@ class EventListener:
         with self._lock:
             self._waiters.setdefault(name, []).append((fut, old_ids))
         return fut
+
+    def ending(self, ike_ids: set[str]) -> None:
+        """We are about to terminate these IKE_SAs ourselves (the old SAs of a make-before-
+        break replacement): their down events are not reported to the sink."""
+        with self._lock:
+            self._ending.update(dict.fromkeys(ike_ids))
+            while len(self._ending) > _ENDING_KEPT:
+                del self._ending[next(iter(self._ending))]
 
     def discard(self, name: str, fut: concurrent.futures.Future[None]) -> None:
         with self._lock:
@@ -194,6 +206,10 @@ class EventListener:
     def _report(self, label: str, up: bool, name: str, uid: str, ike: dict[str, Any]) -> None:
         """Hand one event about our connection `name` to the sink (if any)."""
         state = text(ike.get("state", b""))
+        if not up and label in ("child-updown", "ike-updown"):
+            with self._lock:
+                if uid in self._ending:
+                    return
         if label == "child-rekey":
             self._emit(ChildSaRekeyed(name))
         elif label == "child-updown" and up:
