@@ -173,7 +173,8 @@ class Provisioner:
         return max(0.0, t.expires_at - now)
 
     def tunnels(self) -> dict[Address, TunnelSpec]:
-        """Installed tunnels by destination (for the control socket)."""
+        """Tunnels charon holds, by destination (for the control socket: `autosp status` and
+        `list`). Not just what we set up: the watch takes out what charon lost (Rule 6)."""
         return {d: t.spec for d, t in self._b.tunnels.items() if t.state is TunnelState.INSTALLED}
 
     def shunted(self) -> frozenset[Address]:
@@ -533,7 +534,9 @@ class Provisioner:
         expires = max(now + cfg.lease, old.expires_at if old is not None else 0.0)
         self._b.tunnels[dest] = _Tunnel(spec, TunnelState.INSTALLED, expires,
                                         private=private or (old is not None and old.private))
-        if down is not None:
+        if down is not None and down.spec.name != spec.name:  # its lease ended; another
+            await self._quietly(RemoveTunnel(down.spec.name))  # name bound the address since
+        elif down is not None:
             log.info("tunnel to %s (%s) is back", spec.key.owner.to_text(omit_final_dot=True),
                      dest)
         self.counters.setups += 1

@@ -6,13 +6,16 @@ gives up, charon stops, crashes or restarts (then every SA is gone, and with ker
 its TUN device and routes too, so packets to the destination leave in clear). The watch keeps
 the books honest and fails closed until the truth is good again:
 
-  1. Listen (the backend's event session, resolver/tunnels/vici.py): child-updown and
-     ike-updown "down" for one of our connections make it a *suspect*; the session closing is
-     `DaemonDisconnected`; registering again is `DaemonConnected`.
-  2. Check, do not believe: suspects are checked against one `live()` (list-sas) and only a
-     tunnel with no CHILD_SA installed any more (other than the ones the event named) is lost.
-     A rekey (child-rekey; the old CHILD_SA goes, the new one is already INSTALLED), our own
-     make-before-break replacement and our own teardowns therefore never count as "down".
+  1. Listen (the backend's event session, resolver/tunnels/vici_listener.py): child-updown
+     and ike-updown "down" for one of our connections make it a *suspect*; the session
+     closing is `DaemonDisconnected`; registering again is `DaemonConnected`.
+  2. Check, do not believe: a private suspect is shunted at once (fail closed while we ask),
+     then suspects are checked against one `live()` (list-sas) and only a tunnel with no
+     CHILD_SA installed any more (other than the ones the event named) is lost; the others get
+     their shunt taken out again. A rekey (child-rekey: no down at all, the new CHILD_SA is
+     installed before the old goes), our own make-before-break replacement (the listener does
+     not report the old SAs we end) and our own teardowns (no longer in the books) never
+     count as "down".
   3. Lost -> `Provisioner.lost`: DOWN, drop shunt at once if private, answer caches emptied,
      one log line per tunnel saying what and why. Charon gone -> `Provisioner.daemon_lost`:
      every tunnel lost, setups in flight do not count.
@@ -27,7 +30,8 @@ the books honest and fails closed until the truth is good again:
 
 One consumer task handles the events in order, so a loss is acted on before anything reported
 after it; it never waits for a setup (repairs are tasks of their own), and every question to
-charon is bounded (`LIVE_TIMEOUT`): a hung charon is treated as one that holds nothing.
+charon is bounded (`LIVE_TIMEOUT`): in a check, a charon that cannot answer holds nothing (the
+suspects are lost); an audit that cannot ask leaves it to the session's end to say so.
 """
 
 from __future__ import annotations
@@ -193,9 +197,9 @@ class TunnelWatch:
     async def _check(self, suspects: dict[str, list[ChildSaWentDown]]) -> None:
         """Suspects charon reported down: lost unless another CHILD_SA of theirs is held.
 
-        Private ones are shunted before charon is asked (fail closed while we ask: measured,
-        a few packets a millisecond left in clear otherwise when charon was stopping), and
-        the shunt is taken out again for those charon still holds."""
+        Private ones are shunted before charon is asked (fail closed while we ask: the SA, and
+        with kernel-libipsec the route into the tunnel, may already be gone), and the shunt
+        is taken out again for those charon still holds (a duplicate SA was deleted)."""
         held = self.provisioner.held_names()
         suspects = {n: evs for n, evs in suspects.items() if n in held}
         if not suspects:

@@ -474,3 +474,15 @@ def test_listener_keeps_quiet_about_ike_sas_we_end_ourselves() -> None:
     listener._event("child-updown", {"isk-bob-aa8231d363": {**_DOWN["isk-bob-aa8231d363"],
                                                             "uniqueid": b"4"}})
     assert [type(e) for e in seen] == [ChildSaWentDown]
+
+
+@aio
+async def test_down_tunnel_taken_over_after_its_lease_leaves_no_stray_conn() -> None:
+    fb = FakeBackend()
+    p = Provisioner(fb, ProvisionConfig(lease=100, grace=60))
+    await p.ensure(SPEC, WHEN)
+    await p.lost([SPEC.name], "peer deleted it", WHEN + 10)
+    squatter = other_name_spec(same_key=False)
+    await p.ensure(squatter, WHEN + 101)  # bob's lease is over: the address is free again
+    assert p.tunnels() == {BOB: squatter}
+    assert fb.intents[-2:] == [InstallTunnel(squatter, 3.0), RemoveTunnel(SPEC.name)]
