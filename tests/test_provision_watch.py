@@ -409,6 +409,30 @@ def test_wire_cache_drops_a_reply_computed_before_a_clear() -> None:
     assert cache.get((b"a", 1, 1, 0), WHEN) is entry
 
 
+@pytest.mark.parametrize("lost_meanwhile", [False, True])
+def test_server_does_not_store_a_reply_computed_across_a_loss(lost_meanwhile: bool) -> None:
+    import dns.message
+    import dns.rrset
+
+    from resolver.server import Server
+
+    cache = WireCache(10)
+
+    class Handler:
+        async def handle(self, query: dns.message.Message, now: float) -> dns.message.Message:
+            if lost_meanwhile:
+                cache.clear()  # what Provisioner.on_lost does while this answer was computed
+            reply = dns.message.make_response(query)
+            reply.answer.append(dns.rrset.from_text(query.question[0].name, 60, "IN", "A",
+                                                    "198.51.100.11"))
+            return reply
+
+    server = Server(Handler(), cache=cache, clock=lambda: WHEN)
+    wire = dns.message.make_query("bob.example.test.", "A").to_wire()
+    assert asyncio.run(server.slow_reply(wire, WHEN, udp=True)) is not None
+    assert (server.fast_reply(wire, WHEN, udp=True) is None) is lost_meanwhile
+
+
 # Messages as charon 5.9.8 sent them to a VICI listener in the lab (trimmed to what is read).
 _CHILD = {"name": b"isk-bob-aa8231d363", "uniqueid": b"5", "state": b"INSTALLED"}
 _DOWN = {"isk-bob-aa8231d363": {"uniqueid": b"3", "state": b"DELETING",
