@@ -24,19 +24,9 @@ import dns.rcode
 
 from lab.core import Lab
 from lab.net import LabError
+from resolver.configtable import toml_value
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
 
 
 class ResolverDaemon:
@@ -74,7 +64,7 @@ class ResolverDaemon:
         lines: list[str] = []
         for table, values in tables.items():
             lines.append(f"[{table}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+            lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
             lines.append("")
         self.config.write_text("\n".join(lines))
 

@@ -42,7 +42,7 @@ import dns.rcode
 
 from resolver import answer as replies
 from resolver.cache import WireCache, WireEntry
-from resolver.config import Endpoint, ServerConfig
+from resolver.config import HostPort, ServerConfig
 from resolver.errors import ConfigError
 from resolver.resolve import QueryHandler
 from resolver.validator.response import Security, Verdict
@@ -153,7 +153,7 @@ class Server:
 
     # --- listeners -------------------------------------------------------------------------
 
-    async def start(self, listen: tuple[Endpoint, ...]) -> None:
+    async def start(self, listen: tuple[HostPort, ...]) -> None:
         """Bind UDP and TCP on every address.
 
         Raises:
@@ -181,7 +181,7 @@ class Server:
                 raise ConfigError(f"cannot listen on {ep}: {e.strerror or e}") from None
             self._servers.append(srv)
             self.bound.append((ep.host, port))
-            log.info("listening on %s (UDP+TCP)", Endpoint(ep.host, port))
+            log.info("listening on %s (UDP+TCP)", HostPort(ep.host, port))
 
     async def stop(self) -> None:
         """Close listeners and connections; cancel queries in progress."""

@@ -554,6 +554,16 @@ def resign(name: str, rdtype: str, key: Key, signer: str, *, section: str = "ans
     return mutate
 
 
+def answer_only_at(name: str) -> Callable[[dns.message.Message], dns.message.Message]:
+    """Keep only the answer RRsets owned by ``name``: a CNAME chain cut after its first link."""
+
+    def mutate(msg: dns.message.Message) -> dns.message.Message:
+        msg.answer = [r for r in msg.answer if r.name == N(name)]
+        return msg
+
+    return mutate
+
+
 def clear_authority(msg: dns.message.Message) -> dns.message.Message:
     """Drop the whole authority section (SOA, NSEC/NSEC3 and their RRSIGs)."""
     msg.authority = []

@@ -24,7 +24,7 @@ import dns.rdatatype
 import dns.rrset
 
 import resolver.validator.response
-from resolver.config import Endpoint
+from resolver.config import HostPort
 
 
 @dataclass
@@ -66,8 +66,8 @@ class ScriptedUpstream:
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint(self.host, self.port)
+    def endpoint(self) -> HostPort:
+        return HostPort(self.host, self.port)
 
     def count(self, transport: str | None = None) -> int:
         return sum(1 for t, _ in self.queries if transport is None or t == transport)

@@ -48,8 +48,8 @@ import pytest
 
 from resolver import config as configuration
 from resolver.cache import WireCache
-from resolver.cli import build_anchors, build_limits
-from resolver.config import Config, Endpoint
+from resolver.cli import build_anchors
+from resolver.config import Config, HostPort
 from resolver.resolve import Fetch, PlainHandler, Resolution
 from resolver.server import Server
 from resolver.upstream import Forwarder
@@ -158,13 +158,13 @@ class Stack:
             f"timeout = {UPSTREAM_TIMEOUT}\nattempts = 2\ntcp_timeout = 1.0\n"
             "[dnssec]\nbuiltin_root_anchors = false\n"
             f'trust_anchor_files = ["{anchor}"]\n', encoding="utf-8")
-        return configuration.load(toml, listen_override=(Endpoint("127.0.0.1", 0),))
+        return configuration.load(toml, listen_override=(HostPort("127.0.0.1", 0),))
 
     async def _build(self) -> None:
         """What resolver.cli.serve assembles (plain mode), with the pinned clock."""
         cfg = self.cfg
         anchors = build_anchors(cfg)
-        self.limits: Limits = build_limits(cfg)
+        self.limits: Limits = cfg.limits
         self.validator: Recording | None = None
 
         def make_validator(fetch: Fetch) -> Recording:
@@ -176,7 +176,7 @@ class Stack:
                                    tcp_timeout=cfg.upstream.tcp_timeout,
                                    payload=cfg.server.edns_payload)
         self.resolution = Resolution(self.forwarder, make_validator, cache=cfg.cache,
-                                     max_upstream_queries=cfg.limits.max_upstream_queries)
+                                     max_upstream_queries=cfg.limits.max_fetches)
         plain = PlainHandler(self.resolution, max_ttl=cfg.cache.max_ttl,
                              payload=cfg.server.edns_payload)
         self.server = Server(plain, cfg.server, cache=WireCache(cfg.cache.max_entries),
@@ -257,7 +257,7 @@ def record(label: str, out: Outcome, extra: str = "") -> None:
 def within_limits(stack: Stack, out: Outcome, name: str, rdtype: str = "A",
                   validated: bool = True) -> str:
     """Work stayed within design.md's limits; returns the counters for the figures."""
-    assert out.upstream_queries <= stack.cfg.limits.max_upstream_queries, out.upstream_queries
+    assert out.upstream_queries <= stack.cfg.limits.max_fetches, out.upstream_queries
     assert out.cpu < CPU_BOUND, out.cpu
     assert out.resolver_cpu < CPU_BOUND, out.resolver_cpu
     if not validated:

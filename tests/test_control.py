@@ -127,7 +127,7 @@ def test_config_defaults_and_values() -> None:
 @pytest.mark.parametrize(("section", "key", "words"), [
     ({"enabled": "yes"}, "enabled", "true or false"),
     ({"socket": "relative.sock"}, "socket", "absolute"),
-    ({"socket": 5}, "socket", "path"),
+    ({"socket": 5}, "socket", "expected a string"),
     ({"socket": "/" + "x" * 120}, "socket", "107 bytes"),
     ({"state_file": ""}, "state_file", "path"),
     ({"sockett": "/a"}, "sockett", "unknown key"),

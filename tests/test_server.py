@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from resolver.cache import WireCache
-from resolver.config import Endpoint, ServerConfig
+from resolver.config import HostPort, ServerConfig
 from resolver.resolve import PlainHandler, Resolution
 from resolver.server import Server, _TcpProtocol
 from resolver.upstream import Forwarder
@@ -78,7 +78,7 @@ def with_server(body: Callable[[Env], Awaitable[None]], **server_kw: Any) -> Non
 
             res = Resolution(Forwarder([up.endpoint], timeout=0.5), make)
             clock = [WHEN]
-            cfg = ServerConfig(listen=(Endpoint("127.0.0.1", 0),), **server_kw)
+            cfg = ServerConfig(listen=(HostPort("127.0.0.1", 0),), **server_kw)
             server = Server(PlainHandler(res), cfg, cache=WireCache(100), clock=lambda: clock[0])
             await server.start(cfg.listen)
             try:

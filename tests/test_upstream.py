@@ -11,7 +11,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from resolver.config import Endpoint
+from resolver.config import HostPort
 from resolver.errors import UpstreamError
 from resolver.upstream import Forwarder, QueryBudget, current_budget
 from tests.scripted_upstream import Delay, ScriptedUpstream, answer
@@ -106,7 +106,7 @@ def test_refused_port_is_an_upstream_error_not_a_crash() -> None:
     async def main() -> None:
         async with ScriptedUpstream(ok) as up:
             port = up.port
-        fwd = Forwarder([Endpoint("127.0.0.1", port)], timeout=0.3, attempts=1)
+        fwd = Forwarder([HostPort("127.0.0.1", port)], timeout=0.3, attempts=1)
         with pytest.raises(UpstreamError):
             await fwd.query(NAME, A)
 

@@ -50,14 +50,13 @@ from typing import Any, Final, Protocol
 import dns.exception
 import dns.name
 
+from resolver.endpoints.config import ControlConfig
 from resolver.endpoints.manager import EndpointError, EndpointManager, Resolver, Tunnels
 from resolver.errors import ConfigError
 from resolver.policy import Policy
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET: Final = Path("/run/ipseckey-resolver/control.sock")
-DEFAULT_STATE_FILE: Final = Path("/var/lib/ipseckey-resolver/endpoints.json")
 MAX_REQUEST: Final = 64 * 1024  # a request is a few hundred bytes; this bounds a hostile one
 OPS: Final = ("add", "remove", "list", "status", "refresh")
 _FIELDS: Final = {"op", "name", "group"}
@@ -68,60 +67,6 @@ _PEERCRED: Final = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gi
 # Expected failures end in an {"ok": false} reply with the exception's code; the endpoint
 # manager raises the same class, so one `except` turns both into replies.
 ControlError = EndpointError
-
-
-# --- configuration -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ControlConfig:
-    """The parsed [control] table.
-
-    ```toml
-    [control]
-    enabled = true                                       # false: no socket, no endpoints
-    socket = "/run/ipseckey-resolver/control.sock"       # parent dir is made 0700 if missing
-    state_file = "/var/lib/ipseckey-resolver/endpoints.json"   # the pinned endpoints
-    ```
-    """
-
-    enabled: bool = True
-    socket: Path = DEFAULT_SOCKET
-    state_file: Path = DEFAULT_STATE_FILE
-
-    @classmethod
-    def from_section(cls, section: Mapping[str, Any], source: str = "config") -> ControlConfig:
-        """Parse Config.sections["control"].
-
-        Raises:
-            ConfigError: "SOURCE: [control] key 'K': problem" for the first bad key.
-        """
-
-        def err(key: str, problem: str) -> ConfigError:
-            return ConfigError(f"{source}: [control] key {key!r}: {problem}")
-
-        enabled, sock, state = True, DEFAULT_SOCKET, DEFAULT_STATE_FILE
-        for key, value in section.items():
-            if key == "enabled":
-                if not isinstance(value, bool):
-                    raise err(key, "must be true or false")
-                enabled = value
-            elif key in ("socket", "state_file"):
-                if not isinstance(value, str) or not value:
-                    raise err(key, "must be a non-empty path")
-                path = Path(value)
-                if not path.is_absolute():
-                    raise err(key, f"{value!r} must be an absolute path")
-                if key == "socket":
-                    # sun_path holds 108 bytes including the NUL; a longer path cannot be bound.
-                    if len(os.fsencode(value)) > 107:
-                        raise err(key, "path longer than 107 bytes (a Unix socket limit)")
-                    sock = path
-                else:
-                    state = path
-            else:
-                raise err(key, "unknown key (known: enabled, socket, state_file)")
-        return cls(enabled, sock, state)
 
 
 # --- what the server dispatches to -------------------------------------------------------

@@ -24,7 +24,7 @@ import pytest
 
 from lab import Lab
 from resolver.capture import CaptureHandler
-from resolver.config import Endpoint
+from resolver.config import HostPort
 from resolver.policy import Policy, PolicyConfig
 from resolver.provision import Provisioner
 from resolver.resolve import Fetch, PlainHandler, Resolution
@@ -50,7 +50,7 @@ def run_in_alice(lab: Lab, group: str, names: list[str]) -> dict[str, Any]:
         def make_validator(fetch: Fetch) -> Validator:
             return Validator(anchors, fetch)
 
-        resolution = Resolution(Forwarder([Endpoint(lab.unbound_addr)]), make_validator)
+        resolution = Resolution(Forwarder([HostPort(lab.unbound_addr)]), make_validator)
         vici = ViciBackend(lab.vici_socket("alice"), ident)
         xfrm = XfrmBackend()  # this thread is in alice's namespace already
         prov = Provisioner(CompositeBackend(vici, xfrm), ProvisionConfig(timeout=3.0))
