@@ -29,7 +29,7 @@ from resolver.endpoints.control import ControlService, start_control
 from resolver.errors import ConfigError
 from resolver.hostaddr import read_interface_addresses
 from resolver.iterate import Iterator
-from resolver.policy import Policy, PolicyConfig
+from resolver.policy import Group, Policy, PolicyConfig
 from resolver.provision import Provisioner
 from resolver.resolve import Fetch, PlainHandler, QueryHandler, Resolution, Upstream, Validating
 from resolver.server import Server
@@ -37,6 +37,7 @@ from resolver.tunnels.backend import make_backend
 from resolver.tunnels.config import Identity, ProvisionConfig
 from resolver.upstream import Forwarder
 from resolver.validator.anchors import TrustAnchors
+from resolver.watch import TunnelWatch
 
 log = logging.getLogger("resolver")
 
@@ -187,6 +188,8 @@ async def serve(cfg: Config) -> int:
 
     handler: QueryHandler = plain
     provisioner: Provisioner | None = None
+    watch: TunnelWatch | None = None
+    wire_cache = WireCache(cfg.cache.max_entries)
     control: ControlService | None = None
     tasks: list[asyncio.Task[None]] = []
     check_sections(cfg)
@@ -198,8 +201,13 @@ async def serve(cfg: Config) -> int:
         own = (*await asyncio.to_thread(host_addresses), *(ident.addresses if ident else ()))
         policy = Policy(PolicyConfig.from_section(cfg.sections.get("policy", {}), source),
                         own_addresses=own)
-        provisioner = Provisioner(make_backend(pcfg, ident, source=source), pcfg)
+        provisioner = Provisioner(
+            make_backend(pcfg, ident, source=source), pcfg,
+            must_drop=lambda s: policy.group_for(s.key.owner, (s.destination,)) is Group.PRIVATE)
+        provisioner.on_lost.append(wire_cache.clear)  # answers given for a lost tunnel
         await provisioner.reconcile(time.time())
+        watch = TunnelWatch(provisioner, time.time, interval=pcfg.watch_interval)
+        watch.start()  # charon's events; the dry run has none
         handler = CaptureHandler(plain, resolution, policy, provisioner,
                                  payload=cfg.server.edns_payload)
         tasks.append(asyncio.create_task(_expire_loop(provisioner)))
@@ -208,7 +216,7 @@ async def serve(cfg: Config) -> int:
         log.info("capture on: policy default %s, backend %s, shunts %s",
                  policy.config.default.value, pcfg.backend, pcfg.shunts)
 
-    server = Server(handler, cfg.server, cache=WireCache(cfg.cache.max_entries))
+    server = Server(handler, cfg.server, cache=wire_cache)
     await server.start(cfg.server.listen)
     # Cyclic GC pauses are part of the tail of cached-answer latency: move everything built at
     # start-up out of the collector's view, and collect the young generation less often.
@@ -231,6 +239,8 @@ async def serve(cfg: Config) -> int:
             task.cancel()
         if control is not None:
             await control.close()
+        if watch is not None:
+            await watch.close()
         await server.stop()
         if provisioner is not None:
             await provisioner.close()

@@ -57,6 +57,7 @@ NOTES: Final[dict[tuple[str, str], str]] = {
     ("provision", "backend"): "or \"dryrun\" (logs only)",
     ("provision", "shunts"): "or \"none\"",
     ("provision", "state_file"): "unset: no record kept over a restart",
+    ("provision", "watch_interval"): "s between checks of charon's SAs (besides its events)",
     ("policy", "default"): "group of what no rule matches",
     ("control", "state_file"): "the endpoints autosp pinned",
 }
