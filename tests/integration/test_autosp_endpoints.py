@@ -33,20 +33,13 @@ import pytest
 from lab import Lab, keys
 from lab.net import poll
 from lab.resolverd import ResolverDaemon
-from tests.helpers import children, clean_alice, esp_ping, publish
+from tests.helpers import children, clean_alice, endpoint_status, esp_ping, publish
 
 pytestmark = pytest.mark.integration
 
 NAME = "bob.example.test"
 BOB_MOVED = "198.51.100.111"
 LAB_TTL = 60  # lab/topology.py DEFAULT_TTL: what bob's records are put back with
-
-
-def status(lab: Lab, control: Path) -> dict[str, str]:
-    """`autosp status NAME` as a dict of its "key: value" lines."""
-    r = lab.autosp("alice", "status", NAME, control=control)
-    assert r.returncode == 0, r.stderr
-    return dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
 
 
 def fingerprint(pem: Path) -> str:
@@ -77,7 +70,7 @@ class AliceResolver(ResolverDaemon):
         seen: list[dict[str, str]] = []
 
         def tunnel_is() -> bool:
-            seen.append(status(self.lab, self.control))
+            seen.append(endpoint_status(self.lab, self.control, NAME))
             return seen[-1].get("tunnel") == want
 
         if not poll(tunnel_is, timeout, 0.5):
@@ -141,7 +134,7 @@ def test_pinned_endpoint_follows_move_rollover_and_restart(
     r = resolver.autosp("add", NAME)
     assert r.returncode == 0, r.stdout + r.stderr + resolver.tail()
     assert f"added {NAME}." in r.stdout and "tunnel: up" in r.stdout, r.stdout
-    st = status(lab, resolver.control)
+    st = endpoint_status(lab, resolver.control, NAME)
     assert st["addresses"] == f"['{bob4}', '{bob6}']" and st["security"] == "secure"
     assert st["fingerprint"] == old_fp and st["algorithm"] == "ed25519"
     assert len(children(lab)) == 2 and set(children(lab).values()) == {"INSTALLED"}
@@ -173,7 +166,7 @@ def test_pinned_endpoint_follows_move_rollover_and_restart(
     lab.flush()
     r = resolver.autosp("refresh", NAME)
     assert r.returncode == 0, r.stdout + r.stderr
-    st = status(lab, resolver.control)
+    st = endpoint_status(lab, resolver.control, NAME)
     assert st["keys_published"] == "2" and st["fingerprint"] == old_fp and st["tunnel"] == "up"
     esp_ping(lab, BOB_MOVED, wait=2)
     #    Phase 2: the old key is withdrawn and bob's charon signs with the new one. alice moves
@@ -189,7 +182,7 @@ def test_pinned_endpoint_follows_move_rollover_and_restart(
     out, _ = pinger.communicate(timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr + resolver.tail()
     assert pinger.returncode == 0 and " 0% packet loss" in out, out
-    st = status(lab, resolver.control)
+    st = endpoint_status(lab, resolver.control, NAME)
     assert st["fingerprint"] == new_fp and st["keys_published"] == "1" and st["tunnel"] == "up"
     esp_ping(lab, BOB_MOVED, wait=2)
     esp_ping(lab, bob6, family=6, wait=2)

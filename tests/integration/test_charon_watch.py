@@ -25,88 +25,65 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-import dns.edns
-import dns.message
 import dns.rcode
+import dns.update
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from lab import Lab
+from lab.net import wait_until
 from lab.resolverd import ResolverDaemon
-from lab.wire import Capture
 from resolver.ipseckey import ipseckey_rdata_for
-from tests.integration.test_issue4_daemon import (
+from tests.helpers import (
     addresses,
-    ask,
+    blocked_ping,
     children,
     clean_alice,
-    conns,
-    edes,
-    ike_sas,
-    ping,
+    ede,
+    endpoint_status,
+    esp_ping,
+    our_conns,
     shunted,
-    update,
 )
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 EDE_POLICY = 28  # Unable to conform to policy: the address is bound to another name's key
 EDE_NOT_READY = 14  # the IKE daemon is unreachable
 RECOVERY = 10.0  # seconds from charon's restart until the tunnels must be back
 SQUATTER = "squatter.example.test"
 
 
-def wait_for(check: Callable[[], Any], timeout: float, what: str, pause: float = 0.05) -> float:
-    """Poll `check` until it is true; returns the seconds it took (AssertionError if never)."""
+def waited(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> float:
+    """`wait_until(check, ...)`, returning the seconds it took: the figures these tests print."""
     t0 = time.monotonic()
-    while True:
-        if check():
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"{what}: not within {timeout:g} s")
-        time.sleep(pause)
+    wait_until(check, timeout, what, interval)
+    return time.monotonic() - t0
 
 
-def autosp(lab: Lab, control: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m autosp --control SOCK ARGS` inside alice."""
-    result: subprocess.CompletedProcess[str] = lab.exec(
-        "alice", ["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "autosp", "--control",
-                  str(control), *args], timeout=60, check=False)
-    return result
-
-
-def endpoint_tunnel(lab: Lab, control: Path, name: str) -> str:
+def endpoint_tunnel(lab: Lab, daemon: ResolverDaemon, name: str) -> str:
     """The `tunnel:` line of `autosp status NAME`."""
-    r = autosp(lab, control, "status", name)
-    assert r.returncode == 0, r.stdout + r.stderr
-    lines = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
-    return lines.get("tunnel", "")
+    return endpoint_status(lab, daemon.control, name).get("tunnel", "")
 
 
 def installed(lab: Lab, label: str) -> bool:
+    """alice has CHILD_SAs for the name whose first label is `label`, and all are INSTALLED."""
     states = children(lab, f"isk-{label}-")
     return bool(states) and set(states.values()) == {"INSTALLED"}
 
 
 def ike_ids(lab: Lab, label: str) -> set[str]:
-    return {str(sa["uniqueid"]) for name, sa in ike_sas(lab) if name.startswith(f"isk-{label}-")}
+    """The unique ids of alice's IKE_SAs for the name whose first label is `label`."""
+    return {str(sa["uniqueid"]) for name, sa in lab.ike_sas("alice")
+            if name.startswith(f"isk-{label}-")}
 
 
-def esp_ping(lab: Lab, host: str, count: int = 2) -> None:
-    a, b = lab.addr("alice"), lab.addr(host)
-    with Capture(lab.switch_ns, f"v-{host}", ["host", a, "and", "host", b]) as cap:
-        rc, out = ping(lab, b, count)
-    assert rc == 0, out
-    assert cap.esp(a, b) and cap.esp(b, a), cap.lines
-    assert cap.cleartext_icmp() == [], cap.lines
+def esp_ping_host(lab: Lab, host: str) -> None:
+    """alice pings lab host `host`: ESP only, as seen on `host`'s switch port."""
+    esp_ping(lab, lab.addr(host), port=host, count=2)
 
 
 class Log:
@@ -158,60 +135,58 @@ def test_charon_restart_fails_closed_then_tunnels_return(lab: Lab, daemon: Resol
                                                          how: str) -> None:
     carol, dave = lab.addr("carol"), lab.addr("dave")
     log = Log(daemon)
-    assert ask(lab, "carol.example.test.").rcode() == dns.rcode.NOERROR
-    r = autosp(lab, daemon.control, "add", "dave.example.test")
+    assert daemon.query("carol.example.test.").rcode() == dns.rcode.NOERROR
+    r = lab.autosp("alice", "add", "dave.example.test", control=daemon.control)
     assert r.returncode == 0 and "tunnel: up" in r.stdout, r.stdout + r.stderr + daemon.tail()
     assert installed(lab, "carol") and installed(lab, "dave")
 
     stop_charon(lab, how)
-    took = wait_for(lambda: {carol, dave} <= shunted(lab), 3.0, "drop shunts after charon died")
+    took = waited(lambda: {carol, dave} <= shunted(lab), 3.0,
+                  "no drop shunts for carol and dave after charon died")
     print(f"\ncharon {how} -> drop shunts for carol and dave in {took:.2f} s")
-    reply = ask(lab, "carol.example.test.")
+    reply = daemon.query("carol.example.test.")
     assert reply.rcode() == dns.rcode.SERVFAIL, reply
-    assert edes(reply) == [EDE_NOT_READY], reply
-    with Capture(lab.switch_ns, "v-carol", ["host", carol]) as cap:
-        rc, out = ping(lab, carol, 2)
-    assert rc != 0, out
-    assert cap.cleartext_icmp() == [], cap.lines
-    assert endpoint_tunnel(lab, daemon.control, "dave.example.test") != "up"
+    assert ede(reply)[0] == EDE_NOT_READY, reply
+    blocked_ping(lab, carol, port="carol", count=2)  # refused by the shunt, nothing in clear
+    assert endpoint_tunnel(lab, daemon, "dave.example.test") != "up"
     said = log.since()
     assert "charon connection lost" in said, said
 
     t0 = time.monotonic()
     lab.start_charon("alice")  # returns once charon answers on VICI (the lab's conns loaded)
     started = time.monotonic() - t0
-    back = wait_for(lambda: installed(lab, "carol") and installed(lab, "dave"), RECOVERY,
-                    "tunnels back after charon restarted", pause=0.02)
-    up = wait_for(lambda: endpoint_tunnel(lab, daemon.control, "dave.example.test") == "up",
-                  RECOVERY - back, "autosp status up again", pause=0.2)
+    back = waited(lambda: installed(lab, "carol") and installed(lab, "dave"), RECOVERY,
+                  "tunnels not back after charon restarted", 0.02)
+    up = waited(lambda: endpoint_tunnel(lab, daemon, "dave.example.test") == "up",
+                RECOVERY - back, "`autosp status` not up again", 0.2)
     print(f"charon start took {started:.2f} s; then CHILD_SAs (carol, dave v4+v6) INSTALLED "
           f"after {back:.2f} s; `autosp status` up {up:.2f} s later")
-    wait_for(lambda: not ({carol, dave} & shunted(lab)), 3.0, "shunts removed")
-    reply = ask(lab, "carol.example.test.")
+    wait_until(lambda: not ({carol, dave} & shunted(lab)), 3.0, "shunts not removed")
+    reply = daemon.query("carol.example.test.")
     assert reply.rcode() == dns.rcode.NOERROR and addresses(reply) == [carol], reply
-    esp_ping(lab, "carol")
-    esp_ping(lab, "dave")
+    esp_ping_host(lab, "carol")
+    esp_ping_host(lab, "dave")
 
 
 def test_sa_terminated_by_the_peer_comes_back(lab: Lab, daemon: ResolverDaemon) -> None:
     log = Log(daemon)
-    assert ask(lab, "bob.example.test.").rcode() == dns.rcode.NOERROR
+    assert daemon.query("bob.example.test.").rcode() == dns.rcode.NOERROR
     before = ike_ids(lab, "bob")
     assert len(before) == 1
     with lab.vici("bob") as s:
         for _ in s.terminate({"ike": "peer-alice", "force": "yes", "timeout": 2000}):
             pass
-    took = wait_for(lambda: installed(lab, "bob") and ike_ids(lab, "bob") - before, RECOVERY,
-                    "bob's tunnel re-established")
+    took = waited(lambda: installed(lab, "bob") and ike_ids(lab, "bob") - before, RECOVERY,
+                  "bob's tunnel not re-established")
     print(f"\nSA terminated by bob -> new CHILD_SA INSTALLED after {took:.2f} s")
     said = log.since()
     assert f"tunnel to bob.example.test ({lab.addr('bob')}) went down" in said, said
-    assert ask(lab, "bob.example.test.").rcode() == dns.rcode.NOERROR
-    esp_ping(lab, "bob")
+    assert daemon.query("bob.example.test.").rcode() == dns.rcode.NOERROR
+    esp_ping_host(lab, "bob")
 
 
 def test_rekey_is_not_a_down(lab: Lab, daemon: ResolverDaemon) -> None:
-    assert ask(lab, "bob.example.test.").rcode() == dns.rcode.NOERROR
+    assert daemon.query("bob.example.test.").rcode() == dns.rcode.NOERROR
     name = next(iter(children(lab, "isk-bob-")))
     log = Log(daemon)
     with lab.vici("alice") as s:
@@ -225,8 +200,8 @@ def test_rekey_is_not_a_down(lab: Lab, daemon: ResolverDaemon) -> None:
     assert "went down" not in said and "lost" not in said, said
     assert lab.addr("bob") not in shunted(lab)
     assert installed(lab, "bob")
-    assert ask(lab, "bob.example.test.").rcode() == dns.rcode.NOERROR
-    esp_ping(lab, "bob")
+    assert daemon.query("bob.example.test.").rcode() == dns.rcode.NOERROR
+    esp_ping_host(lab, "bob")
 
 
 # --- item 8 -----------------------------------------------------------------------------------
@@ -234,38 +209,41 @@ def test_rekey_is_not_a_down(lab: Lab, daemon: ResolverDaemon) -> None:
 
 def _publish_squatter(lab: Lab) -> Callable[[], None]:
     """squatter.example.test: bob's address with carol's key (secure: the zone signs it)."""
-    key = serialization.load_pem_private_key(lab.private_key("carol").read_bytes(), None)
-    rdata = ipseckey_rdata_for(key.public_key())  # type: ignore[arg-type]
-    update(lab, lambda m: (m.replace("squatter", 60, "A", lab.addr("bob")),
-                           m.replace("squatter", 60, rdata)))
-    return lambda: update(lab, lambda m: m.delete("squatter"))
+    rdata = ipseckey_rdata_for(lab.public_key("carol"))
+
+    def records(m: dns.update.UpdateMessage) -> None:
+        m.replace("squatter", 60, "A", lab.addr("bob"))
+        m.replace("squatter", 60, rdata)
+
+    lab.update(records)
+    return lambda: lab.update(lambda m: m.delete("squatter"))
 
 
 def test_one_address_two_names_two_keys(lab: Lab, daemon: ResolverDaemon) -> None:
     bob = lab.addr("bob")
-    assert ask(lab, "bob.example.test.").rcode() == dns.rcode.NOERROR
+    assert daemon.query("bob.example.test.").rcode() == dns.rcode.NOERROR
     bob_conn = next(iter(children(lab, "isk-bob-")))
     before = ike_ids(lab, "bob")
 
     # Same address, same key (multi's best IPSECKEY is bob's): answered over bob's tunnel.
-    reply = ask(lab, "multi.example.test.")
+    reply = daemon.query("multi.example.test.")
     assert reply.rcode() == dns.rcode.NOERROR and addresses(reply) == [bob], reply
-    assert [c for c in conns(lab) if c.startswith("isk-multi-")] == []
-    assert ike_ids(lab, "bob") == before and bob_conn in conns(lab)
+    assert our_conns(lab, "multi-") == []
+    assert ike_ids(lab, "bob") == before and bob_conn in lab.conns("alice")
 
     # Same address, another key: SERVFAIL saying why; bob's tunnel is not touched.
     undo = _publish_squatter(lab)
     try:
         log = Log(daemon)
-        reply = ask(lab, f"{SQUATTER}.")
+        reply = daemon.query(f"{SQUATTER}.")
         assert reply.rcode() == dns.rcode.SERVFAIL, reply
-        ede = [o for o in reply.options if isinstance(o, dns.edns.EDEOption)]
-        assert [int(o.code) for o in ede] == [EDE_POLICY], reply
-        assert "bound" in (ede[0].text or "") and "bob.example.test" in (ede[0].text or "")
-        assert [c for c in conns(lab) if c.startswith("isk-squatter-")] == []
+        code, text = ede(reply)
+        assert code == EDE_POLICY, reply
+        assert "bound" in text and "bob.example.test" in text, reply
+        assert our_conns(lab, "squatter-") == []
         assert "replacing tunnel" not in log.since()
         assert ike_ids(lab, "bob") == before and installed(lab, "bob")
         assert bob not in shunted(lab)
-        esp_ping(lab, "bob")
+        esp_ping_host(lab, "bob")
     finally:
         undo()

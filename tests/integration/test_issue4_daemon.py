@@ -33,7 +33,16 @@ from lab.resolverd import ResolverDaemon
 from lab.topology import HOSTS
 from resolver.ipseckey import ipseckey_rdata_for
 from resolver.tunnels.xfrm import XfrmPolicies, encode_update, shunt_rules
-from tests.helpers import blocked_ping, children, clean_alice, ede, esp_ping
+from tests.helpers import (
+    addresses,
+    blocked_ping,
+    children,
+    clean_alice,
+    ede,
+    esp_ping,
+    our_conns,
+    shunted,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -44,22 +53,8 @@ SETUP_TIMEOUT = 3.0  # [provision] timeout default
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def addresses(reply: dns.message.Message) -> list[str]:
-    return [rd.address for r in reply.answer if r.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)
-            for rd in r]
-
-
 def address_ttl(reply: dns.message.Message) -> int:
     return min(r.ttl for r in reply.answer if r.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA))
-
-
-def shunted(lab: Lab) -> set[str]:
-    """Destinations with one of our XFRM BLOCK policies in alice."""
-    x = XfrmPolicies(lab.ns("alice"))
-    try:
-        return {str(r.destination) for r in x.ours() if r.action == 1}
-    finally:
-        x.close()
 
 
 def _publish_ttlcap(lab: Lab, key_ttl: int) -> Callable[[], None]:
@@ -147,11 +142,6 @@ def private(daemons: Daemons) -> ResolverDaemon:
 def opportunistic(daemons: Daemons) -> ResolverDaemon:
     """The shared daemon with [policy] default = "private-or-clear"."""
     return daemons.shared({"default": "private-or-clear"})
-
-
-def our_conns(lab: Lab, label: str = "") -> list[str]:
-    """Our conns in alice; with `label`, those made for names whose first label is `label`."""
-    return [n for n in lab.conns("alice") if n.startswith(f"isk-{label}")]
 
 
 def tunnels_to(lab: Lab, address: str) -> list[dict[str, Any]]:
