@@ -28,13 +28,21 @@ from resolver.config import Config
 from resolver.endpoints.control import ControlConfig, ControlService, start_control
 from resolver.errors import ConfigError
 from resolver.hostaddr import read_interface_addresses
+from resolver.logsetup import setup_logging
+from resolver.metered import (
+    DaemonMetrics,
+    MeteredBackend,
+    MeteredForwarder,
+    MeteredResolution,
+    MeteredServer,
+)
+from resolver.metrics_http import MetricsConfig
 from resolver.policy import Policy, PolicyConfig
 from resolver.provision import Provisioner
-from resolver.resolve import Fetch, PlainHandler, Resolution, Validating
-from resolver.server import Server
+from resolver.resolve import Fetch, PlainHandler, Validating
+from resolver.service import DebugConfig, ServiceRuntime
 from resolver.tunnels.backend import make_backend
 from resolver.tunnels.config import Identity, ProvisionConfig
-from resolver.upstream import Forwarder
 from resolver.validator.anchors import TrustAnchors
 from resolver.validator.types import Limits
 
@@ -152,6 +160,8 @@ def check_sections(cfg: Config) -> None:
     if "identity" in cfg.sections:
         Identity.from_section(cfg.sections["identity"], source)
     ControlConfig.from_section(cfg.sections.get("control", {}), source)
+    MetricsConfig.from_section(cfg.sections.get("metrics", {}), source)
+    DebugConfig.from_section(cfg.sections.get("debug", {}), source)
     if "policy" in cfg.sections and "identity" not in cfg.sections:
         raise ConfigError(f"{source}: [policy] needs [identity] (and [provision]): without a "
                           "provisioning backend no destination can be made private")
@@ -207,11 +217,13 @@ async def serve(cfg: Config) -> int:
     def make_validator(fetch: Fetch) -> Validating:
         return Validator(anchors, fetch, limits)
 
-    forwarder = Forwarder(cfg.upstream.servers, timeout=cfg.upstream.timeout,
+    metrics = DaemonMetrics()
+    forwarder = MeteredForwarder(cfg.upstream.servers, timeout=cfg.upstream.timeout,
                           attempts=cfg.upstream.attempts, tcp_timeout=cfg.upstream.tcp_timeout,
-                          payload=cfg.server.edns_payload)
-    resolution = Resolution(forwarder, make_validator, cache=cfg.cache,
-                            max_upstream_queries=cfg.limits.max_upstream_queries)
+                          payload=cfg.server.edns_payload).meter(metrics)
+    resolution = MeteredResolution(forwarder, make_validator, cache=cfg.cache,
+                                   max_upstream_queries=cfg.limits.max_upstream_queries
+                                   ).meter(metrics)
     plain = PlainHandler(resolution, max_ttl=cfg.cache.max_ttl,
                          payload=cfg.server.edns_payload)
 
@@ -220,6 +232,7 @@ async def serve(cfg: Config) -> int:
     control: ControlService | None = None
     tasks: list[asyncio.Task[None]] = []
     check_sections(cfg)
+    runtime = ServiceRuntime(metrics, cfg.sections, source)
     if cfg.sections.get("provision") is not None or "identity" in cfg.sections:
         pcfg = ProvisionConfig.from_section(cfg.sections.get("provision", {}), source)
         ident = (Identity.from_section(cfg.sections["identity"], source)
@@ -228,17 +241,23 @@ async def serve(cfg: Config) -> int:
         own = (*await asyncio.to_thread(host_addresses), *(ident.addresses if ident else ()))
         policy = Policy(PolicyConfig.from_section(cfg.sections.get("policy", {}), source),
                         own_addresses=own)
-        provisioner = Provisioner(make_backend(pcfg, ident, source=source), pcfg)
+        backend = MeteredBackend(make_backend(pcfg, ident, source=source), metrics)
+        provisioner = Provisioner(backend, pcfg)
+        metrics.watch_provisioner(provisioner)
         await provisioner.reconcile(time.time())
         handler = CaptureHandler(plain, resolution, policy, provisioner,
                                  payload=cfg.server.edns_payload)
+        metrics.watch_capture(handler)
         tasks.append(asyncio.create_task(_expire_loop(provisioner)))
         control = await start_control(cfg, resolution, provisioner, clock=time.time,
-                                      policy=policy)
+                                      policy=policy, extra=runtime.control_ops())
+        if control is not None:
+            metrics.watch_endpoints(control.manager.list)
         log.info("capture on: policy default %s, backend %s, shunts %s",
                  policy.config.default.value, pcfg.backend, pcfg.shunts)
 
-    server = Server(handler, cfg.server, cache=WireCache(cfg.cache.max_entries))
+    server = MeteredServer(handler, cfg.server, cache=WireCache(cfg.cache.max_entries)
+                           ).meter(metrics)
     await server.start(cfg.server.listen)
     # Cyclic GC pauses are part of the tail of cached-answer latency: move everything built at
     # start-up out of the collector's view, and collect the young generation less often.
@@ -250,12 +269,19 @@ async def serve(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("ipseckey-resolver ready; upstream %s",
-             ", ".join(map(str, cfg.upstream.servers)))
+    upstreams = ", ".join(map(str, cfg.upstream.servers))
+    try:
+        await runtime.start(f"serving on {', '.join(map(str, cfg.server.listen))}; "
+                            f"upstream {upstreams}")
+    except ConfigError:
+        await server.stop()
+        raise
+    log.info("ipseckey-resolver ready; upstream %s", upstreams)
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
+        await runtime.close()
         for task in tasks:
             task.cancel()
         if control is not None:
@@ -285,8 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     debug = args.debug or cfg.log.debug_queries
     level = logging.DEBUG if debug else getattr(logging, cfg.log.level.upper())
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(level)
     try:
         return asyncio.run(serve(cfg))
     except ConfigError as e:

@@ -54,6 +54,7 @@ import dns.name
 
 from resolver.errors import ProvisioningError, TunnelRejected, TunnelTimeout
 from resolver.ipseckey import IpsecKey, KeyAlgorithm, parse_gateway
+from resolver.logevent import log_event
 from resolver.tunnels.backend import ProvisioningBackend
 from resolver.tunnels.config import ProvisionConfig
 from resolver.tunnels.intents import (
@@ -370,6 +371,7 @@ class Provisioner:
             await self._quietly(RemoveShunt(dest))
         self._b.failed.pop(dest, None)
         self._count()
+        log_event(log, logging.INFO, "tunnel-up", name=spec.name, peer=dest)
         await self._persist()  # on disk before anyone is told the tunnel is up
         return expires
 
@@ -379,7 +381,8 @@ class Provisioner:
         error = exc if isinstance(exc, ProvisioningError) else TunnelTimeout(
             f"tunnel to {spec.destination}: no CHILD_SA within {self.config.timeout:g} s")
         self.counters.failures += 1
-        log.warning("replacement of %s failed, old tunnel kept: %s", old.spec.name, error)
+        log_event(log, logging.WARNING, "tunnel-replacement-failed", name=old.spec.name,
+                  peer=spec.destination, reason=str(error), kept="old")
         if old.spec.name == spec.name:
             await self._quietly(InstallTunnel(old.spec, self.config.timeout))  # old config back
         else:
@@ -394,7 +397,8 @@ class Provisioner:
         error = exc if isinstance(exc, ProvisioningError) else TunnelTimeout(
             f"tunnel to {dest}: no CHILD_SA within {self.config.timeout:g} s")
         self.counters.failures += 1
-        log.warning("tunnel %s to %s failed: %s", spec.name, dest, error)
+        log_event(log, logging.WARNING, "tunnel-failed", name=spec.name, peer=dest,
+                  reason=str(error))
         await self._quietly(RemoveTunnel(spec.name))  # terminate the half-open IKE_SA too
         if self.config.failure_hold > 0:
             self._b.failed[dest] = _Failure(now + self.config.failure_hold, error)

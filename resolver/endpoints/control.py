@@ -42,7 +42,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 DEFAULT_SOCKET: Final = Path("/run/ipseckey-resolver/control.sock")
 DEFAULT_STATE_FILE: Final = Path("/var/lib/ipseckey-resolver/endpoints.json")
 MAX_REQUEST: Final = 64 * 1024  # a request is a few hundred bytes; this bounds a hostile one
-OPS: Final = ("add", "remove", "list", "status", "refresh")
+OPS: Final = ("add", "remove", "list", "status", "refresh", "stats", "debug-hang")
+_NO_NAME: Final = frozenset({"list", "stats", "debug-hang"})  # ops that take no name
 _FIELDS: Final = {"op", "name", "group"}
 _NEEDS_NAME: Final = frozenset({"add", "remove", "status"})
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
@@ -182,8 +183,8 @@ def parse_request(line: bytes) -> Request:
         if op in _NEEDS_NAME:
             raise bad(f"{op} needs a name")
         return Request(op, None, group)
-    if op == "list":
-        raise bad("list takes no name")
+    if op in _NO_NAME:
+        raise bad(f"{op} takes no name")
     if not isinstance(raw_name, str):
         raise bad("'name' must be a string")
     try:
@@ -243,7 +244,8 @@ class ControlServer:
 
     def __init__(self, path: Path, ops: EndpointOps, *, clock: Callable[[], float] = time.time,
                  allowed_uids: frozenset[int] | None = None, read_timeout: float = 5.0,
-                 op_timeout: float = 25.0) -> None:
+                 op_timeout: float = 25.0,
+                 extra: Mapping[str, Callable[[float], Awaitable[Any]]] | None = None) -> None:
         self.path = path
         self.ops = ops
         self.clock = clock
@@ -253,6 +255,15 @@ class ControlServer:
         self._server: asyncio.Server | None = None
         self._inode: tuple[int, int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Operations that are not about endpoints (stats, debug-hang): name -> fn(now).
+        self.extra = dict(extra or {})
+
+    async def _dispatch(self, req: Request, now: float) -> Any:
+        if req.op in self.extra:
+            return await self.extra[req.op](now)
+        if req.op not in _NO_NAME or req.op == "list":
+            return await dispatch(self.ops, req, now)
+        raise ControlError("bad-request", f"{req.op} is not enabled in this resolver")
 
     async def start(self) -> None:
         """Bind and listen.
@@ -324,7 +335,7 @@ class ControlServer:
             log.info("control: %s %s", req.op, req.name or "")
             # Shielded: an operation that outlives the client's patience (or the client) is
             # finished, not cancelled half-way (a tunnel up but the endpoint not recorded).
-            op = asyncio.ensure_future(dispatch(self.ops, req, self.clock()))
+            op = asyncio.ensure_future(self._dispatch(req, self.clock()))
             op.add_done_callback(_log_late_failure)
             result = await asyncio.wait_for(asyncio.shield(op), self.op_timeout)
             return reply_ok(result)
@@ -441,7 +452,9 @@ class ControlService:
 
 async def start_control(config: ConfigLike, resolution: Resolver, provisioner: Tunnels, *,
                         clock: Callable[[], float] = time.time,
-                        policy: Policy | None = None) -> ControlService | None:
+                        policy: Policy | None = None,
+                        extra: Mapping[str, Callable[[float], Awaitable[Any]]] | None = None
+                        ) -> ControlService | None:
     """Parse [control], restore the pinned endpoints, listen on the control socket.
 
     Call it after the Provisioner's `reconcile(now)` (so restored endpoints find their
@@ -454,6 +467,7 @@ async def start_control(config: ConfigLike, resolution: Resolver, provisioner: T
         provisioner: the Provisioner (`pin`, `ensure`, `release`, `tunnels`).
         clock: POSIX time (the daemon's clock).
         policy: the Policy, for the group of endpoints added without --group.
+        extra: operations beyond the endpoint ones (`stats`, `debug-hang`): name -> fn(now).
 
     Returns:
         The running service (close it at shutdown), or None if [control] enabled = false.
@@ -468,7 +482,7 @@ async def start_control(config: ConfigLike, resolution: Resolver, provisioner: T
         return None
     manager = EndpointManager(resolution, provisioner, cfg.state_file, policy=policy)
     manager.load()
-    server = ControlServer(cfg.socket, manager, clock=clock)
+    server = ControlServer(cfg.socket, manager, clock=clock, extra=extra)
     await server.start()
     timer = asyncio.create_task(manager.run(clock), name="endpoint-timer")
     return ControlService(server, manager, timer)
