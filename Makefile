@@ -3,7 +3,8 @@
 PY := .venv/bin/python
 SHELL := /bin/bash
 
-.PHONY: setup test unit integration demo lint lab-up lab-down bench clean install uninstall man
+.PHONY: setup test unit integration demo lint lab-up lab-down bench clean install install-deps \
+	install-files uninstall man
 
 setup:
 	@bash lab/setup.sh
@@ -62,18 +63,28 @@ man:
 	@mkdir -p build/man
 	PYTHONPATH=. $(word 1,$(INSTALL_PIP)) -m resolver.manpage build/man
 
-install: man
+install: install-deps install-files
+	@if [ -z "$(DESTDIR)" ]; then \
+	    systemd-sysusers $(sysusersdir)/ipseckey-resolver.conf; \
+	    systemd-tmpfiles --create $(tmpfilesdir)/ipseckey-resolver.conf; \
+	    if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
+	    echo "installed: systemctl enable --now ipseckey-resolver"; fi
+
+install-deps:
 	@want=$$($(INSTALL_PYTHON) -c 'import sys; print(*sys.version_info[:2])'); \
 	 have=$$($(word 1,$(INSTALL_PIP)) -c 'import sys; print(*sys.version_info[:2])'); \
 	 if [ "$$want" != "$$have" ]; then echo "install: $(INSTALL_PYTHON) is Python $$want but pip \
 	runs on $$have: set INSTALL_PIP to a pip of the same version" >&2; exit 1; fi
-	install -d $(DESTDIR)$(pkglibdir) $(DESTDIR)$(sbindir) $(DESTDIR)$(unitdir) \
-	    $(DESTDIR)$(tmpfilesdir) $(DESTDIR)$(sysusersdir) $(DESTDIR)$(mandir)/man8 \
-	    $(DESTDIR)$(mandir)/man5 $(DESTDIR)$(confdir)
+	install -d $(DESTDIR)$(pkglibdir)
 	$(INSTALL_PIP) install --quiet --disable-pip-version-check --no-compile --upgrade \
 	    --target $(DESTDIR)$(pkglibdir) $(PIP_INSTALL_OPTS) \
 	    $$($(word 1,$(INSTALL_PIP)) -c 'import tomllib; \
 	       print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"])')
+
+install-files: man
+	install -d $(DESTDIR)$(pkglibdir) $(DESTDIR)$(sbindir) $(DESTDIR)$(unitdir) \
+	    $(DESTDIR)$(tmpfilesdir) $(DESTDIR)$(sysusersdir) $(DESTDIR)$(mandir)/man8 \
+	    $(DESTDIR)$(mandir)/man5 $(DESTDIR)$(confdir)
 	for pkg in resolver autosp; do \
 	    rm -rf $(DESTDIR)$(pkglibdir)/$$pkg; \
 	    (cd $$pkg && find . -name __pycache__ -prune -o -type f \( -name '*.py' -o -name py.typed \) \
@@ -94,11 +105,6 @@ install: man
 	install -m 0644 build/man/ipseckey-resolver.toml.5 $(DESTDIR)$(mandir)/man5/
 	@if [ -e $(DESTDIR)$(CONFIG) ]; then echo "install: keeping $(DESTDIR)$(CONFIG)"; \
 	else install -m 0644 contrib/ipseckey-resolver.toml $(DESTDIR)$(CONFIG); fi
-	@if [ -z "$(DESTDIR)" ]; then \
-	    systemd-sysusers $(sysusersdir)/ipseckey-resolver.conf; \
-	    systemd-tmpfiles --create $(tmpfilesdir)/ipseckey-resolver.conf; \
-	    if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
-	    echo "installed: systemctl enable --now ipseckey-resolver"; fi
 
 uninstall:
 	-@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \

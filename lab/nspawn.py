@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ISK_NSPAWN_CACHE", "/var/cache/ipseckey-resolver"))
 SUITE: Final = "bookworm"
 MIRROR = os.environ.get("ISK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-PACKAGES: Final = ("systemd", "systemd-sysv", "dbus", "python3", "iproute2")
+PACKAGES: Final = ("systemd", "systemd-sysv", "dbus", "python3", "iproute2", "procps")
 FORMAT: Final = "1"  # bump when the build itself changes
 
 

@@ -74,6 +74,10 @@ configuration file (TOML; every key is optional):
               (see resolver/policy.py for the decision table)
   [control]   enabled = true, socket = "/run/ipseckey-resolver/control.sock",
               state_file = "/var/lib/ipseckey-resolver/endpoints.json" (used by autosp)
+  [metrics]   listen = "127.0.0.1:9153" (serve Prometheus text at GET /metrics; absent: no
+              listener; `autosp stats` shows the same numbers through the control socket)
+  [debug]     allow_hang = false (true: the control socket's debug-hang blocks the event
+              loop, to test systemd's watchdog; never in production)
   With [identity] (and [provision]) A/AAAA lookups capture IPSECKEY records and bring tunnels
   up before answering; without them the daemon is a plain validating resolver.
 
