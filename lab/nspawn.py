@@ -172,7 +172,7 @@ class Container:
              timeout=30)
         self._mounted = True
 
-    def boot(self, timeout: float = 60.0) -> None:
+    def boot(self, timeout: float = 120.0) -> None:
         """Start systemd in the tree and wait until it reports running (or degraded)."""
         argv = ["systemd-nspawn", "--directory", str(self.root), "--boot", "--register=no",
                 "--keep-unit", "--console=passive", "--machine", f"isk-{os.getpid()}",
@@ -182,6 +182,7 @@ class Container:
         with open(self.console, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
+        state = "(no manager yet)"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise LabError(f"systemd-nspawn exited {self.proc.returncode}:\n{self.tail()}")
@@ -190,10 +191,15 @@ class Container:
                 self.leader = kids[0] if kids else None
             if self.leader is not None:
                 r = self.run(["systemctl", "is-system-running"], check=False, timeout=10)
-                if r.stdout.strip() in ("running", "degraded"):
+                state = r.stdout.strip() or r.stderr.strip()
+                if state in ("running", "degraded"):
                     return
             time.sleep(0.2)
-        raise LabError(f"the container did not boot within {timeout:g} s:\n{self.tail()}")
+        jobs = ""
+        if self.leader is not None:
+            jobs = self.run(["systemctl", "list-jobs", "--no-pager"], check=False).stdout
+        raise LabError(f"the container did not boot within {timeout:g} s (state {state}):\n"
+                       f"{jobs}\n{self.tail()}")
 
     def run(self, argv: Sequence[str], *, check: bool = True, timeout: float = 60.0,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
