@@ -15,8 +15,8 @@ a subclass or a wrapper that counts around the real call and changes nothing els
 The subclasses override the methods where a request enters and leaves (for the server and
 the forwarder these are the per-attempt methods `_udp`/`_tcp`, which is where a per-server
 round trip exists at all); if those signatures change, the tests in tests/test_metrics.py fail.
-Cost on the cached-answer path: one method call and two dict updates (measured in the report
-of the branch that added it: well under a microsecond per query).
+Cost on the cached-answer path: one method call, a byte search and one dict update (measured
+with a loop over Server.fast_reply: 2.5 -> 3.0 us per cached answer).
 """
 
 from __future__ import annotations
@@ -177,29 +177,55 @@ def question_type(wire: bytes) -> int | None:
     return None
 
 
+def _fast_type(wire: bytes) -> int:
+    """QTYPE of a query the fast path answered (its name was checked uncompressed by
+    answer.peek_query): the first zero byte after the header ends the name. A label holding
+    a zero byte would be miscounted, never misanswered; the C-speed find is worth it here."""
+    end = wire.find(0, 12)
+    return (wire[end + 1] << 8) | wire[end + 2]
+
+
 class MeteredServer(Server):
-    """The DNS server, counting queries by type and rcode, and answer-cache hits."""
+    """The DNS server, counting queries by type and rcode, and answer-cache hits.
+
+    The cached-answer path counts into a dict keyed by (qtype, rcode) integers; queries_total
+    is assembled from it (and from the slow path's counts) when someone reads the metrics.
+    Measured: about +0.5 us per cached answer, on a path of about 13 us per query with its
+    socket calls."""
 
     metrics: DaemonMetrics
+    fast: dict[tuple[int, int], int]
+    slow: dict[tuple[str, str], int]
 
     def meter(self, metrics: DaemonMetrics) -> MeteredServer:
         self.metrics = metrics
+        self.fast, self.slow = {}, {}
+        metrics.registry.collectors.append(self._collect)
         return self
+
+    def _collect(self) -> None:
+        m = self.metrics
+        merged: dict[tuple[str, ...], float] = {k: float(n) for k, n in self.slow.items()}
+        for (qtype, rcode), n in self.fast.items():
+            key = (type_label(qtype), rcode_label(rcode))
+            merged[key] = merged.get(key, 0.0) + n
+        m.queries.values = merged
+        m.cache_hits.values[()] = float(sum(self.fast.values()))
 
     def fast_reply(self, wire: bytes, now: float, udp: bool) -> bytes | None:
         reply = super().fast_reply(wire, now, udp)
         if reply is not None:
-            m = self.metrics
-            m.cache_hits.inc()
-            m.queries.inc(type_label(question_type(wire)), rcode_label(reply[3] & 0x0F))
+            key = (_fast_type(wire), reply[3] & 0x0F)
+            fast = self.fast
+            fast[key] = fast.get(key, 0) + 1
         return reply
 
     async def slow_reply(self, wire: bytes, now: float, udp: bool) -> bytes | None:
-        m = self.metrics
-        m.cache_misses.inc()
+        self.metrics.cache_misses.inc()
         reply = await super().slow_reply(wire, now, udp)
-        qtype = type_label(question_type(wire))
-        m.queries.inc(qtype, "dropped" if reply is None else rcode_label(reply[3] & 0x0F))
+        key = (type_label(question_type(wire)),
+               "dropped" if reply is None else rcode_label(reply[3] & 0x0F))
+        self.slow[key] = self.slow.get(key, 0) + 1
         return reply
 
 
