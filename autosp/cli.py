@@ -1,9 +1,10 @@
 """The `autosp` command line: parse arguments, call one module, map errors to exit statuses.
 
-Exit statuses: 0 done; 1 the operation failed (refused, timed out, raced); 2 bad input or
-configuration; 3 the resolver daemon is not reachable (endpoint commands and `stats` only).
-Errors are one line on stderr, never a traceback (set AUTOSP_DEBUG=1 to get one). What the
-daemon answers is printed as aligned text by autosp.output, or as JSON with --json.
+Exit statuses: 0 done; 1 the operation failed (refused, timed out, raced; also permission
+denied on the control socket); 2 bad input or configuration; 3 the resolver is not running (no
+control socket, or nothing answers on it; endpoint commands and `stats` only). Errors are one
+line on stderr, never a traceback (set AUTOSP_DEBUG=1 to get one). What the daemon answers is
+printed as aligned text by autosp.output, or as JSON with --json.
 """
 
 from __future__ import annotations
@@ -22,20 +23,20 @@ import dns.exception
 import dns.name
 
 from autosp import control, keygen, output, records
-from autosp.errors import DaemonUnreachable, OperationFailed
+from autosp.errors import OperationFailed, ResolverUnreachable
 from autosp.plan import ROLLOVER_STEPS
 from resolver.errors import ConfigError
 from resolver.metrics import flat_lines
 from resolver.policy import Group
 
-EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_DAEMON = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 PLACEHOLDER_NAME = "host.example.com."
 DEFAULT_PUBLISH_TTL = 300
 DEFAULT_RECORD_TTL = 3600
 
 EXIT_HELP = """\
-exit status: 0 ok, 1 operation failed, 2 bad input or configuration, 3 the resolver is not
-running (no control socket)."""
+exit status: 0 ok, 1 operation failed, 2 bad input or configuration, 3 resolver not running
+(no control socket, or no answer on it). Permission denied on the control socket is 1."""
 # keygen and publish never talk to the daemon: no status 3.
 EXIT_HELP_LOCAL = """\
 exit status: 0 ok, 1 operation failed, 2 bad input or configuration."""
@@ -272,15 +273,14 @@ def _endpoint(args: argparse.Namespace) -> int:
     name = getattr(args, "name", None)
     if name is not None:
         name = endpoint_name(name)
-    if cmd == "stats":
-        result = control.request(path, "stats") or {}
-        print(output.as_json(result) if args.json else
-              "\n".join(flat_lines(list(result.get("metrics", [])))))
-        return EXIT_OK
-    group = getattr(args, "group", None)
-    result = control.request(path, cmd, name=name, group=group)
+    # Checked as the daemon will check it (bad input: exit 2 without connecting).
+    req = control.make_request(cmd, name, getattr(args, "group", None))
+    result = control.send(path, req)
     now = time.time()
-    if args.json:
+    if cmd == "stats":
+        print(output.as_json(result) if args.json else
+              "\n".join(flat_lines(list((result or {}).get("metrics", [])))))
+    elif args.json:
         print(output.as_json(result))
     elif cmd == "add":
         print(f"added {name}\n" + output.endpoint(result or {}, now))
@@ -304,8 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc, EXIT_INPUT)
     except OperationFailed as exc:
         return _fail(exc, EXIT_FAILED)
-    except DaemonUnreachable as exc:
-        return _fail(exc, EXIT_DAEMON)
+    except ResolverUnreachable as exc:
+        return _fail(exc, EXIT_UNREACHABLE)
     except KeyboardInterrupt:
         print("autosp: interrupted", file=sys.stderr)
         return 130

@@ -1,78 +1,83 @@
 """Client side of the resolver's control socket (`autosp add/remove/list/status/refresh`).
 
-Protocol (proposed to the resolver's control.py; both sides must keep to it): a Unix stream
-socket, owner root, mode 0600. One request per connection: the client writes one JSON object
-and a newline, the server answers with one JSON object and a newline, then closes.
-
-    request:  {"op": "add", "name": "vpn.example.com.", "group": "private"}
-              {"op": "remove", "name": ...} {"op": "list"} {"op": "status", "name": ...}
-              {"op": "refresh"} / {"op": "refresh", "name": ...}
-    reply:    {"ok": true, "result": {...}}
-              {"ok": false, "error": "one sentence", "code": "unknown-name" | "no-secure-key"
-                                                             | "ike-unreachable" | "bad-request"}
-
-`list` returns {"endpoints": [ENDPOINT...]}, `status` returns ENDPOINT, where
-ENDPOINT = {"name", "addresses": [..], "algorithm", "fingerprint", "security", "tunnel",
-            "next_refresh": unix time or null, "error": "" or why it failed}.
-
-Until the resolver implements the socket, every command ends with `DaemonUnreachable` (exit 3).
+The protocol (one JSON request line, one JSON reply line, the codes and the size limits) is
+resolver/endpoints/protocol.py, shared with the daemon's server; this module connects, sends,
+reads the bounded reply, and maps its outcome onto autosp's errors (and so exit statuses):
+a "bad-request" reply or a request that `check_request` refuses is ConfigError (exit 2), any
+other failure reply OperationFailed (exit 1), as is a socket this user may not open (the same
+sentence as the daemon's "forbidden" reply); no daemon listening (or none answering) is
+ResolverUnreachable (exit 3).
 """
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from autosp.errors import DaemonUnreachable, OperationFailed
+from autosp.errors import OperationFailed, ResolverUnreachable
+from resolver.endpoints import protocol
+from resolver.endpoints.protocol import DEFAULT_SOCKET, EndpointError, Request
 from resolver.errors import ConfigError
 
-DEFAULT_SOCKET = Path("/run/ipseckey-resolver/control.sock")
-MAX_REPLY = 4 << 20
-_INPUT_CODES = {"bad-request"}
+__all__ = ["DEFAULT_SOCKET", "format_status", "format_table", "make_request", "request", "send"]
 
 
-def request(path: Path, op: str, timeout: float = 30.0, **args: Any) -> Any:
+def make_request(op: str, name: str | None = None, group: str | None = None) -> Request:
+    """A request checked as the daemon will check it, before anything is sent.
+
+    Raises:
+        ConfigError: the daemon would refuse it as "bad-request" (not a DNS name, ...).
+    """
+    try:
+        return protocol.check_request(op, name, group)
+    except EndpointError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def request(path: Path, op: str, timeout: float = 30.0, *, name: str | None = None,
+            group: str | None = None) -> Any:
+    """Check and send one request; return the reply's `result` (see `send`)."""
+    return send(path, make_request(op, name, group), timeout)
+
+
+def send(path: Path, req: Request, timeout: float = 30.0) -> Any:
     """Send one request and return the reply's `result`.
 
     Raises:
-        DaemonUnreachable: the socket is missing, refuses or the daemon does not answer.
+        ResolverUnreachable: the socket is missing, refuses or the daemon does not answer.
         ConfigError: the daemon says the request was malformed.
-        OperationFailed: the daemon could not do it (its sentence is the message).
+        OperationFailed: the daemon could not do it (its sentence is the message), or this
+            user may not open the socket.
     """
-    body = json.dumps({"op": op, **{k: v for k, v in args.items() if v is not None}})
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(path))
-            s.sendall(body.encode() + b"\n")
+            s.sendall(req.to_line())
             data = _read_line(s)
     except FileNotFoundError:
-        raise DaemonUnreachable(f"no control socket at {path}: is ipseckey-resolver running "
-                                "(with [control] enabled)? The endpoint commands need the "
-                                "resolver's control socket") from None
+        raise ResolverUnreachable(f"no control socket at {path}: is ipseckey-resolver running "
+                                  "(with [control] enabled)? The endpoint commands need the "
+                                  "resolver's control socket") from None
     except PermissionError:
-        raise DaemonUnreachable(f"{path}: permission denied (the control socket is for root "
-                                "only; run autosp as root)") from None
+        # Not "unreachable" (exit 3 means "resolver not running"): it may well be running.
+        raise OperationFailed(f"{path}: {protocol.PERMISSION_DENIED}") from None
     except TimeoutError:
-        raise DaemonUnreachable(f"{path}: the resolver did not answer within "
-                                f"{timeout:g} s") from None
+        raise ResolverUnreachable(f"{path}: the resolver did not answer within "
+                                  f"{timeout:g} s") from None
     except OSError as exc:
-        raise DaemonUnreachable(f"cannot reach the resolver at {path}: {exc.strerror}") from None
+        raise ResolverUnreachable(f"cannot reach the resolver at {path}: "
+                                  f"{exc.strerror}") from None
     try:
-        reply = json.loads(data)
-    except ValueError:
-        raise DaemonUnreachable(f"{path}: the resolver's reply is not JSON") from None
-    if not isinstance(reply, dict):
-        raise DaemonUnreachable(f"{path}: the resolver's reply is not a JSON object")
-    if reply.get("ok") is True:
-        return reply.get("result")
-    error = str(reply.get("error") or "failed (no reason given)")
-    if reply.get("code") in _INPUT_CODES:
-        raise ConfigError(error)
-    raise OperationFailed(error)
+        return protocol.parse_reply(data)
+    except ValueError as exc:
+        raise ResolverUnreachable(f"{path}: the resolver's reply is not usable: {exc}") from None
+    except EndpointError as exc:
+        if exc.code in protocol.INPUT_CODES:
+            raise ConfigError(str(exc)) from None
+        raise OperationFailed(str(exc)) from None
 
 
 def _read_line(s: socket.socket) -> bytes:
@@ -82,7 +87,7 @@ def _read_line(s: socket.socket) -> bytes:
         if not chunk:
             break
         buf += chunk
-        if len(buf) > MAX_REPLY:
+        if len(buf) > protocol.MAX_REPLY:
             raise OSError(0, "reply too large")
     if not buf:
         raise OSError(0, "the resolver closed the connection without a reply")

@@ -1,8 +1,8 @@
 """TSIG key files in the format BIND's `tsig-keygen` writes, turned into `dns.tsig.Key`.
 
-Theory of operation: the file is tokenised (quoted strings, words, `{`, `}`, `;`; comments in the
-three styles named.conf allows: `#`, `//` and `/* */`) with the line of every token kept, then one
-statement is parsed:
+Theory of operation: the file is tokenised by resolver/namedconf.py (quoted strings, words, `{`,
+`}`, `;`; comments in the three styles named.conf allows: `#`, `//` and `/* */`) with the line of
+every token kept, then key statements are parsed:
 
     key "ddns-key" {
             algorithm hmac-sha256;
@@ -26,6 +26,7 @@ import dns.name
 import dns.tsig
 
 from resolver.errors import ConfigError
+from resolver.namedconf import PUNCTUATION, Token, Tokens
 
 # named.conf algorithm names -> dnspython's algorithm names. HMAC-MD5 is kept for old servers.
 ALGORITHMS: dict[str, dns.name.Name] = {
@@ -51,130 +52,51 @@ class TsigKey:
         return dns.tsig.Key(self.name, self.secret, ALGORITHMS[self.algorithm])
 
 
-@dataclass(frozen=True, slots=True)
-class _Token:
-    text: str
-    line: int
-    quoted: bool
+def _key_statement(toks: Tokens) -> TsigKey:
+    toks.expect("key")
+    name_tok = toks.next("a key name")
+    if not name_tok.quoted and name_tok.text in PUNCTUATION:
+        raise toks.error(f"expected a key name, found {name_tok}", name_tok)
+    try:
+        name = dns.name.from_text(name_tok.text)
+    except dns.exception.DNSException as exc:
+        raise toks.error(f"bad key name {name_tok.text!r}: {exc}", name_tok) from None
+    toks.expect("{")
+    fields: dict[str, Token] = {}
+    while True:
+        tok = toks.next("'algorithm', 'secret' or '}'")
+        if tok.is_("}"):
+            break
+        if tok.quoted or tok.text not in ("algorithm", "secret"):
+            raise toks.error(f"unknown clause {tok} in key {name_tok.text!r} "
+                             "(expected 'algorithm' or 'secret')", tok)
+        if tok.text in fields:
+            raise toks.error(f"'{tok.text}' given twice in key {name_tok.text!r}", tok)
+        fields[tok.text] = toks.next(f"a value for '{tok.text}'")
+        toks.expect(";")
+    toks.expect(";")
+    return _finish(toks, name, name_tok, fields)
 
 
-class _Parser:
-    def __init__(self, where: str, tokens: list[_Token], last_line: int) -> None:
-        self.where = where
-        self.tokens = tokens
-        self.pos = 0
-        self.last_line = last_line
-
-    def error(self, message: str, line: int | None = None) -> ConfigError:
-        if line is None:
-            tok = self.peek()
-            line = tok.line if tok is not None else self.last_line
-        return ConfigError(f"{self.where}:{line}: {message}")
-
-    def peek(self) -> _Token | None:
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
-
-    def next(self, what: str) -> _Token:
-        tok = self.peek()
-        if tok is None:
-            raise self.error(f"unexpected end of file, expected {what}")
-        self.pos += 1
-        return tok
-
-    def expect(self, text: str) -> _Token:
-        tok = self.next(f"'{text}'")
-        if tok.quoted or tok.text != text:
-            raise self.error(f"expected '{text}', found {_show(tok)}", tok.line)
-        return tok
-
-    def key_statement(self) -> TsigKey:
-        kw = self.next("'key'")
-        if kw.quoted or kw.text != "key":
-            raise self.error(f"expected 'key', found {_show(kw)}", kw.line)
-        name_tok = self.next("a key name")
-        if not name_tok.quoted and name_tok.text in "{};":
-            raise self.error(f"expected a key name, found {_show(name_tok)}", name_tok.line)
-        try:
-            name = dns.name.from_text(name_tok.text)
-        except dns.exception.DNSException as exc:
-            raise self.error(f"bad key name {name_tok.text!r}: {exc}", name_tok.line) from None
-        self.expect("{")
-        fields: dict[str, _Token] = {}
-        while True:
-            tok = self.next("'algorithm', 'secret' or '}'")
-            if not tok.quoted and tok.text == "}":
-                break
-            if tok.quoted or tok.text not in ("algorithm", "secret"):
-                raise self.error(f"unknown clause {_show(tok)} in key {name_tok.text!r} "
-                                 "(expected 'algorithm' or 'secret')", tok.line)
-            if tok.text in fields:
-                raise self.error(f"'{tok.text}' given twice in key {name_tok.text!r}", tok.line)
-            fields[tok.text] = self.next(f"a value for '{tok.text}'")
-            self.expect(";")
-        self.expect(";")
-        return self.finish(name, name_tok, fields)
-
-    def finish(self, name: dns.name.Name, name_tok: _Token, fields: dict[str, _Token]) -> TsigKey:
-        for need in ("algorithm", "secret"):
-            if need not in fields:
-                raise self.error(f"key {name_tok.text!r} has no '{need}'", name_tok.line)
-        alg = fields["algorithm"]
-        if alg.text.lower() not in ALGORITHMS:
-            raise self.error(f"unsupported TSIG algorithm {alg.text!r} "
-                             f"(one of {', '.join(ALGORITHMS)})", alg.line)
-        sec = fields["secret"]
-        if not sec.quoted:
-            raise self.error("the secret must be a quoted base64 string", sec.line)
-        try:
-            secret = base64.b64decode(sec.text, validate=True)
-        except (binascii.Error, ValueError):
-            raise self.error("the secret is not valid base64", sec.line) from None
-        if not secret:
-            raise self.error("the secret is empty", sec.line)
-        return TsigKey(name, alg.text.lower(), secret)
-
-
-def _show(tok: _Token) -> str:
-    return f'"{tok.text}"' if tok.quoted else f"'{tok.text}'"
-
-
-def _tokenize(where: str, text: str) -> tuple[list[_Token], int]:
-    tokens: list[_Token] = []
-    i, line, n = 0, 1, len(text)
-    while i < n:
-        c = text[i]
-        if c == "\n":
-            line += 1
-            i += 1
-        elif c.isspace():
-            i += 1
-        elif c == "#" or text.startswith("//", i):
-            while i < n and text[i] != "\n":
-                i += 1
-        elif text.startswith("/*", i):
-            end = text.find("*/", i + 2)
-            if end < 0:
-                raise ConfigError(f"{where}:{line}: comment '/*' is never closed")
-            line += text.count("\n", i, end)
-            i = end + 2
-        elif c in "{};":
-            tokens.append(_Token(c, line, False))
-            i += 1
-        elif c == '"':
-            end = text.find('"', i + 1)
-            eol = text.find("\n", i + 1)
-            if end < 0 or (0 <= eol < end):
-                raise ConfigError(f"{where}:{line}: string is not closed on this line "
-                                  "(missing '\"')")
-            tokens.append(_Token(text[i + 1:end], line, True))
-            i = end + 1
-        else:
-            start = i
-            while i < n and not text[i].isspace() and text[i] not in '{};"#':
-                i += 1
-            tokens.append(_Token(text[start:i], line, False))
-    # End-of-file errors point at the last token, not at a trailing blank line.
-    return tokens, tokens[-1].line if tokens else 1
+def _finish(toks: Tokens, name: dns.name.Name, name_tok: Token, fields: dict[str, Token]
+            ) -> TsigKey:
+    for need in ("algorithm", "secret"):
+        if need not in fields:
+            raise toks.error(f"key {name_tok.text!r} has no '{need}'", name_tok)
+    alg = fields["algorithm"]
+    if alg.text.lower() not in ALGORITHMS:
+        raise toks.error(f"unsupported TSIG algorithm {alg.text!r} "
+                         f"(one of {', '.join(ALGORITHMS)})", alg)
+    sec = fields["secret"]
+    if not sec.quoted:
+        raise toks.error("the secret must be a quoted base64 string", sec)
+    try:
+        secret = base64.b64decode(sec.text, validate=True)
+    except (binascii.Error, ValueError):
+        raise toks.error("the secret is not valid base64", sec) from None
+    if not secret:
+        raise toks.error("the secret is empty", sec)
+    return TsigKey(name, alg.text.lower(), secret)
 
 
 def parse_tsig_keys(text: str, where: str = "<tsig key>") -> list[TsigKey]:
@@ -188,13 +110,14 @@ def parse_tsig_keys(text: str, where: str = "<tsig key>") -> list[TsigKey]:
         ConfigError: the text is not a sequence of well-formed key statements; the message
             names where:LINE.
     """
-    tokens, last = _tokenize(where, text)
-    parser = _Parser(where, tokens, last)
+    # No value of a key statement spans lines: a string that does is a missing closing quote,
+    # and saying so on its line beats "expected ';'" wherever the quotes pair up again.
+    toks = Tokens(text, where, multiline_strings=False)
     keys: list[TsigKey] = []
-    while parser.peek() is not None:
-        keys.append(parser.key_statement())
+    while toks.peek() is not None:
+        keys.append(_key_statement(toks))
     if not keys:
-        raise ConfigError(f"{where}:{last}: no 'key' statement found")
+        raise toks.error("no 'key' statement found")
     return keys
 
 

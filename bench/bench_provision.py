@@ -46,14 +46,11 @@ import dns.message
 import dns.query
 import dns.rcode
 import dns.update
-import vici
-from cryptography.hazmat.primitives import serialization
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from autosp.tsig import load_tsig_key  # noqa: E402
 from lab import Lab, ike  # noqa: E402
 from lab.resolverd import ResolverDaemon  # noqa: E402
 from lab.topology import HOSTS  # noqa: E402
@@ -109,37 +106,20 @@ def publish_peers(lab: Lab, count: int) -> list[tuple[str, str]]:
     batch = "".join(f"addr add {a}/64 dev eth0 nodad\n" for _, a in peers)
     lab.exec("bob", ["ip", "-batch", "-"], input=batch)
 
-    bob_key = serialization.load_pem_private_key(lab.private_key("bob").read_bytes(),
-                                                 password=None)
-    rdata = ipseckey_rdata_for(bob_key.public_key())  # type: ignore[arg-type]
-    key = load_tsig_key(lab.tsig_keyfile).to_dnspython()
-    server = HOSTS["ns-example"].v4
+    rdata = ipseckey_rdata_for(lab.public_key("bob"))
+
     # One UPDATE for all (over TCP): with several back-to-back UPDATEs, BIND 9.18's inline
     # signing logged "receive_secure_serial: unchanged" and never published the last batch.
-    msg = dns.update.UpdateMessage("example.test.", keyring=key)
-    for name, addr in peers:
-        label = name.split(".")[0]
-        msg.replace(label, 300, "AAAA", addr)
-        msg.replace(label, 300, rdata)
-    reply = lab.call_in("alice", lambda: dns.query.tcp(msg, server, timeout=10), 20)
-    if reply.rcode() != dns.rcode.NOERROR:
-        raise RuntimeError(f"UPDATE refused: {dns.rcode.to_text(reply.rcode())}")
-    # named signs the new records asynchronously: wait until the last one is signed.
-    last = peers[-1][0]
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        r = lab.query("alice", last, "IPSECKEY", server=server, dnssec=True)
-        if any(rr.rdtype == 46 for rr in r.answer):  # RRSIG
-            break
-        time.sleep(0.1)
-    else:
-        raise RuntimeError("published names were not signed within 20 s")
+    def build(msg: dns.update.UpdateMessage) -> None:
+        for name, addr in peers:
+            label = name.split(".")[0]
+            msg.replace(label, 300, "AAAA", addr)
+            msg.replace(label, 300, rdata)
 
-    alice_spki, bob_spki = lab.public_key_pem("alice"), lab.public_key_pem("bob")
-    with lab.vici("bob") as s:
-        for name, _ in peers:
-            s.load_conn(ike.responder_conn(HOSTS["bob"], HOSTS["alice"], bob_spki, alice_spki,
-                                           local_id=name))
+    lab.update(build)
+    # named signs the new records asynchronously: wait until the last one is signed.
+    lab.wait_signed(peers[-1][0], "IPSECKEY", HOSTS["ns-example"].v4, timeout=20)
+    lab.respond_as("bob", *(name for name, _ in peers))
     return peers
 
 
@@ -190,23 +170,12 @@ def ike_ms(lab: Lab, name: str, addr: str) -> float:
     with lab.vici("alice") as s:
         t0 = time.perf_counter()
         s.load_conn(conn)
-        for _ in s.initiate({"child": DIRECT, "ike": DIRECT, "timeout": 5000,
-                             "init-limits": "no"}):
-            pass
-        while not _installed(s, DIRECT):
+        ike.initiate(s, DIRECT, DIRECT)
+        while ike.child_states(s, DIRECT).get(DIRECT) != "INSTALLED":
             time.sleep(0.001)
         took = (time.perf_counter() - t0) * 1000
         ike.close(s, DIRECT)
     return took
-
-
-def _installed(s: vici.Session, name: str) -> bool:
-    for sa in list(s.list_sas({"ike": name})):
-        for ike_sa in sa.values():
-            for child in (ike_sa.get("child-sas") or {}).values():
-                if child.get("state") == b"INSTALLED":
-                    return True
-    return False
 
 
 def daemon_ms(lab: Lab, name: str, addr: str) -> float:
@@ -259,9 +228,7 @@ def burst(lab: Lab, peers: list[tuple[str, str]]) -> tuple[float, list[float], l
 
 
 def installed_children(lab: Lab) -> int:
-    with lab.vici("alice") as s:
-        return sum(1 for n, st in ike.child_states(s).items()
-                   if n.startswith("isk-p") and st == "INSTALLED")
+    return list(lab.child_states("alice", "isk-p").values()).count("INSTALLED")
 
 
 def part_bc(lab: Lab, peers: list[tuple[str, str]]) -> dict[str, Any]:

@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +35,10 @@ OURS = ("127.0.0.83", 5383)
 ZONE = "bench.test."
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = ROOT / ".venv" / "bin" / "python"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lab.net import poll, stop_process  # noqa: E402
 
 
 def need(program: str) -> str:
@@ -77,24 +80,18 @@ def process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 5)
 
 
 def wait_ready(addr: tuple[str, int], qname: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         r = subprocess.run([need("dig"), f"@{addr[0]}", "-p", str(addr[1]), "+tries=1",
                             "+time=1", "+norec" if addr == AUTH else "+rec", qname, "SOA"],
                            capture_output=True, text=True, check=False)
-        if "status: NOERROR" in r.stdout:
-            return
-        time.sleep(0.2)
-    sys.exit(f"bench: server on {addr[0]}:{addr[1]} did not come up")
+        return "status: NOERROR" in r.stdout
+
+    if not poll(answers, timeout, 0.2):
+        sys.exit(f"bench: server on {addr[0]}:{addr[1]} did not come up")
 
 
 def start_named(work: Path) -> list[str]:

@@ -32,16 +32,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import dns.exception
 import dns.flags
 import dns.message
-import dns.name
 import dns.query
 import dns.rdatatype
 
 from lab import dns as labdns
 from lab import ike, keys, net
-from lab.net import LabError
+from lab.net import LabError, poll
+from lab.probes import Probes
 from lab.topology import HOSTS, PEERS, UNBOUND, ZONES, Host, Signing
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,8 +56,12 @@ class CommandFailed(subprocess.CalledProcessError):
                 f"stderr: {(self.stderr or '').strip()}")
 
 
-class Lab:
-    """One lab instance. See the module docstring; all methods need root."""
+class Lab(Probes):
+    """One lab instance. See the module docstring; all methods need root.
+
+    What tests and demos do inside a running lab (ping, capture, dig, charon's SAs, DNS
+    updates) is in the base class, lab/probes.py.
+    """
 
     def __init__(self, lab_id: str | None = None, state_dir: Path | None = None,
                  esp: str | None = None) -> None:
@@ -107,9 +110,13 @@ class Lab:
             raise LabError(f"{host} has no IPSECKEY key")
         return self.keys_dir / f"{host}.pem"
 
+    def public_key(self, host: str) -> keys.PublicKey:
+        """The public half of the key behind the host's IPSECKEY."""
+        return self._host_key(host).public_key()
+
     def public_key_pem(self, host: str) -> str:
         """SubjectPublicKeyInfo PEM of the host's key (what charon takes in `pubkeys`)."""
-        return keys.spki_pem(self._host_key(host).public_key())
+        return keys.spki_pem(self.public_key(host))
 
     def charon_dir(self, host: str) -> Path:
         """Directory of a host's charon: strongswan.conf, charon.log, charon.vici."""
@@ -221,10 +228,11 @@ class Lab:
         return net.in_netns(self.ns(host), fn, timeout)
 
     def query(self, host: str, qname: str, rdtype: str | dns.rdatatype.RdataType, *,
-              server: str | None = None,
+              server: str | None = None, port: int = 53,
               dnssec: bool = True, cd: bool = False, timeout: float = 3.0,
               tcp: bool = False) -> dns.message.Message:
-        """Send one DNS query from inside `host` (default server: the lab Unbound)."""
+        """Send one DNS query (EDNS on, so SERVFAILs carry their EDE) from inside `host`
+        (default server: the lab Unbound)."""
         q = dns.message.make_query(qname, rdtype, want_dnssec=dnssec, use_edns=0)
         if cd:
             q.flags |= dns.flags.CD
@@ -232,8 +240,8 @@ class Lab:
 
         def ask() -> dns.message.Message:
             if tcp:
-                return dns.query.tcp(q, where, timeout=timeout)
-            return dns.query.udp_with_fallback(q, where, timeout=timeout)[0]
+                return dns.query.tcp(q, where, port=port, timeout=timeout)
+            return dns.query.udp_with_fallback(q, where, port=port, timeout=timeout)[0]
 
         return net.in_netns(self.ns(host), ask, timeout + 5)
 
@@ -425,12 +433,10 @@ class Lab:
     def _load_charon(self, host: str) -> None:
         spkis = {p: self.public_key_pem(p) for p in PEERS}
         der = keys.pkcs8_der(self._host_key(host))
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not self.vici_path(host).exists():
-            self._check_alive(f"charon-{host}", self.charon_dir(host) / "charon.log")
-            if time.monotonic() > deadline:
-                raise LabError(f"charon-{host}: no VICI socket after {READY_TIMEOUT} s")
-            time.sleep(0.01)
+        log = self.charon_dir(host) / "charon.log"
+        if not poll(lambda: self._check_alive(f"charon-{host}", log)
+                    or self.vici_path(host).exists(), READY_TIMEOUT, 0.01):
+            raise LabError(f"charon-{host}: no VICI socket after {READY_TIMEOUT} s")
         with ike.session(self.vici_path(host), READY_TIMEOUT) as s:
             ike.load_host(s, HOSTS[host], der, spkis)
 
@@ -476,37 +482,22 @@ class Lab:
             Path(a).name == exe for a in argv[:1] + argv[-1:])
 
     def _check_alive(self, name: str, log: Path) -> None:
+        """Raise LabError (with its log) if the daemon we started as `name` has exited."""
         proc = self._procs.get(name)
         if proc is not None and proc.poll() is not None:
             raise LabError(f"{name} exited with {proc.returncode}:\n{_tail(log)}")
 
     def _wait_log(self, name: str, log: Path, needle: str) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            self._check_alive(name, log)
-            if log.exists() and needle in log.read_text(errors="replace"):
-                return
-            if time.monotonic() > deadline:
-                raise LabError(f"{name} not ready after {READY_TIMEOUT} s:\n{_tail(log)}")
-            time.sleep(0.01)
+        if not poll(lambda: self._check_alive(name, log) or (
+                log.exists() and needle in log.read_text(errors="replace")), READY_TIMEOUT, 0.01):
+            raise LabError(f"{name} not ready after {READY_TIMEOUT} s:\n{_tail(log)}")
 
     def _wait_signed(self) -> None:
         """Wait until named has signed the policy zones (their SOA comes with an RRSIG)."""
         for zone in ZONES.values():
-            if zone.signing is not Signing.POLICY:
-                continue
-            server = HOSTS[zone.server]
-            deadline = time.monotonic() + READY_TIMEOUT
-            while True:
-                try:
-                    r = self.query("unbound", zone.name, "SOA", server=server.v4, timeout=0.5)
-                    if any(rr.rdtype == dns.rdatatype.RRSIG for rr in r.answer):
-                        break
-                except (OSError, dns.exception.DNSException):
-                    pass
-                if time.monotonic() > deadline:
-                    raise LabError(f"{zone.name} not signed by named after {READY_TIMEOUT} s")
-                time.sleep(0.02)
+            if zone.signing is Signing.POLICY:
+                self.wait_signed(zone.name, "SOA", HOSTS[zone.server].v4, host="unbound",
+                                 timeout=READY_TIMEOUT)
 
     def _state(self) -> dict[str, Any]:
         try:

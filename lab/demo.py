@@ -9,7 +9,6 @@ doing the lookup.)
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import dns.flags
@@ -17,11 +16,9 @@ import dns.message
 import dns.name
 import dns.rdatatype
 
-from lab import ike
 from lab.core import Lab
 from lab.net import LabError
-from lab.topology import HOSTS
-from lab.wire import Capture
+from lab.wire import WirePing
 from resolver import ipseckey
 
 
@@ -41,22 +38,25 @@ def key_from_answer(answer: dns.message.Message, qname: str) -> str:
     return ipseckey.IpsecKey.from_rdata(dns.name.from_text(qname), best, 0).spki_pem()
 
 
-def ping_bob_on_the_wire(lab: Lab, target: str, *, family: str = "-4"
-                         ) -> tuple[subprocess.CompletedProcess[str], list[str], list[str]]:
+def ping_bob_on_the_wire(lab: Lab, target: str) -> WirePing:
     """Ping bob (`target`: his address or name) from alice while tcpdump watches bob's switch
-    port; print the ping, the wire and alice's SAs. Returns (ping, ESP lines, cleartext ICMP
-    lines), so the caller can say whether the tunnel carried the traffic."""
-    a, b = lab.addr("alice"), lab.addr("bob")
-    with Capture(lab.switch_ns, "v-bob", ["host", a, "and", "host", b]) as cap:
-        ping = lab.exec("alice", ["ping", family, "-c", "3", "-i", "0.2", "-W", "1", target],
-                        check=False)
-    print(f"== alice: ping {family} -c 3 {target}\n{ping.stdout.strip()}")
+    port; print the ping, the wire and alice's SAs. Returns the result, so the caller can say
+    whether the tunnel carried the traffic (`WirePing.esp_only`)."""
+    w = lab.ping_on_wire("alice", target, peer=lab.addr("bob"), port="bob")
+    print(f"== alice: ping -c {w.count} {target}\n{w.output.strip()}")
     print("== tcpdump on bob's switch port (the wire):")
-    for line in cap.lines:
+    for line in w.capture.lines:
         print("   " + line)
     sas = lab.exec("alice", ["swanctl", "--list-sas", "--uri", lab.vici_socket("alice")])
     print(f"== alice's SAs (swanctl --list-sas)\n{sas.stdout.strip()}")
-    return ping, cap.esp(a, b) + cap.esp(b, a), cap.cleartext_icmp()
+    return w
+
+
+def esp_summary(w: WirePing) -> str:
+    """One line: did the ping get through, how many ESP and cleartext packets were seen."""
+    return (f"ping {'ok' if w.returncode == 0 else 'failed'}, "
+            f"{len(w.esp_out) + len(w.esp_back)} ESP packets, "
+            f"{len(w.cleartext)} cleartext ICMP packets on the wire")
 
 
 def run_demo(lab: Lab) -> int:
@@ -65,25 +65,18 @@ def run_demo(lab: Lab) -> int:
     try:
         print(f"== lab up ({lab.up():.2f} s)")
         qname = "bob.example.test"
-        dig = lab.exec("alice", ["dig", f"@{lab.unbound_addr}", "+dnssec", "+multi",
-                                 "+noall", "+comments", "+answer", qname, "IPSECKEY"])
-        print(f"== alice: dig {qname} IPSECKEY via the lab Unbound\n{dig.stdout.strip()}")
+        dig = lab.dig("alice", "+multi", qname, "IPSECKEY")
+        print(f"== alice: dig {qname} IPSECKEY via the lab Unbound\n{dig.text.strip()}")
         answer = lab.query("alice", qname, "IPSECKEY")
         spki = key_from_answer(answer, qname)
         print("== bob's key from DNS (validated, AD):\n" + spki.strip())
-        alice = HOSTS["alice"]
         t0 = time.monotonic()
-        with lab.vici("alice") as s:
-            s.load_conn(ike.initiator_conn("bob", alice, lab.addr("bob"), qname,
-                                           lab.public_key_pem("alice"), spki))
-            ike.initiate(s, "bob", "bob")
-            states = ike.child_states(s)
-        print(f"== tunnel alice -> bob over VICI in {1000 * (time.monotonic() - t0):.1f} ms: "
-              f"{states}")
-        ping, esp, clear = ping_bob_on_the_wire(lab, lab.addr("bob"))
-        ok = ping.returncode == 0 and bool(esp) and not clear
-        print(f"== {'OK' if ok else 'FAILED'}: ping {'ok' if ping.returncode == 0 else 'failed'},"
-              f" {len(esp)} ESP packets, {len(clear)} cleartext ICMP packets on the wire")
+        with lab.tunnel("alice", "bob", lab.addr("bob"), qname, spki) as states:
+            print(f"== tunnel alice -> bob over VICI in {1000 * (time.monotonic() - t0):.1f} "
+                  f"ms: {states}")
+            w = ping_bob_on_the_wire(lab, lab.addr("bob"))
+        ok = w.esp_only()
+        print(f"== {'OK' if ok else 'FAILED'}: {esp_summary(w)}")
     except LabError as exc:
         print(f"== FAILED: {exc}")
     finally:

@@ -20,7 +20,7 @@ import sys
 import time
 
 from lab.core import Lab
-from lab.demo import ping_bob_on_the_wire
+from lab.demo import esp_summary, ping_bob_on_the_wire
 from lab.net import LabError
 from lab.resolverd import ResolverDaemon
 
@@ -42,15 +42,14 @@ def run(lab: Lab) -> int:
         took = 1000 * (time.monotonic() - t0)
         print(f"== alice: dig bob.example.test ({took:.0f} ms including the tunnel setup)")
         print(dig.stdout.strip())
-        ping, esp, clear = ping_bob_on_the_wire(lab, "bob.example.test")
+        w = ping_bob_on_the_wire(lab, "bob.example.test")
         bad = lab.exec("alice", ["dig", "+noall", "+comments", "host.badsig.test"], check=False)
         print("== alice: dig host.badsig.test (its IPSECKEY signature is broken)")
         print("\n".join(ln for ln in bad.stdout.splitlines()
                         if "status" in ln or "EDE" in ln).strip())
-        ok = ping.returncode == 0 and bool(esp) and not clear and "NOERROR" in dig.stdout
-        print(f"== {'OK' if ok else 'FAILED'}: lookup {took:.0f} ms, ping "
-              f"{'ok' if ping.returncode == 0 else 'failed'}, {len(esp)} ESP packets, "
-              f"{len(clear)} cleartext ICMP packets on the wire", flush=True)
+        ok = w.esp_only() and "NOERROR" in dig.stdout
+        print(f"== {'OK' if ok else 'FAILED'}: lookup {took:.0f} ms, {esp_summary(w)}",
+              flush=True)
         if not ok:
             print(f"== resolver log (last lines):\n{daemon.tail()}")
     except LabError as exc:

@@ -315,7 +315,12 @@ def _depth(zone: Zone) -> int:
 
 
 def write_named_conf(sdir: Path, server: str, zone_files: dict[str, Path], tsig: Path) -> Path:
-    """named.conf for one authoritative server address (lab-notes' mandatory options)."""
+    """named.conf for one authoritative server address.
+
+    Each named has an address of its own (two on one address:53 both start and split the
+    queries), no pid, lock or session files (several share a filesystem), and `recursion no;
+    dnssec-validation no;` (else an authoritative-only named still tries the real root).
+    """
     sdir.mkdir(parents=True, exist_ok=True)
     h = HOSTS[server]
     zones = []

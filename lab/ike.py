@@ -1,4 +1,4 @@
-"""strongSwan charon per peer namespace, configured as lab-notes prescribe, driven over VICI.
+"""strongSwan charon per peer namespace, configured as strongswan_conf explains, driven over VICI.
 
 Theory of operation: the ESP data path is a choice (`ESP_MODES`, env LAB_ESP). The default,
 "libipsec", runs charon with kernel-libipsec (userland ESP over a TUN device, always
@@ -52,7 +52,7 @@ def plugins(esp: str) -> str:
 
 
 def strongswan_conf(cdir: Path, esp: str = ESP_LIBIPSEC) -> str:
-    """strongswan.conf for one charon (see lab-notes for why each setting is there)."""
+    """strongswan.conf for one charon (comments in it say why each setting is there)."""
     return f"""# Written by lab/ike.py at `lab up` (ESP data path: {esp}).
 charon {{
     load = {plugins(esp)}
@@ -247,7 +247,7 @@ def initiate(s: vici.Session, child: str, ike: str, timeout_ms: int = 5000) -> l
 def close(s: vici.Session, name: str) -> None:
     """Terminate the IKE_SA of connection `name` (if any) and unload the connection.
 
-    Terminate first: `unload-conn` alone keeps an established SA (lab-notes).
+    Terminate first: `unload-conn` alone keeps an established SA.
     """
     try:
         for _ in s.terminate({"ike": name, "force": "yes", "timeout": 2000}):
@@ -260,19 +260,28 @@ def close(s: vici.Session, name: str) -> None:
         pass  # never loaded
 
 
-def list_sas(s: vici.Session) -> list[dict[str, Any]]:
-    """All IKE_SAs with their CHILD_SAs, fully iterated."""
-    return [{k: _decode(v) for k, v in sa.items()} for sa in s.list_sas()]
+def list_sas(s: vici.Session, ike: str | None = None) -> list[dict[str, Any]]:
+    """All IKE_SAs (or those of conn `ike`) with their CHILD_SAs, fully iterated."""
+    return [{k: _decode(v) for k, v in sa.items()}
+            for sa in s.list_sas({"ike": ike} if ike else None)]
 
 
-def child_states(s: vici.Session) -> dict[str, str]:
-    """CHILD_SA name -> state (e.g. "INSTALLED") for every CHILD_SA charon has."""
-    out: dict[str, str] = {}
-    for sa in list_sas(s):
-        for ike in sa.values():
-            for child in (ike.get("child-sas") or {}).values():
-                out[str(child.get("name"))] = str(child.get("state"))
-    return out
+def child_sas(s: vici.Session, ike: str | None = None
+              ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(IKE_SA, CHILD_SA) for every CHILD_SA charon has (of conn `ike`), decoded."""
+    return [(ike_sa, child) for sa in list_sas(s, ike) for ike_sa in sa.values()
+            for child in (ike_sa.get("child-sas") or {}).values()]
+
+
+def child_states(s: vici.Session, ike: str | None = None) -> dict[str, str]:
+    """CHILD_SA name -> state (e.g. "INSTALLED") for every CHILD_SA charon has (of conn
+    `ike`)."""
+    return {str(child.get("name")): str(child.get("state")) for _, child in child_sas(s, ike)}
+
+
+def conn_names(s: vici.Session) -> list[str]:
+    """Names of the connections loaded in charon."""
+    return [_text(n) for n in s.get_conns().get("conns", [])]
 
 
 def _text(v: object) -> str:

@@ -34,15 +34,20 @@ def generate(kind: KeyKind) -> PrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
+def load_private(path: Path) -> PrivateKey:
+    """The unencrypted PKCS#8 PEM private key at `path` (the lab's, or one autosp keygen wrote)."""
+    return serialization.load_pem_private_key(path.read_bytes(), password=None)  # type: ignore[return-value]
+
+
 def load_or_create(path: Path, kind: KeyKind) -> PrivateKey:
     """Load the cached key at `path`, or generate one and write it there (mode 0600).
 
     A cached key of the wrong kind (topology changed) is replaced.
     """
     if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = load_private(path)
         if _kind_of(key) is kind:
-            return key  # type: ignore[return-value]
+            return key
     key = generate(kind)
     pem = key.private_bytes(
         serialization.Encoding.PEM,

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from lab.topology import BLACKHOLE_PREFIXES, CHARON_TABLE, HOSTS, Host
 
@@ -348,20 +348,50 @@ def cmdline(pid: int) -> list[str]:
 def kill_all(pids: Iterable[int], grace: float = 2.0) -> None:
     """SIGTERM, then SIGKILL whatever is still alive after `grace` seconds."""
     pids = [p for p in set(pids) if p > 1]
+    _signal(pids, signal.SIGTERM)
+    poll(lambda: all(is_zombie(p) for p in pids), grace, 0.02)
+    _signal([p for p in pids if not is_zombie(p)], signal.SIGKILL)
+
+
+def _signal(pids: Iterable[int], sig: signal.Signals) -> None:
     for p in pids:
         try:
-            os.kill(p, signal.SIGTERM)
+            os.kill(p, sig)
         except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(not is_zombie(p) for p in pids):
-        time.sleep(0.02)
-    for p in pids:
-        if not is_zombie(p):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            pass  # gone already
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 5.0) -> int | None:
+    """SIGTERM a child we started and reap it; SIGKILL it if it is still there after `grace`
+    seconds. Returns its exit status, or None when it had to be killed (it ignored SIGTERM)."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.terminate()
+    try:
+        return proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
+        return None
+
+
+def poll(check: Callable[[], T], timeout: float, interval: float = 0.05) -> T:
+    """Call `check` until it returns something truthy or `timeout` seconds have passed; returns
+    its last result (falsy on a timeout, for callers that assert on what is left)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() >= deadline:
+            return result
+        time.sleep(interval)
+
+
+def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """`poll`, and LabError("<what> after <timeout> s") when `check` never came true."""
+    result = poll(check, timeout, interval)
+    if not result:
+        raise LabError(f"{what} after {timeout:g} s")
+    return result
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

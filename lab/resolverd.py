@@ -12,42 +12,30 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+import dns.exception
 import dns.message
-import dns.query
 import dns.rcode
 
 from lab.core import Lab
-from lab.net import LabError
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+from lab.net import LabError, poll, stop_process
+from lab.probes import python_argv
+from resolver.configtable import toml_value
 
 
 class ResolverDaemon:
     """`ipseckey-resolver` in lab host `host`, listening on 127.0.0.1:`port` there.
 
     `sections` overrides or adds configuration tables ({"policy": {"default": "private"}}).
+    With `tunnels=False` it is a plain validating resolver: only [server], [upstream] and
+    [dnssec] (no identity, no provisioning, no policy, no control socket).
     """
 
     def __init__(self, lab: Lab, host: str = "alice", *, port: int = 53,
                  sections: Mapping[str, Mapping[str, Any]] | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, tunnels: bool = True) -> None:
         self.lab, self.host, self.port = lab, host, port
         self.dir = lab.run_dir / (name or f"{host}-resolver")
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -60,62 +48,53 @@ class ResolverDaemon:
             "upstream": {"servers": [lab.unbound_addr]},
             "dnssec": {"builtin_root_anchors": False,
                        "trust_anchor_files": [str(lab.root_anchor_file)]},
-            "identity": {"fqdn": f"{host}.example.test",
-                         "private_key": str(lab.private_key(host)),
-                         "addresses": [lab.addr(host), lab.addr(host, 6)]},
-            "provision": {"backend": "vici", "vici_socket": lab.vici_socket(host),
-                          "state_file": str(self.dir / "provision.json")},
-            "policy": {"default": "private-or-clear"},
-            "control": {"socket": str(self.control),
-                        "state_file": str(self.dir / "endpoints.json")},
         }
+        if tunnels:
+            tables.update({
+                "identity": {"fqdn": f"{host}.example.test",
+                             "private_key": str(lab.private_key(host)),
+                             "addresses": [lab.addr(host), lab.addr(host, 6)]},
+                "provision": {"backend": "vici", "vici_socket": lab.vici_socket(host),
+                              "state_file": str(self.dir / "provision.json")},
+                "policy": {"default": "private-or-clear"},
+                "control": {"socket": str(self.control),
+                            "state_file": str(self.dir / "endpoints.json")},
+            })
         for table, values in (sections or {}).items():
             tables.setdefault(table, {}).update(values)
         lines: list[str] = []
         for table, values in tables.items():
             lines.append(f"[{table}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+            lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
             lines.append("")
         self.config.write_text("\n".join(lines))
 
     def start(self, timeout: float = 20.0) -> None:
         """Start the daemon and wait until it answers (raises LabError with its log if not)."""
-        argv = [sys.executable, "-m", "resolver", "--config", str(self.config)]
-        env = ["env", f"PYTHONPATH={REPO}"]
+        argv = python_argv("-m", "resolver", "--config", str(self.config))
         with open(self.log, "ab") as logf:
-            self.proc = self.lab.popen(self.host, [*env, *argv], stdout=logf, stderr=logf,
+            self.proc = self.lab.popen(self.host, argv, stdout=logf, stderr=logf,
                                        stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise LabError(f"resolver exited {self.proc.returncode}:\n{self.tail()}")
-            if self._answers():
-                return
-            time.sleep(0.1)
-        raise LabError(f"resolver did not answer within {timeout:g} s:\n{self.tail()}")
+        proc = self.proc
 
-    def _answers(self) -> bool:
-        query = dns.message.make_query("example.test.", "SOA")
-
-        def ask() -> bool:
+        def answers() -> bool:
+            if proc.poll() is not None:
+                raise LabError(f"resolver exited {proc.returncode}:\n{self.tail()}")
             try:
-                reply = dns.query.udp(query, "127.0.0.1", port=self.port, timeout=0.5)
+                reply = self.query("example.test.", "SOA", timeout=0.5)
             except (OSError, dns.exception.Timeout):
                 return False
             return reply.rcode() in (dns.rcode.NOERROR, dns.rcode.SERVFAIL)
 
-        return bool(self.lab.call_in(self.host, ask))
+        if not poll(answers, timeout, 0.1):
+            raise LabError(f"resolver did not answer within {timeout:g} s:\n{self.tail()}")
 
-    def query(self, qname: str, rdtype: str, *, timeout: float = 10.0,
-              want_dnssec: bool = False) -> dns.message.Message:
-        """Ask the daemon from inside its host (never from the host namespace)."""
-        q = dns.message.make_query(qname, rdtype, want_dnssec=want_dnssec)
-
-        def ask() -> dns.message.Message:
-            return dns.query.udp(q, "127.0.0.1", port=self.port, timeout=timeout)
-
-        result: dns.message.Message = self.lab.call_in(self.host, ask)
-        return result
+    def query(self, qname: str, rdtype: str = "A", *, timeout: float = 8.0,
+              dnssec: bool = False) -> dns.message.Message:
+        """Ask the daemon from inside its host (never from the host namespace); EDNS on, so a
+        SERVFAIL carries its Extended DNS Error."""
+        return self.lab.query(self.host, qname, rdtype, server="127.0.0.1", port=self.port,
+                              dnssec=dnssec, timeout=timeout)
 
     def kill9(self) -> None:
         """SIGKILL, as a crash would (no clean shutdown, state files as they were)."""
@@ -124,15 +103,11 @@ class ResolverDaemon:
             self.proc.wait(10)
         self.proc = None
 
-    def stop(self) -> None:
-        """SIGTERM and wait; SIGKILL if it does not exit within 10 s."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-        self.proc = None
+    def stop(self) -> int | None:
+        """SIGTERM and wait; SIGKILL if it does not exit within 10 s. Returns its exit status
+        (None: it had to be killed, or was not running)."""
+        proc, self.proc = self.proc, None
+        return None if proc is None else stop_process(proc, 10)
 
     def tail(self, n: int = 40) -> str:
         """The last lines of the daemon's log (for failure messages)."""

@@ -93,3 +93,41 @@ class Capture:
     def cleartext_icmp(self) -> list[str]:
         """ICMP/ICMPv6 packets seen in clear (any of them means traffic escaped the tunnel)."""
         return self.matching("ICMP")
+
+
+@dataclass(frozen=True)
+class WirePing:
+    """A ping from one lab host and what the wire carried meanwhile (`Lab.ping_on_wire`)."""
+
+    returncode: int
+    output: str  # ping's stdout + stderr
+    src: str  # the pinging host's address
+    dst: str  # the far end of the path: the target, or the gateway in front of it
+    count: int  # echoes sent
+    capture: Capture
+
+    @property
+    def esp_out(self) -> list[str]:
+        """ESP packets src -> dst."""
+        return self.capture.esp(self.src, self.dst)
+
+    @property
+    def esp_back(self) -> list[str]:
+        """ESP packets dst -> src."""
+        return self.capture.esp(self.dst, self.src)
+
+    @property
+    def cleartext(self) -> list[str]:
+        """ICMP seen in clear (any of it means traffic escaped the tunnel)."""
+        return self.capture.cleartext_icmp()
+
+    def esp_only(self) -> bool:
+        """The ping got through and every echo and reply crossed the wire as ESP, none in clear
+        (at least `count` ESP packets each way)."""
+        return (self.returncode == 0 and len(self.esp_out) >= self.count
+                and len(self.esp_back) >= self.count and not self.cleartext)
+
+    def report(self) -> str:
+        """Ping's output and the capture, for failure messages."""
+        return f"ping ({self.src} -> {self.dst}):\n{self.output}\nwire:\n" + "\n".join(
+            self.capture.lines)

@@ -5,8 +5,8 @@ Theory of operation: bounded LRU maps (`LruCache`) with absolute expiry times, a
 
 * the answer cache keeps `ValidatedAnswer`s per (qname, qtype). Positive answers live for the
   answer's TTL, negative ones for the RFC 2308 TTL (min of the SOA's TTL and MINIMUM field),
-  bogus and indeterminate ones for `bogus_ttl` (60 s by default, as design.md asks), so a broken
-  zone costs one validation a minute rather than one per query.
+  bogus and indeterminate ones for `bogus_ttl` (60 s by default, DESIGN.md's limits), so a
+  broken zone costs one validation a minute rather than one per query.
 * the raw cache keeps upstream responses (fetched with CD=1) for the validator's own
   fetches (DNSKEY, DS, proofs). These are never served to a client: the validator checks them
   every time it uses them, so caching them saves round trips without trusting anything.
@@ -119,6 +119,9 @@ class WireCache:
 
     def __init__(self, max_entries: int) -> None:
         self._lru: LruCache[WireKey, WireEntry] = LruCache(max_entries)
+        # Bumped by clear(): a reply computed before a clear (a tunnel it relied on was lost
+        # meanwhile) must not be stored after it.
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -132,10 +135,13 @@ class WireCache:
         """The live entry for key, or None."""
         return self._lru.get(key, now)
 
-    def put(self, key: WireKey, entry: WireEntry, expires_at: float) -> None:
-        """Store a reply until expires_at."""
-        self._lru.put(key, entry, expires_at)
+    def put(self, key: WireKey, entry: WireEntry, expires_at: float,
+            generation: int | None = None) -> None:
+        """Store a reply until expires_at (not if the cache was cleared since `generation`)."""
+        if generation is None or generation == self.generation:
+            self._lru.put(key, entry, expires_at)
 
     def clear(self) -> None:
-        """Forget every reply (policy, anchors or leases changed)."""
+        """Forget every reply (policy, anchors or leases changed; a tunnel was lost)."""
         self._lru.clear()
+        self.generation += 1

@@ -1,7 +1,7 @@
 """The capturing QueryHandler: an A/AAAA answer only after the tunnel to it is up.
 
-Theory of operation (design.md steps 2-7 for address queries; everything else goes to the plain
-handler unchanged):
+Theory of operation (DESIGN.md steps 3, 6, 7 and 8 for address queries; everything else goes
+to the plain handler unchanged):
 
   1. The address RRset and the IPSECKEY RRset of the query name are resolved in parallel
      (`Resolution.resolve`, cached and coalesced, so the IPSECKEY costs no extra latency).
@@ -28,18 +28,14 @@ Any exception other than cancellation leaving `handle` is a bug.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Final, Protocol
 
 import dns.message
 import dns.name
 import dns.rdataclass
 import dns.rdatatype
-import dns.rrset
 
 from resolver import answer as replies
 from resolver.errors import ProvisioningError, TunnelRejected
@@ -55,26 +51,19 @@ from resolver.policy import (
     key_evidence,
 )
 from resolver.provision import Provisioner
+from resolver.resolve import QueryHandler, Resolver
+from resolver.rrsets import (
+    ADDRESS_TYPES,
+    Address,
+    addresses_of,
+    chain_end,
+    gateway_addresses,
+    only_addresses,
+)
 from resolver.tunnels.intents import TunnelSpec, tunnel_spec
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
 
 log = logging.getLogger(__name__)
-
-Address = IPv4Address | IPv6Address
-
-_ADDRESS_TYPES: Final = (dns.rdatatype.A, dns.rdatatype.AAAA)
-MAX_CHAIN: Final = 12  # design.md: CNAME chain at most 12
-
-
-class QueryHandler(Protocol):
-    async def handle(self, query: dns.message.Message, now: float) -> dns.message.Message: ...
-
-
-class Resolver(Protocol):
-    """The part of resolve.Resolution we use."""
-
-    async def resolve(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float,
-                      *, fresh: bool = False) -> ValidatedAnswer: ...
 
 
 @dataclass(slots=True)
@@ -102,7 +91,7 @@ class CaptureHandler:
     async def handle(self, query: dns.message.Message, now: float) -> dns.message.Message:
         """Answer one query (already checked by the server: opcode QUERY, one question)."""
         q = query.question[0]
-        if q.rdclass != dns.rdataclass.IN or q.rdtype not in _ADDRESS_TYPES:
+        if q.rdclass != dns.rdataclass.IN or q.rdtype not in ADDRESS_TYPES:
             return await self.plain.handle(query, now)
         self.counters.queries += 1
         qtype = dns.rdatatype.RdataType(q.rdtype)
@@ -183,20 +172,15 @@ class CaptureHandler:
 
     async def _gateway_address(self, name: dns.name.Name, destinations: Sequence[Address],
                                now: float) -> Address:
-        """The address of a gateway given by name: same family as the destination first.
-
-        The gateway's address needs no DNSSEC proof of its own (IKE authenticates the gateway
-        by the secure key), but bogus data is never used.
-        """
+        """The address of a gateway given by name: same family as the destination first."""
         order = (dns.rdatatype.A, dns.rdatatype.AAAA)
         if destinations and destinations[0].version == 6:
             order = (dns.rdatatype.AAAA, dns.rdatatype.A)
         for rdtype in order:
-            ans = await self.resolution.resolve(name, rdtype, now)
-            if ans.verdict.security in (Security.SECURE, Security.INSECURE):
-                found = addresses_of(ans.answer, chain_end(ans.answer, name), rdtype)
-                if found:
-                    return found[0]
+            found = gateway_addresses(await self.resolution.resolve(name, rdtype, now), name,
+                                      rdtype)
+            if found:
+                return found[0]
         raise TunnelRejected(f"gateway {name} has no usable address")
 
     async def _refuse(self, query: dns.message.Message, decision: Refuse, now: float
@@ -211,41 +195,6 @@ class CaptureHandler:
                 log.warning("drop shunt for %s failed: %s", decision.drop, exc)
         verdict = Verdict(Security.INDETERMINATE, decision.reason, decision.ede)
         return replies.servfail(query, verdict, self.payload)
-
-
-def chain_end(rrsets: Sequence[dns.rrset.RRset], qname: dns.name.Name) -> dns.name.Name:
-    """The name a CNAME chain starting at qname ends at (qname itself without CNAMEs)."""
-    cnames = {r.name: r for r in rrsets if r.rdtype == dns.rdatatype.CNAME}
-    name = qname
-    for _ in range(MAX_CHAIN + 1):
-        rrset = cnames.get(name)
-        if rrset is None or len(rrset) == 0:
-            return name
-        name = next(iter(rrset)).target
-    return name  # the validator enforces the limit; stop here rather than loop
-
-
-def addresses_of(rrsets: Sequence[dns.rrset.RRset], owner: dns.name.Name,
-                 rdtype: dns.rdatatype.RdataType) -> list[Address]:
-    """The addresses of owner's A or AAAA RRset in an answer section."""
-    return [ip_address(rd.address) for r in rrsets if r.rdtype == rdtype and r.name == owner
-            for rd in r]
-
-
-def only_addresses(ans: ValidatedAnswer, keep: Sequence[Address]) -> ValidatedAnswer:
-    """`ans` with only the address records in `keep` (RRSIGs no longer match: dropped)."""
-    wanted = set(keep)
-    out: list[dns.rrset.RRset] = []
-    for r in ans.answer:
-        if r.rdtype in _ADDRESS_TYPES:
-            kept = dns.rrset.RRset(r.name, r.rdclass, r.rdtype)
-            for rd in r:
-                if ip_address(rd.address) in wanted:
-                    kept.add(rd, r.ttl)
-            out.append(kept)
-        elif not (r.rdtype == dns.rdatatype.RRSIG and r.covers in _ADDRESS_TYPES):
-            out.append(r)
-    return dataclasses.replace(ans, answer=out)
 
 
 def _ignore_result(task: asyncio.Task[ValidatedAnswer]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import gc
 import logging
 import signal
@@ -19,13 +18,14 @@ import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import Any
 
 from resolver import config as configuration
 from resolver.cache import WireCache
-from resolver.capture import CaptureHandler, QueryHandler
+from resolver.capture import CaptureHandler
 from resolver.config import Config
-from resolver.endpoints.control import ControlConfig, ControlService, start_control
+from resolver.confighelp import config_help
+from resolver.endpoints.config import ControlConfig
+from resolver.endpoints.control import ControlService, start_control
 from resolver.errors import ConfigError
 from resolver.hostaddr import read_interface_addresses
 from resolver.logsetup import setup_logging
@@ -36,51 +36,19 @@ from resolver.metered import (
     MeteredResolution,
     MeteredServer,
 )
-from resolver.metrics_http import MetricsConfig
-from resolver.policy import Policy, PolicyConfig
+from resolver.policy import Group, Policy, PolicyConfig
 from resolver.provision import Provisioner
-from resolver.resolve import Fetch, PlainHandler, Validating
-from resolver.service import DebugConfig, ServiceRuntime
+from resolver.resolve import Fetch, PlainHandler, QueryHandler, Validating
+from resolver.service import ServiceRuntime
+from resolver.serviceconfig import DebugConfig, MetricsConfig
 from resolver.tunnels.backend import make_backend
 from resolver.tunnels.config import Identity, ProvisionConfig
 from resolver.validator.anchors import TrustAnchors
-from resolver.validator.types import Limits
+from resolver.watch import TunnelWatch
 
 log = logging.getLogger("resolver")
 
-EPILOG = """\
-configuration file (TOML; every key is optional):
-  [server]    listen = ["127.0.0.1:53", "[::1]:53"], edns_payload = 1232,
-              tcp_idle_timeout = 10.0, tcp_max_connections = 256, tcp_max_pipelined = 64,
-              query_timeout = 10.0
-  [upstream]  servers = ["192.0.2.1", "[2001:db8::1]:53"]  (default: the nameservers of
-              /etc/resolv.conf that are not this resolver), timeout = 1.5, attempts = 2,
-              tcp_timeout = 3.0
-  [dnssec]    builtin_root_anchors = true, trust_anchor_files = ["root.key"],
-              negative_trust_anchors = ["corp.example."]
-  [cache]     max_entries = 10000, max_ttl = 86400, bogus_ttl = 60, failure_ttl = 5,
-              negative_max_ttl = 3600
-  [limits]    max_upstream_queries = 64, max_sig_checks_per_rrset = 4, ... (see DESIGN.md)
-  [log]       level = "info" | "debug" | "warning" | "error", debug_queries = false
-  [identity]  fqdn = "alice.example.com", private_key = "/etc/ipseckey-resolver/key.pem"
-              (PKCS#8, mode 0600), addresses = [...] (optional; the host's own are read too)
-  [provision] backend = "vici" | "dryrun", vici_socket = "unix:///var/run/charon.vici",
-              shunts = "xfrm" | "none", timeout = 3.0, lease = 600, grace = 60,
-              failure_hold = 10, max_setups = 32,
-              state_file = "/var/lib/ipseckey-resolver/state.json"
-  [policy]    default = "private-or-clear", and per group a list of CIDRs and name
-              suffixes: private = ["198.51.100.0/24", ".corp.example."], clear = [...],
-              block = [...], clear-or-private = [...], private-or-clear = [...]
-              (see resolver/policy.py for the decision table)
-  [control]   enabled = true, socket = "/run/ipseckey-resolver/control.sock",
-              state_file = "/var/lib/ipseckey-resolver/endpoints.json" (used by autosp)
-  [metrics]   listen = "127.0.0.1:9153" (serve Prometheus text at GET /metrics; absent: no
-              listener; `autosp stats` shows the same numbers through the control socket)
-  [debug]     allow_hang = false (true: the control socket's debug-hang blocks the event
-              loop, to test systemd's watchdog; never in production)
-  With [identity] (and [provision]) A/AAAA lookups capture IPSECKEY records and bring tunnels
-  up before answering; without them the daemon is a plain validating resolver.
-
+EXIT_STATUS = """
 exit status: 0 clean shutdown or valid config, 2 configuration error, 1 other failure.
 """
 
@@ -92,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="A DNSSEC-validating local resolver: forwards with DO+CD, validates "
                     "every answer itself from its trust anchors, and answers SERVFAIL with an "
                     "Extended DNS Error when validation fails.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=config_help() + "\n" + EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", "-c", type=Path, metavar="FILE",
                    help="TOML configuration file (default: built-in defaults only)")
     p.add_argument("--check-config", action="store_true",
@@ -109,11 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _override(args: argparse.Namespace, flag: str, values: list[str]
-              ) -> tuple[configuration.Endpoint, ...]:
+              ) -> tuple[configuration.HostPort, ...]:
     out = []
     for v in values:
         try:
-            out.append(configuration.parse_endpoint(v))
+            out.append(configuration.parse_hostport(v))
         except ValueError as e:
             raise ConfigError(f"{flag}: {e}") from None
     return tuple(out)
@@ -171,23 +140,12 @@ def check_sections(cfg: Config) -> None:
                           "provisioning backend no destination can be made private")
 
 
-def build_limits(cfg: Config) -> Limits:
-    """The validator's Limits from [limits] (same names) and [cache] bogus_ttl."""
-    names = {f.name for f in dataclasses.fields(Limits)}
-    values: dict[str, Any] = {f.name: getattr(cfg.limits, f.name)
-                              for f in dataclasses.fields(cfg.limits) if f.name in names}
-    values["max_fetches"] = cfg.limits.max_upstream_queries
-    values["bogus_ttl"] = cfg.cache.bogus_ttl
-    values["cache_entries"] = cfg.cache.max_entries
-    return Limits(**{k: v for k, v in values.items() if k in names})
-
-
 def host_addresses() -> tuple[IPv4Address | IPv6Address, ...]:
     """The addresses of this host (its network namespace), read over netlink.
 
-    Policy never tunnels or blocks these (design.md: "destinations that are this host's own
-    addresses or loopback are never tunnelled"), so they are read at start-up rather than
-    trusted to the configuration alone.
+    Policy never tunnels or blocks these (DESIGN.md, step 6: "the host's own addresses and
+    loopback are never tunnelled"), so they are read at start-up rather than trusted to the
+    configuration alone.
     """
     return tuple(e.address for e in read_interface_addresses())
 
@@ -215,24 +173,24 @@ async def serve(cfg: Config) -> int:
     from resolver.validator.response import Validator  # late: the validator's part
 
     anchors = build_anchors(cfg)
-    limits = build_limits(cfg)
     source = str(cfg.path) if cfg.path is not None else "config"
 
     def make_validator(fetch: Fetch) -> Validating:
-        return Validator(anchors, fetch, limits)
+        return Validator(anchors, fetch, cfg.limits)
 
     metrics = DaemonMetrics()
     forwarder = MeteredForwarder(cfg.upstream.servers, timeout=cfg.upstream.timeout,
                           attempts=cfg.upstream.attempts, tcp_timeout=cfg.upstream.tcp_timeout,
                           payload=cfg.server.edns_payload).meter(metrics)
     resolution = MeteredResolution(forwarder, make_validator, cache=cfg.cache,
-                                   max_upstream_queries=cfg.limits.max_upstream_queries
-                                   ).meter(metrics)
+                                   max_upstream_queries=cfg.limits.max_fetches).meter(metrics)
     plain = PlainHandler(resolution, max_ttl=cfg.cache.max_ttl,
                          payload=cfg.server.edns_payload)
 
     handler: QueryHandler = plain
     provisioner: Provisioner | None = None
+    watch: TunnelWatch | None = None
+    wire_cache = WireCache(cfg.cache.max_entries)
     control: ControlService | None = None
     tasks: list[asyncio.Task[None]] = []
     check_sections(cfg)
@@ -245,10 +203,14 @@ async def serve(cfg: Config) -> int:
         own = (*await asyncio.to_thread(host_addresses), *(ident.addresses if ident else ()))
         policy = Policy(PolicyConfig.from_section(cfg.sections.get("policy", {}), source),
                         own_addresses=own)
-        backend = MeteredBackend(make_backend(pcfg, ident, source=source), metrics)
-        provisioner = Provisioner(backend, pcfg)
+        provisioner = Provisioner(
+            MeteredBackend(make_backend(pcfg, ident, source=source), metrics), pcfg,
+            must_drop=lambda s: policy.group_for(s.key.owner, (s.destination,)) is Group.PRIVATE)
+        provisioner.on_lost.append(wire_cache.clear)  # answers given for a lost tunnel
         metrics.watch_provisioner(provisioner)
         await provisioner.reconcile(time.time())
+        watch = TunnelWatch(provisioner, time.time, interval=pcfg.watch_interval)
+        watch.start()  # charon's events; the dry run has none
         handler = CaptureHandler(plain, resolution, policy, provisioner,
                                  payload=cfg.server.edns_payload)
         metrics.watch_capture(handler)
@@ -260,8 +222,7 @@ async def serve(cfg: Config) -> int:
         log.info("capture on: policy default %s, backend %s, shunts %s",
                  policy.config.default.value, pcfg.backend, pcfg.shunts)
 
-    server = MeteredServer(handler, cfg.server, cache=WireCache(cfg.cache.max_entries)
-                           ).meter(metrics)
+    server = MeteredServer(handler, cfg.server, cache=wire_cache).meter(metrics)
     await server.start(cfg.server.listen)
     # Cyclic GC pauses are part of the tail of cached-answer latency: move everything built at
     # start-up out of the collector's view, and collect the young generation less often.
@@ -290,6 +251,8 @@ async def serve(cfg: Config) -> int:
             task.cancel()
         if control is not None:
             await control.close()
+        if watch is not None:
+            await watch.close()
         await server.stop()
         if provisioner is not None:
             await provisioner.close()

@@ -1,11 +1,14 @@
 """The resolver's configuration: one TOML file, every setting with a default.
 
-Theory of operation: `load(path)` reads the file with tomllib and turns each table this module
-owns ([server] [upstream] [dnssec] [cache] [limits] [log]) into a frozen dataclass, checking
-types and ranges key by key. Tables owned by other modules ([policy] [provision] [control]
-[identity]) are passed through raw in `Config.sections`; their owners parse them. Anything else
-(an unknown table, an unknown key, a wrong type) is a `ConfigError` whose message names the
-file, the table, the key and the problem, so an operator never has to guess.
+Theory of operation: `load(path)` reads the file with tomllib and hands each table this module
+owns to its parser (`parse_server`, `parse_upstream`, `parse_dnssec`, `parse_cache`,
+`parse_limits`, `parse_log`), which reads it key by key through configtable.Table into a frozen
+dataclass; [limits] goes straight into the validator's own `Limits`. Tables owned by other
+modules ([policy] [provision] [control] [identity]) are passed through raw in `Config.sections`
+and parsed by their owners through the same Table. Anything wrong (an unknown table, an unknown
+key, a wrong type or range) is a `ConfigError` whose message names the file, the table, the key
+and the problem, so an operator never has to guess. `--help` prints every key with its default
+by running these same parsers (confighelp.py).
 
 Nothing here opens sockets. The one piece of the environment we read is /etc/resolv.conf, for
 the default upstream list (the system's nameservers minus this resolver's own addresses).
@@ -13,6 +16,7 @@ the default upstream list (the system's nameservers minus this resolver's own ad
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import tomllib
 from collections.abc import Mapping
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from resolver.configtable import Table, at_least, between, positive, type_name
+from resolver.configtable import Table, at_least, between, one_of, positive
 from resolver.errors import ConfigError
 from resolver.validator.types import Limits
 
@@ -31,8 +35,11 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True, slots=True)
-class Endpoint:
-    """An IP address and port (listen address or upstream server)."""
+class HostPort:
+    """An IP address and port: a listen address or an upstream server.
+
+    (Not an "endpoint": in resolver/endpoints that word means a peer pinned by name.)
+    """
 
     host: str
     port: int = DNS_PORT
@@ -50,7 +57,7 @@ class Endpoint:
 class ServerConfig:
     """[server]: where we listen and how we treat clients."""
 
-    listen: tuple[Endpoint, ...] = (Endpoint("127.0.0.1"), Endpoint("::1"))
+    listen: tuple[HostPort, ...] = (HostPort("127.0.0.1"), HostPort("::1"))
     edns_payload: int = 1232  # RFC 9715 / DNS flag day 2020: no fragmentation
     tcp_idle_timeout: float = 10.0  # seconds a TCP connection may sit without a query
     tcp_max_connections: int = 256
@@ -62,7 +69,7 @@ class ServerConfig:
 class UpstreamConfig:
     """[upstream]: the resolvers we forward to (with DO=1, CD=1)."""
 
-    servers: tuple[Endpoint, ...] = ()
+    servers: tuple[HostPort, ...] = ()
     timeout: float = 1.5  # per attempt on one server
     attempts: int = 2  # rounds over the whole server list
     tcp_timeout: float = 3.0
@@ -90,30 +97,15 @@ class CacheConfig:
     negative_max_ttl: int = 3600  # RFC 2308 section 5: cap on negative caching
 
 
-_LIMITS: Final = Limits()
-
-
-@dataclass(frozen=True, slots=True)
-class LimitsConfig:
-    """[limits]: per-query work limits (design.md, "Limits that keep the resolver alive").
-
-    Names match resolver.validator.types.Limits, except max_upstream_queries (its max_fetches),
-    which the resolution core also enforces for the client query's own lookups.
-    """
-
-    # Defaults are the validator's own (one source of truth: validate_types.Limits).
-    max_upstream_queries: int = _LIMITS.max_fetches  # per client query, validation included
-    max_keys_per_tag: int = _LIMITS.max_keys_per_tag
-    max_sig_checks_per_rrset: int = _LIMITS.max_sig_checks_per_rrset
-    max_sig_checks_per_query: int = _LIMITS.max_sig_checks_per_query
-    max_sig_failures_per_query: int = _LIMITS.max_sig_failures_per_query
-    max_ds: int = _LIMITS.max_ds
-    max_ds_mismatches: int = _LIMITS.max_ds_mismatches
-    max_nsec3_records: int = _LIMITS.max_nsec3_records
-    max_nsec3_iterations: int = _LIMITS.max_nsec3_iterations
-    max_nsec3_salt: int = _LIMITS.max_nsec3_salt
-    max_nsec3_hashes: int = _LIMITS.max_nsec3_hashes
-    max_cname_chain: int = _LIMITS.max_cname_chain
+# The [limits] keys, each a field of the validator's Limits (DESIGN.md, "Limits that keep the
+# resolver alive"), which is what [limits] is parsed into. One key is named differently:
+# max_upstream_queries sets Limits.max_fetches, because the resolution core (resolve.py) holds
+# the client query's own lookups to the same number, not only the validator's DS/DNSKEY fetches,
+# and the key says so. The other Limits fields are not settable here, or come from [cache].
+LIMIT_KEYS: Final = {"max_upstream_queries": "max_fetches", **{name: name for name in (
+    "max_keys_per_tag", "max_sig_checks_per_rrset", "max_sig_checks_per_query",
+    "max_sig_failures_per_query", "max_ds", "max_ds_mismatches", "max_nsec3_records",
+    "max_nsec3_iterations", "max_nsec3_salt", "max_nsec3_hashes", "max_cname_chain")}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +125,7 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     dnssec: DnssecConfig = field(default_factory=DnssecConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    limits: Limits = field(default_factory=Limits)
     log: LogConfig = field(default_factory=LogConfig)
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -158,7 +150,7 @@ class Config:
         return "\n".join(lines)
 
 
-def parse_endpoint(text: str, default_port: int = DNS_PORT) -> Endpoint:
+def parse_hostport(text: str, default_port: int = DNS_PORT) -> HostPort:
     """Parse "ADDR", "ADDR:PORT", "[V6]:PORT" or a bare IPv6 address.
 
     Raises:
@@ -182,7 +174,7 @@ def parse_endpoint(text: str, default_port: int = DNS_PORT) -> Endpoint:
         addr = ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(f"{text!r}: not an IP address (names are not allowed here)") from None
-    return Endpoint(str(addr), port)
+    return HostPort(str(addr), port)
 
 
 def _port(text: str, whole: str) -> int:
@@ -191,28 +183,15 @@ def _port(text: str, whole: str) -> int:
     return int(text)
 
 
-def _endpoints(table: Table, key: str, default: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
-    items = table.strings(key)
-    if items is None:
-        return default
-    out = []
-    for item in items:
-        try:
-            out.append(parse_endpoint(item))
-        except ValueError as e:
-            raise table.fail(key, str(e)) from None
-    return tuple(out)
-
-
-def _server(t: Table) -> ServerConfig:
+def parse_server(t: Table) -> ServerConfig:
+    """[server] (every table parser reads a configtable.Table and calls its done())."""
     d = ServerConfig()
-    listen = _endpoints(t, "listen", d.listen)
+    listen = t.each("listen", parse_hostport, d.listen)
     if not listen:
         raise t.fail("listen", "must list at least one address")
     cfg = ServerConfig(
         listen=listen,
-        edns_payload=t.get("edns_payload", int, d.edns_payload,
-                           lambda v: None if 512 <= v <= 4096 else "must be 512-4096"),
+        edns_payload=t.get("edns_payload", int, d.edns_payload, between(512, 4096)),
         tcp_idle_timeout=t.get("tcp_idle_timeout", float, d.tcp_idle_timeout, positive),
         tcp_max_connections=t.get("tcp_max_connections", int, d.tcp_max_connections,
                                   at_least(1)),
@@ -223,11 +202,13 @@ def _server(t: Table) -> ServerConfig:
     return cfg
 
 
-def _upstream(t: Table, listen: tuple[Endpoint, ...], resolv_conf: Path,
-              override: tuple[Endpoint, ...]) -> UpstreamConfig:
+def parse_upstream(t: Table, listen: tuple[HostPort, ...], resolv_conf: Path,
+                   override: tuple[HostPort, ...]) -> UpstreamConfig:
+    """[upstream]. `override` (--upstream) replaces servers; without either, the
+    nameservers of `resolv_conf` that are not one of `listen` (see default_upstreams)."""
     d = UpstreamConfig()
-    servers = override or _endpoints(t, "servers", ())
-    t.seen.add("servers")
+    servers = override or t.each("servers", parse_hostport, d.servers)
+    t.defaults.setdefault("servers", d.servers)  # a known key even when --upstream replaces it
     from_file = "servers" not in t.raw and not override
     if from_file:
         servers = default_upstreams(listen, resolv_conf)
@@ -246,21 +227,26 @@ def _upstream(t: Table, listen: tuple[Endpoint, ...], resolv_conf: Path,
     return cfg
 
 
-def _dnssec(t: Table, base: Path) -> DnssecConfig:
+def parse_dnssec(t: Table, base: Path) -> DnssecConfig:
+    """[dnssec]; relative anchor file names are taken from `base`, the config's folder."""
     d = DnssecConfig()
-    files = t.strings("trust_anchor_files") or ()
-    paths = tuple((base / f) if not Path(f).is_absolute() else Path(f) for f in files)
-    for p in paths:
-        if not p.is_file():
-            raise t.fail("trust_anchor_files", f"{p}: no such file")
-    ntas = t.strings("negative_trust_anchors") or ()
-    for n in ntas:
-        if not n or any(c.isspace() for c in n) or ".." in n:
-            raise t.fail("negative_trust_anchors", f"{n!r} is not a domain name")
+
+    def anchor_file(name: str) -> Path:
+        path = base / name  # an absolute name stays as it is
+        if not path.is_file():
+            raise ValueError(f"{path}: no such file")
+        return path
+
+    def domain_name(name: str) -> str:
+        if not name or any(c.isspace() for c in name) or ".." in name:
+            raise ValueError(f"{name!r} is not a domain name")
+        return name
+
     cfg = DnssecConfig(
         builtin_root_anchors=t.get("builtin_root_anchors", bool, d.builtin_root_anchors),
-        trust_anchor_files=paths,
-        negative_trust_anchors=ntas,
+        trust_anchor_files=t.each("trust_anchor_files", anchor_file, d.trust_anchor_files),
+        negative_trust_anchors=t.each("negative_trust_anchors", domain_name,
+                                      d.negative_trust_anchors),
     )
     t.done()
     if not cfg.builtin_root_anchors and not cfg.trust_anchor_files:
@@ -269,7 +255,8 @@ def _dnssec(t: Table, base: Path) -> DnssecConfig:
     return cfg
 
 
-def _cache(t: Table) -> CacheConfig:
+def parse_cache(t: Table) -> CacheConfig:
+    """[cache]."""
     d = CacheConfig()
     cfg = CacheConfig(
         max_entries=t.get("max_entries", int, d.max_entries, at_least(16)),
@@ -282,27 +269,30 @@ def _cache(t: Table) -> CacheConfig:
     return cfg
 
 
-def _limits(t: Table) -> LimitsConfig:
-    d = LimitsConfig()
-    values = {name: t.get(name, int, getattr(d, name), at_least(1))
-              for name in LimitsConfig.__dataclass_fields__}
+def parse_limits(t: Table, cache: CacheConfig) -> Limits:
+    """[limits], into the validator's own Limits (see LIMIT_KEYS)."""
+    d = Limits()
+    values = {name: t.get(key, int, getattr(d, name), at_least(1))
+              for key, name in LIMIT_KEYS.items()}
     t.done()
-    return LimitsConfig(**values)
+    # The validator's DS/DNSKEY cache follows [cache]: as many entries, bogus kept as long.
+    return dataclasses.replace(d, **values, bogus_ttl=cache.bogus_ttl,
+                               cache_entries=cache.max_entries)
 
 
-def _log(t: Table) -> LogConfig:
+def parse_log(t: Table) -> LogConfig:
+    """[log]."""
     d = LogConfig()
     cfg = LogConfig(
-        level=t.get("level", str, d.level,
-                    lambda v: None if v in LOG_LEVELS else f"must be one of {LOG_LEVELS}"),
+        level=t.get("level", str, d.level, one_of(*LOG_LEVELS)),
         debug_queries=t.get("debug_queries", bool, d.debug_queries),
     )
     t.done()
     return cfg
 
 
-def default_upstreams(listen: tuple[Endpoint, ...], resolv_conf: Path = RESOLV_CONF
-                      ) -> tuple[Endpoint, ...]:
+def default_upstreams(listen: tuple[HostPort, ...], resolv_conf: Path = RESOLV_CONF
+                      ) -> tuple[HostPort, ...]:
     """The nameservers of resolv.conf that are not this resolver itself.
 
     A nameserver is "us" when it equals one of our listen addresses on port 53, or when we
@@ -316,7 +306,7 @@ def default_upstreams(listen: tuple[Endpoint, ...], resolv_conf: Path = RESOLV_C
     ours = {(ipaddress.ip_address(e.host), e.port) for e in listen}
     wildcard = any(ipaddress.ip_address(e.host).is_unspecified and e.port == DNS_PORT
                    for e in listen)
-    out: list[Endpoint] = []
+    out: list[HostPort] = []
     for line in text.splitlines():
         words = line.split("#", 1)[0].split(";", 1)[0].split()
         if len(words) < 2 or words[0] != "nameserver":
@@ -327,14 +317,14 @@ def default_upstreams(listen: tuple[Endpoint, ...], resolv_conf: Path = RESOLV_C
             continue
         if (addr, DNS_PORT) in ours or (wildcard and addr.is_loopback):
             continue
-        ep = Endpoint(str(addr))
+        ep = HostPort(str(addr))
         if ep not in out:
             out.append(ep)
     return tuple(out)
 
 
-def load(path: Path | None, *, listen_override: tuple[Endpoint, ...] = (),
-         upstream_override: tuple[Endpoint, ...] = (), resolv_conf: Path = RESOLV_CONF
+def load(path: Path | None, *, listen_override: tuple[HostPort, ...] = (),
+         upstream_override: tuple[HostPort, ...] = (), resolv_conf: Path = RESOLV_CONF
          ) -> Config:
     """Read and check the configuration file (None: all defaults).
 
@@ -367,28 +357,23 @@ def load(path: Path | None, *, listen_override: tuple[Endpoint, ...] = (),
     def table(name: str) -> Table:
         return Table(where, name, raw.get(name, {}))
 
-    server = _server(table("server"))
+    server = parse_server(table("server"))
     if listen_override:
-        server = ServerConfig(**{**_asdict(server), "listen": listen_override})
+        server = dataclasses.replace(server, listen=listen_override)
     base = path.parent if path is not None else Path.cwd()
+    cache = parse_cache(table("cache"))
     sections: dict[str, Mapping[str, Any]] = {}
     for name in PASSTHROUGH_TABLES:
         if name in raw:
-            if not isinstance(raw[name], dict):
-                raise ConfigError(f"{where}: [{name}] must be a table, not {type_name(raw[name])}")
-            sections[name] = raw[name]
+            sections[name] = Table(where, name, raw[name]).raw  # their owners parse them
     return Config(
         path=path,
         server=server,
-        upstream=_upstream(table("upstream"), server.listen, resolv_conf, upstream_override),
-        dnssec=_dnssec(table("dnssec"), base),
-        cache=_cache(table("cache")),
-        limits=_limits(table("limits")),
-        log=_log(table("log")),
+        upstream=parse_upstream(table("upstream"), server.listen, resolv_conf, upstream_override),
+        dnssec=parse_dnssec(table("dnssec"), base),
+        cache=cache,
+        limits=parse_limits(table("limits"), cache),
+        log=parse_log(table("log")),
         sections=sections,
     )
 
-
-def _asdict(obj: ServerConfig) -> dict[str, Any]:
-    # dataclasses.asdict would deep-copy Endpoints into dicts; we want them as they are.
-    return {name: getattr(obj, name) for name in ServerConfig.__dataclass_fields__}

@@ -7,6 +7,8 @@ backend uses. Each class says whose fault it is, as h11's LocalProtocolError / R
 split does.
 """
 
+from pathlib import Path
+
 
 class ResolverError(Exception):
     """Base class; never raised directly."""
@@ -47,6 +49,33 @@ class IkeDaemonUnreachable(ProvisioningError):
 
 class TunnelRejected(ProvisioningError):
     """The IKE daemon refused or failed the setup (authentication, proposals, bad config)."""
+
+
+class StateCorrupt(ResolverError):
+    """A state file exists but cannot be read as what its owner wrote. Local fault (writes are
+    atomic, so not a crash of ours: a disk, an editor, another program).
+
+    The file has been moved to `aside` (None: that failed too), so it is kept, not overwritten.
+    """
+
+    def __init__(self, path: Path, aside: Path | None, reason: str) -> None:
+        kept = f"kept as {aside}" if aside is not None else "could not be set aside"
+        super().__init__(f"state file {path} unreadable ({reason}); {kept}")
+        self.path, self.aside, self.reason = path, aside, reason
+
+
+class StateWriteFailed(ResolverError, OSError):
+    """A state file could not be written (disk full, read-only, a directory in the way). Local
+    fault. Also an OSError, which is what it wraps: a caller that cannot act on it lets it
+    through as the bug-class failure it was before this class existed (SERVFAIL, logged)."""
+
+class AddressBound(ProvisioningError):
+    """A live tunnel to the address was made for another name, with another key.
+
+    The address stays bound to the key of the name whose lookup made the tunnel until that
+    lease ends (or, for a pinned endpoint, until it is removed): a second name cannot re-key it
+    (DESIGN.md, security requirement 7). The other zone's fault, or an attack.
+    """
 
 
 class BudgetExceeded(ResolverError):

@@ -3,7 +3,8 @@
 Theory of operation: this module is pure (no I/O, no clock). It turns the IPSECKEY records of a
 DNSSEC-secure RRset into `IpsecKey` values that the policy and provisioning layers can trust to
 be well formed, and turns a `cryptography` public key back into IPSECKEY rdata (for autosp and the
-lab, so that the project has one encoder).
+lab, so that the project has one encoder). `to_json`/`from_json` are the one JSON form of a key,
+used by both state files (a key read back is checked like one from DNS).
 
 Rule 1: an `IpsecKey` is only ever built from a key field that `cryptography` accepted. Anything
 else (algorithm 0/1 or unknown, a truncated RSA blob, a point not on the curve, an Ed25519 field of
@@ -24,11 +25,12 @@ import enum
 import hashlib
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import Final
+from typing import Any, Final
 
+import dns.exception
 import dns.name
 import dns.rdataclass
 import dns.rdatatype
@@ -131,6 +133,45 @@ class IpsecKey:
         """
         algorithm, field = key_field_for(public_key)
         return cls(owner, _precedence(precedence), gateway, algorithm, field, ttl)
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> IpsecKey:
+        """The key of a `to_json` mapping (extra keys are ignored: the provisioner's state file
+        stores them flat beside the tunnel's own fields).
+
+        A state file is input too: the key is checked as `from_rdata` checks a record, so a
+        damaged file never hands a malformed key to a backend.
+
+        Raises:
+            UnusableKey: a field is missing, has the wrong type, or the key is not usable.
+        """
+        try:
+            key = cls(
+                owner=dns.name.from_text(str(doc["owner"])),
+                precedence=_precedence(int(doc["precedence"])),
+                gateway=parse_gateway(str(doc["gateway"])),
+                algorithm=_algorithm(int(doc["algorithm"])),
+                public_key=base64.b64decode(str(doc["public_key"]), validate=True),
+                ttl=int(doc["ttl"]),
+            )
+        except UnusableKey:
+            raise
+        except (KeyError, TypeError, ValueError, dns.exception.DNSException) as exc:
+            raise UnusableKey(f"stored key: {exc!r}") from None
+        key.crypto_key()  # Rule 1
+        return key
+
+    def to_json(self) -> dict[str, Any]:
+        """The key as JSON values, for the state files (the inverse of `from_json`)."""
+        return {
+            "owner": self.owner.to_text(),
+            "precedence": self.precedence,
+            "gateway": self.gateway.to_text() if isinstance(self.gateway, dns.name.Name)
+            else str(self.gateway),
+            "algorithm": int(self.algorithm),
+            "public_key": base64.b64encode(self.public_key).decode(),
+            "ttl": self.ttl,
+        }
 
     def crypto_key(self) -> PublicKey:
         """The `cryptography` public key. Raises UnusableKey if the field is malformed."""

@@ -32,7 +32,7 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 
-from resolver.config import Endpoint
+from resolver.config import HostPort
 from resolver.errors import ProvisioningError, UpstreamError
 from resolver.metrics import Registry
 from resolver.policy import SetupFailure, classify
@@ -258,15 +258,15 @@ class MeteredForwarder(Forwarder):
             metrics.upstream_queries.declare(str(server), "udp")
         return self
 
-    async def _udp(self, server: Endpoint, q: dns.message.Message, qname: dns.name.Name,
+    async def _udp(self, server: HostPort, q: dns.message.Message, qname: dns.name.Name,
                    qtype: dns.rdatatype.RdataType) -> dns.message.Message:
         return await self._timed("udp", super()._udp, server, q, qname, qtype)
 
-    async def _tcp(self, server: Endpoint, q: dns.message.Message, qname: dns.name.Name,
+    async def _tcp(self, server: HostPort, q: dns.message.Message, qname: dns.name.Name,
                    qtype: dns.rdatatype.RdataType) -> dns.message.Message:
         return await self._timed("tcp", super()._tcp, server, q, qname, qtype)
 
-    async def _timed(self, transport: str, call: Any, server: Endpoint,
+    async def _timed(self, transport: str, call: Any, server: HostPort,
                      *args: Any) -> dns.message.Message:
         m, label = self.metrics, str(server)
         m.upstream_queries.inc(label, transport)

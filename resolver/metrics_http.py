@@ -12,57 +12,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
-from resolver.config import Endpoint, parse_endpoint
-from resolver.configtable import Table
+from resolver.config import HostPort
 from resolver.errors import ConfigError
 from resolver.metrics import CONTENT_TYPE, Registry
 
+__all__ = ["MetricsListener"]
+
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT: Final = 9153  # the port CoreDNS' and others' DNS exporters use
 MAX_HEAD: Final = 8192
 READ_TIMEOUT: Final = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsConfig:
-    """The parsed [metrics] table.
-
-    ```toml
-    [metrics]
-    listen = "127.0.0.1:9153"   # serve GET /metrics here; absent: no listener (the numbers
-                                # are still counted, and shown by `autosp stats`)
-    ```
-    """
-
-    listen: Endpoint | None = None
-
-    @classmethod
-    def from_section(cls, section: Mapping[str, Any], source: str = "config") -> MetricsConfig:
-        """Parse Config.sections["metrics"].
-
-        Raises:
-            ConfigError: "SOURCE: [metrics] key 'listen': problem".
-        """
-        t = Table(source, "metrics", dict(section))
-        text = t.get("listen", str, "")
-        t.done()
-        if not text:
-            return cls(None)
-        try:
-            return cls(parse_endpoint(text, default_port=DEFAULT_PORT))
-        except ValueError as exc:
-            raise t.fail("listen", str(exc)) from None
 
 
 class MetricsListener:
     """Serves `registry` over HTTP at `endpoint` until closed."""
 
-    def __init__(self, registry: Registry, endpoint: Endpoint) -> None:
+    def __init__(self, registry: Registry, endpoint: HostPort) -> None:
         self.registry = registry
         self.endpoint = endpoint
         self.server: asyncio.Server | None = None
@@ -83,7 +50,7 @@ class MetricsListener:
                               f"{exc.strerror or exc}") from None
         sock = self.server.sockets[0].getsockname()
         self.bound = (str(sock[0]), int(sock[1]))
-        log.info("event=metrics-listening address=%s", Endpoint(self.bound[0], self.bound[1]))
+        log.info("event=metrics-listening address=%s", HostPort(self.bound[0], self.bound[1]))
 
     async def close(self) -> None:
         if self.server is not None:

@@ -2,7 +2,7 @@
 
 Theory of operation: this module is pure. It never looks anything up, never provisions and
 never reads the clock; it is given what the resolution core proved and returns what should
-happen, as data. The decision table of design.md lives in one place, `Policy.decide` plus
+happen, as data. The decision table of DESIGN.md lives in one place, `Policy.decide` plus
 `Policy.after_setup_failure`, and tests/test_policy.py walks every cell of it.
 
 Groups (Libreswan's names):
@@ -14,11 +14,12 @@ Groups (Libreswan's names):
     clear-or-private  answer in clear; tunnels the peer starts are accepted (charon's business)
     clear             answer in clear; the IPSECKEY is not even waited for
 
-Rule 1 (from the ipsecmod gaps in design.md): an IPSECKEY whose absence is not *proven* is never
-"no key". Only a secure NXDOMAIN/NODATA or an insecure zone is `KeyStatus.ABSENT`; bogus data,
-missing proofs, timeouts, NSEC3 over the iteration limit, and an insecure IPSECKEY next to a
-secure address (same owner, so the same zone: something is wrong) are `BOGUS`/`UNPROVABLE`,
-and those are SERVFAIL in every group that looks at keys.
+Rule 1 (DESIGN.md, security requirement 3; Unbound's ipsecmod returns the address in clear when
+the IPSECKEY lookup fails): an IPSECKEY whose absence is not *proven* is never "no key". Only a
+secure NXDOMAIN/NODATA or an insecure zone is `KeyStatus.ABSENT`; bogus data, missing proofs,
+timeouts, NSEC3 over the iteration limit, and an insecure IPSECKEY next to a secure address
+(same owner, so the same zone: something is wrong) are `BOGUS`/`UNPROVABLE`, and those are
+SERVFAIL in every group that looks at keys.
 
 Rule 2: a bogus (or indeterminate) *address* RRset is SERVFAIL whatever the group.
 
@@ -38,10 +39,10 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 import dns.edns
 import dns.exception
@@ -50,8 +51,9 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
+from resolver.configtable import Section, Table, between, one_of
 from resolver.errors import (
-    ConfigError,
+    AddressBound,
     IkeDaemonUnreachable,
     ProvisioningError,
     TunnelTimeout,
@@ -116,11 +118,12 @@ class KeyEvidence:
 
 
 class SetupFailure(enum.Enum):
-    """Why a tunnel did not come up (provision.py classifies ProvisioningErrors into these)."""
+    """Why a tunnel did not come up (`classify` maps a ProvisioningError onto these)."""
 
     TIMEOUT = "timeout"  # the CHILD_SA was not INSTALLED within the timeout
     DAEMON_UNREACHABLE = "daemon-unreachable"  # the IKE daemon's control socket failed
     REJECTED = "rejected"  # the daemon refused (key mismatch, auth failed, bad config)
+    ADDRESS_BOUND = "address-bound"  # a live tunnel binds the address to another name's key
 
 
 # --- decisions ---------------------------------------------------------------------------
@@ -176,11 +179,13 @@ _FAILURE_EDE: Final = {
     SetupFailure.TIMEOUT: EDE_TUNNEL,
     SetupFailure.REJECTED: EDE_TUNNEL,
     SetupFailure.DAEMON_UNREACHABLE: EDE_DAEMON,
+    SetupFailure.ADDRESS_BOUND: EDE_NO_KEY,  # 28: our policy cannot use this name's key
 }
 _FAILURE_TEXT: Final = {
     SetupFailure.TIMEOUT: "IPsec tunnel setup timed out",
     SetupFailure.REJECTED: "IPsec tunnel setup failed",
     SetupFailure.DAEMON_UNREACHABLE: "IKE daemon unreachable",
+    SetupFailure.ADDRESS_BOUND: "address bound to another name's key",
 }
 
 
@@ -188,7 +193,7 @@ _FAILURE_TEXT: Final = {
 
 
 @dataclass(frozen=True, slots=True)
-class PolicyConfig:
+class PolicyConfig(Section):
     """The parsed [policy] table.
 
     ```toml
@@ -204,6 +209,8 @@ class PolicyConfig:
     ```
     """
 
+    TABLE: ClassVar[str] = "policy"
+
     default: Group = DEFAULT_GROUP
     strict: bool = False
     max_ttl: int = 300
@@ -211,73 +218,43 @@ class PolicyConfig:
     suffixes: tuple[tuple[dns.name.Name, Group], ...] = ()
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any], source: str = "config") -> PolicyConfig:
-        """Parse Config.sections["policy"].
-
-        Raises:
-            ConfigError: "SOURCE: [policy] key 'K': problem" for the first bad key.
-        """
-
-        def err(key: str, problem: str) -> ConfigError:
-            return ConfigError(f"{source}: [policy] key {key!r}: {problem}")
-
-        default, strict, max_ttl = DEFAULT_GROUP, False, 300
+    def from_table(cls, t: Table) -> PolicyConfig:
+        """Parse the [policy] table."""
+        d = cls()
+        default = t.get("default", str, d.default.value, one_of(*(g.value for g in Group)))
+        strict = t.get("strict", bool, d.strict)
+        max_ttl = t.get("max_ttl", int, d.max_ttl, between(1, 86400, "seconds"))
         networks: dict[Network, Group] = {}
         suffixes: dict[dns.name.Name, Group] = {}
-        for key, value in section.items():
-            if key == "default":
-                try:
-                    default = Group(value)
-                except ValueError:
-                    raise err(key, f"{value!r} is not a group ({_group_names()})") from None
-            elif key == "strict":
-                if not isinstance(value, bool):
-                    raise err(key, "must be true or false")
-                strict = value
-            elif key == "max_ttl":
-                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 86400:
-                    raise err(key, "must be an integer 1..86400 (seconds)")
-                max_ttl = value
-            elif key in _GROUP_KEYS:
-                group = Group(key)
-                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                    raise err(key, "must be a list of CIDRs and name suffixes (strings)")
-                for item in value:
-                    rule = _parse_rule(item, lambda p, k=key: err(k, p))
-                    table: dict[Any, Group] = networks if isinstance(rule, Network) else suffixes
-                    if rule in table and table[rule] is not group:
-                        raise err(key, f"{item!r} is also in group {table[rule].value!r}")
-                    table[rule] = group
-            else:
-                raise err(key, f"unknown key (known: default, strict, max_ttl, {_group_names()})")
-        return cls(default, strict, max_ttl, tuple(networks.items()), tuple(suffixes.items()))
+        for group in Group:  # each rule in exactly one group
+            for rule in t.each(group.value, _parse_rule, ()):
+                rules: dict[Any, Group] = networks if isinstance(rule, Network) else suffixes
+                if rules.setdefault(rule, group) is not group:
+                    raise t.fail(group.value, f"{str(rule)!r} is also in group "
+                                              f"{rules[rule].value!r}")
+        t.done()
+        return cls(Group(default), strict, max_ttl, tuple(networks.items()),
+                   tuple(suffixes.items()))
 
 
-_GROUP_KEYS: Final = frozenset(g.value for g in Group)
-
-
-def _group_names() -> str:
-    return ", ".join(g.value for g in Group)
-
-
-def _parse_rule(text: str, err: Any) -> Network | dns.name.Name:
+def _parse_rule(text: str) -> Network | dns.name.Name:
+    """A CIDR or a name suffix. Raises ValueError saying which it looked like."""
     if any(c in text for c in "/:") or text.replace(".", "").isdigit():
         try:
             return ipaddress.ip_network(text, strict=True)
         except ValueError as exc:
-            raise err(f"{text!r} is not a CIDR: {exc}") from None
+            raise ValueError(f"{text!r} is not a CIDR: {exc}") from None
     try:
-        name = dns.name.from_text(text)
+        return dns.name.from_text(text)
     except dns.exception.DNSException as exc:
-        raise err(f"{text!r} is not a name suffix: {exc}") from None
-    return name
+        raise ValueError(f"{text!r} is not a name suffix: {exc}") from None
 
 
 # --- evidence ----------------------------------------------------------------------------
 
 
 class AnswerLike(Protocol):
-    """What we read of validate.ValidatedAnswer (structural, so the two modules stay apart)."""
+    """What we read of validator.response.ValidatedAnswer (structural: policy needs no more)."""
 
     @property
     def verdict(self) -> Verdict: ...
@@ -385,7 +362,7 @@ class Policy:
         address_verdict: Verdict,
         keys: KeyEvidence | None,
     ) -> Decision:
-        """The decision table of design.md.
+        """The decision table of DESIGN.md.
 
         Args:
             qname: the owner of the addresses (the end of any CNAME chain).
@@ -438,8 +415,15 @@ class Policy:
         )
 
     def after_setup_failure(self, tunnel: Tunnel, failure: SetupFailure, detail: str) -> Decision:
-        """The last column of the decision table: what a failed `Tunnel` becomes."""
+        """The last columns of the decision table: what a failed `Tunnel` becomes.
+
+        An address bound to another name's key is SERVFAIL in every group, without a shunt:
+        answering it "in clear" would in fact send the traffic through the tunnel keyed for
+        the other name, and a shunt would cut that tunnel.
+        """
         text = f"{_FAILURE_TEXT[failure]}: {detail}" if detail else _FAILURE_TEXT[failure]
+        if failure is SetupFailure.ADDRESS_BOUND:
+            return Refuse(tunnel.group, _FAILURE_EDE[failure], text)
         if tunnel.fail_closed:
             drop = tunnel.destinations if tunnel.group is Group.PRIVATE else ()
             return Refuse(tunnel.group, _FAILURE_EDE[failure], text, drop=drop)
@@ -452,4 +436,6 @@ def classify(exc: ProvisioningError) -> SetupFailure:
         return SetupFailure.TIMEOUT
     if isinstance(exc, IkeDaemonUnreachable):
         return SetupFailure.DAEMON_UNREACHABLE
+    if isinstance(exc, AddressBound):
+        return SetupFailure.ADDRESS_BOUND
     return SetupFailure.REJECTED

@@ -1,32 +1,45 @@
-"""Tunnels from decisions: intents, the backend interface, leases, coalescing, state, reconcile.
+"""The Provisioner: tunnels and shunts from decisions, with leases, coalescing and reconcile.
 
 Theory of operation. The policy says *that* a destination needs a tunnel (`policy.Tunnel`) or a
-drop shunt (`policy.Refuse.drop`); the `Provisioner` here turns that into intents for a
-`ProvisioningBackend` and keeps the books:
+drop shunt (`policy.Refuse.drop`); the `Provisioner` here turns that into intents
+(resolver/tunnels/intents.py) for one `ProvisioningBackend` (resolver/tunnels/backend.py) and
+keeps the books:
 
   Rule 1: one setup in flight per destination. Concurrent lookups of the same name (or of
-          names sharing an address) await the same task; fifty lookups make one tunnel.
+          names sharing an address) await the same task; fifty lookups make one tunnel. At most
+          `max_setups` setups run at once; the wait for a slot counts against the timeout.
   Rule 2: success means the backend said so: `apply(InstallTunnel)` returns only once the IKE
           daemon reports the CHILD_SA INSTALLED, and the provisioner bounds it with `timeout`.
   Rule 3: every tunnel and shunt has a lease. Each answer extends it (`ensure`); `expire(now)`
           tears down what has been unused for lease + grace. A failed setup is remembered for
           `failure_hold` seconds so that a dead peer costs one timeout, not one per query.
-  Rule 4: a destination whose published key (or gateway) changed gets its tunnel replaced:
-          RemoveTunnel(old) then InstallTunnel(new), inside the same in-flight slot.
-  Rule 5: the wanted state (tunnels and shunts with their lease ends, in POSIX seconds) is written
-          atomically (tmp + fsync + rename + fsync dir). `reconcile(now)` at start-up re-applies
-          what is still wanted and removes our strays, so `kill -9` and a restart converge.
-          Writes are group commits on a thread of their own (`_persist`): a change marks the
-          books dirty; one write at a time takes a snapshot of everything changed so far, so
-          200 concurrent setups cost a handful of writes, not 200 (each serializing all
-          tunnels: measured 50% of the event loop's time in the 200-peer benchmark).
+          Pinned tunnels (autosp endpoints) have no lease end: only `release` removes them.
+  Rule 4: a destination whose published key (or gateway) changed gets its tunnel replaced,
+          make before break, inside the same in-flight slot: InstallTunnel(new) while the old
+          one carries traffic, then RemoveTunnel(old) (or the connection is replaced in place
+          when the name is the same). If the new one fails, the old one stays as it was.
+  Rule 5: the wanted state (tunnels and shunts with their lease ends, in POSIX seconds) is kept
+          in a state file (resolver/statefile.py: atomic, written off the event loop, group
+          commits). `reconcile(now)` at start-up re-applies what is still wanted and removes
+          our strays, so `kill -9` and a restart converge.
           "Nothing lost on a crash" means: no answer leaves before the state it depends on is
           on disk. A tunnel is only reported up (and so answered) once a write that includes it
-          has completed; a refusal's drop shunt likewise. A negotiating shunt is not waited
-          for: if we crash before it is written, reconcile removes it as a stray, and no
-          answer was given for it. Lease extensions and pins are written soon, not waited for:
-          a restart then restores a slightly older lease (pins are restored by the control
-          socket from its own state file).
+          has completed (`_persist`); a refusal's drop shunt likewise. A negotiating shunt is
+          not waited for (`_save`): if we crash before it is written, reconcile removes it as a
+          stray, and no answer was given for it. Lease extensions and pins are written soon,
+          not waited for: a restart then restores a slightly older lease (endpoints are also
+          restored by the endpoints manager from its own state file).
+  Rule 6: the books are checked against the IKE daemon, not trusted (resolver/watch.py drives
+          this). A tunnel charon no longer holds (peer deleted it, charon stopped or restarted)
+          is DOWN: still wanted until its lease ends, never reported up (so never answered),
+          its destination shunted at once if it is private, the answer caches emptied (the
+          `on_lost` hooks), and it is brought back by `repair`. A setup that began before
+          charon was lost does not count as up (`_epoch`).
+  Rule 7: one address, one key. While a tunnel to an address is leased (or pinned), only the
+          name that made it may re-key it (Rule 4); another name with the *same* key is answered
+          over it, another name with another key gets AddressBound (SERVFAIL with an EDE),
+          and the tunnel is not touched. A zone that can publish any address cannot so take
+          over a live tunnel to it. After the lease ends, the next name to look it up binds it.
 
 Time: every entry point takes `now` (POSIX seconds, the same clock as RRSIG validity) because
 leases must survive a restart in the state file. Real waiting (the setup timeout) uses asyncio.
@@ -35,26 +48,26 @@ leases must survive a restart in the state file. Real waiting (the setup timeout
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import enum
 import functools
 import ipaddress
 import json
 import logging
-import os
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
-from pathlib import Path
-from typing import Any
 
-import dns.name
-
-from resolver.errors import ProvisioningError, TunnelRejected, TunnelTimeout
-from resolver.ipseckey import IpsecKey, KeyAlgorithm, parse_gateway
+from resolver.errors import (
+    AddressBound,
+    IkeDaemonUnreachable,
+    ProvisioningError,
+    StateCorrupt,
+    TunnelRejected,
+    TunnelTimeout,
+)
 from resolver.logevent import log_event
+from resolver.statefile import Encode, StateFile
 from resolver.tunnels.backend import ProvisioningBackend
 from resolver.tunnels.config import ProvisionConfig
 from resolver.tunnels.intents import (
@@ -78,6 +91,7 @@ Address = IPv4Address | IPv6Address
 class TunnelState(enum.Enum):
     PENDING = "pending"
     INSTALLED = "installed"
+    DOWN = "down"  # wanted (leased or pinned), but the IKE daemon does not hold it (Rule 6)
 
 
 @dataclass(slots=True)
@@ -85,7 +99,8 @@ class _Tunnel:
     spec: TunnelSpec
     state: TunnelState
     expires_at: float  # lease end; teardown at expires_at + grace
-    saved_expires_at: float = 0.0
+    saved_expires_at: float = 0.0  # the lease end in the last snapshot given to the state file
+    private: bool = False  # dropped (shunt) whenever it is not up: ensured with shunt=True
 
 
 @dataclass(slots=True)
@@ -99,6 +114,9 @@ class Counters:
     coalesced: int = 0
     active: int = 0
     shunts: int = 0
+    lost: int = 0  # tunnels found gone in the IKE daemon (Rule 6)
+    down: int = 0  # of which still down
+    bound: int = 0  # lookups refused: the address is bound to another name's key (Rule 7)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,20 +137,25 @@ class _Books:
 class Provisioner:
     """Leases, coalescing, state and reconcile on top of one ProvisioningBackend."""
 
-    def __init__(self, backend: ProvisioningBackend, config: ProvisionConfig | None = None) -> None:
+    def __init__(self, backend: ProvisioningBackend, config: ProvisionConfig | None = None, *,
+                 must_drop: Callable[[TunnelSpec], bool] | None = None) -> None:
+        """`must_drop(spec)`: whether the policy makes the destination private, for tunnels
+        not (yet) ensured with shunt=True since start-up (restored from the state file)."""
         self.backend = backend
         self.config = config or ProvisionConfig()
         self.counters = Counters()
+        self.must_drop = must_drop
+        # Called (synchronously, on the loop) when tunnels are lost: the answer caches must not
+        # hand out again what was answered for them (Rule 6).
+        self.on_lost: list[Callable[[], None]] = []
+        self._epoch = 0  # IKE daemon connections lost so far (a setup spanning one fails)
         # Measured: 200 setups at once overran charon (IKE_SAs failing within ~1 s) once our
         # own loop stopped being the bottleneck. A bounded number in flight keeps each within
         # its timeout; the wait for a slot counts against that timeout (fail closed).
         self._slots = asyncio.Semaphore(self.config.max_setups)
         self._b = _Books()
-        self._changes = 0  # change counter; `_saved` is the last one known to be on disk
-        self._saved = 0
-        self._writer: asyncio.Task[None] | None = None
-        self._wrote: asyncio.Future[None] | None = None  # done after each completed write
-        self._io: ThreadPoolExecutor | None = None  # the state file's own thread
+        path = self.config.state_file
+        self._state = StateFile(path, self._snapshot) if path is not None else None
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -144,7 +167,8 @@ class Provisioner:
         return max(0.0, t.expires_at - now)
 
     def tunnels(self) -> dict[Address, TunnelSpec]:
-        """Installed tunnels by destination (for the control socket)."""
+        """Tunnels charon holds, by destination (for the control socket: `autosp status` and
+        `list`). Not just what we set up: the watch takes out what charon lost (Rule 6)."""
         return {d: t.spec for d, t in self._b.tunnels.items() if t.state is TunnelState.INSTALLED}
 
     def shunted(self) -> frozenset[Address]:
@@ -167,7 +191,10 @@ class Provisioner:
         dest = spec.destination
         for _ in range(3):  # a concurrent setup may have been for another key: look again
             t = self._b.tunnels.get(dest)
+            if t is not None and t.spec.key.owner != spec.key.owner and self._bound(t, now):
+                spec = self._bound_spec(t, spec)  # Rule 7
             if t is not None and t.state is TunnelState.INSTALLED and t.spec == spec:
+                t.private = t.private or shunt
                 return self._extend(t, now)
             failed = self._b.failed.get(dest)
             if failed is not None and failed.until > now:
@@ -224,7 +251,7 @@ class Provisioner:
         Returns the next time `expire` has work to do, or None.
         """
         grace = self.config.grace
-        changed = self._saved < self._changes
+        changed = self._state is not None and self._state.pending
         for dest, t in list(self._b.tunnels.items()):
             if (t.expires_at + grace <= now and dest not in self._b.inflight
                     and dest not in self._b.pinned):
@@ -290,30 +317,156 @@ class Provisioner:
             await self._quietly(InstallShunt(dest))
             self._b.shunts[dest] = until
         for spec, until in tunnels:
+            # DOWN until charon says otherwise: a failure keeps it wanted (Rule 6)
+            self._b.tunnels[spec.destination] = _Tunnel(
+                spec, TunnelState.DOWN, until, private=self._must_drop(spec))
             try:
                 await self.ensure(spec, now)
             except ProvisioningError as exc:
-                log.warning("reconcile: tunnel %s to %s not restored: %s", spec.name,
-                            spec.destination, exc)
+                log.warning("reconcile: tunnel %s to %s not restored (kept as down, retried): "
+                            "%s", spec.name, spec.destination, exc)
                 continue
             t = self._b.tunnels[spec.destination]
             t.expires_at = t.saved_expires_at = until  # the lease it had, not a fresh one
         self._count()
         await self._persist()
 
+    # -- what the watch tells us (Rule 6; resolver/watch.py) -----------------------------------
+
+    def held_names(self) -> dict[str, Address]:
+        """Connection name -> destination of the tunnels we count as up."""
+        return {t.spec.name: d for d, t in self._b.tunnels.items()
+                if t.state is TunnelState.INSTALLED}
+
+    async def lost(self, names: Iterable[str], why: str, now: float) -> list[Address]:
+        """The IKE daemon no longer holds these tunnels: DOWN, shunted if private, caches
+        emptied, one log line each. Returns the destinations that went down."""
+        held = self.held_names()
+        gone = [held[n] for n in names if n in held]
+        if not gone:
+            return []
+        for dest in gone:
+            t = self._b.tunnels[dest]
+            t.state = TunnelState.DOWN
+            log.warning("tunnel to %s (%s) went down: %s%s",
+                        t.spec.key.owner.to_text(omit_final_dot=True), dest, why,
+                        "; dropping its traffic until it is back" if self._private(t) else "")
+        self.counters.lost += len(gone)
+        for hook in self.on_lost:  # before any await: no cached answer for them from now on
+            hook()
+        await self._shunt_now([d for d in gone if self._private(self._b.tunnels[d])], now)
+        self._count()
+        self._save()
+        return gone
+
+    async def suspect(self, names: Iterable[str], now: float) -> list[Address]:
+        """Charon reported these tunnels down; not checked yet (resolver/watch.py asks charon
+        next). Their private destinations are shunted *now*, while we ask: with the SA gone,
+        a packet may otherwise leave in clear. Returns what was shunted here, for `cleared`."""
+        held = self.held_names()
+        dests = [held[n] for n in names if n in held]
+        return await self._shunt_now([d for d in dests if self._private(self._b.tunnels[d])],
+                                     now)
+
+    async def cleared(self, dests: Iterable[Address]) -> None:
+        """Charon still holds these tunnels after all: take `suspect`'s shunts out again."""
+        for dest in dests:
+            t = self._b.tunnels.get(dest)
+            if t is not None and t.state is TunnelState.INSTALLED and dest in self._b.shunts:
+                del self._b.shunts[dest]
+                await self._quietly(RemoveShunt(dest))
+        self._count()
+
+    async def daemon_lost(self, why: str, now: float) -> list[Address]:
+        """The IKE daemon's connection closed (stopped, crashed, restarted): every tunnel
+        counts as lost, and setups in flight will not count as up (`_epoch`)."""
+        self._epoch += 1
+        held = self.held_names()
+        log.error("charon connection lost: %s; every tunnel counts as down until charon holds "
+                  "it again (%d were still up)", why, len(held))
+        return await self.lost(held, "charon connection lost", now)
+
+    def daemon_back(self) -> None:
+        """The IKE daemon is reachable again: failures held only because it was not are
+        forgotten, so lookups and repairs try at once."""
+        self._b.failed = {d: f for d, f in self._b.failed.items()
+                          if not isinstance(f.error, IkeDaemonUnreachable)}
+
+    def wanted_down(self, now: float) -> dict[Address, str]:
+        """Destination -> connection name of the tunnels DOWN and still wanted (leased or
+        pinned), with no setup in flight: what `repair` is for."""
+        return {d: t.spec.name for d, t in self._b.tunnels.items()
+                if t.state is TunnelState.DOWN and d not in self._b.inflight
+                and (d in self._b.pinned or t.expires_at + self.config.grace > now)}
+
+    async def repair(self, dest: Address, now: float) -> bool:
+        """Bring a DOWN tunnel back (no failure hold: the watch paces retries). True if up."""
+        t = self._b.tunnels.get(dest)
+        if t is None or t.state is not TunnelState.DOWN:
+            return t is not None and t.state is TunnelState.INSTALLED
+        self._b.failed.pop(dest, None)
+        try:
+            await self.ensure(t.spec, now, shunt=self._private(t))
+        except ProvisioningError as exc:
+            log.info("tunnel to %s (%s) not back yet: %s",
+                     t.spec.key.owner.to_text(omit_final_dot=True), dest, exc)
+            return False
+        return True
+
     async def close(self) -> None:
         """Wait for in-flight setups (used by tests and shutdown; tunnels stay up)."""
         tasks = [task for _, task in self._b.inflight.values()]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._saved < self._changes:  # lease extensions and pins not yet on disk
+        if self._state is not None:  # lease extensions and pins not yet on disk
             with contextlib.suppress(OSError):
-                await self._persist()
-        if self._io is not None:
-            self._io.shutdown(wait=False)
-            self._io = None
+                await self._state.close()
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _bound(self, t: _Tunnel, now: float) -> bool:
+        """Whether `t` binds its destination to its key (Rule 7): leased or pinned."""
+        return t.spec.destination in self._b.pinned or t.expires_at > now
+
+    def _bound_spec(self, t: _Tunnel, spec: TunnelSpec) -> TunnelSpec:
+        """Rule 7 for a lookup of another name than the one `t` was made for: with the same
+        key it rides `t` (its spec); with another key it is refused."""
+        if t.spec.key.algorithm == spec.key.algorithm and \
+                t.spec.key.public_key == spec.key.public_key:
+            return t.spec
+        self.counters.bound += 1
+        owner = t.spec.key.owner.to_text(omit_final_dot=True)
+        log.warning("%s publishes %s with another key than %s, whose live tunnel it has: "
+                    "refused", spec.key.owner.to_text(omit_final_dot=True),
+                    spec.destination, owner)
+        raise AddressBound(f"{spec.destination} is bound to the key of {owner} (live tunnel)")
+
+    async def _shunt_now(self, dests: list[Address], now: float) -> list[Address]:
+        """Shunt `dests` at once, all in one batch (the XFRM backend sends concurrent intents
+        together), even if their tunnels still count as up; a failure is logged loudly: this
+        is the one thing that must work. Returns the destinations newly shunted."""
+        new = [d for d in dests if d not in self._b.shunts]
+        results = await asyncio.gather(*(self.backend.apply(InstallShunt(d)) for d in new),
+                                       return_exceptions=True)
+        done = []
+        for dest, res in zip(new, results, strict=True):
+            if isinstance(res, ProvisioningError):
+                log.error("drop shunt for %s failed: %s", dest, res)
+            elif isinstance(res, BaseException):
+                raise res
+            else:
+                done.append(dest)
+        for dest in dests:
+            if dest in done or dest in self._b.shunts:
+                self._b.shunts[dest] = max(self._b.shunts.get(dest, 0.0), now + self.config.lease)
+        self._count()
+        return done
+
+    def _private(self, t: _Tunnel) -> bool:
+        return t.private or self._must_drop(t.spec)
+
+    def _must_drop(self, spec: TunnelSpec) -> bool:
+        return self.must_drop is not None and self.must_drop(spec)
 
     def _forget(self, dest: Address, _task: asyncio.Task[float]) -> None:
         self._b.inflight.pop(dest, None)
@@ -326,9 +479,12 @@ class Provisioner:
 
     async def _setup(self, spec: TunnelSpec, now: float, shunt: bool) -> float:
         dest, cfg = spec.destination, self.config
+        epoch = self._epoch
         old = self._b.tunnels.get(dest)
+        down = old if old is not None and old.state is TunnelState.DOWN else None
         if old is not None and old.state is not TunnelState.INSTALLED:
             old = None
+        private = shunt or (down is not None and down.private)
         if old is not None:
             # Rule 4, make before break: the old tunnel carries traffic until the new one is up
             # (so no negotiating shunt either: it would block the working tunnel).
@@ -337,7 +493,8 @@ class Provisioner:
             await self._install_shunts([dest], now)  # not waited for on disk: see Rule 5
         same_name = old is not None and old.spec.name == spec.name
         if old is None:
-            self._b.tunnels[dest] = _Tunnel(spec, TunnelState.PENDING, now + cfg.lease)
+            self._b.tunnels[dest] = _Tunnel(spec, TunnelState.PENDING, now + cfg.lease,
+                                            private=private)
         try:
             # The backend bounds its own wait (it passes the timeout to the daemon); this outer
             # bound is the safety net for a backend that hangs.
@@ -355,16 +512,24 @@ class Provisioner:
                     await self.backend.apply(InstallTunnel(spec, left, replaces=same_name))
             finally:
                 self._slots.release()
+            if self._epoch != epoch:  # Rule 6: charon was lost meanwhile; this proves nothing
+                raise IkeDaemonUnreachable(f"tunnel to {dest}: IKE daemon lost during setup")
         except (ProvisioningError, TimeoutError) as exc:
             if old is not None:
                 return await self._replacement_failed(old, spec, now, exc)
-            return await self._failed(spec, now, exc)
+            return await self._failed(spec, now, exc, down)
         if old is not None:
             self.counters.replacements += 1
             if not same_name:
                 await self._quietly(RemoveTunnel(old.spec.name))
         expires = max(now + cfg.lease, old.expires_at if old is not None else 0.0)
-        self._b.tunnels[dest] = _Tunnel(spec, TunnelState.INSTALLED, expires)
+        self._b.tunnels[dest] = _Tunnel(spec, TunnelState.INSTALLED, expires,
+                                        private=private or (old is not None and old.private))
+        if down is not None and down.spec.name != spec.name:  # its lease ended; another
+            await self._quietly(RemoveTunnel(down.spec.name))  # name bound the address since
+        elif down is not None:
+            log.info("tunnel to %s (%s) is back", spec.key.owner.to_text(omit_final_dot=True),
+                     dest)
         self.counters.setups += 1
         if dest in self._b.shunts:
             del self._b.shunts[dest]
@@ -391,15 +556,19 @@ class Provisioner:
         raise error
 
     async def _failed(self, spec: TunnelSpec, now: float,
-                      exc: ProvisioningError | TimeoutError) -> float:
+                      exc: ProvisioningError | TimeoutError, down: _Tunnel | None = None) -> float:
         dest = spec.destination
         self._b.tunnels.pop(dest, None)
+        if down is not None:  # lost earlier and still wanted: stays DOWN for the watch (Rule 6)
+            self._b.tunnels[dest] = down
         error = exc if isinstance(exc, ProvisioningError) else TunnelTimeout(
             f"tunnel to {dest}: no CHILD_SA within {self.config.timeout:g} s")
         self.counters.failures += 1
         log_event(log, logging.WARNING, "tunnel-failed", name=spec.name, peer=dest,
                   reason=str(error))
         await self._quietly(RemoveTunnel(spec.name))  # terminate the half-open IKE_SA too
+        if down is not None and self._private(down):
+            await self._install_shunts([dest], now)  # its conn (and trap) is gone now
         if self.config.failure_hold > 0:
             self._b.failed[dest] = _Failure(now + self.config.failure_hold, error)
         self._count()
@@ -416,108 +585,59 @@ class Provisioner:
     def _count(self) -> None:
         self.counters.active = sum(
             1 for t in self._b.tunnels.values() if t.state is TunnelState.INSTALLED)
+        self.counters.down = sum(
+            1 for t in self._b.tunnels.values() if t.state is TunnelState.DOWN)
         self.counters.shunts = len(self._b.shunts)
 
-    # -- state file --------------------------------------------------------------------------
+    # -- state file (Rule 5; the writing is resolver/statefile.py's) ------------------------
 
     def _save(self) -> None:
-        """The books changed: have them written soon (by the writer task), without waiting."""
-        if self.config.state_file is None:
-            return
-        self._changes += 1
-        if self._writer is None or self._writer.done():
-            try:
-                self._writer = asyncio.get_running_loop().create_task(self._write_loop())
-            except RuntimeError:  # no event loop (a synchronous caller): write here
-                self._write_now()
-                return
-            self._writer.add_done_callback(_retrieve)
+        """The books changed: have them written soon, without waiting."""
+        if self._state is not None:
+            self._state.changed()
 
     async def _persist(self) -> None:
-        """Mark the books changed and return once a write that includes the change is done.
+        """Return once a write that includes the books as they are now is on disk.
 
         Raises:
-            OSError: the state file cannot be written (a bug-class failure: the answer
-                becomes SERVFAIL rather than an answer a restart would forget).
+            StateWriteFailed: the state file cannot be written (the answer becomes SERVFAIL
+                rather than an answer a restart would forget).
         """
-        if self.config.state_file is None:
-            return
-        self._save()
-        wanted = self._changes
-        while self._saved < wanted:
-            writer = self._writer
-            if writer is None or writer.done():  # the last writer failed: start another
-                self._writer = writer = asyncio.create_task(self._write_loop())
-                writer.add_done_callback(_retrieve)
-            # Wake after the next completed write, not when the writer task ends: during a
-            # burst of changes the writer keeps going, and waiting for it made every answer
-            # wait for the whole burst (measured: all 200 answers at ~4.1 s).
-            if self._wrote is None or self._wrote.done():
-                self._wrote = asyncio.get_running_loop().create_future()
-            await asyncio.wait({self._wrote, writer}, return_when=asyncio.FIRST_COMPLETED)
-            if self._saved < wanted and writer.done() and not writer.cancelled():
-                failure = writer.exception()
-                if failure is not None:
-                    raise failure
+        if self._state is not None:
+            await self._state.persist()
 
-    async def _write_loop(self) -> None:
-        """Write snapshots until everything changed so far is on disk (one write at a time)."""
-        path = self.config.state_file
-        assert path is not None
-        if self._io is None:
-            self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
-        loop = asyncio.get_running_loop()
-        while self._saved < self._changes:
-            upto = self._changes
-            tunnels, snapshot = self._snapshot()
-            await loop.run_in_executor(self._io, _write_state, path, snapshot)
-            self._saved = max(self._saved, upto)
-            for t, expires_at in tunnels:
-                t.saved_expires_at = expires_at
-            if self._wrote is not None and not self._wrote.done():
-                self._wrote.set_result(None)
-
-    def _write_now(self) -> None:
-        path = self.config.state_file
-        if path is None:
-            return
-        upto = self._changes
-        tunnels, snapshot = self._snapshot()
-        _write_state(path, snapshot)
-        self._saved = max(self._saved, upto)
-        for t, expires_at in tunnels:
-            t.saved_expires_at = expires_at
-
-    def _snapshot(self) -> tuple[list[tuple[_Tunnel, float]], _Snapshot]:
-        """The wanted state as immutable values (cheap, on the loop); serialized elsewhere."""
-        tunnels = [(t, t.expires_at) for t in self._b.tunnels.values()
-                   if t.state is TunnelState.INSTALLED]
+    def _snapshot(self) -> Encode:
+        """The wanted state as values (cheap, on the loop); serialized on the file's thread."""
+        # DOWN tunnels are still wanted: only PENDING ones are not written.
+        tunnels = [t for t in self._b.tunnels.values() if t.state is not TunnelState.PENDING]
+        for t in tunnels:
+            t.saved_expires_at = t.expires_at  # what this write (and `_extend`) goes by
         snap = _Snapshot(
-            tunnels=tuple((t.spec, exp, t.spec.destination in self._b.pinned)
-                          for t, exp in tunnels),
+            tunnels=tuple((t.spec, t.expires_at, t.spec.destination in self._b.pinned)
+                          for t in tunnels),
             shunts=tuple(self._b.shunts.items()))
-        return tunnels, snap
+        return functools.partial(_dump, snap)
 
     def _load(self, now: float) -> tuple[list[tuple[TunnelSpec, float]], dict[Address, float]]:
-        path = self.config.state_file
-        if path is None or not path.exists():
+        if self._state is None:
             return [], {}
         try:
-            doc = json.loads(path.read_bytes())
-            grace = self.config.grace
-            tunnels = [(_spec_from_json(e), float(e["expires_at"])) for e in doc["tunnels"]]
-            pinned = {ipaddress.ip_address(e["destination"]) for e in doc["tunnels"]
-                      if e.get("pinned") is True}
-            shunts = {ipaddress.ip_address(e["destination"]): float(e["expires_at"])
-                      for e in doc["shunts"]}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            saved = self._state.load(_parse)
+        except StateCorrupt as exc:
             # A corrupt state file must not keep the resolver down: start from nothing, and
             # reconcile removes every stray we find (fail closed: no tunnel, no clear answer).
-            log.error("state file %s unreadable (%s): starting empty", path, exc)
+            log.error("%s: starting empty", exc)
             return [], {}
-        self._b.pinned |= pinned
-        tunnels = [(s, u) for s, u in tunnels if u + grace > now or s.destination in pinned]
-        return tunnels, {d: u for d, u in shunts.items() if u + grace > now}
+        if saved is None:
+            return [], {}
+        self._b.pinned |= saved.pinned
+        grace = self.config.grace
+        tunnels = [(s, u) for s, u in saved.tunnels
+                   if u + grace > now or s.destination in saved.pinned]
+        return tunnels, {d: u for d, u in saved.shunts.items() if u + grace > now}
+
+
+# --- the state file's document -------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,76 +646,34 @@ class _Snapshot:
     shunts: tuple[tuple[Address, float], ...]
 
 
-def _write_state(path: Path, snap: _Snapshot) -> None:
-    """Serialize and write a snapshot (runs on the state file's thread)."""
+@dataclass(frozen=True, slots=True)
+class _Saved:
+    tunnels: list[tuple[TunnelSpec, float]]  # spec, lease end
+    pinned: set[Address]
+    shunts: dict[Address, float]
+
+
+def _dump(snap: _Snapshot) -> bytes:
+    """The state file's bytes (runs on the state file's thread)."""
     doc = {
         "version": 1,
-        "tunnels": [_spec_to_json(spec, exp) | {"pinned": pinned}
+        "tunnels": [spec.to_json() | {"expires_at": exp, "pinned": pinned}
                     for spec, exp, pinned in snap.tunnels],
         "shunts": [{"destination": str(d), "expires_at": u} for d, u in snap.shunts],
     }
     # No indent: with one, json falls back to its pure-Python encoder.
-    write_atomically(path, json.dumps(doc, sort_keys=True).encode())
+    return json.dumps(doc, sort_keys=True).encode()
 
 
-def _retrieve(task: asyncio.Task[None]) -> None:
-    """Writer tasks nobody awaited: a failure is logged here, and retried by the next change."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("state file write failed: %s", task.exception())
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _parse(data: bytes) -> _Saved:
+    """Raises ValueError for anything but a document `_dump` wrote."""
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-def _spec_to_json(spec: TunnelSpec, expires_at: float) -> dict[str, Any]:
-    k = spec.key
-    return {
-        "name": spec.name,
-        "destination": str(spec.destination),
-        "remote_addr": str(spec.remote_addr),
-        "remote_id": spec.remote_id,
-        "owner": k.owner.to_text(),
-        "precedence": k.precedence,
-        "gateway": str(k.gateway) if not isinstance(k.gateway, dns.name.Name)
-        else k.gateway.to_text(),
-        "algorithm": int(k.algorithm),
-        "public_key": base64.b64encode(k.public_key).decode(),
-        "ttl": k.ttl,
-        "expires_at": expires_at,
-    }
-
-
-def _spec_from_json(e: Mapping[str, Any]) -> TunnelSpec:
-    key = IpsecKey(
-        owner=dns.name.from_text(e["owner"]),
-        precedence=int(e["precedence"]),
-        gateway=parse_gateway(e["gateway"]),
-        algorithm=KeyAlgorithm(int(e["algorithm"])),
-        public_key=base64.b64decode(e["public_key"]),
-        ttl=int(e["ttl"]),
-    )
-    key.crypto_key()  # a state file is input too: never hand a malformed key to a backend
-    return TunnelSpec(
-        name=str(e["name"]),
-        destination=ipaddress.ip_address(e["destination"]),
-        remote_addr=ipaddress.ip_address(e["remote_addr"]),
-        remote_id=str(e["remote_id"]),
-        key=key,
-    )
-
-
+        doc = json.loads(data)
+        return _Saved(
+            tunnels=[(TunnelSpec.from_json(e), float(e["expires_at"])) for e in doc["tunnels"]],
+            pinned={ipaddress.ip_address(e["destination"]) for e in doc["tunnels"]
+                    if e.get("pinned") is True},
+            shunts={ipaddress.ip_address(e["destination"]): float(e["expires_at"])
+                    for e in doc["shunts"]})
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a provisioning state document: {exc!r}") from None

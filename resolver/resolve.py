@@ -75,6 +75,13 @@ class QueryHandler(Protocol):
     async def handle(self, query: dns.message.Message, now: float) -> dns.message.Message: ...
 
 
+class Resolver(Protocol):
+    """`Resolution` as its users see it (capture.py, the pinned endpoints); tests script it."""
+
+    async def resolve(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float,
+                      *, fresh: bool = False) -> ValidatedAnswer: ...
+
+
 def _failed(security: Security, reason: str, ede: int) -> ValidatedAnswer:
     return ValidatedAnswer(verdict=Verdict(security, reason, ede), rcode=dns.rcode.SERVFAIL,
                            answer=[], authority=[], ttl=0)

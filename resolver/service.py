@@ -22,39 +22,17 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
-from resolver.configtable import Table
 from resolver.logevent import log_event
 from resolver.metered import DaemonMetrics
-from resolver.metrics_http import MetricsConfig, MetricsListener
+from resolver.metrics_http import MetricsListener
 from resolver.sdnotify import Notifier
+from resolver.serviceconfig import DebugConfig, MetricsConfig
 
 log = logging.getLogger("resolver")
 
 HANG_SECONDS: Final = 300  # far beyond any sensible WatchdogSec
-
-
-@dataclass(frozen=True, slots=True)
-class DebugConfig:
-    """The parsed [debug] table (never set in production).
-
-    ```toml
-    [debug]
-    allow_hang = false   # true: the control socket accepts `debug-hang SECONDS`, which blocks
-                         # the event loop (to test that systemd's watchdog restarts us)
-    ```
-    """
-
-    allow_hang: bool = False
-
-    @classmethod
-    def from_section(cls, section: Mapping[str, Any], source: str = "config") -> DebugConfig:
-        t = Table(source, "debug", dict(section))
-        cfg = cls(allow_hang=t.get("allow_hang", bool, False))
-        t.done()
-        return cfg
 
 
 Op = Callable[[float], Awaitable[Any]]

@@ -33,7 +33,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 
-from resolver.config import Endpoint
+from resolver.config import HostPort
 from resolver.errors import UpstreamError
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ _RETRY_RCODES: Final = frozenset(
 
 @dataclass(slots=True)
 class QueryBudget:
-    """Upstream queries allowed for one client query (design.md: at most 64)."""
+    """Upstream queries allowed for one client query (DESIGN.md limits: at most 64)."""
 
     limit: int
     used: int = 0
@@ -125,7 +125,7 @@ class _UdpWaiter(asyncio.DatagramProtocol):
 class Forwarder:
     """Sends questions to upstream resolvers, with failover, TCP fallback and coalescing."""
 
-    def __init__(self, servers: Sequence[Endpoint], *, timeout: float = 1.5, attempts: int = 2,
+    def __init__(self, servers: Sequence[HostPort], *, timeout: float = 1.5, attempts: int = 2,
                  tcp_timeout: float = 3.0, payload: int = EDNS_PAYLOAD) -> None:
         if not servers:
             raise ValueError("at least one upstream server is needed")
@@ -191,7 +191,7 @@ class Forwarder:
         raise UpstreamError(f"no upstream answered {qname} {dns.rdatatype.to_text(qtype)}: "
                             + "; ".join(problems[-4:]))
 
-    async def _udp(self, server: Endpoint, q: dns.message.Message, qname: dns.name.Name,
+    async def _udp(self, server: HostPort, q: dns.message.Message, qname: dns.name.Name,
                    qtype: dns.rdatatype.RdataType) -> dns.message.Message:
         loop = asyncio.get_running_loop()
         self.stats.sent_udp += 1
@@ -210,7 +210,7 @@ class Forwarder:
         finally:
             transport.close()
 
-    async def _tcp(self, server: Endpoint, q: dns.message.Message, qname: dns.name.Name,
+    async def _tcp(self, server: HostPort, q: dns.message.Message, qname: dns.name.Name,
                    qtype: dns.rdatatype.RdataType) -> dns.message.Message:
         self.stats.sent_tcp += 1
         try:

@@ -536,6 +536,16 @@ def without(section_types: set[int], *, covers: bool = True, section: str = "ans
     return mutate
 
 
+def only_owner(name: str) -> Callable[[dns.message.Message], dns.message.Message]:
+    """Keep only the answer RRsets owned by ``name``: a CNAME chain cut after its first link."""
+
+    def mutate(msg: dns.message.Message) -> dns.message.Message:
+        msg.answer = [r for r in msg.answer if r.name == N(name)]
+        return msg
+
+    return mutate
+
+
 def resign(name: str, rdtype: str, key: Key, signer: str, *, section: str = "answer",
            sign_as: str | None = None, **times: float
            ) -> Callable[[dns.message.Message], dns.message.Message]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import dns.message
 import dns.name
@@ -24,7 +24,9 @@ import dns.rdatatype
 import dns.rrset
 
 import resolver.validator.response
-from resolver.config import Endpoint
+from resolver.config import CacheConfig, HostPort
+from resolver.resolve import Fetch, Resolution
+from resolver.upstream import Forwarder
 
 
 @dataclass
@@ -66,8 +68,8 @@ class ScriptedUpstream:
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint(self.host, self.port)
+    def endpoint(self) -> HostPort:
+        return HostPort(self.host, self.port)
 
     def count(self, transport: str | None = None) -> int:
         return sum(1 for t, _ in self.queries if transport is None or t == transport)
@@ -190,3 +192,20 @@ class FakeValidator:
         return resolver.validator.response.ValidatedAnswer(
             verdict=verdict, rcode=response.rcode(), answer=list(response.answer),
             authority=list(response.authority), ttl=min(ttls) if ttls else 0)
+
+
+def resolution(up: ScriptedUpstream,
+               verdicts: dict[str, resolver.validator.response.Verdict] | None = None, *,
+               fetches: int = 0, cache: CacheConfig | None = None, timeout: float = 0.5,
+               attempts: int = 2) -> tuple[Resolution, FakeValidator]:
+    """A Resolution forwarding to `up`, validated by a FakeValidator (returned too, so tests
+    can count its calls). `timeout`/`attempts` are the Forwarder's."""
+    made: list[FakeValidator] = []
+
+    def make(fetch: Fetch) -> Any:  # a FakeValidator: duck-typed, not a Validating
+        made.append(FakeValidator(fetch, verdicts, fetches=fetches))
+        return made[-1]
+
+    res = Resolution(Forwarder([up.endpoint], timeout=timeout, attempts=attempts), make,
+                     cache=cache)
+    return res, made[0]

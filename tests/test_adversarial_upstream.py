@@ -15,7 +15,7 @@ reply exceeds the query's EDNS size), except for the one (name, type) a scenario
 Each side runs its own event loop in its own thread, as two processes would, and every question
 is asked by a real client (dns.query.udp from the test thread). Per scenario we check the rcode,
 the AD bit, the Extended DNS Error, the validator's Work counters and the number of queries the
-upstream saw (design.md: at most 64 per client query), and the CPU the query cost: process CPU
+upstream saw (DESIGN.md: at most 64 per client query), and the CPU the query cost: process CPU
 (time.process_time: client + upstream + resolver) and the resolver thread's own CPU.
 
 The last tests fire KeyTrap queries, silent upstreams and garbage while another client asks a
@@ -48,8 +48,8 @@ import pytest
 
 from resolver import config as configuration
 from resolver.cache import WireCache
-from resolver.cli import build_anchors, build_limits
-from resolver.config import Config, Endpoint
+from resolver.cli import build_anchors
+from resolver.config import Config, HostPort
 from resolver.resolve import Fetch, PlainHandler, Resolution
 from resolver.server import Server
 from resolver.upstream import Forwarder
@@ -63,6 +63,7 @@ from tests.dnssec_fixtures import (
     resign,
     without,
 )
+from tests.helpers import edes
 from tests.scripted_upstream import Reply, ScriptedUpstream
 
 EDE = dns.edns.EDECode
@@ -130,7 +131,7 @@ class Outcome:
 
     @property
     def ede(self) -> list[tuple[int, str]]:
-        return [(int(e.code), e.text or "") for e in self.reply.extended_errors()]
+        return edes(self.reply)
 
 
 class Stack:
@@ -158,13 +159,13 @@ class Stack:
             f"timeout = {UPSTREAM_TIMEOUT}\nattempts = 2\ntcp_timeout = 1.0\n"
             "[dnssec]\nbuiltin_root_anchors = false\n"
             f'trust_anchor_files = ["{anchor}"]\n', encoding="utf-8")
-        return configuration.load(toml, listen_override=(Endpoint("127.0.0.1", 0),))
+        return configuration.load(toml, listen_override=(HostPort("127.0.0.1", 0),))
 
     async def _build(self) -> None:
         """What resolver.cli.serve assembles (plain mode), with the pinned clock."""
         cfg = self.cfg
         anchors = build_anchors(cfg)
-        self.limits: Limits = build_limits(cfg)
+        self.limits: Limits = cfg.limits
         self.validator: Recording | None = None
 
         def make_validator(fetch: Fetch) -> Recording:
@@ -176,7 +177,7 @@ class Stack:
                                    tcp_timeout=cfg.upstream.tcp_timeout,
                                    payload=cfg.server.edns_payload)
         self.resolution = Resolution(self.forwarder, make_validator, cache=cfg.cache,
-                                     max_upstream_queries=cfg.limits.max_upstream_queries)
+                                     max_upstream_queries=cfg.limits.max_fetches)
         plain = PlainHandler(self.resolution, max_ttl=cfg.cache.max_ttl,
                              payload=cfg.server.edns_payload)
         self.server = Server(plain, cfg.server, cache=WireCache(cfg.cache.max_entries),
@@ -256,8 +257,8 @@ def record(label: str, out: Outcome, extra: str = "") -> None:
 
 def within_limits(stack: Stack, out: Outcome, name: str, rdtype: str = "A",
                   validated: bool = True) -> str:
-    """Work stayed within design.md's limits; returns the counters for the figures."""
-    assert out.upstream_queries <= stack.cfg.limits.max_upstream_queries, out.upstream_queries
+    """Work stayed within DESIGN.md's limits; returns the counters for the figures."""
+    assert out.upstream_queries <= stack.cfg.limits.max_fetches, out.upstream_queries
     assert out.cpu < CPU_BOUND, out.cpu
     assert out.resolver_cpu < CPU_BOUND, out.resolver_cpu
     if not validated:

@@ -74,6 +74,16 @@ def test_unbound_zone_file(tmp_path: Path) -> None:
     assert len(anchors.anchors[dns.name.from_text("example.")].dnskey) == 1
 
 
+def test_key_split_over_lines_in_one_string() -> None:
+    # As BIND's own bind.keys writes the root KSK: one quoted string over several lines.
+    flags, base64 = KSK_2017[:8], KSK_2017[8:]
+    lines = "\n\t\t".join(base64[i:i + 60] for i in range(0, len(base64), 60))
+    text = f'trust-anchors {{\n\t. initial-key {flags}"{lines}";\n}};\n'
+    anchor = TrustAnchors.from_text(text, "bind.keys").closest(ROOT)
+    assert anchor is not None
+    assert [dns.dnssec.key_id(k) for k in anchor.dnskey] == [20326]
+
+
 def test_managed_and_trusted_keys_blocks() -> None:
     text = ('managed-keys { "example." initial-key 257 3 15 '
             '"l02Woi0iS8Aa25FQkUd9RMzZHJpBoRQwAQEX1SxZJA4="; };\n'

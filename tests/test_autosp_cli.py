@@ -130,3 +130,12 @@ def test_status_shows_times_as_utc_and_relative() -> None:
     assert "last_refresh: 2027-01-15 07:59:40 UTC (20 s ago)" in lines
     assert "added: -" in lines
     assert lines[-1] == "error: peer timed out"
+
+
+@pytest.mark.parametrize("argv", [["status", "a..b"], ["remove", "."]])
+def test_bad_input_is_refused_before_connecting(tmp_path: Path, argv: list[str],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The client checks a request as the daemon does (one protocol module): exit 2, not 3."""
+    assert main(["--control", str(tmp_path / "none.sock"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "control socket" not in err and err.startswith("autosp: ")

@@ -126,7 +126,7 @@ def test_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
     for cmd in ("keygen", "publish"):
         text = help_of(cmd)
         assert "3 " not in text.split("exit status:")[1], text
-    assert "3 the resolver is not" in " ".join(help_of("add").split())
+    assert "3 resolver not running" in " ".join(help_of("add").split())
 
 
 def test_keygen_prints_the_key_unsplit(tmp_path: Path,

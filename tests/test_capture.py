@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from ipaddress import IPv4Address
 
-import dns.edns
 import dns.flags
 import dns.message
 import dns.name
@@ -19,7 +18,7 @@ import dns.rdatatype
 import dns.rrset
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from resolver.capture import CaptureHandler, chain_end
+from resolver.capture import CaptureHandler
 from resolver.errors import IkeDaemonUnreachable, TunnelTimeout
 from resolver.ipseckey import IpsecKey
 from resolver.policy import Policy, PolicyConfig
@@ -28,13 +27,12 @@ from resolver.tunnels.config import ProvisionConfig
 from resolver.tunnels.intents import (
     InstallShunt,
     InstallTunnel,
-    Intent,
-    PolicyKey,
     RemoveShunt,
     RemoveTunnel,
 )
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
-from tests.asyncutil import aio
+from tests.fakes import FakeBackend
+from tests.helpers import aio, ede
 
 WHEN = 1_800_000_000.0
 A, AAAA, IPSECKEY = dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.IPSECKEY
@@ -93,27 +91,6 @@ class Plain:
         return dns.message.make_response(query)
 
 
-class FakeBackend:
-    def __init__(self, fail: Exception | None = None, fail_for: set[IPv4Address] | None = None
-                 ) -> None:
-        self.intents: list[Intent] = []
-        self.fail = fail
-        self.fail_for = fail_for
-
-    async def apply(self, intent: Intent) -> None:
-        self.intents.append(intent)
-        await asyncio.sleep(0.001)
-        if isinstance(intent, InstallTunnel) and self.fail is not None and (
-                self.fail_for is None or intent.spec.destination in self.fail_for):
-            raise self.fail
-
-    async def installed(self) -> frozenset[PolicyKey]:
-        return frozenset()
-
-    def of(self, kind: type) -> list[Intent]:
-        return [i for i in self.intents if isinstance(i, kind)]
-
-
 def handler(script: Script, *, group: str = "private", backend: FakeBackend | None = None,
             strict: bool = False, lease: float = 600, max_ttl: int = 300,
             own: tuple[IPv4Address, ...] = ()) -> tuple[CaptureHandler, FakeBackend, Plain]:
@@ -128,12 +105,6 @@ def handler(script: Script, *, group: str = "private", backend: FakeBackend | No
 def query(name: str = "bob.example.test.", rdtype: str = "A", do: bool = True
           ) -> dns.message.Message:
     return dns.message.make_query(name, rdtype, want_dnssec=do, use_edns=0)
-
-
-def ede(reply: dns.message.Message) -> tuple[int, str]:
-    opts = [o for o in reply.options if isinstance(o, dns.edns.EDEOption)]
-    assert len(opts) == 1, reply
-    return int(opts[0].code), opts[0].text or ""
 
 
 BOB_A = rrset("bob.example.test.", 300, "A", "198.51.100.11")
@@ -330,17 +301,23 @@ async def test_cname_ignores_key_at_alias() -> None:
     assert spec.key.public_key == BOB_KEY.public_key
 
 
-@aio
-async def test_gateway_by_name() -> None:
-    gw = n("gw.example.test.")
+def srv_behind_gw(gw: dict[tuple[str, int], ValidatedAnswer]) -> Script:
+    """srv.example.test (203.0.113.21), whose IPSECKEY names gw.example.test as its gateway;
+    `gw` holds the answers to gw's address lookups."""
     srv_key = IpsecKey.from_public_key(n("srv.example.test."),
                                        ed25519.Ed25519PrivateKey.generate().public_key(),
-                                       gateway=gw)
-    script = Script({
+                                       gateway=n("gw.example.test."))
+    return Script({
         ("srv.example.test.", A): answer(rrset("srv.example.test.", 60, "A", "203.0.113.21")),
         ("srv.example.test.", IPSECKEY): answer(key_rrset("srv.example.test.", key=srv_key)),
-        ("gw.example.test.", A): answer(rrset("gw.example.test.", 60, "A", "198.51.100.20")),
+        **gw,
     })
+
+
+@aio
+async def test_gateway_by_name() -> None:
+    script = srv_behind_gw({
+        ("gw.example.test.", A): answer(rrset("gw.example.test.", 60, "A", "198.51.100.20"))})
     h, fb, _ = handler(script)
     assert (await h.handle(query("srv.example.test."), WHEN)).rcode() == dns.rcode.NOERROR
     spec = fb.of(InstallTunnel)[0].spec  # type: ignore[attr-defined]
@@ -350,16 +327,7 @@ async def test_gateway_by_name() -> None:
 
 @aio
 async def test_gateway_without_address_fails_closed() -> None:
-    gw = n("gw.example.test.")
-    srv_key = IpsecKey.from_public_key(n("srv.example.test."),
-                                       ed25519.Ed25519PrivateKey.generate().public_key(),
-                                       gateway=gw)
-    script = Script({
-        ("srv.example.test.", A): answer(rrset("srv.example.test.", 60, "A", "203.0.113.21")),
-        ("srv.example.test.", IPSECKEY): answer(key_rrset("srv.example.test.", key=srv_key)),
-        ("gw.example.test.", A): NODATA,
-        ("gw.example.test.", AAAA): NODATA,
-    })
+    script = srv_behind_gw({("gw.example.test.", A): NODATA, ("gw.example.test.", AAAA): NODATA})
     h, fb, _ = handler(script)
     reply = await h.handle(query("srv.example.test."), WHEN)
     assert reply.rcode() == dns.rcode.SERVFAIL and "gateway" in ede(reply)[1]
@@ -370,8 +338,14 @@ async def test_gateway_without_address_fails_closed() -> None:
 async def test_fifty_concurrent_lookups_one_tunnel() -> None:
     script = Script({("bob.example.test.", A): answer(BOB_A),
                      ("bob.example.test.", IPSECKEY): answer(key_rrset())})
-    h, fb, _ = handler(script)
-    replies = await asyncio.gather(*(h.handle(query(), WHEN) for _ in range(50)))
+    fb = FakeBackend()
+    fb.gate = asyncio.Event()  # the setup stays in flight until all fifty have asked
+    h, _, _ = handler(script, backend=fb)
+    lookups = [asyncio.create_task(h.handle(query(), WHEN)) for _ in range(50)]
+    await asyncio.sleep(0.01)
+    assert len(fb.of(InstallTunnel)) == 1 and not any(t.done() for t in lookups)
+    fb.gate.set()
+    replies = await asyncio.gather(*lookups)
     assert all(r.rcode() == dns.rcode.NOERROR for r in replies)
     assert len(fb.of(InstallTunnel)) == 1
 
@@ -397,10 +371,3 @@ async def test_unprovable_ipseckey_is_never_no_key() -> None:
     h, _, _ = handler(script, group="private-or-clear")
     reply = await h.handle(query(), WHEN)
     assert reply.rcode() == dns.rcode.SERVFAIL and ede(reply)[0] == 22
-
-
-def test_chain_end() -> None:
-    loop = [rrset("a.test.", 1, "CNAME", "b.test."), rrset("b.test.", 1, "CNAME", "a.test.")]
-    assert chain_end(loop, n("a.test.")) in (n("a.test."), n("b.test."))  # terminates
-    assert chain_end([CNAME, BOB_A], n("www.example.test.")) == BOB
-    assert chain_end([BOB_A], BOB) == BOB

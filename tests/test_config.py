@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from resolver.config import Endpoint, load, parse_endpoint
+from resolver.config import HostPort, load, parse_hostport
 from resolver.errors import ConfigError
+from resolver.validator.types import Limits
 
 
 def write(tmp_path: Path, text: str, resolv: str = "nameserver 192.0.2.53\n") -> tuple[Path, Path]:
@@ -21,18 +22,18 @@ def write(tmp_path: Path, text: str, resolv: str = "nameserver 192.0.2.53\n") ->
 def test_defaults(tmp_path: Path) -> None:
     cfg, rc = write(tmp_path, "")
     c = load(cfg, resolv_conf=rc)
-    assert c.server.listen == (Endpoint("127.0.0.1", 53), Endpoint("::1", 53))
+    assert c.server.listen == (HostPort("127.0.0.1", 53), HostPort("::1", 53))
     assert c.server.edns_payload == 1232
-    assert c.upstream.servers == (Endpoint("192.0.2.53"),) and c.upstream.from_resolv_conf
+    assert c.upstream.servers == (HostPort("192.0.2.53"),) and c.upstream.from_resolv_conf
     assert c.dnssec.builtin_root_anchors and c.dnssec.trust_anchor_files == ()
     assert c.cache.max_ttl == 86400 and c.cache.bogus_ttl == 60
-    assert c.limits.max_upstream_queries == 64 and c.limits.max_cname_chain == 12
+    assert c.limits == Limits()
     assert c.sections == {}
 
 
 def test_no_file_means_defaults(tmp_path: Path) -> None:
     _, rc = write(tmp_path, "")
-    assert load(None, resolv_conf=rc).server.listen[0] == Endpoint("127.0.0.1")
+    assert load(None, resolv_conf=rc).server.listen[0] == HostPort("127.0.0.1")
 
 
 def test_default_upstreams_exclude_ourselves(tmp_path: Path) -> None:
@@ -42,10 +43,10 @@ def test_default_upstreams_exclude_ourselves(tmp_path: Path) -> None:
     cfg, rc = write(tmp_path, "", resolv)
     c = load(cfg, resolv_conf=rc)
     # 127.0.0.1 and ::1 are our listen addresses; 127.0.0.53 (systemd-resolved) is not us.
-    assert c.upstream.servers == (Endpoint("127.0.0.53"), Endpoint("198.51.100.53"))
+    assert c.upstream.servers == (HostPort("127.0.0.53"), HostPort("198.51.100.53"))
     # Listening on a wildcard: every loopback nameserver could be us.
-    c = load(cfg, resolv_conf=rc, listen_override=(Endpoint("0.0.0.0"),))
-    assert c.upstream.servers == (Endpoint("198.51.100.53"),)
+    c = load(cfg, resolv_conf=rc, listen_override=(HostPort("0.0.0.0"),))
+    assert c.upstream.servers == (HostPort("198.51.100.53"),)
 
 
 def test_only_ourselves_in_resolv_conf_is_an_error(tmp_path: Path) -> None:
@@ -86,14 +87,17 @@ def test_full_file(tmp_path: Path) -> None:
     cfg, rc = write(tmp_path, FULL)
     (tmp_path / "root.key").write_text(". IN DS 1 8 2 00\n")
     c = load(cfg, resolv_conf=rc)
-    assert c.server.listen == (Endpoint("127.0.0.2", 5353), Endpoint("::1", 5353),
-                               Endpoint("192.0.2.1", 53))
+    assert c.server.listen == (HostPort("127.0.0.2", 5353), HostPort("::1", 5353),
+                               HostPort("192.0.2.1", 53))
     assert c.server.edns_payload == 1400 and c.server.tcp_idle_timeout == 5.0
-    assert c.upstream.servers == (Endpoint("198.51.100.53"), Endpoint("2001:db8::53", 5300))
+    assert c.upstream.servers == (HostPort("198.51.100.53"), HostPort("2001:db8::53", 5300))
     assert not c.upstream.from_resolv_conf and c.upstream.attempts == 3
     assert c.dnssec.trust_anchor_files == (tmp_path / "root.key",)
     assert c.dnssec.negative_trust_anchors == ("corp.example.",)
     assert c.cache.max_entries == 500 and c.limits.max_nsec3_iterations == 1
+    # [limits] max_upstream_queries is the validator's max_fetches; [cache] sizes its cache.
+    assert c.limits.max_fetches == 20
+    assert c.limits.cache_entries == 500 and c.limits.bogus_ttl == c.cache.bogus_ttl
     assert c.log.level == "debug"
     assert c.sections == {"policy": {"default": "private-or-clear"},
                           "control": {"socket": "/run/x.sock"}}
@@ -105,22 +109,25 @@ def test_full_file(tmp_path: Path) -> None:
     ("[server]\nlisten = \"127.0.0.1\"", r"\[server\] key 'listen': expected a list of strings"),
     ("[server]\nlisten = []", r"\[server\] key 'listen': must list at least one"),
     ("[server]\nlisten = [\"127.0.0.1:99999\"]", r"key 'listen': .*port must be 1-65535"),
-    ("[server]\nedns_payload = 100", r"\[server\] key 'edns_payload': must be 512-4096"),
-    ("[server]\nedns_payload = \"big\"", r"key 'edns_payload': expected int, got a string"),
+    ("[server]\nedns_payload = 100",
+     r"\[server\] key 'edns_payload': must be between 512 and 4096"),
+    ("[server]\nedns_payload = \"big\"", r"key 'edns_payload': expected an integer, got a string"),
     ("[server]\nlisten_addr = 1", r"\[server\] key 'listen_addr': unknown key"),
     ("[upstream]\ntimeout = 0", r"\[upstream\] key 'timeout': must be greater than 0"),
-    ("[upstream]\nattempts = true", r"\[upstream\] key 'attempts': expected int, got a boolean"),
+    ("[upstream]\nattempts = true",
+     r"\[upstream\] key 'attempts': expected an integer, got a boolean"),
     ("[upstream]\nservers = [\"8.8.8.8:0\"]", r"\[upstream\] key 'servers': .*port"),
     ("[dnssec]\ntrust_anchor_files = [\"/nonexistent/root.key\"]",
      r"\[dnssec\] key 'trust_anchor_files': /nonexistent/root.key: no such file"),
     ("[dnssec]\nbuiltin_root_anchors = false",
      r"\[dnssec\] key 'builtin_root_anchors': false and no trust_anchor_files"),
     ("[dnssec]\nbuiltin_root_anchors = \"yes\"",
-     r"key 'builtin_root_anchors': expected bool"),
+     r"key 'builtin_root_anchors': expected true or false"),
     ("[cache]\nmax_entries = 1", r"\[cache\] key 'max_entries': must be at least 16"),
     ("[limits]\nmax_ds = 0", r"\[limits\] key 'max_ds': must be at least 1"),
     ("[limits]\nmax_everything = 3", r"\[limits\] key 'max_everything': unknown key"),
-    ("[log]\nlevel = \"loud\"", r"\[log\] key 'level': must be one of"),
+    ("[log]\nlevel = \"loud\"", r"\[log\] key 'level': must be one of debug, info, warning"),
+    ("[log]\nlevl = 1", r"\[log\] key 'levl': unknown key \(known keys: level, debug_queries\)"),
     ("[dns]\nx = 1", r"unknown table \[dns\]"),
     ("server = 1", r"\[server\] must be a table"),
     ("[policy\n", r"not valid TOML"),
@@ -138,11 +145,11 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "ep"), [
-    ("192.0.2.1", Endpoint("192.0.2.1", 53)),
-    ("192.0.2.1:5300", Endpoint("192.0.2.1", 5300)),
-    ("::1", Endpoint("::1", 53)),
-    ("[::1]:5300", Endpoint("::1", 5300)),
-    ("[2001:DB8::1]", Endpoint("2001:db8::1", 53)),
+    ("192.0.2.1", HostPort("192.0.2.1", 53)),
+    ("192.0.2.1:5300", HostPort("192.0.2.1", 5300)),
+    ("::1", HostPort("::1", 53)),
+    ("[::1]:5300", HostPort("::1", 5300)),
+    ("[2001:DB8::1]", HostPort("2001:db8::1", 53)),
 ])
-def test_parse_endpoint(text: str, ep: Endpoint) -> None:
-    assert parse_endpoint(text) == ep
+def test_parse_hostport(text: str, ep: HostPort) -> None:
+    assert parse_hostport(text) == ep

@@ -1,5 +1,5 @@
-"""resolver.endpoints.control: config, request parsing, and the socket server driven by
-autosp's real client (autosp/control.py), on a temporary socket path.
+"""resolver.endpoints.control and .protocol: config, request parsing, and the socket server
+driven by autosp's real client (autosp/control.py), on a temporary socket path.
 
 Security requirements S1-S3 of the module docstring each have a test here: the socket is 0600
 from birth in a 0700 directory, another uid is refused (by SO_PEERCRED even when the file mode
@@ -10,12 +10,15 @@ server, a stale socket is replaced but a live one or a regular file is not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import os
 import shutil
 import socket
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +26,13 @@ import dns.name
 import pytest
 
 from autosp import control as client
-from autosp.errors import DaemonUnreachable, OperationFailed
+from autosp.cli import main as autosp_main
+from autosp.errors import OperationFailed, ResolverUnreachable
 from resolver.endpoints import control
-from resolver.endpoints.control import (
-    ControlConfig,
-    ControlServer,
-    Request,
-    bind_socket,
-    parse_request,
-    start_control,
-)
-from resolver.endpoints.manager import EndpointError
+from resolver.endpoints.control import ControlConfig, ControlServer, bind_socket, start_control
+from resolver.endpoints.protocol import MAX_REQUEST, EndpointError, Request, parse_request
 from resolver.errors import ConfigError
-from tests.asyncutil import aio
+from tests.helpers import aio
 
 WHEN = 1_800_000_000.0
 BOB = dns.name.from_text("bob.example.test.")
@@ -127,7 +124,7 @@ def test_config_defaults_and_values() -> None:
 @pytest.mark.parametrize(("section", "key", "words"), [
     ({"enabled": "yes"}, "enabled", "true or false"),
     ({"socket": "relative.sock"}, "socket", "absolute"),
-    ({"socket": 5}, "socket", "path"),
+    ({"socket": 5}, "socket", "expected a string"),
     ({"socket": "/" + "x" * 120}, "socket", "107 bytes"),
     ({"state_file": ""}, "state_file", "path"),
     ({"sockett": "/a"}, "sockett", "unknown key"),
@@ -162,6 +159,8 @@ def test_parse_valid_requests() -> None:
     (b'{"op": "status", "name": "a..b"}', "not a DNS name"),
     (b'{"op": "status", "name": "."}', "root"),
     (b'{"op": "remove", "name": "x.test", "group": "private"}', "only for add"),
+    (b"[" * 30_000, "nested too deeply"),
+    (b'{"op": ' + b"[" * 30_000, "nested too deeply"),
 ])
 def test_parse_bad_requests(line: bytes, words: str) -> None:
     with pytest.raises(EndpointError) as e:
@@ -244,7 +243,9 @@ async def test_hostile_requests_get_bad_request(tmp_path: Path) -> None:
     try:
         reply = await raw(path, b"{garbage\n")
         assert reply["ok"] is False and reply["code"] == "bad-request"
-        reply = await raw(path, b"x" * (control.MAX_REQUEST + 10) + b"\n")
+        reply = await raw(path, b"[" * 30_000 + b"\n")  # deeper than json's recursion limit
+        assert reply["code"] == "bad-request" and "nested too deeply" in reply["error"]
+        reply = await raw(path, b"x" * (MAX_REQUEST + 10) + b"\n")
         assert reply["code"] == "bad-request" and "longer than" in reply["error"]
         reply = await raw(path, b'{"op": "list"', shut=False)  # no newline, no EOF: silence
         assert reply["code"] == "bad-request" and "no request within" in reply["error"]
@@ -276,63 +277,114 @@ async def test_peer_uid_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(control, "peer_uid", lambda _sock: 4242)
     try:
         reply = await raw(path, b'{"op": "list"}\n')
-        assert reply == {"ok": False, "code": "forbidden",
-                         "error": "the control socket is for root only"}
+        assert reply["ok"] is False and reply["code"] == "forbidden"
+        with pytest.raises(OperationFailed, match="permission denied: run as root or as the "
+                                                  "daemon's user"):  # autosp exit 1
+            await ask(path, "list")
         assert ops.calls == []
     finally:
         await server.close()
 
 
+def as_nobody(work: Callable[[], bytes]) -> bytes:
+    """`work()` in a forked child of uid and gid 65534; what it returns (or its exception).
+
+    fork, not subprocess: the venv's interpreter may live where uid 65534 cannot read. The
+    child runs code already imported, makes plain syscalls and leaves with os._exit.
+    """
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        out = b"child failed"
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            out = work()
+        except BaseException as exc:
+            out = repr(exc).encode()
+        finally:
+            os.write(wfd, out)
+            os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return out
+
+
+def raw_list(path: Path) -> bytes:
+    """A `list` request by hand; b"EACCES" if the socket's file mode stops us."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.connect(str(path))
+        s.sendall(b'{"op": "list"}\n')
+        return s.makefile("rb").readline().strip()
+    except PermissionError:
+        return b"EACCES"
+    finally:
+        s.close()
+
+
+def traversable_dir() -> Path:
+    """A fresh directory uid 65534 can traverse (pytest's tmp_path sits under a 0700 one)."""
+    base = Path(tempfile.mkdtemp(prefix="isk-ctl-"))
+    os.chmod(base, 0o755)
+    return base
+
+
+@pytest.mark.integration  # needs root to switch uid; fails loudly, never skips, without it
 @aio
-async def test_another_uid_is_refused_for_real(tmp_path: Path) -> None:
+async def test_another_uid_is_refused_for_real() -> None:
     """A real process of uid 65534: the file mode stops it; with the mode opened up (as a
     careless admin might), SO_PEERCRED still does. Needs root to switch uid."""
     if os.geteuid() != 0:
         pytest.fail("this test needs root (it runs a client as uid 65534)", pytrace=False)
-    # pytest's tmp_path sits under a 0700 directory: use one that uid 65534 can traverse.
-    base = Path(tempfile.mkdtemp(prefix="isk-ctl-"))
-    os.chmod(base, 0o755)
+    base = traversable_dir()
     server, ops, path = await serve(base)
     os.chmod(path.parent, 0o755)
-
-    async def as_nobody() -> str:
-        # fork, not subprocess: the venv's interpreter may live where uid 65534 cannot read.
-        # The child makes plain syscalls only and leaves with os._exit.
-        rfd, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            out = b"child failed"
-            try:
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.settimeout(10)
-                try:
-                    s.connect(str(path))
-                    s.sendall(b'{"op": "list"}\n')
-                    out = s.makefile("rb").readline().strip()
-                except PermissionError:
-                    out = b"EACCES"
-            except BaseException as exc:
-                out = repr(exc).encode()
-            finally:
-                os.write(wfd, out)
-                os._exit(0)
-        os.close(wfd)
-        await asyncio.to_thread(os.waitpid, pid, 0)
-        with os.fdopen(rfd, "rb") as f:
-            return f.read().decode()
-
     try:
-        assert await as_nobody() == "EACCES"  # the 0600 file mode: gate one
-        os.chmod(path, 0o666)
-        reply = json.loads(await as_nobody())
-        assert reply["ok"] is False and reply["code"] == "forbidden"  # SO_PEERCRED: gate two
+        # The server runs on this loop: the child is waited for in a thread.
+        assert await asyncio.to_thread(as_nobody, lambda: raw_list(path)) == b"EACCES"
+        os.chmod(path, 0o666)  # past the file mode: gate two
+        reply = json.loads(await asyncio.to_thread(as_nobody, lambda: raw_list(path)))
+        assert reply["ok"] is False and reply["code"] == "forbidden"
         assert ops.calls == []
     finally:
         await server.close()
         shutil.rmtree(base)
+
+
+def test_autosp_without_permission_exits_1_not_3() -> None:
+    """Permission denied is not "resolver not running" (exit 3): exit 1, and what to do.
+
+    As root, autosp runs as uid 65534 against the daemon's 0600 socket; as another user, the
+    socket is its own with mode 0, which stops its owner just the same.
+    """
+    base = traversable_dir()
+    path = base / "run" / "control.sock"
+    sock = bind_socket(path)  # listening: the resolver is running
+
+    def autosp_list() -> bytes:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            status = autosp_main(["--control", str(path), "list"])
+        return f"{status} {err.getvalue()}".encode()
+
+    try:
+        os.chmod(path.parent, 0o755)
+        if os.geteuid() == 0:
+            out = as_nobody(autosp_list).decode()
+        else:
+            os.chmod(path, 0)
+            out = autosp_list().decode()
+    finally:
+        sock.close()
+        shutil.rmtree(base)
+    status, _, err = out.partition(" ")
+    assert status == "1", out
+    assert "permission denied: run as root or as the daemon's user" in err
 
 
 @aio
@@ -365,7 +417,7 @@ def test_directory_writable_by_others_is_refused(tmp_path: Path) -> None:
 
 
 def test_client_without_daemon_says_so(tmp_path: Path) -> None:
-    with pytest.raises(DaemonUnreachable, match="no control socket"):
+    with pytest.raises(ResolverUnreachable, match="no control socket"):
         client.request(tmp_path / "none.sock", "list", 1.0)
 
 

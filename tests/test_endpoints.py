@@ -58,14 +58,13 @@ from resolver.provision import Provisioner
 from resolver.tunnels.config import ProvisionConfig
 from resolver.tunnels.intents import (
     InstallTunnel,
-    Intent,
-    PolicyKey,
     RemoveTunnel,
     TunnelSpec,
     tunnel_spec,
 )
 from resolver.validator.response import Security, Verdict
-from tests.asyncutil import aio
+from tests.fakes import FakeBackend
+from tests.helpers import aio
 
 WHEN = 1_800_000_000.0
 BOB = dns.name.from_text("bob.example.test.")
@@ -570,25 +569,9 @@ def test_health_states() -> None:
 # --- under the real Provisioner -------------------------------------------------------------
 
 
-class Backend:
-    def __init__(self) -> None:
-        self.intents: list[Intent] = []
-        self.items: set[PolicyKey] = set()
-
-    async def apply(self, intent: Intent) -> None:
-        self.intents.append(intent)
-        if isinstance(intent, InstallTunnel):
-            self.items.add(PolicyKey.tunnel(intent.spec.name))
-        elif isinstance(intent, RemoveTunnel):
-            self.items.discard(PolicyKey.tunnel(intent.name))
-
-    async def installed(self) -> frozenset[PolicyKey]:
-        return frozenset(self.items)
-
-
 @aio
 async def test_with_real_provisioner(tmp_path: Path) -> None:
-    backend = Backend()
+    backend = FakeBackend()
     prov = Provisioner(backend, ProvisionConfig(lease=600, grace=60))
     zone = Zone()
     m = EndpointManager(zone, prov, tmp_path / "e.json", keepalive=200)

@@ -209,3 +209,36 @@ def test_peer_and_gateway_parsing() -> None:
     assert parse_gateway("gw.example.test.") == GW_NAME
     assert str(NO_GATEWAY) == "."
 
+
+
+@pytest.mark.parametrize(("label", "text", "prec", "gw", "alg", "field", "crypto", "kt"), CASES,
+                         ids=IDS)
+def test_json_form(label, text, prec, gw, alg, field, crypto, kt):  # type: ignore[no-untyped-def]
+    """The state files' form of a key: the fields as written, and back to the same key."""
+    key = IpsecKey(OWNER, prec, gw, alg, field, 300)
+    doc = key.to_json()
+    gw_text = "." if gw is NO_GATEWAY else gw.to_text() if isinstance(gw, dns.name.Name) \
+        else str(gw)
+    assert doc == {"owner": "bob.example.test.", "precedence": prec, "gateway": gw_text,
+                   "algorithm": int(alg), "public_key": b64(field), "ttl": 300}
+    assert IpsecKey.from_json(doc) == key
+    assert IpsecKey.from_json(doc | {"name": "isk-x", "expires_at": 1.0}) == key  # flat, extra
+
+
+@pytest.mark.parametrize(("damage", "words"), [
+    ({"public_key": b64(raw(ED25519))[:-8]}, "EdDSA key field of 27 octets"),
+    ({"public_key": "not base64!"}, "stored key"),
+    ({"algorithm": 1}, "not supported"),
+    ({"algorithm": 9}, "unknown IPSECKEY algorithm"),
+    ({"precedence": 256}, "precedence"),
+    ({"precedence": "high"}, "stored key"),
+    ({"owner": "a..b."}, "stored key"),
+    ({"ttl": None}, "stored key"),
+])
+def test_json_form_rejects_damage(damage: dict[str, object], words: str) -> None:
+    """A damaged state file gives UnusableKey (a ValueError) naming the fault, never a key."""
+    doc = IpsecKey.from_public_key(OWNER, ED25519).to_json()
+    with pytest.raises(UnusableKey, match=words):
+        IpsecKey.from_json(doc | damage)
+    with pytest.raises(UnusableKey, match="stored key"):
+        IpsecKey.from_json({k: v for k, v in doc.items() if k != "owner"})

@@ -18,7 +18,7 @@ import pytest
 
 from autosp import control as client
 from resolver.cache import WireCache
-from resolver.config import Endpoint, ServerConfig
+from resolver.config import HostPort, ServerConfig
 from resolver.endpoints.control import ControlServer
 from resolver.errors import TunnelRejected, TunnelTimeout
 from resolver.metered import (
@@ -30,11 +30,12 @@ from resolver.metered import (
     question_type,
 )
 from resolver.metrics import Registry, flat_lines
-from resolver.metrics_http import MetricsConfig, MetricsListener
+from resolver.metrics_http import MetricsListener
 from resolver.resolve import PlainHandler
 from resolver.service import ServiceRuntime
+from resolver.serviceconfig import MetricsConfig
 from resolver.validator.response import Security, Verdict
-from tests.asyncutil import aio
+from tests.helpers import aio
 from tests.scripted_upstream import FakeValidator, ScriptedUpstream, answer
 from tests.test_control import FakeOps
 
@@ -82,12 +83,12 @@ async def udp(port: int, q: dns.message.Message) -> dns.message.Message:
 async def test_counts_follow_the_queries_sent() -> None:
     m = DaemonMetrics(clock=lambda: WHEN)
     async with ScriptedUpstream(script) as up:
-        dead = Endpoint("127.0.0.1", 9)  # nothing listens: ICMP refused -> error
+        dead = HostPort("127.0.0.1", 9)  # nothing listens: ICMP refused -> error
         bogus = {"bad.example.test.": Verdict(Security.BOGUS, "expired",
                                               dns.edns.EDECode.SIGNATURE_EXPIRED)}
         fwd = MeteredForwarder([dead, up.endpoint], timeout=0.3, attempts=1).meter(m)
         res = MeteredResolution(fwd, lambda f: FakeValidator(f, bogus)).meter(m)
-        cfg = ServerConfig(listen=(Endpoint("127.0.0.1", 0),))
+        cfg = ServerConfig(listen=(HostPort("127.0.0.1", 0),))
         server = MeteredServer(PlainHandler(res), cfg, cache=WireCache(100),
                                clock=lambda: WHEN).meter(m)
         await server.start(cfg.listen)
@@ -184,13 +185,13 @@ def test_question_type_by_slicing() -> None:
 
 def test_metrics_config() -> None:
     assert MetricsConfig.from_section({}).listen is None
-    assert MetricsConfig.from_section({"listen": "127.0.0.1"}).listen == Endpoint("127.0.0.1",
+    assert MetricsConfig.from_section({"listen": "127.0.0.1"}).listen == HostPort("127.0.0.1",
                                                                                   9153)
-    assert MetricsConfig.from_section({"listen": "[::1]:9100"}).listen == Endpoint("::1", 9100)
+    assert MetricsConfig.from_section({"listen": "[::1]:9100"}).listen == HostPort("::1", 9100)
     from resolver.errors import ConfigError
 
     for bad, words in (({"listen": "localhost:9153"}, "not an IP address"),
-                       ({"listen": 9153}, "expected str"), ({"port": 1}, "unknown key")):
+                       ({"listen": 9153}, "expected a string"), ({"port": 1}, "unknown key")):
         with pytest.raises(ConfigError, match=words) as e:
             MetricsConfig.from_section(bad, "f.toml")
         assert "f.toml: [metrics]" in str(e.value)
@@ -209,7 +210,7 @@ async def http_get(port: int, request: bytes) -> bytes:
 async def test_listener_serves_metrics_and_nothing_else() -> None:
     m = DaemonMetrics()
     m.queries.inc("A", "NOERROR")
-    listener = MetricsListener(m.registry, Endpoint("127.0.0.1", 0))
+    listener = MetricsListener(m.registry, HostPort("127.0.0.1", 0))
     await listener.start()
     assert listener.bound is not None
     port = listener.bound[1]

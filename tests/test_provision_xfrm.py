@@ -1,57 +1,134 @@
-"""resolver.tunnels.xfrm without the kernel: struct sizes, encoding, and what counts as ours."""
+"""resolver.tunnels.xfrm without the kernel: the struct encoder and decoder against an oracle
+(pyroute2's generic netlink encoding of the <linux/xfrm.h> structures, declared here and only
+here), the C layout, and what counts as ours."""
 
 from __future__ import annotations
 
 import socket
 import struct
 from ipaddress import IPv4Address, IPv6Address
+from typing import Any
+
+from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, nlmsg
 
 from resolver.tunnels.xfrm import (
     ALLOW_PRIORITY,
     BLOCK_PRIORITY,
+    XFRM_INF,
+    XFRM_MSG_DELPOLICY,
+    XFRM_MSG_GETPOLICY,
+    XFRM_MSG_NEWPOLICY,
+    XFRM_MSG_UPDPOLICY,
     XFRM_POLICY_BLOCK,
     XFRM_POLICY_OUT,
     Rule,
-    _rule_of,
-    _selector,
+    decode_policy,
+    encode_delete,
+    encode_dump,
+    encode_update,
     shunt_rules,
-    xfrm_userpolicy_id,
-    xfrm_userpolicy_info,
 )
 
+# --- the oracle: <linux/xfrm.h> as pyroute2 nlmsg classes (flat, C padding spelled out) -------
 
-def encoded(msg_class: type, values: dict[str, object]) -> bytes:
+SELECTOR = (
+    ("daddr", "16s"), ("saddr", "16s"),
+    ("dport", ">H"), ("dport_mask", ">H"), ("sport", ">H"), ("sport_mask", ">H"),
+    ("family", "H"), ("prefixlen_d", "B"), ("prefixlen_s", "B"), ("proto", "B"),
+    ("__pad_sel", "3x"), ("ifindex", "i"), ("user", "I"),
+)  # struct xfrm_selector
+LIFETIME_CFG = tuple((n, "Q") for n in (
+    "soft_byte_limit", "hard_byte_limit", "soft_packet_limit", "hard_packet_limit",
+    "soft_add_expires_seconds", "hard_add_expires_seconds",
+    "soft_use_expires_seconds", "hard_use_expires_seconds"))
+LIFETIME_CUR = tuple((n, "Q") for n in ("bytes", "packets", "add_time", "use_time"))
+
+
+class xfrm_userpolicy_info(nlmsg):  # type: ignore[misc]
+    fields = (*SELECTOR, *LIFETIME_CFG, *LIFETIME_CUR, ("priority", "I"), ("index", "I"),
+              ("dir", "B"), ("action", "B"), ("flags", "B"), ("share", "B"),
+              ("__pad_info", "4x"))
+
+
+class xfrm_userpolicy_id(nlmsg):  # type: ignore[misc]
+    fields = (*SELECTOR, ("index", "I"), ("dir", "B"), ("__pad_id", "3x"))
+
+
+def selector(rule: Rule) -> dict[str, Any]:
+    d = rule.destination
+    return {"daddr": d.packed.ljust(16, b"\0"), "saddr": b"\0" * 16,
+            "dport": rule.dport, "dport_mask": 0xFFFF if rule.dport else 0,
+            "sport": rule.sport, "sport_mask": 0xFFFF if rule.sport else 0,
+            "family": socket.AF_INET if d.version == 4 else socket.AF_INET6,
+            "prefixlen_d": d.max_prefixlen, "prefixlen_s": 0, "proto": rule.proto,
+            "ifindex": 0, "user": 0}
+
+
+def oracle(msg_class: type, values: dict[str, Any], msg_type: int, flags: int, seq: int
+           ) -> bytes:
     msg = msg_class()
     msg.update(values)
-    msg["header"]["type"] = 0x13
+    msg["header"].update({"type": msg_type, "flags": flags, "sequence_number": seq})
     msg.encode()
-    return bytes(msg.data[16:])  # body after the 16-byte nlmsghdr
+    return bytes(msg.data)
 
 
-def info_values(rule: Rule) -> dict[str, object]:
-    values: dict[str, object] = dict(_selector(rule))
-    for name, _ in xfrm_userpolicy_info.fields:
-        if not name.startswith("__") and name not in values:
-            values[name] = 0
-    values.update({"priority": rule.priority, "dir": XFRM_POLICY_OUT, "action": rule.action})
-    return values
+def info(rule: Rule, **over: Any) -> dict[str, Any]:
+    values = selector(rule) | {n: XFRM_INF if n.endswith("limit") else 0
+                               for n, _ in (*LIFETIME_CFG, *LIFETIME_CUR)}
+    return values | {"priority": rule.priority, "index": 0, "dir": XFRM_POLICY_OUT,
+                     "action": rule.action, "flags": 0, "share": 0} | over
 
 
-def test_struct_sizes_match_linux_xfrm_h() -> None:
-    rule = Rule(IPv4Address("192.0.2.2"), XFRM_POLICY_BLOCK, BLOCK_PRIORITY)
-    assert len(encoded(xfrm_userpolicy_info, info_values(rule))) == 168
-    ident = dict(_selector(rule)) | {"index": 0, "dir": XFRM_POLICY_OUT}
-    assert len(encoded(xfrm_userpolicy_id, ident)) == 64
+def dumped(rule: Rule, **over: Any) -> bytes:
+    """The body of a NEWPOLICY dump entry for `rule`, as the oracle encodes it."""
+    return oracle(xfrm_userpolicy_info, info(rule, **over), XFRM_MSG_NEWPOLICY, 2, 1)[16:]
 
 
-def test_selector_layout() -> None:
+RULES = [*shunt_rules(IPv4Address("192.0.2.2")), *shunt_rules(IPv6Address("2001:db8::2"))]
+
+
+# --- the tests ---------------------------------------------------------------------------------
+
+
+def test_encoding_matches_the_oracle_byte_for_byte() -> None:
+    for rule in RULES:
+        assert encode_update(rule, 7) == oracle(xfrm_userpolicy_info, info(rule),
+                                                XFRM_MSG_UPDPOLICY, NLM_F_REQUEST | NLM_F_ACK, 7)
+        ident = selector(rule) | {"index": 0, "dir": XFRM_POLICY_OUT}
+        assert encode_delete(rule, 9) == oracle(xfrm_userpolicy_id, ident, XFRM_MSG_DELPOLICY,
+                                                NLM_F_REQUEST | NLM_F_ACK, 9)
+    zero = dict.fromkeys((n for n, f in SELECTOR if not n.startswith("__")), 0) | {
+        "daddr": b"\0" * 16, "saddr": b"\0" * 16, "index": 0, "dir": 0}
+    assert encode_dump(3) == oracle(xfrm_userpolicy_id, zero, XFRM_MSG_GETPOLICY,
+                                    NLM_F_REQUEST | NLM_F_DUMP, 3)
+
+
+def test_struct_sizes_and_layout_match_linux_xfrm_h() -> None:
     rule = Rule(IPv4Address("192.0.2.2"), 0, ALLOW_PRIORITY, socket.IPPROTO_UDP, 0, 4500)
-    body = encoded(xfrm_userpolicy_info, info_values(rule))
+    body = encode_update(rule, 1)[16:]
+    assert len(body) == 168 and len(encode_delete(rule, 1)) - 16 == 64
     assert body[0:4] == bytes([192, 0, 2, 2]) and body[4:16] == b"\0" * 12  # daddr
     assert struct.unpack_from(">HH", body, 32) == (4500, 0xFFFF)  # dport, big-endian
     assert struct.unpack_from("=HBBB", body, 40) == (socket.AF_INET, 32, 0, socket.IPPROTO_UDP)
     assert struct.unpack_from("=II", body, 152) == (ALLOW_PRIORITY, 0)  # priority, index
     assert body[160:162] == bytes([XFRM_POLICY_OUT, 0])  # dir, action allow
+
+
+def test_decoding_the_oracles_dump_entries() -> None:
+    for rule in RULES:
+        assert decode_policy(dumped(rule)) == rule
+        assert decode_policy(dumped(rule) + b"\x08\x00\x10\x00attr") == rule  # attributes
+        assert decode_policy(encode_update(rule, 1)[16:]) == rule
+
+
+def test_only_our_policies_count() -> None:
+    rule = Rule(IPv6Address("2001:db8::2"), XFRM_POLICY_BLOCK, BLOCK_PRIORITY)
+    assert decode_policy(dumped(rule)) == rule
+    assert decode_policy(dumped(rule, priority=100)) is None  # someone else's
+    assert decode_policy(dumped(rule, dir=0)) is None  # inbound
+    assert decode_policy(dumped(rule, prefixlen_d=64)) is None  # not a host selector
+    assert decode_policy(dumped(rule)[:100]) is None  # truncated
 
 
 def test_shunt_rules() -> None:
@@ -62,37 +139,3 @@ def test_shunt_rules() -> None:
     assert [(r.proto, r.sport) for r in v6 if r.proto == socket.IPPROTO_ICMPV6] == [
         (socket.IPPROTO_ICMPV6, 135), (socket.IPPROTO_ICMPV6, 136)]
     assert v6[-1].action == XFRM_POLICY_BLOCK  # BLOCK last: IKE is never blocked in between
-
-
-def test_only_our_policies_count() -> None:
-    rule = Rule(IPv6Address("2001:db8::2"), XFRM_POLICY_BLOCK, BLOCK_PRIORITY)
-    msg = info_values(rule)
-    assert _rule_of(msg) == rule
-    assert _rule_of({**msg, "priority": 100}) is None  # someone else's
-    assert _rule_of({**msg, "dir": 0}) is None  # inbound
-    assert _rule_of({**msg, "prefixlen_d": 64}) is None  # not a host selector
-
-
-def test_batch_encoding_matches_pyroute2() -> None:
-    """The struct-packed messages of the batch path are byte for byte pyroute2's."""
-    from resolver.tunnels.xfrm import (
-        XFRM_INF,
-        XFRM_MSG_DELPOLICY,
-        XFRM_MSG_UPDPOLICY,
-        encode_delete,
-        encode_update,
-    )
-
-    for rule in [*shunt_rules(IPv4Address("192.0.2.2")), *shunt_rules(IPv6Address("2001:db8::2"))]:
-        values = info_values(rule)
-        values.update({n: XFRM_INF for n, _ in xfrm_userpolicy_info.fields if n.endswith("limit")})
-        msg = xfrm_userpolicy_info()
-        msg.update(values)
-        msg["header"].update({"type": XFRM_MSG_UPDPOLICY, "flags": 5, "sequence_number": 7})
-        msg.encode()
-        assert encode_update(rule, 7) == bytes(msg.data)
-        ident = xfrm_userpolicy_id()
-        ident.update(dict(_selector(rule)) | {"index": 0, "dir": XFRM_POLICY_OUT})
-        ident["header"].update({"type": XFRM_MSG_DELPOLICY, "flags": 5, "sequence_number": 9})
-        ident.encode()
-        assert encode_delete(rule, 9) == bytes(ident.data)

@@ -18,9 +18,10 @@ import pytest
 
 from resolver.config import CacheConfig
 from resolver.resolve import PlainHandler, Resolution
-from resolver.upstream import Forwarder
 from resolver.validator.response import Security, Verdict
-from tests.scripted_upstream import Delay, FakeValidator, ScriptedUpstream, answer
+from tests.helpers import ede
+from tests.helpers import run as run_async
+from tests.scripted_upstream import Delay, FakeValidator, ScriptedUpstream, answer, resolution
 
 WHEN = 1_800_000_000.0
 WWW = dns.name.from_text("www.example.test.")
@@ -47,18 +48,11 @@ Body = Callable[[ScriptedUpstream, Resolution, FakeValidator], Awaitable[None]]
 def run(body: Body, *, fetches: int = 0, cache: CacheConfig | None = None) -> None:
     async def main() -> None:
         async with ScriptedUpstream(script) as up:
-            holder: list[FakeValidator] = []
+            res, validator = resolution(up, {"bad.example.test.": Verdict(
+                Security.BOGUS, "RRSIG over A does not verify", 6)}, fetches=fetches, cache=cache)
+            await body(up, res, validator)
 
-            def make(fetch: Any) -> FakeValidator:
-                v = FakeValidator(fetch, {"bad.example.test.": Verdict(
-                    Security.BOGUS, "RRSIG over A does not verify", 6)}, fetches=fetches)
-                holder.append(v)
-                return v
-
-            res = Resolution(Forwarder([up.endpoint], timeout=0.5), make, cache=cache)
-            await body(up, res, holder[0])
-
-    asyncio.run(asyncio.wait_for(main(), 20))
+    run_async(main(), 20)
 
 
 def test_positive_answer_is_cached_and_aged() -> None:
@@ -131,8 +125,7 @@ def test_max_ttl_caps_what_is_kept() -> None:
 def test_upstream_failure_is_an_indeterminate_verdict_not_an_exception() -> None:
     async def main() -> None:
         async with ScriptedUpstream(lambda q, t: None) as up:
-            res = Resolution(Forwarder([up.endpoint], timeout=0.1, attempts=1),
-                             lambda f: FakeValidator(f))
+            res, _ = resolution(up, timeout=0.1, attempts=1)
             a = await res.resolve(WWW, A, WHEN)
             assert a.verdict.security is Security.INDETERMINATE
             assert a.verdict.ede == dns.edns.EDECode.NO_REACHABLE_AUTHORITY
@@ -189,9 +182,7 @@ def test_ad_and_rrsigs_only_for_do_clients() -> None:
 def test_bogus_is_servfail_with_ede() -> None:
     r = handle(dns.message.make_query(BAD, A, use_edns=0))
     assert r.rcode() == dns.rcode.SERVFAIL and not r.answer
-    (ede,) = r.extended_errors()
-    assert ede.code == dns.edns.EDECode.DNSSEC_BOGUS
-    assert ede.text == "RRSIG over A does not verify"
+    assert ede(r) == (dns.edns.EDECode.DNSSEC_BOGUS, "RRSIG over A does not verify")
 
 
 def test_cd_client_gets_unvalidated_data_never_cached() -> None:
@@ -221,8 +212,7 @@ def test_upstream_failure_is_remembered_for_failure_ttl_only() -> None:
     dead upstream is not asked again for every retry, and not longer, so recovery shows."""
     async def main() -> None:
         async with ScriptedUpstream(lambda q, t: None) as up:
-            res = Resolution(Forwarder([up.endpoint], timeout=0.1, attempts=1),
-                             lambda f: FakeValidator(f))
+            res, _ = resolution(up, timeout=0.1, attempts=1)
             assert (await res.resolve(WWW, A, WHEN)).verdict.security is Security.INDETERMINATE
             asked = up.count()
             again = await res.resolve(WWW, A, WHEN + 4)
@@ -241,17 +231,11 @@ def test_indeterminate_from_validation_is_not_kept_for_bogus_ttl() -> None:
 
     async def main() -> None:
         async with ScriptedUpstream(script) as up:
-            holder: list[FakeValidator] = []
-
-            def make(fetch: Any) -> FakeValidator:
-                holder.append(FakeValidator(fetch, {"www.example.test.": indeterminate}))
-                return holder[0]
-
-            res = Resolution(Forwarder([up.endpoint], timeout=0.5), make)
+            res, validator = resolution(up, {"www.example.test.": indeterminate})
             await res.resolve(WWW, A, WHEN)
             await res.resolve(WWW, A, WHEN + 4)
-            assert len(holder[0].calls) == 1  # kept for a few seconds
+            assert len(validator.calls) == 1  # kept for a few seconds
             await res.resolve(WWW, A, WHEN + 10)
-            assert len(holder[0].calls) == 2  # but not for bogus_ttl (60 s)
+            assert len(validator.calls) == 2  # but not for bogus_ttl (60 s)
 
     asyncio.run(main())

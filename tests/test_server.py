@@ -22,12 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from resolver.cache import WireCache
-from resolver.config import Endpoint, ServerConfig
+from resolver.config import HostPort, ServerConfig
 from resolver.resolve import PlainHandler, Resolution
 from resolver.server import Server, _TcpProtocol
-from resolver.upstream import Forwarder
 from resolver.validator.response import Security, Verdict
-from tests.scripted_upstream import Delay, FakeValidator, ScriptedUpstream, answer
+from tests.helpers import ede, run
+from tests.scripted_upstream import Delay, FakeValidator, ScriptedUpstream, answer, resolution
 
 WHEN = 1_800_000_000.0
 BIG_TXT = [f"big.example.test. 300 IN TXT \"{'y' * 200} {i}\"" for i in range(10)]
@@ -69,24 +69,18 @@ class Env:
 def with_server(body: Callable[[Env], Awaitable[None]], **server_kw: Any) -> None:
     async def main() -> None:
         async with ScriptedUpstream(script) as up:
-            holder: list[FakeValidator] = []
-
-            def make(fetch: Any) -> FakeValidator:
-                holder.append(FakeValidator(fetch, {"bad.example.test.": Verdict(
-                    Security.BOGUS, "signature expired", dns.edns.EDECode.SIGNATURE_EXPIRED)}))
-                return holder[0]
-
-            res = Resolution(Forwarder([up.endpoint], timeout=0.5), make)
+            res, validator = resolution(up, {"bad.example.test.": Verdict(
+                Security.BOGUS, "signature expired", dns.edns.EDECode.SIGNATURE_EXPIRED)})
             clock = [WHEN]
-            cfg = ServerConfig(listen=(Endpoint("127.0.0.1", 0),), **server_kw)
+            cfg = ServerConfig(listen=(HostPort("127.0.0.1", 0),), **server_kw)
             server = Server(PlainHandler(res), cfg, cache=WireCache(100), clock=lambda: clock[0])
             await server.start(cfg.listen)
             try:
-                await body(Env(up, res, holder[0], server, clock))
+                await body(Env(up, res, validator, server, clock))
             finally:
                 await server.stop()
 
-    asyncio.run(asyncio.wait_for(main(), 30))
+    run(main(), 30)
 
 
 def q(name: str, rdtype: str = "A", **kw: Any) -> dns.message.Message:
@@ -123,8 +117,7 @@ def test_servfail_with_ede_for_bogus() -> None:
     async def body(env: Env) -> None:
         r = dns.message.from_wire(await env.udp(q("bad.example.test.", use_edns=0)))
         assert r.rcode() == dns.rcode.SERVFAIL
-        (ede,) = r.extended_errors()
-        assert ede.code == dns.edns.EDECode.SIGNATURE_EXPIRED and ede.text == "signature expired"
+        assert ede(r) == (dns.edns.EDECode.SIGNATURE_EXPIRED, "signature expired")
         assert len(env.server.cache or []) == 0  # SERVFAIL is never in the wire cache
 
     with_server(body)

@@ -17,7 +17,7 @@ from resolver.logsetup import setup_logging, under_journald
 from resolver.metered import DaemonMetrics
 from resolver.sdnotify import Notifier
 from resolver.service import ServiceRuntime
-from tests.asyncutil import aio
+from tests.helpers import aio
 
 
 def listener(tmp_path: Path) -> tuple[socket.socket, str]:

@@ -11,9 +11,10 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from resolver.config import Endpoint
+from resolver.config import HostPort
 from resolver.errors import UpstreamError
 from resolver.upstream import Forwarder, QueryBudget, current_budget
+from tests.helpers import run
 from tests.scripted_upstream import Delay, ScriptedUpstream, answer
 
 NAME = dns.name.from_text("www.example.test.")
@@ -22,10 +23,6 @@ A = dns.rdatatype.A
 
 def ok(q: dns.message.Message, _t: str) -> dns.message.Message:
     return answer(q, "www.example.test. 300 IN A 192.0.2.1")
-
-
-def run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(asyncio.wait_for(coro, 20))
 
 
 def test_query_sets_do_cd_rd_and_random_ids() -> None:
@@ -42,7 +39,7 @@ def test_query_sets_do_cd_rd_and_random_ids() -> None:
                 ids.add(q.id)
             assert len(ids) >= 4  # 5 random 16-bit IDs: a collision is possible, 2 unlikely
 
-    run(main())
+    run(main(), 20)
 
 
 def test_wrong_id_garbage_and_wrong_question_are_ignored() -> None:
@@ -62,7 +59,7 @@ def test_wrong_id_garbage_and_wrong_question_are_ignored() -> None:
             assert reply.answer[0][0].to_text() == "192.0.2.1"
             assert fwd.stats.ignored == 4
 
-    run(main())
+    run(main(), 20)
 
 
 def test_only_garbage_times_out_into_upstream_error() -> None:
@@ -73,7 +70,7 @@ def test_only_garbage_times_out_into_upstream_error() -> None:
                 await fwd.query(NAME, A)
             assert up.count() == 2
 
-    run(main())
+    run(main(), 20)
 
 
 def test_timeout_fails_over_to_the_next_server() -> None:
@@ -87,7 +84,7 @@ def test_timeout_fails_over_to_the_next_server() -> None:
             assert 0.15 < loop.time() - t0 < 1.0
             assert dead.count() == 1 and alive.count() == 1
 
-    run(main())
+    run(main(), 20)
 
 
 def test_servfail_fails_over_and_total_failure_raises() -> None:
@@ -99,18 +96,18 @@ def test_servfail_fails_over_and_total_failure_raises() -> None:
                 await fwd.query(NAME, A)
             assert a.count() == 2 and b.count() == 2
 
-    run(main())
+    run(main(), 20)
 
 
 def test_refused_port_is_an_upstream_error_not_a_crash() -> None:
     async def main() -> None:
         async with ScriptedUpstream(ok) as up:
             port = up.port
-        fwd = Forwarder([Endpoint("127.0.0.1", port)], timeout=0.3, attempts=1)
+        fwd = Forwarder([HostPort("127.0.0.1", port)], timeout=0.3, attempts=1)
         with pytest.raises(UpstreamError):
             await fwd.query(NAME, A)
 
-    run(main())
+    run(main(), 20)
 
 
 def test_truncated_udp_reply_is_retried_over_tcp() -> None:
@@ -129,7 +126,7 @@ def test_truncated_udp_reply_is_retried_over_tcp() -> None:
             assert len(reply.answer[0]) == 10
             assert up.count("udp") == 1 and up.count("tcp") == 1
 
-    run(main())
+    run(main(), 20)
 
 
 def test_identical_queries_in_flight_are_coalesced() -> None:
@@ -144,7 +141,7 @@ def test_identical_queries_in_flight_are_coalesced() -> None:
             await asyncio.gather(fwd.query(NAME, A), fwd.query(NAME, dns.rdatatype.AAAA))
             assert up.count() == 3
 
-    run(main())
+    run(main(), 20)
 
 
 def test_budget_limits_upstream_queries_per_client_query() -> None:
@@ -158,7 +155,7 @@ def test_budget_limits_upstream_queries_per_client_query() -> None:
                 await fwd.query(NAME, A)
             assert up.count() == 3
 
-    run(main())
+    run(main(), 20)
 
 
 def test_late_reply_after_timeout_does_not_confuse_the_next_query() -> None:
@@ -174,4 +171,4 @@ def test_late_reply_after_timeout_does_not_confuse_the_next_query() -> None:
             reply = await fwd.query(NAME, A)
             assert reply.id == calls[1]
 
-    run(main())
+    run(main(), 20)

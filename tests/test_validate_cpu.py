@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from resolver.validator.types import CpuTurn
-from tests.asyncutil import aio
+from tests.helpers import aio
 
 
 @aio

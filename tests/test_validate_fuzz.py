@@ -1,22 +1,37 @@
-"""Property tests: random damage to signed replies never raises out of ``validate()``.
+"""Property tests: damaged replies never come out SECURE, and nothing raises out of validate().
 
-The invariant (h11-style): whatever the upstream sends, for the answer itself and for the DS and
-DNSKEY replies of the chain, ``Validator.validate`` returns a verdict within the work limits and
-raises nothing. Structural mutations (drop, duplicate, move RRsets, TTLs, rcodes, signature
-bytes) and wire-level byte flips are both tried.
+Over the signed world of tests/dnssec_fixtures.py (h11-style invariants, Hypothesis choosing
+the damage):
+
+1. Control: undamaged, every question validates as its zone is signed (SECURE, or INSECURE
+   under unsigned.test.), so the properties below are able to fail.
+2. Damaged signatures: flip bits in every RRSIG of one reply the validation reads (the answer
+   itself, or a DS or DNSKEY reply of the chain) and the verdict is BOGUS. Not SECURE, and not
+   INSECURE either: a broken proof that a zone is unsigned must not downgrade it.
+3. Damaged signed data: flip a bit in one record of such a reply, signatures left alone, and a
+   signed question's verdict is BOGUS (the fixture upstream sends only what the proof uses).
+4. Any mutation (drop, duplicate or move RRsets, TTLs, rcodes, signature bytes, wire bytes):
+   ``validate()`` raises nothing, stays within the work limits, and a SECURE verdict carries
+   only what the undamaged reply proves: the same rcode and answer, authentic authority.
+5. Any question: nothing raises, nothing is INDETERMINATE (this upstream always answers), and
+   nothing in the unsigned zone is SECURE.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 
 import dns.exception
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdata
 import dns.rdatatype
 import dns.rrset
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from resolver.validator.response import Limits, Security
@@ -28,6 +43,7 @@ QUESTIONS = [
     ("alias.example.test.", "A"), ("www.dn.example.test.", "A"), ("www.unsigned.test.", "A"),
     ("x.wild.nsec3.test.", "TXT"), ("ext.example.test.", "A"),
 ]
+SIGNED = [q for q in QUESTIONS if not q[0].endswith("unsigned.test.")]
 TARGETS = [None, ("example.test.", "DNSKEY"), ("example.test.", "DS"), (".", "DNSKEY"),
            ("nsec3.test.", "DS"), ("test.", "DNSKEY")]
 SECTIONS = ("answer", "authority", "additional")
@@ -86,21 +102,131 @@ def apply(msg: dns.message.Message, steps: list[tuple[str, object, int]]
     return msg
 
 
+Reply = tuple[str, str]  # the (name, type) a reply answers
+Record = tuple[dns.name.Name, int, int, frozenset[dns.rdata.Rdata]]  # an RRset without its TTL
+
+
+def records(rrsets: list[dns.rrset.RRset]) -> set[Record]:
+    return {(r.name, r.rdtype, r.covers, frozenset(r)) for r in rrsets}
+
+
+@functools.cache
+def replies_read(question: Reply) -> tuple[Reply, ...]:
+    """The replies validating `question` reads: its own, then each DS/DNSKEY reply fetched."""
+    run = Run()
+    run.ask(*question)
+    return (question, *((n.to_text(), dns.rdatatype.to_text(t)) for n, t in run.upstream.calls))
+
+
+@functools.cache
+def undamaged(question: Reply) -> tuple[int, set[Record], set[Record]]:
+    result = Run().ask(*question)
+    return result.rcode, records(result.answer), records(result.authority)
+
+
+def reply(target: Reply) -> dns.message.Message:
+    """A fresh copy of the fixture upstream's reply (the world's RRsets are shared)."""
+    msg = Run().upstream.resolve(N(target[0]), dns.rdatatype.from_text(target[1]))
+    return dns.message.from_wire(msg.to_wire())
+
+
+def serve(damaged: dns.message.Message) -> Callable[[dns.message.Message], dns.message.Message]:
+    return lambda _: dns.message.from_wire(damaged.to_wire())
+
+
+def ask_with(question: Reply, target: Reply, damaged: dns.message.Message) -> Security:
+    run = Run()
+    run.on(*target, serve(damaged))
+    return run.ask(*question).verdict.security
+
+
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_undamaged_replies_validate(question: Reply) -> None:
+    expected = Security.SECURE if question in SIGNED else Security.INSECURE
+    assert Run().ask(*question).verdict.security is expected
+
+
+def signed_replies(question: Reply) -> list[Reply]:
+    """The replies read for `question` that carry signatures (not an unsigned zone's answer)."""
+    return [target for target in replies_read(question)
+            if any(rrset.rdtype == T.RRSIG
+                   for section in reply(target).sections[1:] for rrset in section)]
+
+
+@settings(max_examples=120, deadline=None)
+@given(data=st.data(), position=st.integers(0, 511), mask=st.integers(1, 255))
+def test_damaged_signatures_never_come_out_secure(data: st.DataObject, position: int,
+                                                  mask: int) -> None:
+    question = data.draw(st.sampled_from(QUESTIONS))
+    target = data.draw(st.sampled_from(signed_replies(question)))
+    msg = reply(target)
+    for section in msg.sections[1:]:
+        for i, rrset in enumerate(section):
+            if rrset.rdtype == T.RRSIG:
+                section[i] = dns.rrset.from_rdata_list(rrset.name, rrset.ttl, [
+                    rd.replace(signature=flip(rd.signature, position, mask)) for rd in rrset])
+    assert ask_with(question, target, msg) is Security.BOGUS
+
+
+def flip(data: bytes, position: int, mask: int) -> bytes:
+    out = bytearray(data)
+    out[position % len(out)] ^= mask
+    return bytes(out)
+
+
+def damaged_rdata(rd: dns.rdata.Rdata, position: int) -> dns.rdata.Rdata | None:
+    """`rd` with one bit flipped, at the first place from `position` where it still parses."""
+    wire = rd.to_wire()
+    for k in range(len(wire)):
+        bad = flip(wire, position + k, 1 << (position % 8))
+        try:
+            new = dns.rdata.from_wire(rd.rdclass, rd.rdtype, bad, 0, len(bad))
+        except (dns.exception.DNSException, ValueError):
+            continue
+        if new != rd:
+            return new
+    return None
+
+
+@settings(max_examples=120, deadline=None)
+@given(data=st.data(), position=st.integers(0, 511))
+def test_damaged_signed_data_never_comes_out_secure(data: st.DataObject, position: int) -> None:
+    question = data.draw(st.sampled_from(SIGNED))
+    target = data.draw(st.sampled_from(replies_read(question)))
+    msg = reply(target)
+    places = [(s, i) for s, section in enumerate(msg.sections[1:], 1)
+              for i, r in enumerate(section) if r.rdtype != T.RRSIG]
+    s, i = data.draw(st.sampled_from(places))
+    rrset = msg.sections[s][i]
+    rds = sorted(rrset, key=lambda rd: rd.to_wire())
+    victim = data.draw(st.sampled_from(rds))
+    new = damaged_rdata(victim, position)
+    assume(new is not None and new not in rds)
+    msg.sections[s][i] = dns.rrset.from_rdata_list(
+        rrset.name, rrset.ttl, [new if rd is victim else rd for rd in rds])
+    assert ask_with(question, target, msg) is Security.BOGUS
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(question=st.sampled_from(QUESTIONS), target=st.sampled_from(TARGETS),
        steps=st.lists(mutation, min_size=1, max_size=4))
-def test_mutated_replies_never_raise(question: tuple[str, str], target: tuple[str, str] | None,
-                                     steps: list[tuple[str, object, int]]) -> None:
+def test_mutated_replies_never_raise_and_never_forge(
+        question: Reply, target: Reply | None, steps: list[tuple[str, object, int]]) -> None:
     run = Run()
     name, rdtype = target or question
     run.on(name, rdtype, lambda m: apply(m, steps))
     result = run.ask(*question)
-    assert isinstance(result.verdict.security, Security)
     limits = Limits()
     assert result.work.sig_checks <= limits.max_sig_checks_per_query
     assert result.work.fetches <= limits.max_fetches
     if result.verdict.security is not Security.SECURE:
         assert result.verdict.reason
+        return
+    rcode, answer, authority = undamaged(question)
+    assert result.rcode == rcode
+    assert records(result.answer) == answer
+    # Authority may lose what the proof does not need (an SOA), but gains nothing unproven.
+    assert records(result.authority) <= authority
 
 
 @settings(max_examples=60, deadline=None)
@@ -112,8 +238,10 @@ def test_arbitrary_questions_never_raise(labels: list[str], zone: str, rdtype: s
     name = ".".join([*labels, zone])
     run = Run()
     result = run.ask(name, rdtype)
-    assert isinstance(result.verdict.security, Security)
     assert result.work.nsec3_hashes <= Limits().max_nsec3_hashes
+    assert result.verdict.security is not Security.INDETERMINATE, result.verdict
+    if zone == "unsigned.test." and (labels or rdtype != "DS"):  # its DS is the parent's
+        assert result.verdict.security is not Security.SECURE, result.verdict
 
 
 def test_reply_for_another_question_is_not_secure() -> None:

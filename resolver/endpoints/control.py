@@ -1,18 +1,11 @@
-"""The control socket: `autosp add/remove/list/status/refresh` talk to the daemon through it.
+"""The control socket server: `autosp add/remove/list/status/refresh` talk to the daemon here.
 
 Theory of operation. A Unix stream socket, owner root (the daemon's user), mode 0600 from the
-moment it exists, in a directory of mode 0700. The wire protocol is the one documented at the
-top of autosp/control.py (its client side), kept to exactly:
-
-    one connection = one request:  client -> {"op": ..., "name": ..., "group": ...} "\\n"
-                                   server -> {"ok": true, "result": ...} "\\n", then close
-                                          or {"ok": false, "error": "sentence", "code": CODE}
-
-Codes: the client's documented ones ("unknown-name", "no-secure-key", "ike-unreachable",
-"bad-request"; the client maps "bad-request" to its input-error exit 2 and everything else to
-exit 1), plus "forbidden" (peer not allowed), "not-found" (no such endpoint), "tunnel-failed",
-"resolution-failed" and "internal" (a bug in the daemon), all of which the client treats as
-"the operation failed".
+moment it exists, in a directory of mode 0700. One connection carries one request line and one
+reply line of the protocol in resolver/endpoints/protocol.py (shared with autosp's client); this
+module binds the socket, checks the peer, reads the bounded line, dispatches it to the
+`EndpointManager` and writes the reply. Expected failures (`EndpointError`) become replies with
+their code; anything else is a bug, logged and answered with code "internal".
 
 Security requirements, each enforced here and tested in tests/test_control.py:
 
@@ -20,13 +13,14 @@ Security requirements, each enforced here and tested in tests/test_control.py:
       never briefly wider: it is bound under a umask of 0177), SO_PEERCRED is the second (a
       descriptor passed on by a privileged process still shows the connecting peer).
   S2. A request is bounded: MAX_REQUEST bytes, `read_timeout` seconds to arrive, `op_timeout`
-      seconds to be carried out. Nothing a client sends can stop the daemon: every failure is
-      a reply, and a bug is logged and answered with code "internal".
+      seconds to be carried out; JSON nested deeper than the parser's recursion limit is
+      "bad-request" (protocol.py). Nothing a client sends can stop the daemon: every failure
+      is a reply, and a bug is logged and answered with code "internal".
   S3. The socket path is never taken from anyone but the operator (config), a stale socket is
       removed only if nothing answers on it, and a non-socket file in its place is refused.
 
-The endpoint operations themselves live in resolver/endpoints.py (`EndpointManager`); this
-module only parses, checks and dispatches. It reads the clock (it is part of the asyncio layer,
+The endpoint operations themselves live in resolver/endpoints/manager.py (`EndpointManager`);
+this module only checks and dispatches. It reads the clock (it is part of the asyncio layer,
 like server.py) and passes `now` into the manager.
 """
 
@@ -35,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import os
 import socket
@@ -47,82 +40,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-import dns.exception
 import dns.name
 
-from resolver.endpoints.manager import EndpointError, EndpointManager, Resolver, Tunnels
+from resolver.endpoints.config import ControlConfig
+from resolver.endpoints.manager import EndpointManager, Tunnels
+from resolver.endpoints.protocol import (
+    MAX_REQUEST,
+    NO_NAME,
+    PERMISSION_DENIED,
+    EndpointError,
+    Request,
+    parse_request,
+    reply_error,
+    reply_ok,
+)
 from resolver.errors import ConfigError
 from resolver.policy import Policy
+from resolver.resolve import Resolver
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET: Final = Path("/run/ipseckey-resolver/control.sock")
-DEFAULT_STATE_FILE: Final = Path("/var/lib/ipseckey-resolver/endpoints.json")
-MAX_REQUEST: Final = 64 * 1024  # a request is a few hundred bytes; this bounds a hostile one
-OPS: Final = ("add", "remove", "list", "status", "refresh", "stats", "debug-hang")
-_NO_NAME: Final = frozenset({"list", "stats", "debug-hang"})  # ops that take no name
-_FIELDS: Final = {"op", "name", "group"}
-_NEEDS_NAME: Final = frozenset({"add", "remove", "status"})
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
 
-# Expected failures end in an {"ok": false} reply with the exception's code; the endpoint
-# manager raises the same class, so one `except` turns both into replies.
-ControlError = EndpointError
-
-
-# --- configuration -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ControlConfig:
-    """The parsed [control] table.
-
-    ```toml
-    [control]
-    enabled = true                                       # false: no socket, no endpoints
-    socket = "/run/ipseckey-resolver/control.sock"       # parent dir is made 0700 if missing
-    state_file = "/var/lib/ipseckey-resolver/endpoints.json"   # the pinned endpoints
-    ```
-    """
-
-    enabled: bool = True
-    socket: Path = DEFAULT_SOCKET
-    state_file: Path = DEFAULT_STATE_FILE
-
-    @classmethod
-    def from_section(cls, section: Mapping[str, Any], source: str = "config") -> ControlConfig:
-        """Parse Config.sections["control"].
-
-        Raises:
-            ConfigError: "SOURCE: [control] key 'K': problem" for the first bad key.
-        """
-
-        def err(key: str, problem: str) -> ConfigError:
-            return ConfigError(f"{source}: [control] key {key!r}: {problem}")
-
-        enabled, sock, state = True, DEFAULT_SOCKET, DEFAULT_STATE_FILE
-        for key, value in section.items():
-            if key == "enabled":
-                if not isinstance(value, bool):
-                    raise err(key, "must be true or false")
-                enabled = value
-            elif key in ("socket", "state_file"):
-                if not isinstance(value, str) or not value:
-                    raise err(key, "must be a non-empty path")
-                path = Path(value)
-                if not path.is_absolute():
-                    raise err(key, f"{value!r} must be an absolute path")
-                if key == "socket":
-                    # sun_path holds 108 bytes including the NUL; a longer path cannot be bound.
-                    if len(os.fsencode(value)) > 107:
-                        raise err(key, "path longer than 107 bytes (a Unix socket limit)")
-                    sock = path
-                else:
-                    state = path
-            else:
-                raise err(key, "unknown key (known: enabled, socket, state_file)")
-        return cls(enabled, sock, state)
 
 
 # --- what the server dispatches to -------------------------------------------------------
@@ -131,7 +71,7 @@ class ControlConfig:
 class EndpointOps(Protocol):
     """The operations behind the socket (resolver.endpoints.manager.EndpointManager implements it).
 
-    Each returns the reply's `result` (JSON-serialisable) or raises ControlError.
+    Each returns the reply's `result` (JSON-serialisable) or raises EndpointError.
     """
 
     async def add(self, name: dns.name.Name, group: str | None, now: float) -> Any: ...
@@ -145,79 +85,20 @@ class EndpointOps(Protocol):
     async def refresh(self, name: dns.name.Name | None, now: float) -> Any: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """A checked request: `name` is absolute, `group` is a string or None."""
-
-    op: str
-    name: dns.name.Name | None = None
-    group: str | None = None
-
-
-def parse_request(line: bytes) -> Request:
-    """One request line -> Request.
-
-    Raises:
-        ControlError("bad-request"): not JSON, not an object, unknown op or field, bad name.
-    """
-
-    def bad(problem: str) -> ControlError:
-        return ControlError("bad-request", problem)
-
-    try:
-        doc = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
-        raise bad("the request is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise bad("the request must be a JSON object")
-    unknown = set(doc) - _FIELDS
-    if unknown:
-        raise bad(f"unknown field(s) in request: {', '.join(sorted(map(str, unknown)))}")
-    op = doc.get("op")
-    if op not in OPS:
-        raise bad(f"unknown op {op!r} (known: {', '.join(OPS)})")
-    raw_name, group = doc.get("name"), doc.get("group")
-    if group is not None and (op != "add" or not isinstance(group, str)):
-        raise bad("'group' is a string, and only for add")
-    if raw_name is None:
-        if op in _NEEDS_NAME:
-            raise bad(f"{op} needs a name")
-        return Request(op, None, group)
-    if op in _NO_NAME:
-        raise bad(f"{op} takes no name")
-    if not isinstance(raw_name, str):
-        raise bad("'name' must be a string")
-    try:
-        name = dns.name.from_text(raw_name)
-    except dns.exception.DNSException as exc:
-        raise bad(f"{raw_name!r} is not a DNS name: {exc}") from None
-    if name == dns.name.root:
-        raise bad("the root is not an endpoint")
-    return Request(op, name, group)
-
-
 async def dispatch(ops: EndpointOps, req: Request, now: float) -> Any:
-    """Carry out a checked request. Raises ControlError for expected failures."""
+    """Carry out a checked request. Raises EndpointError for expected failures."""
     if req.op == "list":
         return ops.list(now)
     if req.op == "refresh":
         return await ops.refresh(req.name, now)
     name = req.name
     if name is None:  # parse_request guarantees it; this keeps mypy (and a future op) honest
-        raise ControlError("bad-request", f"{req.op} needs a name")
+        raise EndpointError("bad-request", f"{req.op} needs a name")
     if req.op == "add":
         return await ops.add(name, req.group, now)
     if req.op == "remove":
         return await ops.remove(name, now)
     return ops.status(name, now)
-
-
-def reply_ok(result: Any) -> bytes:
-    return json.dumps({"ok": True, "result": result}).encode() + b"\n"
-
-
-def reply_error(code: str, message: str) -> bytes:
-    return json.dumps({"ok": False, "error": message, "code": code}).encode() + b"\n"
 
 
 # --- the asyncio server --------------------------------------------------------------------
@@ -261,9 +142,9 @@ class ControlServer:
     async def _dispatch(self, req: Request, now: float) -> Any:
         if req.op in self.extra:
             return await self.extra[req.op](now)
-        if req.op not in _NO_NAME or req.op == "list":
+        if req.op not in NO_NAME or req.op == "list":
             return await dispatch(self.ops, req, now)
-        raise ControlError("bad-request", f"{req.op} is not enabled in this resolver")
+        raise EndpointError("bad-request", f"{req.op} is not enabled in this resolver")
 
     async def start(self) -> None:
         """Bind and listen.
@@ -327,7 +208,7 @@ class ControlServer:
             problem = ""
         if uid is None or uid not in self.allowed_uids:
             log.warning("control socket: refused a request from uid %s", uid)
-            return reply_error("forbidden", "the control socket is for root only")
+            return reply_error("forbidden", PERMISSION_DENIED)
         if problem:
             return reply_error("bad-request", problem)
         try:
@@ -339,7 +220,7 @@ class ControlServer:
             op.add_done_callback(_log_late_failure)
             result = await asyncio.wait_for(asyncio.shield(op), self.op_timeout)
             return reply_ok(result)
-        except ControlError as exc:
+        except EndpointError as exc:
             return reply_error(exc.code, str(exc))
         except TimeoutError:
             return reply_error("internal", f"the operation took longer than "
@@ -356,7 +237,7 @@ def _log_late_failure(task: asyncio.Future[Any]) -> None:
     if task.cancelled():
         return
     exc = task.exception()
-    if exc is not None and not isinstance(exc, ControlError):
+    if exc is not None and not isinstance(exc, EndpointError):
         log.error("control operation failed: %r", exc)
 
 

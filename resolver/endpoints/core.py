@@ -5,8 +5,8 @@ Theory of operation. No I/O, no asyncio, no clock (`now` is passed in). `observe
 validated A, AAAA and IPSECKEY answers of a name to an `Observation` (or a `Failure` carrying a
 control-protocol code); `choose_key` and `plan_tunnels` decide which tunnels should exist and
 which go; `view` makes the ENDPOINT dict of the control protocol; `dump_state`/`load_state`
-(de)serialize the endpoint list. resolver/endpoints.py (`EndpointManager`) runs them: it
-performs the lookups and the provisioning these functions ask for, and owns the timers.
+(de)serialize the endpoint list. resolver/endpoints/manager.py (`EndpointManager`) runs them:
+it performs the lookups and the provisioning these functions ask for, and owns the timers.
 
 Rules (each has a test in tests/test_endpoints.py):
 
@@ -30,7 +30,6 @@ Rules (each has a test in tests/test_endpoints.py):
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import enum
 import ipaddress
@@ -45,12 +44,14 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 
-from resolver.capture import chain_end
+from resolver.endpoints.protocol import EndpointError
 from resolver.errors import ProvisioningError
-from resolver.ipseckey import NO_GATEWAY, IpsecKey, KeyAlgorithm, parse_gateway
+from resolver.ipseckey import NO_GATEWAY, IpsecKey
 from resolver.policy import AnswerLike, Group, KeyStatus, SetupFailure, classify, key_evidence
+from resolver.rrsets import ADDRESS_TYPES, addresses_of, chain_end
 from resolver.tunnels.intents import TunnelSpec, tunnel_spec
 from resolver.validator.response import Security
+from resolver.validator.types import worst
 
 Address = IPv4Address | IPv6Address
 
@@ -61,21 +62,6 @@ RETRY_MIN: Final = 5.0
 RETRY_MAX: Final = 300.0
 PINNED_GROUPS: Final = (Group.PRIVATE, Group.PRIVATE_OR_CLEAR)
 STATE_VERSION: Final = 1
-
-_SEVERITY: Final = {Security.SECURE: 0, Security.INSECURE: 1, Security.INDETERMINATE: 2,
-                    Security.BOGUS: 3}
-
-
-class EndpointError(Exception):
-    """An operation that ends in an `{"ok": false}` control reply; `code` is the protocol's.
-
-    Expected failures only (unknown name, no secure key, IKE daemon unreachable, bad input);
-    the message is the one sentence autosp prints.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # --- pure core: observing ------------------------------------------------------------------
@@ -97,7 +83,7 @@ class Observation:
 
     addresses: tuple[Address, ...]
     keys: tuple[IpsecKey, ...]
-    security: Security  # the worst of the address and key answers
+    security: Security  # the worse of the A and AAAA answers (the keys are SECURE: Rule 1)
     ttl: int  # the smallest TTL of the three answers
 
 
@@ -107,21 +93,6 @@ class Failure:
 
     code: str
     reason: str
-
-
-def worst(*levels: Security) -> Security:
-    """The least trustworthy of several security statuses."""
-    return max(levels, key=lambda s: _SEVERITY[s])
-
-
-def addresses_of(answer: AnswerLike, owner: dns.name.Name | None = None) -> tuple[Address, ...]:
-    """The A/AAAA addresses in an answer (of `owner` only, if given), sorted, no duplicates."""
-    found: set[Address] = set()
-    for rrset in answer.answer:
-        if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) and (
-                owner is None or rrset.name == owner):
-            found.update(ipaddress.ip_address(rd.address) for rd in rrset)
-    return tuple(sorted(found, key=lambda a: (a.version, a)))
 
 
 def observe(name: dns.name.Name, a: AnswerLike | BaseException,
@@ -149,16 +120,20 @@ def observe(name: dns.name.Name, a: AnswerLike | BaseException,
             return Failure("resolution-failed", f"{text} {qtype}: {rcode}")
     # The key that counts is the one of the name the addresses belong to: the end of a CNAME
     # chain (as in capture.py), so the address and the key are vouched for by one signer.
-    ends = {chain_end(ans.answer, name) for ans in answers if addresses_of(ans)}
-    if len(ends) > 1:
+    found: dict[dns.name.Name, set[Address]] = {}
+    for ans, rdtype in zip(answers, ADDRESS_TYPES, strict=True):
+        end = chain_end(ans.answer, name)
+        addrs = addresses_of(ans.answer, end, rdtype)
+        if addrs:
+            found.setdefault(end, set()).update(addrs)
+    if len(found) > 1:
         return Failure("resolution-failed", f"{text}: A and AAAA lead to different names "
-                                            f"({', '.join(sorted(map(str, ends)))})")
-    owner = ends.pop() if ends else name
-    addresses = tuple(sorted({x for ans in answers for x in addresses_of(ans, owner)},
-                             key=lambda x: (x.version, x)))
+                                            f"({', '.join(sorted(map(str, found)))})")
+    owner, owned = found.popitem() if found else (name, set())
+    addresses = tuple(sorted(owned, key=lambda x: (x.version, x)))
     if not addresses:
         return Failure("unknown-name", f"{text} has no A or AAAA record")
-    addr_security = worst(*(ans.verdict.security for ans in answers))
+    addr_security = worst(answers[0].verdict, answers[1].verdict).security
     if isinstance(ipseckey, BaseException):
         evidence = key_evidence(None, addr_security, failure=str(ipseckey), owner=owner)
     else:
@@ -169,7 +144,7 @@ def observe(name: dns.name.Name, a: AnswerLike | BaseException,
                    evidence.status, "has no DNSSEC-secure IPSECKEY")
         return Failure("no-secure-key", f"{text} {why} ({evidence.reason})")
     ttl = min([ans.ttl for ans in answers] + [evidence.ttl if evidence.ttl is not None else 0])
-    return Observation(addresses, evidence.keys, worst(addr_security, Security.SECURE), ttl)
+    return Observation(addresses, evidence.keys, addr_security, ttl)
 
 
 # --- pure core: deciding -------------------------------------------------------------------
@@ -304,7 +279,7 @@ def health(ep: Endpoint, installed: Mapping[Address, TunnelSpec]) -> Health:
 
 def view(ep: Endpoint, installed: Mapping[Address, TunnelSpec],
          policy_group: Group | None = None) -> dict[str, Any]:
-    """The ENDPOINT dict of the control protocol (autosp/control.py), plus details.
+    """The ENDPOINT dict of the control protocol (resolver/endpoints/protocol.py), plus details.
 
     The protocol's fields come first, always present (null when unknown): name, addresses,
     algorithm, fingerprint, security, tunnel, next_refresh, error. The details after them are
@@ -358,23 +333,6 @@ def _tunnel_lines(ep: Endpoint, installed: Mapping[Address, TunnelSpec]) -> list
 # --- state file (Rule 6) -------------------------------------------------------------------
 
 
-def _key_to_json(k: IpsecKey) -> dict[str, Any]:
-    return {"owner": k.owner.to_text(), "precedence": k.precedence,
-            "gateway": k.gateway.to_text() if isinstance(k.gateway, dns.name.Name)
-            else str(k.gateway),
-            "algorithm": int(k.algorithm), "public_key": base64.b64encode(k.public_key).decode(),
-            "ttl": k.ttl}
-
-
-def _key_from_json(d: Mapping[str, Any]) -> IpsecKey:
-    k = IpsecKey(owner=dns.name.from_text(d["owner"]), precedence=int(d["precedence"]),
-                 gateway=parse_gateway(str(d["gateway"])),
-                 algorithm=KeyAlgorithm(int(d["algorithm"])),
-                 public_key=base64.b64decode(d["public_key"], validate=True), ttl=int(d["ttl"]))
-    k.crypto_key()  # a state file is input too: never hand a malformed key to a backend
-    return k
-
-
 def dump_state(endpoints: Sequence[Endpoint]) -> bytes:
     """The state file's bytes: every endpoint, its key in use and the tunnels it holds."""
     doc = {"version": STATE_VERSION, "endpoints": [{
@@ -382,7 +340,7 @@ def dump_state(endpoints: Sequence[Endpoint]) -> bytes:
         "group": ep.group.value if ep.group is not None else None,
         "added_at": ep.added_at,
         "addresses": [str(a) for a in ep.addresses],
-        "key": _key_to_json(ep.key) if ep.key is not None else None,
+        "key": ep.key.to_json() if ep.key is not None else None,
         "security": ep.security.value if ep.security is not None else None,
         "tunnels": [{"destination": str(s.destination), "name": s.name,
                      "remote_addr": str(s.remote_addr), "remote_id": s.remote_id,
@@ -404,7 +362,7 @@ def load_state(data: bytes) -> list[Endpoint]:
     out: list[Endpoint] = []
     try:
         for e in doc["endpoints"]:
-            key = _key_from_json(e["key"]) if e.get("key") else None
+            key = IpsecKey.from_json(e["key"]) if e.get("key") else None
             tunnels: dict[Address, TunnelSpec] = {}
             for t in e.get("tunnels", []):
                 if key is None:

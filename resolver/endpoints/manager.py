@@ -1,12 +1,13 @@
 """Pinned endpoints: the names `autosp add` keeps a tunnel to, followed as their records change.
 
-Theory of operation. The decisions are pure functions in resolver/endpoints_core.py (observe a
+Theory of operation. The decisions are pure functions in resolver/endpoints/core.py (observe a
 name, plan its tunnels, show it, persist it; Rules 1-6 are stated there). This module is the
 asyncio layer around them:
 
   * `EndpointManager` runs one refresh per endpoint at a time (a lock per name): it asks
     `Resolution.resolve` for A, AAAA and IPSECKEY, lets the core decide, calls
-    `Provisioner.pin`/`ensure`/`release`, and writes the state file atomically;
+    `Provisioner.pin`/`ensure`/`release`, and has the state file written (resolver/statefile.py:
+    atomic, off the event loop) before an operation returns;
   * `EndpointManager.run(clock)` is the timer loop, the only place that reads the clock: it
     sleeps until the next TTL expiry, retry or keepalive (or until an operation changed the
     schedule) and calls `tick(now)`.
@@ -21,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,10 +33,8 @@ import dns.rdatatype
 from resolver.endpoints.core import (
     Address,
     Endpoint,
-    EndpointError,
     Failure,
     Observation,
-    addresses_of,
     choose_key,
     display_name,
     dump_state,
@@ -51,15 +49,18 @@ from resolver.endpoints.core import (
     view,
     without_exempt,
 )
-from resolver.errors import ProvisioningError, ResolverError
+from resolver.endpoints.protocol import EndpointError
+from resolver.errors import ProvisioningError, ResolverError, StateCorrupt
 from resolver.ipseckey import IpsecKey
 from resolver.logevent import log_event
-from resolver.policy import AnswerLike, Group, Policy
-from resolver.provision import write_atomically
+from resolver.policy import Group, Policy
+from resolver.resolve import Resolver
+from resolver.rrsets import ADDRESS_TYPES, gateway_addresses
+from resolver.statefile import Encode, StateFile
 from resolver.tunnels.intents import TunnelSpec
-from resolver.validator.response import Security
+from resolver.validator.response import ValidatedAnswer
 
-__all__ = ["DEFAULT_KEEPALIVE", "EndpointError", "EndpointManager", "Resolver", "Tunnels"]
+__all__ = ["DEFAULT_KEEPALIVE", "EndpointError", "EndpointManager", "Tunnels"]
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,6 @@ DEFAULT_KEEPALIVE: Final = 120.0
 
 
 # --- the collaborators, as far as we use them ----------------------------------------------
-
-
-class Resolver(Protocol):
-    """resolver.resolve.Resolution, structurally."""
-
-    async def resolve(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType,
-                      now: float, *, fresh: bool = False) -> AnswerLike: ...
 
 
 class Tunnels(Protocol):
@@ -108,6 +102,7 @@ class EndpointManager:
         self.resolution = resolution
         self.tunnels = tunnels
         self.state_file = state_file
+        self._state = StateFile(state_file, self._snapshot) if state_file is not None else None
         self.policy = policy
         self.keepalive = keepalive
         self.endpoints: dict[dns.name.Name, Endpoint] = {}
@@ -136,7 +131,7 @@ class EndpointManager:
             if isinstance(failure, Failure) and new:
                 raise EndpointError(failure.code, failure.reason)
             self.endpoints[name] = ep
-            self._save()
+            await self._save()
             self._wake.set()
             if ep.error:
                 when = "" if ep.next_refresh is None else \
@@ -153,7 +148,7 @@ class EndpointManager:
             if ep is None:
                 raise EndpointError("not-found", f"{display_name(name)} is not an endpoint "
                                                  "(see `autosp list`)")
-            self._save()
+            await self._save()
             await self._release(list(ep.tunnels.values()), now)
         # The lock stays: a refresh queued on it must not run beside a later `add`'s refresh.
         self._wake.set()
@@ -197,16 +192,14 @@ class EndpointManager:
 
     def load(self) -> None:
         """Read the state file (Rule 6). A damaged file is kept aside and we start empty."""
-        if self.state_file is None or not self.state_file.exists():
+        if self._state is None:
             return
         try:
-            eps = load_state(self.state_file.read_bytes())
-        except (OSError, ValueError) as exc:
-            aside = self.state_file.with_name(self.state_file.name + ".bad")
-            log.error("endpoint state %s unreadable (%s): starting without endpoints; the "
-                      "file is kept as %s", self.state_file, exc, aside)
-            with contextlib.suppress(OSError):
-                os.replace(self.state_file, aside)
+            eps = self._state.load(load_state)
+        except StateCorrupt as exc:
+            log.error("endpoints: %s: starting without endpoints", exc)
+            return
+        if eps is None:
             return
         for ep in eps:
             ep.next_refresh = 0.0  # due at once: re-resolve every restored endpoint
@@ -260,7 +253,7 @@ class EndpointManager:
             if ep is None:
                 return  # removed meanwhile
             await self._refresh(ep, now, fresh)
-            self._save()
+            await self._save()
 
     async def _keepalive_locked(self, name: dns.name.Name, now: float) -> None:
         async with self._lock(name):
@@ -381,31 +374,31 @@ class EndpointManager:
         return observe(name, *results)
 
     async def _lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType,
-                      now: float, fresh: bool = False) -> AnswerLike | ResolverError:
+                      now: float, fresh: bool = False) -> ValidatedAnswer | ResolverError:
         try:
             return await self.resolution.resolve(name, rdtype, now, fresh=fresh)
         except ResolverError as exc:  # anything else is a bug and propagates
             return exc
 
     async def _gateway_addresses(self, key: IpsecKey, now: float) -> tuple[Address, ...]:
-        """Addresses of a gateway given by name (the key authenticates it, so an insecure
-        address is acceptable here, a bogus one is not)."""
+        """Addresses of a gateway given by name, both families (`plan_tunnels` picks one per
+        destination)."""
         if not isinstance(key.gateway, dns.name.Name):
             return ()
         found: list[Address] = []
-        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        for rdtype in ADDRESS_TYPES:
             ans = await self._lookup(key.gateway, rdtype, now)
-            if isinstance(ans, ResolverError) or ans.verdict.security in (
-                    Security.BOGUS, Security.INDETERMINATE):
-                continue
-            found.extend(addresses_of(ans))
+            if not isinstance(ans, ResolverError):
+                found.extend(gateway_addresses(ans, key.gateway, rdtype))
         return tuple(found)
 
-    def _save(self) -> None:
-        if self.state_file is None:
-            return
-        # The directory holds what we are told to trust: make it ours alone if we create it.
-        self.state_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomically(self.state_file, dump_state(list(self.endpoints.values())))
+    async def _save(self) -> None:
+        """Rule 6: on disk (off the event loop) before the operation returns."""
+        if self._state is not None:
+            await self._state.persist()
+
+    def _snapshot(self) -> Encode:
+        data = dump_state(list(self.endpoints.values()))  # now: the endpoints are mutable
+        return lambda: data
 
 

@@ -1,28 +1,27 @@
 """[provision] and [identity]: the provisioner's configuration and this host as an IKE peer.
 
-Parsed from the raw tables in Config.sections; every problem is a ConfigError that names the
-file, the table and the key. Re-exported by resolver.provision.
+Parsed from the raw tables in Config.sections through configtable.Table, so every problem is a
+ConfigError of the one shape (file, table, key, why) and unknown keys are refused.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import Any, Final
+from typing import ClassVar
 
 import dns.exception
 import dns.name
 
-from resolver.errors import ConfigError
+from resolver.configtable import Section, Table, between, non_empty, one_of
 
 Address = IPv4Address | IPv6Address
 
 
 @dataclass(frozen=True, slots=True)
-class ProvisionConfig:
+class ProvisionConfig(Section):
     """The parsed [provision] table.
 
     ```toml
@@ -36,8 +35,12 @@ class ProvisionConfig:
     failure_hold = 10                  # seconds a failed setup is answered from memory
     max_setups = 32                    # IKE setups in flight at once; the rest wait their turn
     state_file = "/var/lib/ipseckey-resolver/state.json"
+    watch_interval = 30                # seconds between checks of charon's SAs besides its
+                                       # events (0: only events and reconnects)
     ```
     """
+
+    TABLE: ClassVar[str] = "provision"
 
     backend: str = "vici"
     vici_socket: str = "unix:///var/run/charon.vici"
@@ -48,83 +51,60 @@ class ProvisionConfig:
     failure_hold: float = 10.0
     max_setups: int = 32
     state_file: Path | None = None
+    watch_interval: float = 30.0
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any], source: str = "config") -> ProvisionConfig:
-        """Parse Config.sections["provision"]. Raises ConfigError naming the key."""
-        values: dict[str, Any] = {}
-        for key, value in section.items():
-            values[key] = _provision_value(key, value, source)
-        return cls(**values)
+    def from_table(cls, t: Table) -> ProvisionConfig:
+        """Parse the [provision] table."""
+        d = cls()
+        cfg = cls(
+            backend=t.get("backend", str, d.backend, one_of("vici", "dryrun")),
+            vici_socket=t.get("vici_socket", str, d.vici_socket, _vici_uri),
+            shunts=t.get("shunts", str, d.shunts, one_of("xfrm", "none")),
+            timeout=t.get("timeout", float, d.timeout, between(0.1, 60, "seconds")),
+            lease=t.get("lease", float, d.lease, between(5, 86400, "seconds")),
+            grace=t.get("grace", float, d.grace, between(0, 3600, "seconds")),
+            failure_hold=t.get("failure_hold", float, d.failure_hold,
+                               between(0, 3600, "seconds")),
+            max_setups=t.get("max_setups", int, d.max_setups, between(1, 4096)),
+            state_file=_optional_path(t.get("state_file", str, d.state_file, non_empty)),
+            watch_interval=t.get("watch_interval", float, d.watch_interval,
+                                 between(0, 3600, "seconds")),
+        )
+        t.done()
+        return cfg
 
 
-_CHOICES: Final = {"backend": ("vici", "dryrun"), "shunts": ("xfrm", "none")}
-_SECONDS: Final = {"timeout": (0.1, 60.0), "lease": (5.0, 86400.0), "grace": (0.0, 3600.0),
-                   "failure_hold": (0.0, 3600.0)}
+def _optional_path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)
 
 
-def _provision_value(key: str, value: Any, source: str) -> Any:
-    def err(problem: str) -> ConfigError:
-        return ConfigError(f"{source}: [provision] key {key!r}: {problem}")
-
-    if key in _CHOICES:
-        if value not in _CHOICES[key]:
-            raise err(f"must be one of {', '.join(_CHOICES[key])}")
-        return value
-    if key in _SECONDS:
-        lo, hi = _SECONDS[key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-            raise err(f"must be a number of seconds {lo:g}..{hi:g}")
-        return float(value)
-    if key == "max_setups":
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
-            raise err("must be an integer 1..4096")
-        return value
-    if key == "vici_socket":
-        if not isinstance(value, str) or not value.startswith(("unix://", "tcp://")):
-            raise err("must be a unix:// or tcp:// URI")
-        return value
-    if key == "state_file":
-        if not isinstance(value, str) or not value:
-            raise err("must be a path")
-        return Path(value)
-    known = ", ".join([*_CHOICES, *_SECONDS, "max_setups", "vici_socket", "state_file"])
-    raise err(f"unknown key (known: {known})")
+def _vici_uri(value: str) -> str | None:
+    return None if value.startswith(("unix://", "tcp://")) else "must be a unix:// or tcp:// URI"
 
 
 @dataclass(frozen=True, slots=True)
-class Identity:
+class Identity(Section):
     """This host as an IKE peer: [identity] fqdn, private_key (PKCS#8 PEM path), addresses."""
+
+    TABLE: ClassVar[str] = "identity"
 
     fqdn: str
     private_key: Path
     addresses: tuple[Address, ...] = ()
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any], source: str = "config") -> Identity:
-        """Parse Config.sections["identity"]. Raises ConfigError naming the key."""
-
-        def err(key: str, problem: str) -> ConfigError:
-            return ConfigError(f"{source}: [identity] key {key!r}: {problem}")
-
-        for key in section:
-            if key not in ("fqdn", "private_key", "addresses"):
-                raise err(key, "unknown key (known: fqdn, private_key, addresses)")
-        for key in ("fqdn", "private_key"):
-            if not isinstance(section.get(key), str) or not section[key]:
-                raise err(key, "required, a string")
+    def from_table(cls, t: Table) -> Identity:
+        """Parse the [identity] table."""
         try:
-            fqdn = dns.name.from_text(section["fqdn"]).to_text(omit_final_dot=True)
+            fqdn = dns.name.from_text(t.need("fqdn", str, non_empty))
         except dns.exception.DNSException as exc:
-            raise err("fqdn", str(exc)) from None
-        raw = section.get("addresses", [])
-        if not isinstance(raw, list):
-            raise err("addresses", "must be a list of addresses")
-        try:
-            addrs = tuple(ipaddress.ip_address(a) for a in raw)
-        except ValueError as exc:
-            raise err("addresses", str(exc)) from None
-        return cls(fqdn, Path(section["private_key"]), addrs)
+            raise t.fail("fqdn", str(exc)) from None
+        identity = cls(fqdn.to_text(omit_final_dot=True),
+                       Path(t.need("private_key", str, non_empty)),
+                       t.each("addresses", ipaddress.ip_address, ()))
+        t.done()
+        return identity
 
     def local_address(self, family: int) -> Address | None:
         """Our configured address of an IP version (4 or 6), if any."""

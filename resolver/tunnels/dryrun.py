@@ -15,14 +15,20 @@ log = logging.getLogger(__name__)
 
 class DryRunBackend:
     """Logs intents and remembers them; brings nothing up. Only when configured explicitly
-    (`backend = "dryrun"`): a private destination answered through it is NOT protected."""
+    (`backend = "dryrun"`): a private destination answered through it is NOT protected.
 
-    def __init__(self) -> None:
+    `quiet`: no warning per intent. For the unit tests' fake (tests/fakes.py), which is this
+    backend with faults injected; the daemon never sets it.
+    """
+
+    def __init__(self, *, quiet: bool = False) -> None:
         self.items: set[PolicyKey] = set()
         self.log: list[Intent] = []
+        self.quiet = quiet
 
     async def apply(self, intent: Intent) -> None:
-        log.warning("dry run (nothing is protected): %s", intent)
+        if not self.quiet:
+            log.warning("dry run (nothing is protected): %s", intent)
         self.log.append(intent)
         if isinstance(intent, InstallTunnel):
             self.items.add(PolicyKey.tunnel(intent.spec.name))

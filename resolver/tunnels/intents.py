@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import Final
+from typing import Any, Final
 
 import dns.name
 
@@ -37,6 +39,32 @@ class TunnelSpec:
     remote_addr: Address
     remote_id: str
     key: IpsecKey
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> TunnelSpec:
+        """The spec of a `to_json` mapping (extra keys are ignored).
+
+        Raises:
+            ValueError: a field is missing or malformed (UnusableKey for the key's fields).
+        """
+        try:
+            return cls(name=str(doc["name"]),
+                       destination=ipaddress.ip_address(doc["destination"]),
+                       remote_addr=ipaddress.ip_address(doc["remote_addr"]),
+                       remote_id=str(doc["remote_id"]),
+                       key=IpsecKey.from_json(doc))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"stored tunnel: {exc!r}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as JSON values, its key's fields flat beside its own (the form of the
+        provisioner's state file since version 1)."""
+        return self.key.to_json() | {
+            "name": self.name,
+            "destination": str(self.destination),
+            "remote_addr": str(self.remote_addr),
+            "remote_id": self.remote_id,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +164,7 @@ def tunnel_spec(key: IpsecKey, destination: Address, gateway_addr: Address | Non
         remote, remote_id = gateway_addr, gw.to_text(omit_final_dot=True)
     else:
         # An address gateway tells us where, not who: the key is what authenticates it, and the
-        # identity is its address (charon matches the key to that id; see provision_vici).
+        # identity is its address (charon matches the key to that id; see resolver/tunnels/vici.py).
         remote, remote_id = gw, str(gw)
     # The TTL is a property of one answer, not of the key: keep it out of the spec so that an
     # aged or republished TTL never looks like a key change (which would replace the tunnel).

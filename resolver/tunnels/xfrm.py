@@ -1,4 +1,4 @@
-"""Kernel drop shunts as XFRM policies over netlink (pyroute2), for InstallShunt / RemoveShunt.
+"""Kernel drop shunts as XFRM policies over netlink, for InstallShunt / RemoveShunt.
 
 Theory of operation. A shunt for destination D is a small set of outbound XFRM policies:
 
@@ -14,39 +14,34 @@ lower priority numbers win in XFRM. The applications' packets get EPERM on send/
 Ownership: we only ever touch policies whose priority is ALLOW_PRIORITY or BLOCK_PRIORITY and
 whose selector is a single host, so dump/flush never disturb charon's or anyone else's policies.
 
-pyroute2 0.9.7 has the NETLINK_XFRM socket but no message classes, so the structures of
-<linux/xfrm.h> are declared below, flat and with explicit padding (pyroute2 packs each field on
-its own, so C alignment must be spelled out): xfrm_selector 56 bytes, xfrm_userpolicy_info 168,
-xfrm_userpolicy_id 64. A pyroute2 socket must be used from the thread that created it, so every
-netlink call runs on one dedicated thread.
-
-Speed (the install and removal are on the path of a first answer): pyroute2 0.9's synchronous
-API runs a private event loop per request (measured ~0.6 ms per message, 3 ms to install an IPv6
-shunt, 4 ms to remove it). Installs and removals therefore bypass it: the messages are packed
-with `struct` (`encode_update`, `encode_delete`, checked byte for byte against pyroute2's
-encoding in the unit tests) and sent on a plain netlink socket, *all pending intents in one
-send* (the kernel processes a multi-message datagram in order, so ALLOWs still precede their
-BLOCK), then the ACKs are read back by sequence number. While one batch is in the kernel the
-next intents queue, so 200 concurrent shunts cost a few round trips, not 1000. pyroute2 stays
-for dumps (reconcile, tests), which are rare.
+One encoder. pyroute2 0.9.7 has the NETLINK_XFRM socket but no XFRM message classes, and its
+synchronous API runs a private event loop per request (measured ~0.6 ms per message, 3 ms to
+install an IPv6 shunt, 4 ms to remove it, on the path of a first answer). So the messages of
+<linux/xfrm.h> are packed and parsed here with `struct` (`encode_update`, `encode_delete`,
+`encode_dump`, `decode_policy`: xfrm_selector 56 bytes, xfrm_userpolicy_info 168,
+xfrm_userpolicy_id 64; checked byte for byte against pyroute2's generic nlmsg encoding in
+tests/test_provision_xfrm.py, which keeps that encoding as its oracle), and sent on a plain
+netlink socket (pyroute2 only opens it inside the namespace). Installs and removals send *all
+pending intents in one send* (the kernel processes a multi-message datagram in order, so ALLOWs
+still precede their BLOCK), then the ACKs are read back by sequence number. While one batch is
+in the kernel the next intents queue, so 200 concurrent shunts cost a few round trips, not 1000.
+A socket is used from one thread only: every netlink call runs on one dedicated thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 import struct
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar, TypeVarTuple
 
 from pyroute2 import netns as pyroute2_netns
-from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, nlmsg
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nlsocket import NetlinkSocket
 
 from resolver.errors import ProvisioningError
 from resolver.tunnels.intents import (
@@ -60,8 +55,16 @@ from resolver.tunnels.intents import (
 
 Address = IPv4Address | IPv6Address
 T = TypeVar("T")
+Args = TypeVarTuple("Args")
 
 NETLINK_XFRM: Final = 6
+NLM_F_REQUEST: Final = 0x1
+NLM_F_ACK: Final = 0x4
+NLM_F_DUMP: Final = 0x300
+NLMSG_ERROR: Final = 2
+NLMSG_DONE: Final = 3
+SOL_NETLINK: Final = 270
+NETLINK_CAP_ACK: Final = 10
 XFRM_MSG_NEWPOLICY: Final = 0x13
 XFRM_MSG_DELPOLICY: Final = 0x14
 XFRM_MSG_GETPOLICY: Final = 0x15
@@ -76,52 +79,6 @@ XFRM_INF: Final = 0xFFFF_FFFF_FFFF_FFFF
 ALLOW_PRIORITY: Final = 0x15C0
 BLOCK_PRIORITY: Final = 0x15C1
 OUR_PRIORITIES: Final = frozenset((ALLOW_PRIORITY, BLOCK_PRIORITY))
-
-_SELECTOR = (
-    ("daddr", "16s"),
-    ("saddr", "16s"),
-    ("dport", ">H"),
-    ("dport_mask", ">H"),
-    ("sport", ">H"),
-    ("sport_mask", ">H"),
-    ("family", "H"),
-    ("prefixlen_d", "B"),
-    ("prefixlen_s", "B"),
-    ("proto", "B"),
-    ("__pad_sel", "3x"),
-    ("ifindex", "i"),
-    ("user", "I"),
-)  # struct xfrm_selector: 56 bytes
-
-_LIFETIME_CFG = tuple((n, "Q") for n in (
-    "soft_byte_limit", "hard_byte_limit", "soft_packet_limit", "hard_packet_limit",
-    "soft_add_expires_seconds", "hard_add_expires_seconds",
-    "soft_use_expires_seconds", "hard_use_expires_seconds"))  # 64 bytes
-_LIFETIME_CUR = tuple((n, "Q") for n in ("bytes", "packets", "add_time", "use_time"))  # 32
-
-
-# pyroute2 is untyped (nlmsg is Any to mypy); the class names are the kernel's, as pyroute2 does.
-class xfrm_userpolicy_info(nlmsg):  # type: ignore[misc]
-    """struct xfrm_userpolicy_info (168 bytes): NEWPOLICY/UPDPOLICY body and dump entries."""
-
-    fields = (
-        *_SELECTOR,
-        *_LIFETIME_CFG,
-        *_LIFETIME_CUR,
-        ("priority", "I"),
-        ("index", "I"),
-        ("dir", "B"),
-        ("action", "B"),
-        ("flags", "B"),
-        ("share", "B"),
-        ("__pad_info", "4x"),
-    )
-
-
-class xfrm_userpolicy_id(nlmsg):  # type: ignore[misc]
-    """struct xfrm_userpolicy_id (64 bytes): DELPOLICY/GETPOLICY body."""
-
-    fields = (*_SELECTOR, ("index", "I"), ("dir", "B"), ("__pad_id", "3x"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,110 +104,14 @@ def shunt_rules(destination: Address) -> list[Rule]:
     return rules
 
 
-def _selector(rule: Rule) -> dict[str, Any]:
-    d = rule.destination
-    return {
-        "daddr": d.packed.ljust(16, b"\0"),
-        "saddr": b"\0" * 16,
-        "dport": rule.dport,
-        "dport_mask": 0xFFFF if rule.dport else 0,
-        "sport": rule.sport,
-        "sport_mask": 0xFFFF if rule.sport else 0,
-        "family": socket.AF_INET if d.version == 4 else socket.AF_INET6,
-        "prefixlen_d": d.max_prefixlen,
-        "prefixlen_s": 0,
-        "proto": rule.proto,
-        "ifindex": 0,
-        "user": 0,
-    }
-
-
-def _rule_of(msg: Any) -> Rule | None:
-    """The Rule of a dumped policy if it is one of ours, else None."""
-    if msg.get("priority") not in OUR_PRIORITIES or msg.get("dir") != XFRM_POLICY_OUT:
-        return None
-    family, plen = msg.get("family"), msg.get("prefixlen_d")
-    raw = msg.get("daddr")
-    if family == socket.AF_INET and plen == 32:
-        dest: Address = IPv4Address(raw[:4])
-    elif family == socket.AF_INET6 and plen == 128:
-        dest = IPv6Address(raw[:16])
-    else:
-        return None
-    return Rule(dest, msg.get("action"), msg.get("priority"), msg.get("proto"),
-                msg.get("sport") if msg.get("sport_mask") else 0,
-                msg.get("dport") if msg.get("dport_mask") else 0)
-
-
-class XfrmPolicies:
-    """Blocking netlink access to XFRM policies of one network namespace. Thread-confined."""
-
-    def __init__(self, netns: str | None = None) -> None:
-        self.sock = NetlinkSocket(family=NETLINK_XFRM, netns=netns)
-        self.sock.marshal.msg_map[XFRM_MSG_NEWPOLICY] = xfrm_userpolicy_info
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def add(self, rule: Rule) -> None:
-        """Create or update (UPDPOLICY) one outbound policy."""
-        msg = xfrm_userpolicy_info()
-        msg.update(_selector(rule))
-        for name, _ in _LIFETIME_CFG:
-            msg[name] = XFRM_INF if name.endswith("limit") else 0
-        for name, _ in _LIFETIME_CUR:
-            msg[name] = 0
-        msg.update({"priority": rule.priority, "index": 0, "dir": XFRM_POLICY_OUT,
-                    "action": rule.action, "flags": 0, "share": 0})
-        self._request(msg, XFRM_MSG_UPDPOLICY, NLM_F_REQUEST | NLM_F_ACK)
-
-    def delete(self, rule: Rule) -> bool:
-        """Delete one outbound policy by selector; False if there was none."""
-        msg = xfrm_userpolicy_id()
-        msg.update(_selector(rule))
-        msg.update({"index": 0, "dir": XFRM_POLICY_OUT})
-        try:
-            self._request(msg, XFRM_MSG_DELPOLICY, NLM_F_REQUEST | NLM_F_ACK)
-        except NetlinkError as exc:
-            if exc.code == errno.ENOENT:
-                return False
-            raise
-        return True
-
-    def dump(self) -> Iterator[Any]:
-        """Every policy of the namespace, as parsed xfrm_userpolicy_info messages."""
-        msg = xfrm_userpolicy_id()
-        msg.update(_selector(Rule(IPv4Address(0), 0, 0)))
-        msg.update({"index": 0, "dir": 0})
-        for reply in self.sock.nlm_request(msg, XFRM_MSG_GETPOLICY, NLM_F_REQUEST | NLM_F_DUMP):
-            if reply["header"]["type"] == XFRM_MSG_NEWPOLICY:
-                yield reply
-
-    def ours(self) -> list[Rule]:
-        """Our policies (by priority and host selector)."""
-        return [r for r in (_rule_of(m) for m in self.dump()) if r is not None]
-
-    def flush_ours(self) -> int:
-        """Delete all our policies; returns how many."""
-        rules = self.ours()
-        for r in rules:
-            self.delete(r)
-        return len(rules)
-
-    def _request(self, msg: nlmsg, msg_type: int, flags: int) -> None:
-        for _ in self.sock.nlm_request(msg, msg_type, flags):
-            pass  # the ACK; errors are raised as NetlinkError by pyroute2
-
-
-NLMSG_ERROR: Final = 2
-SOL_NETLINK: Final = 270
-NETLINK_CAP_ACK: Final = 10
 _NLMSGHDR: Final = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _PORTS: Final = struct.Struct(">HHHH")  # dport, dport_mask, sport, sport_mask (network order)
 _SEL_TAIL: Final = struct.Struct("=HBBB3xiI")  # family, prefixlen_d/s, proto, pad, ifindex, user
+_SELECTOR_SIZE: Final = 32 + _PORTS.size + _SEL_TAIL.size  # struct xfrm_selector: 56
 _LIFETIMES: Final = struct.Struct("=12Q")  # lifetime_cfg (8) + lifetime_cur (4)
 _INFO_TAIL: Final = struct.Struct("=IIBBBB4x")  # priority, index, dir, action, flags, share
-_ID_TAIL: Final = struct.Struct("=IB3x")  # index, dir
+_INFO_SIZE: Final = _SELECTOR_SIZE + _LIFETIMES.size + _INFO_TAIL.size  # userpolicy_info: 168
+_ID_TAIL: Final = struct.Struct("=IB3x")  # index, dir (struct xfrm_userpolicy_id: 64)
 _NO_LIMITS: Final = _LIFETIMES.pack(*([XFRM_INF] * 4 + [0] * 8))
 
 
@@ -263,23 +124,67 @@ def _packed_selector(rule: Rule) -> bytes:
                              d.max_prefixlen, 0, rule.proto, 0, 0))
 
 
+def _message(msg_type: int, flags: int, seq: int, body: bytes) -> bytes:
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body
+
+
 def encode_update(rule: Rule, seq: int) -> bytes:
     """XFRM_MSG_UPDPOLICY (create or replace) for one outbound rule, with nlmsghdr."""
     body = (_packed_selector(rule) + _NO_LIMITS
             + _INFO_TAIL.pack(rule.priority, 0, XFRM_POLICY_OUT, rule.action, 0, 0))
-    return _NLMSGHDR.pack(16 + len(body), XFRM_MSG_UPDPOLICY, NLM_F_REQUEST | NLM_F_ACK,
-                          seq, 0) + body
+    return _message(XFRM_MSG_UPDPOLICY, NLM_F_REQUEST | NLM_F_ACK, seq, body)
 
 
 def encode_delete(rule: Rule, seq: int) -> bytes:
     """XFRM_MSG_DELPOLICY by selector for one outbound rule, with nlmsghdr."""
     body = _packed_selector(rule) + _ID_TAIL.pack(0, XFRM_POLICY_OUT)
-    return _NLMSGHDR.pack(16 + len(body), XFRM_MSG_DELPOLICY, NLM_F_REQUEST | NLM_F_ACK,
-                          seq, 0) + body
+    return _message(XFRM_MSG_DELPOLICY, NLM_F_REQUEST | NLM_F_ACK, seq, body)
 
 
-class XfrmBatchSocket:
-    """A plain NETLINK_XFRM socket that sends many requests at once. Thread-confined."""
+def encode_dump(seq: int) -> bytes:
+    """XFRM_MSG_GETPOLICY dump of every policy (the kernel ignores the id in a dump)."""
+    body = b"\0" * _SELECTOR_SIZE + _ID_TAIL.pack(0, 0)
+    return _message(XFRM_MSG_GETPOLICY, NLM_F_REQUEST | NLM_F_DUMP, seq, body)
+
+
+def decode_policy(body: bytes) -> Rule | None:
+    """The Rule of a dumped policy (an xfrm_userpolicy_info) if it is one of ours, else None."""
+    if len(body) < _INFO_SIZE:
+        return None
+    dport, dport_mask, sport, sport_mask = _PORTS.unpack_from(body, 32)
+    family, plen_d, _, proto, _, _ = _SEL_TAIL.unpack_from(body, 32 + _PORTS.size)
+    priority, _, direction, action, _, _ = _INFO_TAIL.unpack_from(
+        body, _SELECTOR_SIZE + _LIFETIMES.size)
+    if priority not in OUR_PRIORITIES or direction != XFRM_POLICY_OUT:
+        return None
+    if family == socket.AF_INET and plen_d == 32:
+        dest: Address = IPv4Address(body[:4])
+    elif family == socket.AF_INET6 and plen_d == 128:
+        dest = IPv6Address(body[:16])
+    else:
+        return None
+    return Rule(dest, action, priority, proto, sport if sport_mask else 0,
+                dport if dport_mask else 0)
+
+
+def _messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(type, seq, body) of each netlink message in a datagram."""
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, mtype, _, seq, _ = _NLMSGHDR.unpack_from(data, offset)
+        if length < _NLMSGHDR.size:
+            return  # malformed: never loop on it
+        yield mtype, seq, data[offset + _NLMSGHDR.size:offset + length]
+        offset += (length + 3) & ~3
+
+
+class XfrmPolicies:
+    """The XFRM policies of one network namespace, over a plain NETLINK_XFRM socket.
+
+    Thread-confined (use it from one thread). Raises OSError (the caller translates it).
+    """
+
+    CHUNK: Final = 100
 
     def __init__(self, netns: str | None = None) -> None:
         # flags=0: never create the namespace (pyroute2's default would).
@@ -310,32 +215,51 @@ class XfrmBatchSocket:
             result |= self._send_chunk(messages[i:i + self.CHUNK])
         return result
 
-    CHUNK: Final = 100
+    def ours(self) -> list[Rule]:
+        """Our policies (by priority and host selector), from a dump."""
+        seq = self.next_seq()
+        self.sock.send(encode_dump(seq))
+        found: list[Rule] = []
+        while True:
+            for mtype, mseq, body in _messages(self.sock.recv(1 << 16)):
+                if mseq != seq:
+                    continue  # a late ACK of an earlier request
+                if mtype == NLMSG_DONE:
+                    return found
+                if mtype == NLMSG_ERROR:
+                    (err,) = struct.unpack_from("=i", body)
+                    raise OSError(-err, f"XFRM policy dump: {os.strerror(-err)}")
+                if mtype == XFRM_MSG_NEWPOLICY and (rule := decode_policy(body)) is not None:
+                    found.append(rule)
+
+    def flush_ours(self) -> int:
+        """Delete all our policies; returns how many there were."""
+        rules = self.ours()
+        acks = self.send([encode_delete(r, self.next_seq()) for r in rules])
+        failed = [e for e in acks.values() if e not in (0, errno.ENOENT)]
+        if failed:
+            raise OSError(failed[0], f"XFRM policy flush: {os.strerror(failed[0])}")
+        return len(rules)
 
     def _send_chunk(self, messages: list[bytes]) -> dict[int, int]:
         wanted = {_NLMSGHDR.unpack_from(m)[3] for m in messages}
         self.sock.send(b"".join(messages))
         result: dict[int, int] = {}
         while len(result) < len(wanted):
-            data = self.sock.recv(1 << 16)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, mtype, _, seq, _ = _NLMSGHDR.unpack_from(data, offset)
+            for mtype, seq, body in _messages(self.sock.recv(1 << 16)):
                 if mtype == NLMSG_ERROR and seq in wanted:
-                    (err,) = struct.unpack_from("=i", data, offset + 16)
+                    (err,) = struct.unpack_from("=i", body)
                     result[seq] = -err
-                offset += max(16, (length + 3) & ~3)
         return result
 
 
 class XfrmBackend:
-    """ProvisioningBackend for shunts. All netlink work on one thread (pyroute2's rule)."""
+    """ProvisioningBackend for shunts. All netlink work on one thread, on one socket."""
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xfrm")
-        self._policies: XfrmPolicies | None = None
-        self._batch_sock: XfrmBatchSocket | None = None
+        self._sock: XfrmPolicies | None = None  # opened, and used, on the thread only
         # intents waiting for the next batch, and the task sending batches (one at a time)
         self._queue: list[tuple[Intent, asyncio.Future[None]]] = []
         self._sender: asyncio.Task[None] | None = None
@@ -356,7 +280,7 @@ class XfrmBackend:
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                errors = await self._run(self._apply_batch, [i for i, _ in batch])
+                errors = await self._run(_apply_batch, [i for i, _ in batch])
             except ProvisioningError as exc:
                 errors = [exc] * len(batch)
             except BaseException as exc:  # cancellation: nobody may wait forever
@@ -374,72 +298,65 @@ class XfrmBackend:
 
     async def installed(self) -> frozenset[PolicyKey]:
         """A destination counts as shunted when our BLOCK policy for it is there."""
-        rules = await self._run(lambda: self._xfrm().ours())
+        rules = await self._run(XfrmPolicies.ours)
         return frozenset(PolicyKey.shunt(r.destination) for r in rules
                          if r.action == XFRM_POLICY_BLOCK)
 
     async def flush(self) -> int:
         """Remove every policy of ours (tests, shutdown)."""
-        return await self._run(lambda: self._xfrm().flush_ours())
+        return await self._run(XfrmPolicies.flush_ours)
 
     async def aclose(self) -> None:
         def close() -> None:
-            if self._policies is not None:
-                self._policies.close()
-                self._policies = None
-            if self._batch_sock is not None:
-                self._batch_sock.close()
-                self._batch_sock = None
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
 
-        await self._run(close)
+        await asyncio.get_running_loop().run_in_executor(self._thread, close)
         self._thread.shutdown(wait=False)
 
-    def _apply_batch(self, intents: list[Intent]) -> list[ProvisioningError | None]:
-        """One send for all `intents`; the error of each (None: done). On the xfrm thread."""
-        if self._batch_sock is None:
-            self._batch_sock = XfrmBatchSocket(self.netns)
-        sock = self._batch_sock
-        messages: list[bytes] = []
-        seqs: list[list[tuple[int, bool]]] = []  # per intent: (seq, ENOENT is fine)
-        for intent in intents:
-            mine: list[tuple[int, bool]] = []
-            if isinstance(intent, InstallShunt):
-                for rule in shunt_rules(intent.destination):  # ALLOWs first, BLOCK last
-                    seq = sock.next_seq()
-                    messages.append(encode_update(rule, seq))
-                    mine.append((seq, False))
-            elif isinstance(intent, RemoveShunt):
-                for rule in reversed(shunt_rules(intent.destination)):  # BLOCK first
-                    seq = sock.next_seq()
-                    messages.append(encode_delete(rule, seq))
-                    mine.append((seq, True))
-            seqs.append(mine)
-        try:
-            acks = sock.send(messages) if messages else {}
-        except OSError:
-            self._batch_sock = None  # a new socket for the next batch
-            sock.close()
-            raise
-        out: list[ProvisioningError | None] = []
-        for intent, mine in zip(intents, seqs, strict=True):
-            bad = [acks.get(seq, errno.EIO) for seq, enoent_ok in mine
-                   if acks.get(seq, errno.EIO) not in ((0, errno.ENOENT) if enoent_ok else (0,))]
-            out.append(None if not bad else ProvisioningError(
-                f"XFRM netlink: {type(intent).__name__} {intent.destination}: "  # type: ignore[union-attr]
-                f"{errno.errorcode.get(bad[0], bad[0])}"))
-        return out
-
-    def _xfrm(self) -> XfrmPolicies:
-        if self._policies is None:
-            self._policies = XfrmPolicies(self.netns)
-        return self._policies
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _run(self, fn: Callable[[XfrmPolicies, *Args], T], *args: *Args) -> T:
+        """`fn(socket, *args)` on the xfrm thread; OSError becomes ProvisioningError here."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._thread, lambda: fn(*args))
-        except NetlinkError as exc:
-            raise ProvisioningError(f"XFRM netlink: {exc}") from None
+            return await loop.run_in_executor(self._thread, self._with_socket, fn, *args)
         except OSError as exc:
-            raise ProvisioningError(f"XFRM netlink socket: {exc}") from None
+            raise ProvisioningError(f"XFRM netlink: {exc}") from None
 
+    def _with_socket(self, fn: Callable[[XfrmPolicies, *Args], T], *args: *Args) -> T:
+        if self._sock is None:
+            self._sock = XfrmPolicies(self.netns)
+        try:
+            return fn(self._sock, *args)
+        except OSError:
+            self._sock.close()  # unread replies may be queued on it: the next call opens anew
+            self._sock = None
+            raise
+
+
+def _apply_batch(sock: XfrmPolicies, intents: list[Intent]) -> list[ProvisioningError | None]:
+    """One send for all `intents`; the error of each (None: done). On the xfrm thread."""
+    messages: list[bytes] = []
+    seqs: list[list[tuple[int, bool]]] = []  # per intent: (seq, ENOENT is fine)
+    for intent in intents:
+        mine: list[tuple[int, bool]] = []
+        if isinstance(intent, InstallShunt):
+            for rule in shunt_rules(intent.destination):  # ALLOWs first, BLOCK last
+                seq = sock.next_seq()
+                messages.append(encode_update(rule, seq))
+                mine.append((seq, False))
+        elif isinstance(intent, RemoveShunt):
+            for rule in reversed(shunt_rules(intent.destination)):  # BLOCK first
+                seq = sock.next_seq()
+                messages.append(encode_delete(rule, seq))
+                mine.append((seq, True))
+        seqs.append(mine)
+    acks = sock.send(messages) if messages else {}
+    out: list[ProvisioningError | None] = []
+    for intent, mine in zip(intents, seqs, strict=True):
+        bad = [acks.get(seq, errno.EIO) for seq, enoent_ok in mine
+               if acks.get(seq, errno.EIO) not in ((0, errno.ENOENT) if enoent_ok else (0,))]
+        out.append(None if not bad else ProvisioningError(
+            f"XFRM netlink: {type(intent).__name__} {intent.destination}: "  # type: ignore[union-attr]
+            f"{errno.errorcode.get(bad[0], bad[0])}"))
+    return out

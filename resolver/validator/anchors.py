@@ -12,9 +12,10 @@ Sources:
   SHA-256 DS records, from https://data.iana.org/root-anchors/root-anchors.xml. The digests were
   checked by recomputing them from the published root DNSKEYs (tests/test_anchors.py does it).
 * ``from_file(path)``: BIND syntax (``trust-anchors { NAME initial-ds|static-ds|initial-key|
-  static-key ...; };`` and the older ``managed-keys``/``trusted-keys`` blocks), or zone-file
-  lines of DS/DNSKEY records as Unbound's ``trust-anchor-file`` (and ``unbound-anchor``) write
-  them, with ``;`` comments and ``( )`` continuation. Every error names ``file:line``.
+  static-key ...; };`` and the older ``managed-keys``/``trusted-keys`` blocks, read with the
+  named.conf tokenizer of resolver/namedconf.py), or zone-file lines of DS/DNSKEY records as
+  Unbound's ``trust-anchor-file`` (and ``unbound-anchor``) write them, with ``;`` comments and
+  ``( )`` continuation. Every error names ``file:line``.
 
 RFC 5011 automatic rollover is not implemented: a new root KSK means a new release or an anchor
 file (design note; Unbound's auto-trust-anchor-file is the model if it is ever needed).
@@ -37,6 +38,7 @@ from dns.rdtypes.ANY.DNSKEY import DNSKEY
 from dns.rdtypes.ANY.DS import DS
 
 from resolver.errors import ConfigError
+from resolver.namedconf import Token, Tokens
 
 ROOT_DS_TEXT = (
     # KSK-2017, in service since 2018-10-11.
@@ -101,7 +103,7 @@ class TrustAnchors:
     @classmethod
     def from_text(cls, text: str, source: str = "<text>") -> TrustAnchors:
         """Parse anchor text in either format (see ``from_file``)."""
-        if _BIND_BLOCK.search(_strip_bind_comments(text)):
+        if _BIND_BLOCK.search(text):
             records = _parse_bind(text, source)
         else:
             records = _parse_zone_lines(text, source)
@@ -146,63 +148,45 @@ class TrustAnchors:
 
 # -- parsing -------------------------------------------------------------------------------
 
+_BIND_BLOCKS = ("trust-anchors", "managed-keys", "trusted-keys")
+# named.conf syntax (resolver/namedconf.py) if a block opens anywhere, else zone-file lines.
 _BIND_BLOCK = re.compile(r"\b(trust-anchors|managed-keys|trusted-keys)\s*\{")
 _BIND_KINDS = {"initial-ds": "DS", "static-ds": "DS", "initial-key": "DNSKEY",
                "static-key": "DNSKEY"}
 
 
-def _strip_bind_comments(text: str) -> str:
-    """Blank out comments (keeping newlines, so line numbers stay right) but not strings."""
-
-    def repl(m: re.Match[str]) -> str:
-        found = m.group(0)
-        return found if found.startswith('"') else re.sub(r"[^\n]", " ", found)
-
-    return re.sub(r'"(?:[^"\\]|\\.)*"|/\*.*?\*/|//[^\n]*|#[^\n]*', repl, text, flags=re.S)
-
-
-def _tokens(text: str) -> list[tuple[str, int]]:
-    """BIND-ish tokens with their line numbers: words, quoted strings, braces, semicolons."""
-    out: list[tuple[str, int]] = []
-    for m in re.finditer(r'"((?:[^"\\]|\\.)*)"|([{};])|([^\s{};"]+)', text):
-        line = text.count("\n", 0, m.start()) + 1
-        token = m.group(1) if m.group(1) is not None else (m.group(2) or m.group(3))
-        out.append((token, line))
-    return out
-
-
 def _parse_bind(text: str, source: str) -> list[tuple[dns.name.Name, DS | DNSKEY]]:
-    tokens = _tokens(_strip_bind_comments(text))
+    """The entries of every anchor block; other statements (options { ... }; ...) are skipped."""
+    toks = Tokens(text, source)
     records: list[tuple[dns.name.Name, DS | DNSKEY]] = []
-    i = 0
-    while i < len(tokens):
-        word, line = tokens[i]
-        if word in ("trust-anchors", "managed-keys", "trusted-keys") and i + 1 < len(tokens) \
-                and tokens[i + 1][0] == "{":
-            old_style = word == "trusted-keys"
-            i += 2
-            while i < len(tokens) and tokens[i][0] != "}":
-                entry: list[tuple[str, int]] = []
-                while i < len(tokens) and tokens[i][0] not in (";", "}"):
-                    entry.append(tokens[i])
-                    i += 1
-                if i < len(tokens) and tokens[i][0] == ";":
-                    i += 1
-                if entry:
-                    records.append(_bind_entry(entry, old_style, source))
-            if i >= len(tokens):
-                raise ConfigError(f"{source}:{line}: '{word}' block is not closed")
-            i += 1  # "}"
-            continue
-        i += 1
+    while (tok := toks.take()) is not None:
+        brace = toks.peek()
+        if not tok.quoted and tok.text in _BIND_BLOCKS and brace is not None and brace.is_("{"):
+            toks.take()
+            records += _bind_block(toks, tok)
     return records
 
 
-def _bind_entry(
-    entry: list[tuple[str, int]], old_style: bool, source: str
-) -> tuple[dns.name.Name, DS | DNSKEY]:
-    line = entry[0][1]
-    words = [w for w, _ in entry]
+def _bind_block(toks: Tokens, opener: Token) -> list[tuple[dns.name.Name, DS | DNSKEY]]:
+    """The entries of one block, up to its closing brace; `opener` names the block."""
+    records: list[tuple[dns.name.Name, DS | DNSKEY]] = []
+    entry: list[Token] = []
+    while (tok := toks.take()) is not None:
+        if not (tok.is_(";") or tok.is_("}")):
+            entry.append(tok)
+            continue
+        if entry:
+            records.append(_bind_entry(entry, opener.text == "trusted-keys", toks.where))
+        entry = []
+        if tok.is_("}"):
+            return records
+    raise toks.error(f"'{opener.text}' block is not closed", opener)
+
+
+def _bind_entry(entry: list[Token], old_style: bool, source: str
+                ) -> tuple[dns.name.Name, DS | DNSKEY]:
+    line = entry[0].line
+    words = [t.text for t in entry]
     if old_style:  # trusted-keys { NAME flags proto alg "key"; }
         words = [words[0], "static-key", *words[1:]]
     if len(words) < 3 or words[1] not in _BIND_KINDS:
@@ -210,8 +194,10 @@ def _bind_entry(
             f"{source}:{line}: expected 'NAME initial-ds|static-ds|initial-key|static-key ...'"
         )
     rdtype = _BIND_KINDS[words[1]]
-    # Key material and digests may be split into several strings; rdata parsers accept that.
-    return _make(words[0], rdtype, " ".join(words[2:]), source, line)
+    # Key material and digests may be split into several strings, and a string over several
+    # lines (bind.keys does that): the rdata parser takes space-separated pieces, but a line
+    # break would end its input, so every run of white space becomes one space.
+    return _make(words[0], rdtype, " ".join(" ".join(words[2:]).split()), source, line)
 
 
 def _make(owner: str, rdtype: str, rdata: str, source: str, line: int

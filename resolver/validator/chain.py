@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-A forwarding validator sees no referrals, so zone cuts are discovered (dnssec-notes §2.1 item 4)
-by asking for the DS RRset of every name between the closest trust anchor and the target, one
-label at a time, top down:
+A forwarding validator sees no referrals, so zone cuts are discovered by asking for the DS
+RRset of every name between the closest trust anchor and the target, one label at a time, top
+down:
 
 * a DS RRset signed by the current zone: a secure cut. Fetch the child's DNSKEY RRset; keep at
   most ``max_ds`` DS records with a supported algorithm and digest (SHA-1 DS only when nothing

@@ -5,12 +5,13 @@ Theory of operation
 A negative answer (or a wildcard expansion, or a DS denial met while walking the chain) carries
 NSEC or NSEC3 records in its authority section. ``collect`` keeps those that belong to one
 secure zone (owner under the zone, an RRSIG by the zone), checks the NSEC3 count *before* any
-crypto, verifies each RRset with the zone's keys (budgeted in validate_sig), and hands the
-verified records to validate_nsec / validate_nsec3. Records signed by another zone are left for
+crypto, verifies each RRset with the zone's keys (budgeted in sig.py), and hands the
+verified records to nsec.py / nsec3.py. Records signed by another zone are left for
 that zone's own step; records without any RRSIG make a missing proof "RRSIGs missing" rather
 than "NSEC missing", which is the more useful EDE for a stripping middlebox.
 
-A missing or broken proof is always BOGUS: "no data" is never assumed (design.md).
+A missing or broken proof is always BOGUS: "no data" is never assumed (DESIGN.md, security
+requirement 3).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dns.rdtypes.ANY.NSEC import NSEC
 from dns.rdtypes.ANY.NSEC3 import NSEC3
 from dns.rdtypes.ANY.RRSIG import RRSIG
 
-from resolver.validator import nsec as validate_nsec
+from resolver.validator import nsec
 from resolver.validator.nsec3 import Nsec3Set, too_many
 from resolver.validator.sig import ZoneKeys, verify_rrset
 from resolver.validator.types import Budget, Denial, Security, Verdict, bogus, type_text
@@ -103,7 +104,7 @@ async def collect(section: Section, zone: ZoneKeys, now: float, budget: Budget) 
                 proofs.nsecs.append((rr.name, rd))
             elif isinstance(rd, NSEC3):
                 nsec3_records.append((rr.name, rd))
-    proofs.verdict = validate_nsec.check_zone(proofs.nsecs, zone.zone)
+    proofs.verdict = nsec.check_zone(proofs.nsecs, zone.zone)
     if nsec3_records and proofs.verdict is None:
         proofs.nsec3 = Nsec3Set.build(zone.zone, nsec3_records)
         proofs.verdict = proofs.nsec3.parameters_verdict(budget)
@@ -122,8 +123,8 @@ def prove_negative(
         return Denial(proofs.verdict)
     if proofs.nsecs:
         if nxdomain:
-            return Denial(validate_nsec.prove_nxdomain(name, proofs.zone, proofs.nsecs))
-        return validate_nsec.prove_nodata(name, rdtype, proofs.zone, proofs.nsecs)
+            return Denial(nsec.prove_nxdomain(name, proofs.zone, proofs.nsecs))
+        return nsec.prove_nodata(name, rdtype, proofs.zone, proofs.nsecs)
     if proofs.nsec3 is not None and proofs.nsec3.recs:
         if nxdomain:
             return Denial(proofs.nsec3.prove_nxdomain(name, budget))
@@ -144,7 +145,7 @@ def prove_wildcard(
     if proofs.verdict is not None:
         return proofs.verdict
     if proofs.nsecs:
-        return validate_nsec.prove_wildcard(name, parent, proofs.zone, proofs.nsecs)
+        return nsec.prove_wildcard(name, parent, proofs.zone, proofs.nsecs)
     if proofs.nsec3 is not None and proofs.nsec3.recs:
         return proofs.nsec3.prove_wildcard(next_closer, budget)
     return bogus(f"wildcard expansion of {name} without NSEC/NSEC3 proof",

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 ``Validator.validate(qname, qtype, response, now)`` is the only entry point. The response came
 from an upstream with DO=1 and CD=1, so nothing in it is trusted, not even its AD bit. One call
-is one client query: it gets a fresh ``Budget`` (validate_types) that every step charges.
+is one client query: it gets a fresh ``Budget`` (types.py) that every step charges.
 
 1. Names at or below a negative trust anchor are INSECURE; nothing is checked.
 2. The answer section is walked from ``qname``: the RRset asked for ends the walk; otherwise a
@@ -14,8 +14,8 @@ is one client query: it gets a fresh ``Budget`` (validate_types) that every step
    ``max_cname_chain`` links is BOGUS. If the chain ends without an answer or proof for its last
    name (a truncated chain), the rest is fetched with ``fetch``.
 3. A positive RRset: its RRSIG's signer (an ancestor-or-self of the owner) names the zone;
-   validate_chain gives that zone's keys (or proves it INSECURE), validate_sig checks the RRset.
-   A wildcard expansion additionally needs the NSEC/NSEC3 proof of validate_denial. Unsigned
+   chain.py gives that zone's keys (or proves it INSECURE), sig.py checks the RRset. A
+   wildcard expansion additionally needs the NSEC/NSEC3 proof of denial.py. Unsigned
    data is INSECURE only if the chain walk finds an insecure cut above it; otherwise the RRSIGs
    were stripped (BOGUS, EDE 10).
 4. A negative end (NODATA or NXDOMAIN per the rcode) needs the signed SOA and the NSEC/NSEC3
@@ -24,7 +24,7 @@ is one client query: it gets a fresh ``Budget`` (validate_types) that every step
    ``BudgetExhausted`` anywhere below; it is caught here and becomes BOGUS with its reason.
    Upstream failures become INDETERMINATE. Nothing but a bug escapes as an exception.
 
-The TTL returned is the smallest of the RRsets' capped TTLs (validate_sig), the negative TTL
+The TTL returned is the smallest of the RRsets' capped TTLs (sig.py), the negative TTL
 (RFC 9077: min of SOA TTL, SOA MINIMUM and the NSEC TTLs), and the time left until the earliest
 signature expiry along the chain. BOGUS answers carry ``Limits.bogus_ttl``; INDETERMINATE 0.
 """
@@ -84,7 +84,7 @@ _MAX_TTL = 2**31 - 1
 
 @dataclass(frozen=True)
 class ValidatedAnswer:
-    """What the resolution core serves and caches (see contracts.md)."""
+    """What the resolution core serves and caches: the verdict and the validated sections."""
 
     verdict: Verdict  # overall status of the answer (worst of its parts)
     rcode: int  # NOERROR / NXDOMAIN as proven (SERVFAIL decisions are the core's)

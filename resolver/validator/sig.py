@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 ``dns.dnssec.validate`` tries every RRSIG against every candidate key, silently skips invalid
-public keys and knows nothing of the signer's zone (dnssec-notes §1.4), so we do not call it.
+public keys and does not check the signer against the zone (RFC 4035 §5.3.1), so we do not
+call it.
 ``verify_rrset`` walks the RRSIGs itself and, for each one, in this order:
 
 1. cheap structural checks that cost no crypto and are *not* counted: type covered, signer equals

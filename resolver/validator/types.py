@@ -6,11 +6,11 @@ Every part of the validator (signatures, NSEC, NSEC3, the chain of trust) return
 raises for a DNSSEC outcome. The one exception is ``BudgetExceeded``: a work limit that runs out
 deep inside a loop unwinds to ``Validator.validate``, which turns it into a BOGUS verdict with the
 reason and EDE carried by the exception. ``Budget`` is created once per client query (one call of
-``Validator.validate``) and threaded through every step, so all limits of design.md are counted
+``Validator.validate``) and threaded through every step, so all limits of DESIGN.md are counted
 in one place and tests can read the counters afterwards (``Work``).
 
-These types live here rather than in validate.py so that the validate_* modules can import them
-without an import cycle; validate.py re-exports them under the contract names.
+These types live here rather than in response.py so that chain, sig, nsec, nsec3 and denial can
+import them without an import cycle; response.py re-exports the ones its callers use.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def worst(a: Verdict, b: Verdict) -> Verdict:
 
     On equal status the one carrying an EDE wins: an INSECURE that is INSECURE only because of
     NSEC3 iterations (EDE 27) must not be hidden behind a plain insecure link, since policy
-    fails closed on it (dnssec-notes §2.1 item 7).
+    fails closed on it (RFC 9276: such a denial is not an authenticated absence).
     """
     if _RANK[b.security] > _RANK[a.security]:
         chosen = b
@@ -87,7 +87,10 @@ def worst(a: Verdict, b: Verdict) -> Verdict:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """All work limits of design.md ("Limits that keep the resolver alive"), with its defaults."""
+    """Every work limit of DESIGN.md ("Limits that keep the resolver alive under attack").
+
+    [limits] in the configuration sets most of them (config.LIMIT_KEYS), [cache] two more.
+    """
 
     max_keys_per_tag: int = 2  # DNSKEYs tried per (key tag, algorithm) of one RRSIG
     max_sig_checks_per_rrset: int = 4

@@ -10,41 +10,23 @@ from __future__ import annotations
 import base64
 import os
 import re
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from lab import Lab
 from lab.topology import HOSTS, ZONES
+from tests.helpers import publish
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 PRIMARY = HOSTS[ZONES["example.test."].server].v4
 
 
-def autosp(lab: Any, host: str, *args: str, timeout: float = 60) -> Any:
-    """Run `python -m autosp ARGS` inside a lab host (never from the host namespace)."""
-    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p)
-    return lab.exec(host, ["env", f"PYTHONPATH={path}", sys.executable, "-m", "autosp", *args],
-                    timeout=timeout, check=False)
-
-
-def publish(lab: Any, name: str, *args: str, keyfile: Path | None = None) -> Any:
-    return autosp(lab, "bob", "publish", name, "--server", PRIMARY, "--tsig-key",
-                  str(keyfile or lab.tsig_keyfile), "--resolver", lab.unbound_addr, *args)
-
-
-def dig(lab: Any, server: str, name: str, rdtype: str) -> tuple[bool, list[str]]:
-    """(AD bit, answer rdatas of that type) from inside alice."""
-    out = lab.exec("alice", ["dig", "+dnssec", "+nocmd", "+noall", "+comments", "+answer",
-                             "+time=2", "+tries=2", f"@{server}", name, rdtype]).stdout
-    flags = re.search(r";; flags: ([a-z ]+);", out)
-    assert flags, out
-    rdatas = [" ".join(line.split()[4:]) for line in out.splitlines()
-              if line and not line.startswith(";") and line.split()[3] == rdtype]
-    return "ad" in flags.group(1).split(), rdatas
+def records(lab: Lab, server: str, name: str, rdtype: str) -> tuple[bool, list[str]]:
+    """(AD bit, answer rdatas of that type) from `server`, asked by dig from inside alice."""
+    d = lab.dig("alice", name, rdtype, server=server)
+    return d.ad, d.rdatas(rdtype)
 
 
 def key_b64(rdatas: list[str]) -> set[str]:
@@ -52,32 +34,32 @@ def key_b64(rdatas: list[str]) -> set[str]:
     return {"".join(r.split()[4:]) for r in rdatas}
 
 
-def keygen(lab: Any, tmp_path: Path, stem: str) -> tuple[Path, str]:
+def keygen(lab: Lab, tmp_path: Path, stem: str) -> tuple[Path, str]:
     out = tmp_path / f"{stem}.pem"
-    r = autosp(lab, "bob", "keygen", "--out", str(out), "--name", f"{stem}.example.test")
+    r = lab.autosp("bob", "keygen", "--out", str(out), "--name", f"{stem}.example.test")
     assert r.returncode == 0, r.stderr
     assert oct(out.stat().st_mode & 0o777) == "0o600"
     record = r.stdout.strip()
     return out, "".join(record.split()[8:])
 
 
-def test_keygen_publish_secure_through_unbound(lab: Any, tmp_path: Path) -> None:
+def test_keygen_publish_secure_through_unbound(lab: Lab, tmp_path: Path) -> None:
     key, b64 = keygen(lab, tmp_path, "roamer")
     r = publish(lab, "roamer.example.test", "--key", str(key), "--ttl", "30")
     assert r.returncode == 0, r.stderr
     assert "published, secure" in r.stdout, r.stdout
     lab.flush()
-    ad, rdatas = dig(lab, lab.unbound_addr, "roamer.example.test", "IPSECKEY")
+    ad, rdatas = records(lab, lab.unbound_addr, "roamer.example.test", "IPSECKEY")
     assert ad and key_b64(rdatas) == {b64}
-    ad, addrs = dig(lab, lab.unbound_addr, "roamer.example.test", "A")
+    ad, addrs = records(lab, lab.unbound_addr, "roamer.example.test", "A")
     assert ad and addrs == [lab.addr("bob")]  # --address auto, from inside bob
-    ad, addrs6 = dig(lab, lab.unbound_addr, "roamer.example.test", "AAAA")
+    ad, addrs6 = records(lab, lab.unbound_addr, "roamer.example.test", "AAAA")
     assert ad and addrs6 == [lab.addr("bob", 6)]
     again = publish(lab, "roamer.example.test", "--key", str(key), "--ttl", "30")
     assert again.returncode == 0 and "nothing to change" in again.stdout
 
 
-def _wrong_keyfile(lab: Any, tmp_path: Path, name: str | None = None) -> Path:
+def _wrong_keyfile(lab: Lab, tmp_path: Path, name: str | None = None) -> Path:
     text = lab.tsig_keyfile.read_text()
     text = re.sub(r'secret "[^"]*"', f'secret "{base64.b64encode(os.urandom(32)).decode()}"',
                   text)
@@ -89,45 +71,45 @@ def _wrong_keyfile(lab: Any, tmp_path: Path, name: str | None = None) -> Path:
 
 
 @pytest.mark.parametrize(("keyname", "reason"), [(None, "BADSIG"), ("nobody-key", "BADKEY")])
-def test_wrong_tsig_key_is_refused_and_zone_unchanged(lab: Any, tmp_path: Path,
+def test_wrong_tsig_key_is_refused_and_zone_unchanged(lab: Lab, tmp_path: Path,
                                                       keyname: str | None, reason: str) -> None:
     stem = f"victim-{reason.lower()}"  # a name per case: no rollover from an earlier case
     name = f"{stem}.example.test"
     key, _ = keygen(lab, tmp_path, stem)
     first = publish(lab, name, "--key", str(key), "--address", "198.51.100.77")
     assert first.returncode == 0, first.stderr
-    before = [dig(lab, PRIMARY, name, t)[1] for t in ("A", "IPSECKEY")]
+    before = [records(lab, PRIMARY, name, t)[1] for t in ("A", "IPSECKEY")]
     r = publish(lab, name, "--address", "198.51.100.78",
                 keyfile=_wrong_keyfile(lab, tmp_path, keyname))
     assert r.returncode == 1
     assert reason in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert "Traceback" not in r.stderr
-    after = [dig(lab, PRIMARY, name, t)[1] for t in ("A", "IPSECKEY")]
+    after = [records(lab, PRIMARY, name, t)[1] for t in ("A", "IPSECKEY")]
     assert after == before and before[0] == ["198.51.100.77"]
 
 
-def test_nsupdate_script_works_with_real_nsupdate(lab: Any, tmp_path: Path) -> None:
+def test_nsupdate_script_works_with_real_nsupdate(lab: Lab, tmp_path: Path) -> None:
     key, b64 = keygen(lab, tmp_path, "scripted")
     r = publish(lab, "scripted.example.test", "--key", str(key), "--address", "198.51.100.66",
                 "2001:db8:100::66", "--nsupdate")
     assert r.returncode == 0, r.stderr
     assert f"server {PRIMARY} 53" in r.stdout and "send" in r.stdout
-    assert dig(lab, PRIMARY, "scripted.example.test", "A")[1] == []  # printing sent nothing
+    assert records(lab, PRIMARY, "scripted.example.test", "A")[1] == []  # printing sent nothing
     ns = lab.exec("bob", ["nsupdate", "-v", "-t", "5", "-k", str(lab.tsig_keyfile)],
                   input=r.stdout, check=False)
     assert ns.returncode == 0, ns.stderr
     lab.flush()
-    assert dig(lab, lab.unbound_addr, "scripted.example.test", "A") == (True, ["198.51.100.66"])
-    ad, rdatas = dig(lab, lab.unbound_addr, "scripted.example.test", "IPSECKEY")
+    assert records(lab, lab.unbound_addr, "scripted.example.test", "A") == (True, ["198.51.100.66"])
+    ad, rdatas = records(lab, lab.unbound_addr, "scripted.example.test", "IPSECKEY")
     assert ad and key_b64(rdatas) == {b64}
     # --run-nsupdate goes through the same path with the real binary.
     run = publish(lab, "scripted.example.test", "--key", str(key), "--address", "198.51.100.67",
                   "--run-nsupdate", "--no-check")
     assert run.returncode == 0, run.stderr
-    assert dig(lab, PRIMARY, "scripted.example.test", "A")[1] == ["198.51.100.67"]
+    assert records(lab, PRIMARY, "scripted.example.test", "A")[1] == ["198.51.100.67"]
 
 
-def test_key_rollover_leaves_only_the_new_key(lab: Any, tmp_path: Path) -> None:
+def test_key_rollover_leaves_only_the_new_key(lab: Lab, tmp_path: Path) -> None:
     old, old_b64 = keygen(lab, tmp_path, "roller-old")
     new, new_b64 = keygen(lab, tmp_path, "roller-new")
     assert publish(lab, "roller.example.test", "--key", str(old), "--ttl", "2").returncode == 0
@@ -137,26 +119,26 @@ def test_key_rollover_leaves_only_the_new_key(lab: Any, tmp_path: Path) -> None:
     assert "waiting 4 s" in r.stderr  # old TTL 2 s + 2 s margin
     assert "published, secure" in r.stdout, r.stdout
     lab.flush()
-    ad, rdatas = dig(lab, lab.unbound_addr, "roller.example.test", "IPSECKEY")
+    ad, rdatas = records(lab, lab.unbound_addr, "roller.example.test", "IPSECKEY")
     assert ad and key_b64(rdatas) == {new_b64} and old_b64 != new_b64
 
 
-def test_rollover_no_wait_publishes_both_then_finish(lab: Any, tmp_path: Path) -> None:
+def test_rollover_no_wait_publishes_both_then_finish(lab: Lab, tmp_path: Path) -> None:
     old, old_b64 = keygen(lab, tmp_path, "split-old")
     new, new_b64 = keygen(lab, tmp_path, "split-new")
     assert publish(lab, "split.example.test", "--key", str(old)).returncode == 0
     # --no-check: the lab Unbound may still cache the old set; the primary is checked instead.
     r = publish(lab, "split.example.test", "--key", str(new), "--no-wait", "--no-check")
     assert r.returncode == 0 and "--finish-rollover" in r.stdout
-    assert key_b64(dig(lab, PRIMARY, "split.example.test", "IPSECKEY")[1]) == {old_b64, new_b64}
+    assert key_b64(records(lab, PRIMARY, "split.example.test", "IPSECKEY")[1]) == {old_b64, new_b64}
     done = publish(lab, "split.example.test", "--key", str(new), "--finish-rollover",
                    "--no-check")
     assert done.returncode == 0, done.stderr
-    assert key_b64(dig(lab, PRIMARY, "split.example.test", "IPSECKEY")[1]) == {new_b64}
+    assert key_b64(records(lab, PRIMARY, "split.example.test", "IPSECKEY")[1]) == {new_b64}
 
 
 def test_require_secure_right_after_a_move_is_not_fooled_by_the_resolvers_cache(
-        lab: Any, tmp_path: Path) -> None:
+        lab: Lab, tmp_path: Path) -> None:
     """Issue 14: a DHCP hook moving the host runs `publish --require-secure`; Unbound still
     caches the old address (TTL 300) and must not make it fail: the check reads the new
     records from the primary and validates their signatures with the zone's secure keys."""
@@ -164,13 +146,14 @@ def test_require_secure_right_after_a_move_is_not_fooled_by_the_resolvers_cache(
     first = publish(lab, "mover.example.test", "--key", str(key), "--address", "198.51.100.61",
                     "--ttl", "300", "--require-secure")
     assert first.returncode == 0, first.stdout + first.stderr
-    ad, addrs = dig(lab, lab.unbound_addr, "mover.example.test", "A")  # primes the cache
+    ad, addrs = records(lab, lab.unbound_addr, "mover.example.test", "A")  # primes the cache
     assert ad and addrs == ["198.51.100.61"]
     moved = publish(lab, "mover.example.test", "--key", str(key), "--address", "198.51.100.62",
                     "--ttl", "300", "--require-secure")
     assert moved.returncode == 0, moved.stdout + moved.stderr
     assert "published, secure (signed at the primary" in moved.stdout
-    assert dig(lab, lab.unbound_addr, "mover.example.test", "A")[1] == ["198.51.100.61"]  # cached
+    cached = records(lab, lab.unbound_addr, "mover.example.test", "A")[1]
+    assert cached == ["198.51.100.61"]  # Unbound still has the old one
     # --ttl alone is a change, applied to every RRset (it used to say "nothing to change").
     ttl = publish(lab, "mover.example.test", "--key", str(key), "--address", "198.51.100.62",
                   "--ttl", "120", "--require-secure")

@@ -6,14 +6,13 @@ packet is sent."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
 
+from lab.probes import python_argv
+
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_point_to_point_peer_is_not_our_address() -> None:
@@ -24,9 +23,9 @@ def test_point_to_point_peer_is_not_our_address() -> None:
         subprocess.run(["ip", "-n", ns, "addr", "add", "198.51.100.201", "peer",
                         "198.51.100.202/32", "dev", "lo"], check=True)
         out = subprocess.run(
-            ["ip", "netns", "exec", ns, "env", f"PYTHONPATH={REPO}", sys.executable, "-c",
-             "from resolver.cli import host_addresses\n"
-             "print(' '.join(sorted(str(a) for a in host_addresses())))"],
+            ["ip", "netns", "exec", ns, *python_argv(
+                "-c", "from resolver.cli import host_addresses\n"
+                "print(' '.join(sorted(str(a) for a in host_addresses())))")],
             check=True, capture_output=True, text=True, timeout=30).stdout.split()
         assert "198.51.100.201" in out
         assert "198.51.100.202" not in out

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 
@@ -18,8 +17,8 @@ import dns.rcode
 import pytest
 
 from lab import Lab
-from lab.resolverd import REPO, ResolverDaemon
-from tests.integration.test_issue4_daemon import ask, clean_alice
+from lab.resolverd import ResolverDaemon
+from tests.helpers import clean_alice
 
 pytestmark = pytest.mark.integration
 
@@ -75,16 +74,13 @@ def test_live_scrape_counts_what_happened_and_passes_promtool(lab: Lab,
     assert value(before, n + "tunnels_up") == 0
     # A tunnel: bob (secure key), asked twice; the second is a wire-cache hit.
     for _ in range(2):
-        assert ask(lab, "bob.example.test.").rcode() == dns.rcode.NOERROR
+        assert daemon.query("bob.example.test.").rcode() == dns.rcode.NOERROR
     # Refused: plain has no IPSECKEY (private: SERVFAIL, EDE 28); bogus: a bad signature.
-    assert ask(lab, "plain.example.test.").rcode() == dns.rcode.SERVFAIL
-    assert ask(lab, "host.badsig.test.", "IPSECKEY").rcode() == dns.rcode.SERVFAIL
+    assert daemon.query("plain.example.test.").rcode() == dns.rcode.SERVFAIL
+    assert daemon.query("host.badsig.test.", "IPSECKEY").rcode() == dns.rcode.SERVFAIL
     # A failed setup: carol's charon is down, so the tunnel times out.
-    lab.stop_charon("carol")
-    try:
-        assert ask(lab, "carol.example.test.").rcode() == dns.rcode.SERVFAIL
-    finally:
-        lab.start_charon("carol")
+    with lab.charon_stopped("carol"):
+        assert daemon.query("carol.example.test.").rcode() == dns.rcode.SERVFAIL
     text = scrape(lab)
 
     promtool = shutil.which("promtool")
@@ -117,9 +113,7 @@ def test_live_scrape_counts_what_happened_and_passes_promtool(lab: Lab,
     assert delta("upstream_failures_total") == 0
     assert value(text, n + 'endpoints{state="up"}') == 0
 
-    stats = subprocess.run(
-        [sys.executable, "-m", "autosp", "--control", str(daemon.control), "stats"],
-        capture_output=True, text=True, timeout=30, env={"PYTHONPATH": str(REPO)}, check=False)
+    stats = lab.autosp("alice", "stats", control=daemon.control)
     assert stats.returncode == 0, stats.stderr
     line = f'{n}tunnel_setup_failures_total{{reason="timeout"}} '
     assert any(ln.startswith(line) and float(ln.split()[-1]) == total(

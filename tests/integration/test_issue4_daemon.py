@@ -22,22 +22,18 @@ from ipaddress import ip_address
 from typing import Any
 
 import dns.asyncquery
-import dns.edns
 import dns.message
-import dns.query
 import dns.rcode
 import dns.rdatatype
-import dns.update
 import pytest
-from cryptography.hazmat.primitives import serialization
 
-from autosp.tsig import load_tsig_key
 from lab import Lab, ike
+from lab.net import poll
 from lab.resolverd import ResolverDaemon
 from lab.topology import HOSTS
-from lab.wire import Capture
 from resolver.ipseckey import ipseckey_rdata_for
-from resolver.tunnels.xfrm import XfrmPolicies, shunt_rules
+from resolver.tunnels.xfrm import XfrmPolicies, encode_update, shunt_rules
+from tests.helpers import blocked_ping, children, clean_alice, ede, esp_ping
 
 pytestmark = pytest.mark.integration
 
@@ -46,18 +42,6 @@ EDE_TUNNEL = 23  # Network error: the tunnel did not come up
 SETUP_TIMEOUT = 3.0  # [provision] timeout default
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def ask(lab: Lab, name: str, rdtype: str = "A", timeout: float = 8.0) -> dns.message.Message:
-    """One query to the daemon in alice (EDNS on, so SERVFAILs can carry their EDE)."""
-    q = dns.message.make_query(name, rdtype, use_edns=0)
-    reply: dns.message.Message = lab.call_in(
-        "alice", lambda: dns.query.udp(q, "127.0.0.1", timeout=timeout), timeout + 5)
-    return reply
-
-
-def edes(reply: dns.message.Message) -> list[int]:
-    return [int(o.code) for o in reply.options if isinstance(o, dns.edns.EDEOption)]
 
 
 def addresses(reply: dns.message.Message) -> list[str]:
@@ -69,24 +53,6 @@ def address_ttl(reply: dns.message.Message) -> int:
     return min(r.ttl for r in reply.answer if r.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA))
 
 
-def conns(lab: Lab, host: str = "alice") -> list[str]:
-    with lab.vici(host) as s:
-        return [n.decode() if isinstance(n, bytes) else str(n)
-                for n in s.get_conns().get("conns", [])]
-
-
-def ike_sas(lab: Lab, host: str = "alice") -> list[tuple[str, dict[str, Any]]]:
-    """(conn name, IKE_SA dict) for every IKE_SA of `host`'s charon."""
-    with lab.vici(host) as s:
-        return [(name, sa) for entry in ike.list_sas(s) for name, sa in entry.items()]
-
-
-def children(lab: Lab, prefix: str = "isk-") -> dict[str, str]:
-    """CHILD_SA name -> state in alice, for names starting with `prefix`."""
-    with lab.vici("alice") as s:
-        return {n: st for n, st in ike.child_states(s).items() if n.startswith(prefix)}
-
-
 def shunted(lab: Lab) -> set[str]:
     """Destinations with one of our XFRM BLOCK policies in alice."""
     x = XfrmPolicies(lab.ns("alice"))
@@ -96,62 +62,17 @@ def shunted(lab: Lab) -> set[str]:
         x.close()
 
 
-def ping(lab: Lab, dest: str, count: int = 1) -> tuple[int, str]:
-    r = lab.exec("alice", ["ping", "-n", "-4", "-c", str(count), "-i", "0.2", "-W", "1", dest],
-                 check=False, timeout=15)
-    return r.returncode, r.stdout + r.stderr
-
-
-def clean_alice(lab: Lab, extra: tuple[str, ...] = ()) -> None:
-    """Terminate + unload our conns (and `extra` ones) in alice; remove our XFRM policies."""
-    with lab.vici("alice") as s:
-        names = [n for n in (n.decode() if isinstance(n, bytes) else str(n)
-                             for n in s.get_conns().get("conns", []))
-                 if n.startswith("isk-") or n in extra]
-        for n in names:
-            ike.close(s, n)
-    x = XfrmPolicies(lab.ns("alice"))
-    try:
-        x.flush_ours()
-    finally:
-        x.close()
-
-
-def spki(lab: Lab, host: str) -> str:
-    return lab.public_key_pem(host)
-
-
-def bob_public_key(lab: Lab) -> Any:
-    key = serialization.load_pem_private_key(lab.private_key("bob").read_bytes(), password=None)
-    return key.public_key()
-
-
-def update(lab: Lab, build: Callable[[dns.update.UpdateMessage], None]) -> None:
-    """A TSIG-signed UPDATE of example.test, sent from inside alice to its primary."""
-    key = load_tsig_key(lab.tsig_keyfile).to_dnspython()
-    msg = dns.update.UpdateMessage("example.test.", keyring=key)
-    build(msg)
-    server = HOSTS["ns-example"].v4
-    reply = lab.call_in("alice", lambda: dns.query.tcp(msg, server, timeout=5), 10)
-    assert reply.rcode() == dns.rcode.NOERROR, reply
-
-
 def _publish_ttlcap(lab: Lab, key_ttl: int) -> Callable[[], None]:
     """Publish ttlcap.example.test: A = bob's address (TTL 60), IPSECKEY = bob's key (TTL
     `key_ttl`), and make bob's charon answer to that identity. Returns the undo."""
-    rdata = ipseckey_rdata_for(bob_public_key(lab))
-    update(lab, lambda m: (m.replace("ttlcap", 60, "A", lab.addr("bob")),
-                           m.replace("ttlcap", key_ttl, rdata)))
-    conn = ike.responder_conn(HOSTS["bob"], HOSTS["alice"], spki(lab, "bob"), spki(lab, "alice"),
-                              local_id="ttlcap.example.test")
-    with lab.vici("bob") as s:
-        s.load_conn(conn)
+    rdata = ipseckey_rdata_for(lab.public_key("bob"))
+    lab.update(lambda m: (m.replace("ttlcap", 60, "A", lab.addr("bob")),
+                          m.replace("ttlcap", key_ttl, rdata)))
+    conns = lab.respond_as("bob", "ttlcap.example.test")
 
     def undo() -> None:
-        with lab.vici("bob") as s:
-            for name in conn:
-                ike.close(s, name)
-        update(lab, lambda m: m.delete("ttlcap"))
+        lab.close_conns("bob", conns)
+        lab.update(lambda m: m.delete("ttlcap"))
 
     return undo
 
@@ -230,12 +151,12 @@ def opportunistic(daemons: Daemons) -> ResolverDaemon:
 
 def our_conns(lab: Lab, label: str = "") -> list[str]:
     """Our conns in alice; with `label`, those made for names whose first label is `label`."""
-    return [n for n in conns(lab) if n.startswith(f"isk-{label}")]
+    return [n for n in lab.conns("alice") if n.startswith(f"isk-{label}")]
 
 
 def tunnels_to(lab: Lab, address: str) -> list[dict[str, Any]]:
     """alice's IKE_SAs with `address` as the peer."""
-    return [sa for _, sa in ike_sas(lab) if sa.get("remote-host") == address]
+    return [sa for _, sa in lab.ike_sas("alice") if sa.get("remote-host") == address]
 
 
 # --- the tests (the shared private daemon first, so it starts once) ---------------------------
@@ -243,38 +164,31 @@ def tunnels_to(lab: Lab, address: str) -> list[dict[str, Any]]:
 
 def test_ping_by_name_goes_over_esp_only(lab: Lab, private: ResolverDaemon) -> None:
     lab.set_resolv_conf("alice", "nameserver 127.0.0.1\n")
-    a, b = lab.addr("alice"), lab.addr("bob")
+    b = lab.addr("bob")
     try:
-        with Capture(lab.switch_ns, "v-bob", ["host", a, "and", "host", b]) as cap:
-            rc, out = ping(lab, "bob.example.test", 3)
+        w = esp_ping(lab, "bob.example.test", peer=b, port="bob")
     finally:
         lab.clear_resolv_conf("alice")
-    assert rc == 0, out
-    assert f"({b})" in out.splitlines()[0]  # the name resolved (through the daemon) to bob
+    assert f"({b})" in w.output.splitlines()[0]  # the name resolved (through the daemon) to bob
     # the tunnel the lookup brought up (ping's resolver asks AAAA too: bob's IPv6 one may be up)
     assert tunnels_to(lab, b) and set(children(lab, "isk-bob-").values()) == {"INSTALLED"}
-    assert cap.esp(a, b) and cap.esp(b, a), cap.lines
-    assert cap.cleartext_icmp() == [], cap.lines
 
 
 def test_private_without_ipseckey_is_servfail_and_dropped(lab: Lab,
                                                           private: ResolverDaemon) -> None:
     plain = lab.addr("plain")
-    reply = ask(lab, "plain.example.test.")
+    reply = private.query("plain.example.test.")
     assert reply.rcode() == dns.rcode.SERVFAIL
-    assert edes(reply) == [EDE_NO_KEY]
+    assert ede(reply)[0] == EDE_NO_KEY
     assert plain in shunted(lab)
-    with Capture(lab.switch_ns, "v-plain", ["host", plain]) as cap:
-        rc, out = ping(lab, plain)
-    assert rc != 0 and "Operation not permitted" in out, out
-    assert cap.cleartext_icmp() == [], cap.lines
+    blocked_ping(lab, plain, port="plain")
     assert our_conns(lab, "plain-") == []
 
 
 def test_unsigned_zone_key_never_authenticates_a_peer_private(lab: Lab,
                                                               private: ResolverDaemon) -> None:
-    reply = ask(lab, "host.unsigned.test.")
-    assert reply.rcode() == dns.rcode.SERVFAIL and edes(reply) == [EDE_NO_KEY]
+    reply = private.query("host.unsigned.test.")
+    assert reply.rcode() == dns.rcode.SERVFAIL and ede(reply)[0] == EDE_NO_KEY
     assert our_conns(lab, "host-") == []  # no conn was ever loaded with that key
 
 
@@ -282,14 +196,11 @@ def test_refused_name_does_not_cut_a_tunnel_to_the_same_address(lab: Lab,
                                                                 private: ResolverDaemon) -> None:
     """host.unsigned.test has bob's address: its SERVFAIL must not shunt bob's working tunnel
     (regression: the drop shunt outranked charon's IPsec policy and blackholed bob)."""
-    a, b = lab.addr("alice"), lab.addr("bob")
-    assert ask(lab, "bob.example.test.").rcode() == dns.rcode.NOERROR
-    assert ask(lab, "host.unsigned.test.").rcode() == dns.rcode.SERVFAIL
+    b = lab.addr("bob")
+    assert private.query("bob.example.test.").rcode() == dns.rcode.NOERROR
+    assert private.query("host.unsigned.test.").rcode() == dns.rcode.SERVFAIL
     assert b not in shunted(lab)
-    with Capture(lab.switch_ns, "v-bob", ["host", a, "and", "host", b]) as cap:
-        rc, out = ping(lab, b, 2)
-    assert rc == 0, out
-    assert cap.esp(a, b) and cap.cleartext_icmp() == [], cap.lines
+    esp_ping(lab, b, port="bob", count=2)
 
 
 def test_fifty_concurrent_lookups_make_one_tunnel(lab: Lab, private: ResolverDaemon) -> None:
@@ -321,10 +232,13 @@ def test_answer_ttl_is_capped(lab: Lab, private: ResolverDaemon, cap: str) -> No
         auth = HOSTS["ns-example"].v4
         a_ttl = lab.query("alice", name, "A", server=auth).answer[0].ttl
         k_ttl = lab.query("alice", name, "IPSECKEY", server=auth).answer[0].ttl
-        reply = ask(lab, name)
+        reply = private.query(name)
         assert reply.rcode() == dns.rcode.NOERROR and addresses(reply) == [lab.addr("bob")]
-        label = name.split(".")[0]  # bob may also have its IPv6 tunnel from the ping test
-        assert set(children(lab, f"isk-{label}-").values()) == {"INSTALLED"}
+        # The tunnel to bob's address is up. ttlcap publishes bob's key for it, so it rides
+        # bob's tunnel if that is up (one address, one key: DESIGN.md security requirement 7).
+        to_bob = tunnels_to(lab, lab.addr("bob"))
+        assert to_bob and {c["state"] for sa in to_bob
+                           for c in (sa.get("child-sas") or {}).values()} == {"INSTALLED"}
         ttl = address_ttl(reply)
         assert 0 < ttl <= min(a_ttl, k_ttl, 5, limit), (ttl, a_ttl, k_ttl, limit)
     finally:
@@ -336,21 +250,15 @@ def test_dead_peer_is_servfail_within_timeout_and_nothing_leaks(lab: Lab,
                                                                 private: ResolverDaemon) -> None:
     carol = lab.addr("carol")
     assert tunnels_to(lab, carol) == []
-    lab.stop_charon("carol")
-    try:
+    with lab.charon_stopped("carol"):
         t0 = time.monotonic()
-        reply = ask(lab, "carol.example.test.")
+        reply = private.query("carol.example.test.")
         took = time.monotonic() - t0
         assert reply.rcode() == dns.rcode.SERVFAIL, reply
         assert took < SETUP_TIMEOUT + 1.0, f"SERVFAIL after {took:.2f} s"
-        assert edes(reply) == [EDE_TUNNEL]
-        with Capture(lab.switch_ns, "v-carol", ["host", carol]) as cap:
-            rc, out = ping(lab, carol, 2)
-        assert rc != 0, out
-        assert cap.cleartext_icmp() == [], cap.lines
+        assert ede(reply)[0] == EDE_TUNNEL
+        blocked_ping(lab, carol, port="carol", count=2, eperm=False)
         assert our_conns(lab, "carol-") == []  # the failed conn (and its trap) unloaded
-    finally:
-        lab.start_charon("carol")
 
 
 # --- private-or-clear (shared daemon) ----------------------------------------------------------
@@ -359,16 +267,16 @@ def test_dead_peer_is_servfail_within_timeout_and_nothing_leaks(lab: Lab,
 def test_private_or_clear_without_ipseckey_answers_in_clear(lab: Lab,
                                                             opportunistic: ResolverDaemon) -> None:
     plain = lab.addr("plain")
-    reply = ask(lab, "plain.example.test.")
+    reply = opportunistic.query("plain.example.test.")
     assert reply.rcode() == dns.rcode.NOERROR and addresses(reply) == [plain]
     assert plain not in shunted(lab)
-    rc, out = ping(lab, plain)
+    rc, out = lab.ping("alice", plain)
     assert rc == 0, out  # clear by policy: nothing in the way
 
 
 def test_unsigned_zone_key_never_authenticates_a_peer_opportunistic(
         lab: Lab, opportunistic: ResolverDaemon) -> None:
-    reply = ask(lab, "host.unsigned.test.")
+    reply = opportunistic.query("host.unsigned.test.")
     # insecure zone = "no key": answered in clear, and bob's key from there is never loaded
     assert reply.rcode() == dns.rcode.NOERROR and addresses(reply) == [lab.addr("bob")]
     assert our_conns(lab) == []
@@ -380,20 +288,17 @@ def test_unsigned_zone_key_never_authenticates_a_peer_opportunistic(
 
 def test_lease_end_tears_the_tunnel_down(lab: Lab, daemons: Daemons) -> None:
     lease, grace = 5.0, 0.5
-    daemons.own("t4-lease", {"default": "private", "max_ttl": 3600},
-                {"lease": lease, "grace": grace})
+    d = daemons.own("t4-lease", {"default": "private", "max_ttl": 3600},
+                    {"lease": lease, "grace": grace})
     t0 = time.monotonic()
-    reply = ask(lab, "bob.example.test.")
+    reply = d.query("bob.example.test.")
     assert reply.rcode() == dns.rcode.NOERROR
     assert 0 < address_ttl(reply) <= lease  # the TTL cap by the lease left
     assert list(children(lab).values()) == ["INSTALLED"]
     time.sleep(max(0.0, 2.0 - (time.monotonic() - t0)))
     assert list(children(lab).values()) == ["INSTALLED"]  # still leased
-    deadline = t0 + lease + grace + 2.5
-    while time.monotonic() < deadline:
-        if not children(lab) and not our_conns(lab):
-            break
-        time.sleep(0.2)
+    poll(lambda: not children(lab) and not our_conns(lab),
+         t0 + lease + grace + 2.5 - time.monotonic(), 0.2)
     gone_after = time.monotonic() - t0
     assert children(lab) == {}, "CHILD_SA still there after lease + grace"
     assert our_conns(lab) == [], "conn still loaded after lease + grace"
@@ -408,8 +313,9 @@ def test_kill9_and_restart_restore_tunnels_and_remove_strays(lab: Lab, daemons: 
     d = daemons.own("t4-kill9", {"default": "private"})
     try:
         for n in ("bob", "carol"):
-            assert ask(lab, f"{n}.example.test.").rcode() == dns.rcode.NOERROR
-        before = {name: sa["uniqueid"] for name, sa in ike_sas(lab) if name.startswith("isk-")}
+            assert d.query(f"{n}.example.test.").rcode() == dns.rcode.NOERROR
+        before = {name: sa["uniqueid"] for name, sa in lab.ike_sas("alice")
+                  if name.startswith("isk-")}
         assert len(before) == 2
         bob_conn = next(n for n in before if n.startswith("isk-bob-"))
         carol_conn = next(n for n in before if n.startswith("isk-carol-"))
@@ -419,31 +325,33 @@ def test_kill9_and_restart_restore_tunnels_and_remove_strays(lab: Lab, daemons: 
             ike.close(s, carol_conn)
             # a stray of ours (not in the state file), up, and a foreign conn, up
             s.load_conn(ike.initiator_conn(stray, HOSTS["alice"], lab.addr("gw"),
-                                           "gw.example.test", spki(lab, "alice"), spki(lab, "gw")))
+                                           "gw.example.test", lab.public_key_pem("alice"),
+                                           lab.public_key_pem("gw")))
             ike.initiate(s, stray, stray)
             s.load_conn(ike.initiator_conn(foreign, HOSTS["alice"], lab.addr("dave"),
-                                           "dave.example.test", spki(lab, "alice"),
-                                           spki(lab, "dave")))
+                                           "dave.example.test", lab.public_key_pem("alice"),
+                                           lab.public_key_pem("dave")))
             ike.initiate(s, foreign, foreign)
         x = XfrmPolicies(lab.ns("alice"))
         try:
-            for rule in shunt_rules(ip_address(stray_shunt)):
-                x.add(rule)
+            acks = x.send([encode_update(r, x.next_seq())
+                           for r in shunt_rules(ip_address(stray_shunt))])
         finally:
             x.close()
+        assert set(acks.values()) == {0}, acks
         assert stray_shunt in shunted(lab)
 
         d.start()  # same config, same state file: reconcile runs before the first answer
 
-        after = {name: sa["uniqueid"] for name, sa in ike_sas(lab)}
+        after = {name: sa["uniqueid"] for name, sa in lab.ike_sas("alice")}
         states = children(lab, prefix="")
         assert states.get(bob_conn) == "INSTALLED"
         assert after.get(bob_conn) == before[bob_conn], "bob's tunnel was rebuilt, not kept"
         assert states.get(carol_conn) == "INSTALLED", states  # restored from the state file
-        assert stray not in conns(lab) and stray not in states and stray not in after
-        assert foreign in conns(lab) and states.get(foreign) == "INSTALLED"  # not ours: left
+        assert stray not in lab.conns("alice") and stray not in states and stray not in after
+        assert foreign in lab.conns("alice") and states.get(foreign) == "INSTALLED"  # not ours
         assert stray_shunt not in shunted(lab)
-        rc, out = ping(lab, lab.addr("carol"))
+        rc, out = lab.ping("alice", lab.addr("carol"))
         assert rc == 0, out
     finally:
         clean_alice(lab, extra=(foreign, stray))

@@ -30,15 +30,10 @@ import dns.rdatatype
 import pytest
 
 from lab import Lab
-from lab.wire import Capture
 from resolver.errors import TunnelTimeout
 from resolver.ipseckey import IpsecKey, keys_from_rrset
-from resolver.provision import Provisioner
-from resolver.tunnels.backend import CompositeBackend
-from resolver.tunnels.config import Identity, ProvisionConfig
 from resolver.tunnels.intents import InstallTunnel, RemoveTunnel, TunnelSpec, tunnel_spec
-from resolver.tunnels.vici import ViciBackend
-from resolver.tunnels.xfrm import XfrmBackend
+from tests.helpers import AliceTunnels, blocked_ping, esp_ping
 
 pytestmark = pytest.mark.integration
 
@@ -61,37 +56,17 @@ def address_of(lab: Lab, name: str, family: int = 4) -> str:
     return str(next(iter(answer.answer[0])).address)
 
 
-class Alice:
-    """The provisioning stack as the resolver in alice would build it."""
+class Alice(AliceTunnels):
+    """The provisioning stack as the resolver in alice would build it (IPv4 and IPv6)."""
 
-    def __init__(self, lab: Lab, state: Path | None = None, timeout: float = 3.0) -> None:
-        ident = Identity("alice.example.test", lab.private_key("alice"),
-                         (ip_address(lab.addr("alice")), ip_address(lab.addr("alice", 6))))
-        self.vici = ViciBackend(lab.vici_socket("alice"), ident)
-        self.xfrm = XfrmBackend(lab.ns("alice"))
-        self.provisioner = Provisioner(CompositeBackend(self.vici, self.xfrm),
-                                       ProvisionConfig(timeout=timeout, state_file=state))
-
-    async def cleanup(self) -> None:
-        for key in await self.vici.installed():
-            await self.vici.apply(RemoveTunnel(key.ident))
-        await self.xfrm.flush()
-        await self.xfrm.aclose()
-        self.vici.close()
+    def __init__(self, lab: Lab, state: Path | None = None) -> None:
+        super().__init__(lab, families=(4, 6), state=state)
 
 
 @pytest.fixture
 def alice(lab: Lab) -> Iterator[Alice]:
-    a = Alice(lab)
-    try:
+    with Alice(lab) as a:
         yield a
-    finally:
-        asyncio.run(a.cleanup())
-
-
-def ping(lab: Lab, dest: str, count: int = 2) -> tuple[int, str]:
-    r = lab.exec("alice", ["ping", "-c", str(count), "-i", "0.2", "-W", "1", dest], check=False)
-    return r.returncode, r.stdout + r.stderr
 
 
 def spec_for(lab: Lab, host: str) -> TunnelSpec:
@@ -110,12 +85,7 @@ def test_bob_tunnel_from_validated_key(lab: Lab, alice: Alice) -> None:
     states = asyncio.run(alice.vici.child_states())
     assert states == {spec.name: "INSTALLED"}
     assert asyncio.run(alice.xfrm.installed()) == frozenset()  # negotiating shunt removed
-    a, b = lab.addr("alice"), lab.addr("bob")
-    with Capture(lab.switch_ns, "v-bob", ["host", a, "and", "host", b]) as cap:
-        rc, out = ping(lab, b, 3)
-    assert rc == 0, out
-    assert len(cap.esp(a, b)) >= 3 and len(cap.esp(b, a)) >= 3, cap.lines
-    assert cap.cleartext_icmp() == []
+    esp_ping(lab, lab.addr("bob"), port="bob")
 
 
 def test_vici_setup_time(lab: Lab, alice: Alice) -> None:
@@ -146,15 +116,14 @@ def test_rsa_and_ecdsa_peers(lab: Lab, alice: Alice, host: str, kind: str) -> No
     assert spec.key.key_type() == kind
     asyncio.run(alice.provisioner.ensure(spec, NOW))
     assert asyncio.run(alice.vici.child_states()) == {spec.name: "INSTALLED"}
-    rc, out = ping(lab, lab.addr(host))
+    rc, out = lab.ping("alice", lab.addr(host), count=2)
     assert rc == 0, out
 
 
 def test_dead_peer_fails_closed_within_timeout(lab: Lab, alice: Alice) -> None:
     spec = spec_for(lab, "bob")
     b = lab.addr("bob")
-    lab.stop_charon("bob")
-    try:
+    with lab.charon_stopped("bob"):
         t0 = time.monotonic()
         with pytest.raises(TunnelTimeout):
             asyncio.run(alice.provisioner.ensure(spec, NOW, shunt=True))
@@ -163,24 +132,18 @@ def test_dead_peer_fails_closed_within_timeout(lab: Lab, alice: Alice) -> None:
         assert asyncio.run(alice.vici.installed()) == frozenset()  # terminated + unloaded
         shown = lab.exec("alice", ["ip", "xfrm", "policy"]).stdout
         assert f"dst {b}/32" in shown and "action block" in shown
-        with Capture(lab.switch_ns, "v-bob", ["host", b]) as cap:
-            rc, out = ping(lab, b, 1)
-        assert rc != 0 and "Operation not permitted" in out, out
-        assert cap.cleartext_icmp() == []  # nothing reached bob in clear
+        blocked_ping(lab, b, port="bob")  # nothing reached bob in clear
         assert alice.provisioner.counters.failures == 1
-    finally:
-        lab.start_charon("bob")
 
 
 def test_restart_reconciles(lab: Lab, alice: Alice, tmp_path: Path) -> None:
     state = tmp_path / "state.json"
-    first = Alice(lab, state)
     spec = spec_for(lab, "bob")
     stray = spec_for(lab, "dave")
     stray = TunnelSpec("isk-stray-0000000000", stray.destination, stray.remote_addr,
                        stray.remote_id, stray.key)
 
-    async def scenario() -> None:
+    async def scenario(first: Alice) -> None:
         await first.provisioner.ensure(spec, NOW)
         await first.vici.apply(InstallTunnel(stray, 3.0))  # up, but not in the state file
         # "kill -9": the first provisioner is simply abandoned; a new one starts.
@@ -191,10 +154,8 @@ def test_restart_reconciles(lab: Lab, alice: Alice, tmp_path: Path) -> None:
         second.vici.close()
         await second.xfrm.aclose()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        asyncio.run(first.cleanup())
+    with Alice(lab, state) as first:
+        asyncio.run(scenario(first))
 
 
 @pytest.mark.parametrize("owner", ["srv", "srv-byname"])
@@ -205,11 +166,7 @@ def test_gateway_host_via_gw(lab: Lab, alice: Alice, owner: str) -> None:
     spec = tunnel_spec(key, srv, gw_addr)
     assert spec.remote_addr == gw_addr
     asyncio.run(alice.provisioner.ensure(spec, NOW))
-    with Capture(lab.switch_ns, "v-gw", ["host", lab.addr("alice")]) as cap:
-        rc, out = ping(lab, str(srv))
-    assert rc == 0, out
-    assert cap.esp(lab.addr("alice"), str(gw_addr)), cap.lines
-    assert cap.cleartext_icmp() == []
+    esp_ping(lab, str(srv), peer=str(gw_addr), port="gw", watch=(lab.addr("alice"),), count=2)
 
 
 def test_not_root_is_loud() -> None:

@@ -13,17 +13,16 @@ validation must be logged exactly once, and SIGTERM must stop the resolver clean
 
 from __future__ import annotations
 
-import re
-import signal
-import subprocess
-import sys
-import time
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import dns.rcode
 import pytest
 
+from lab.probes import Dig
+from lab.resolverd import ResolverDaemon
 from lab.topology import ZONES, AddressRecords, IpseckeyRecord, TextRecord
 
 if TYPE_CHECKING:
@@ -87,56 +86,33 @@ def delv_outcome(lab: Lab, anchor: Path, name: str, rdtype: str) -> tuple[str, s
     return "SERVFAIL", "SERVFAIL"
 
 
-def dig(lab: Lab, *args: str) -> str:
-    return lab.exec(HOST, ["dig", f"@{LISTEN}", "+time=5", "+tries=1", *args],
-                    check=False, timeout=30).stdout
+def dig(lab: Lab, *args: str) -> Dig:
+    """dig at our resolver, with dig's default output (EDE and every section)."""
+    return lab.dig(HOST, *args, server=LISTEN, options=("+time=5", "+tries=1"), check=False)
 
 
 def our_outcome(lab: Lab, name: str, rdtype: str) -> tuple[str, str]:
-    out = dig(lab, "+dnssec", name, rdtype)
-    m = re.search(r"status: (\w+)", out)
-    flags = re.search(r";; flags: ([a-z ]+);", out)
-    assert m and flags, f"no answer from our resolver for {name} {rdtype}:\n{out}"
-    rcode = m.group(1)
-    if rcode == "SERVFAIL":
+    d = dig(lab, "+dnssec", name, rdtype)
+    assert d.status and d.flags, f"no answer from our resolver for {name} {rdtype}:\n{d.text}"
+    if d.status == "SERVFAIL":
         return "SERVFAIL", "SERVFAIL"
-    return ("AD" if "ad" in flags.group(1).split() else "plain"), rcode
+    return ("AD" if d.ad else "plain"), d.status
 
 
 @pytest.fixture(scope="module")
-def resolver(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Our resolver running in alice; yields its log file; SIGTERM must end it with 0."""
-    work = tmp_path_factory.mktemp("resolver-lab")
-    cfg = work / "resolver.toml"
-    cfg.write_text(f"""
-[server]
-listen = ["{LISTEN}:53"]
-[upstream]
-servers = ["{lab.unbound_addr}"]
-[dnssec]
-builtin_root_anchors = false
-trust_anchor_files = ["{lab.root_anchor_file}"]
-""")
-    log = work / "resolver.log"
-    with open(log, "wb") as out:
-        proc = lab.popen(HOST, [sys.executable, "-m", "resolver", "--config", str(cfg)],
-                         stdout=out, stderr=subprocess.STDOUT)
+def resolver(lab: Lab) -> Iterator[Path]:
+    """Our resolver (no tunnels: plain validating) running in alice; yields its log file;
+    SIGTERM must end it with 0."""
+    shutil.rmtree(lab.run_dir / "resolver-lab", ignore_errors=True)
+    daemon = ResolverDaemon(lab, HOST, name="resolver-lab", tunnels=False)
+    daemon.start(timeout=15)
     try:
-        deadline = time.monotonic() + 15
-        while "status: NOERROR" not in dig(lab, "example.test.", "SOA"):
-            assert proc.poll() is None, f"resolver died:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"resolver not answering:\n{log.read_text()}"
-            time.sleep(0.2)
-        yield log
+        answer = daemon.query("example.test.", "SOA")
+        assert answer.rcode() == dns.rcode.NOERROR, f"{answer}\n{daemon.tail()}"
+        yield daemon.log
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"resolver ignored SIGTERM:\n{log.read_text()[-3000:]}")
-    assert code == 0, f"exit status {code}:\n{log.read_text()[-3000:]}"
+        code = daemon.stop()
+    assert code == 0, f"exit status {code} (None: ignored SIGTERM):\n{daemon.tail(60)}"
 
 
 def test_every_lab_name_agrees_with_delv(lab: Lab, resolver: Path, tmp_path: Path) -> None:
@@ -158,9 +134,9 @@ def test_every_lab_name_agrees_with_delv(lab: Lab, resolver: Path, tmp_path: Pat
 
 def test_expectations_ede_and_one_log_line_per_failure(lab: Lab, resolver: Path) -> None:
     out = dig(lab, "+dnssec", "host.badsig.test.", "IPSECKEY")
-    assert "status: SERVFAIL" in out and "EDE: 6 (DNSSEC Bogus)" in out
+    assert out.status == "SERVFAIL" and "EDE: 6 (DNSSEC Bogus)" in out.text
     out = dig(lab, "+dnssec", "host.expired.test.", "IPSECKEY")
-    assert "status: SERVFAIL" in out and "EDE: 7 (Signature Expired)" in out
+    assert out.status == "SERVFAIL" and "EDE: 7 (Signature Expired)" in out.text
     for _ in range(3):  # cached as bogus: no new validation, no new log line
         dig(lab, "host.badsig.test.", "IPSECKEY")
     lines = [ln for ln in resolver.read_text().splitlines()
@@ -168,16 +144,16 @@ def test_expectations_ede_and_one_log_line_per_failure(lab: Lab, resolver: Path)
     assert len(lines) == 1, lines
     # A CD=1 client gets the data unvalidated, without AD.
     out = dig(lab, "+dnssec", "+cd", "host.badsig.test.", "IPSECKEY")
-    assert "status: NOERROR" in out and " ad" not in out.split(";; flags:")[1].split(";")[0]
+    assert out.status == "NOERROR" and not out.ad, out.text
     # A client without DO or AD gets no RRSIGs and no AD (dig sets AD by default); with AD, AD.
     out = dig(lab, "+noedns", "+noadflag", "bob.example.test.", "IPSECKEY")
-    assert "status: NOERROR" in out and "RRSIG" not in out
-    assert " ad" not in out.split(";; flags:")[1].split(";")[0]
+    assert out.status == "NOERROR" and "RRSIG" not in out.text
+    assert not out.ad, out.text
     out = dig(lab, "+adflag", "+noedns", "bob.example.test.", "IPSECKEY")
-    assert " ad" in out.split(";; flags:")[1].split(";")[0]
+    assert out.ad, out.text
     # TCP works and repeats the answer from the wire cache.
     out = dig(lab, "+tcp", "+dnssec", "bob.example.test.", "A")
-    assert "status: NOERROR" in out and "198.51.100.11" in out
+    assert out.status == "NOERROR" and "198.51.100.11" in out.text
 
 
 def test_system_stub_resolves_through_us(lab: Lab, resolver: Path) -> None:
