@@ -30,7 +30,7 @@ from resolver.validator.types import Limits
 
 DNS_PORT: Final = 53
 RESOLV_CONF: Final = Path("/etc/resolv.conf")
-PASSTHROUGH_TABLES: Final = ("policy", "provision", "control", "identity")
+PASSTHROUGH_TABLES: Final = ("policy", "provision", "control", "identity", "metrics", "debug")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 

@@ -66,6 +66,7 @@ from resolver.errors import (
     TunnelRejected,
     TunnelTimeout,
 )
+from resolver.logevent import log_event
 from resolver.statefile import Encode, StateFile
 from resolver.tunnels.backend import ProvisioningBackend
 from resolver.tunnels.config import ProvisionConfig
@@ -535,6 +536,7 @@ class Provisioner:
             await self._quietly(RemoveShunt(dest))
         self._b.failed.pop(dest, None)
         self._count()
+        log_event(log, logging.INFO, "tunnel-up", name=spec.name, peer=dest)
         await self._persist()  # on disk before anyone is told the tunnel is up
         return expires
 
@@ -544,7 +546,8 @@ class Provisioner:
         error = exc if isinstance(exc, ProvisioningError) else TunnelTimeout(
             f"tunnel to {spec.destination}: no CHILD_SA within {self.config.timeout:g} s")
         self.counters.failures += 1
-        log.warning("replacement of %s failed, old tunnel kept: %s", old.spec.name, error)
+        log_event(log, logging.WARNING, "tunnel-replacement-failed", name=old.spec.name,
+                  peer=spec.destination, reason=str(error), kept="old")
         if old.spec.name == spec.name:
             await self._quietly(InstallTunnel(old.spec, self.config.timeout))  # old config back
         else:
@@ -561,7 +564,8 @@ class Provisioner:
         error = exc if isinstance(exc, ProvisioningError) else TunnelTimeout(
             f"tunnel to {dest}: no CHILD_SA within {self.config.timeout:g} s")
         self.counters.failures += 1
-        log.warning("tunnel %s to %s failed: %s", spec.name, dest, error)
+        log_event(log, logging.WARNING, "tunnel-failed", name=spec.name, peer=dest,
+                  reason=str(error))
         await self._quietly(RemoveTunnel(spec.name))  # terminate the half-open IKE_SA too
         if down is not None and self._private(down):
             await self._install_shunts([dest], now)  # its conn (and trap) is gone now
