@@ -32,13 +32,23 @@ from resolver.endpoints.control import ControlService, start_control
 from resolver.errors import ConfigError
 from resolver.hostaddr import read_interface_addresses
 from resolver.instancelock import InstanceLock
-from resolver.policy import Policy
+from resolver.iterate import Iterator
+from resolver.logsetup import setup_logging
+from resolver.metered import (
+    DaemonMetrics,
+    MeteredBackend,
+    MeteredForwarder,
+    MeteredResolution,
+    MeteredServer,
+)
+from resolver.policy import Group, Policy
 from resolver.provision import Provisioner
-from resolver.resolve import Fetch, PlainHandler, QueryHandler, Resolution, Validating
+from resolver.resolve import Fetch, PlainHandler, QueryHandler, Resolver, Upstream, Validating
 from resolver.server import Server
+from resolver.service import ServiceRuntime
 from resolver.startup import StartupGate, build_anchors, check_sections
 from resolver.tunnels.backend import make_backend
-from resolver.upstream import Forwarder
+from resolver.watch import TunnelWatch
 
 __all__ = ["build_anchors", "check_sections", "main", "serve"]  # the first two: moved, kept
 
@@ -101,6 +111,19 @@ def load_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def build_upstream(cfg: Config, metrics: DaemonMetrics | None = None) -> Upstream:
+    """The forwarder (metered per server when `metrics` is given), or the iterator for
+    `[upstream] mode = "iterate"` (not metered per server yet)."""
+    up = cfg.upstream
+    if up.mode == "iterate":
+        return Iterator(up.root_hints, limits=cfg.limits, timeout=up.timeout,
+                        attempts=up.attempts, tcp_timeout=up.tcp_timeout,
+                        payload=cfg.server.edns_payload)
+    forwarder = MeteredForwarder(up.servers, timeout=up.timeout, attempts=up.attempts,
+                                 tcp_timeout=up.tcp_timeout, payload=cfg.server.edns_payload)
+    return forwarder if metrics is None else forwarder.meter(metrics)
+
+
 def host_addresses() -> tuple[IPv4Address | IPv6Address, ...]:
     """The addresses of this host (its network namespace), read over netlink.
 
@@ -130,9 +153,12 @@ class Daemon:
 
     server: Server
     gate: StartupGate
+    metrics: DaemonMetrics
+    runtime: ServiceRuntime
+    resolution: Resolver
     provisioner: Provisioner | None = None
     policy: Policy | None = None
-    resolution: Resolution | None = None
+    watch: TunnelWatch | None = None
     control: ControlService | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -174,45 +200,56 @@ async def build(cfg: Config, checked: startup.Checked) -> Daemon:
     def make_validator(fetch: Fetch) -> Validating:
         return Validator(anchors, fetch, cfg.limits)
 
-    forwarder = Forwarder(cfg.upstream.servers, timeout=cfg.upstream.timeout,
-                          attempts=cfg.upstream.attempts, tcp_timeout=cfg.upstream.tcp_timeout,
-                          payload=cfg.server.edns_payload)
-    resolution = Resolution(forwarder, make_validator, cache=cfg.cache,
-                            max_upstream_queries=cfg.limits.max_fetches)
+    metrics = DaemonMetrics()
+    forwarder = build_upstream(cfg, metrics)
+    resolution = MeteredResolution(forwarder, make_validator, cache=cfg.cache,
+                                   max_upstream_queries=cfg.limits.max_fetches).meter(metrics)
     plain = PlainHandler(resolution, max_ttl=cfg.cache.max_ttl,
                          payload=cfg.server.edns_payload)
     handler: QueryHandler = plain
     provisioner: Provisioner | None = None
     policy: Policy | None = None
+    wire_cache = WireCache(cfg.cache.max_entries)
     pcfg, ident = checked.provision, checked.identity
     if pcfg is not None and checked.policy is not None:
         # pyroute2 0.9 runs its own event loop: its sync API must be called off ours.
         own = (*await asyncio.to_thread(host_addresses), *(ident.addresses if ident else ()))
-        policy = Policy(checked.policy, own_addresses=own)
-        provisioner = Provisioner(make_backend(pcfg, ident, source=checked.source), pcfg)
-        handler = CaptureHandler(plain, resolution, policy, provisioner,
+        policy = the_policy = Policy(checked.policy, own_addresses=own)
+        provisioner = Provisioner(
+            MeteredBackend(make_backend(pcfg, ident, source=checked.source), metrics), pcfg,
+            must_drop=lambda s: the_policy.group_for(s.key.owner, (s.destination,))
+            is Group.PRIVATE)
+        provisioner.on_lost.append(wire_cache.clear)  # answers given for a lost tunnel
+        metrics.watch_provisioner(provisioner)
+        capture = CaptureHandler(plain, resolution, policy, provisioner,
                                  payload=cfg.server.edns_payload)
+        metrics.watch_capture(capture)
+        handler = capture
     gate = StartupGate(handler, plain)
-    server = Server(gate, cfg.server, cache=WireCache(cfg.cache.max_entries))
-    return Daemon(server, gate, provisioner, policy, resolution)
+    server = MeteredServer(gate, cfg.server, cache=wire_cache).meter(metrics)
+    return Daemon(server, gate, metrics, ServiceRuntime(metrics, cfg.sections, checked.source),
+                  resolution, provisioner, policy)
 
 
 async def reconcile(cfg: Config, daemon: Daemon) -> None:
     """Step 5: the provisioner's state with charon and XFRM (an IKE daemon that is not there
     yet is retried in the background), then the pinned endpoints and the lease timer."""
-    provisioner = daemon.provisioner
-    if provisioner is None or daemon.resolution is None:
+    provisioner, policy = daemon.provisioner, daemon.policy
+    if provisioner is None or policy is None:
         return
     await provisioner.reconcile(time.time())
     if not provisioner.ike_ready:
         daemon.tasks.append(asyncio.create_task(provisioner.connect_later(time.time)))
+    pcfg = provisioner.config
+    daemon.watch = TunnelWatch(provisioner, time.time, interval=pcfg.watch_interval)
+    daemon.watch.start()  # charon's events; the dry run has none
     daemon.tasks.append(asyncio.create_task(_expire_loop(provisioner)))
     daemon.control = await start_control(cfg, daemon.resolution, provisioner, clock=time.time,
-                                         policy=daemon.policy)
-    pcfg = provisioner.config
+                                         policy=policy, extra=daemon.runtime.control_ops())
+    if daemon.control is not None:
+        daemon.metrics.watch_endpoints(daemon.control.manager.list)
     log.info("capture on: policy default %s, backend %s, shunts %s",
-             daemon.policy.config.default.value if daemon.policy else "?", pcfg.backend,
-             pcfg.shunts)
+             policy.config.default.value, pcfg.backend, pcfg.shunts)
 
 
 async def run_until_stopped(cfg: Config, daemon: Daemon) -> int:
@@ -227,8 +264,12 @@ async def run_until_stopped(cfg: Config, daemon: Daemon) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("ipseckey-resolver ready; upstream %s",
-             ", ".join(map(str, cfg.upstream.servers)))
+    upstreams = ("iterative from the root" if cfg.upstream.mode == "iterate"
+                 else ", ".join(map(str, cfg.upstream.servers)))
+    # the metrics listener, SIGHUP, READY=1 (now: READY means serving), the watchdog
+    await daemon.runtime.start(f"serving on {', '.join(map(str, cfg.server.listen))}; "
+                               f"upstream {upstreams}")
+    log.info("ipseckey-resolver ready; upstream %s", upstreams)
     await stop.wait()
     return 0
 
@@ -236,10 +277,13 @@ async def run_until_stopped(cfg: Config, daemon: Daemon) -> int:
 async def shut_down(daemon: Daemon) -> None:
     """Close the listeners, cancel queries in progress; tunnels stay up (a restart keeps them)."""
     log.info("shutting down")
+    await daemon.runtime.close()
     for task in daemon.tasks:
         task.cancel()
     if daemon.control is not None:
         await daemon.control.close()
+    if daemon.watch is not None:
+        await daemon.watch.close()
     await daemon.server.stop()
     if daemon.provisioner is not None:
         await daemon.provisioner.close()
@@ -270,8 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(cfg)
     debug = args.debug or cfg.log.debug_queries
     level = logging.DEBUG if debug else getattr(logging, cfg.log.level.upper())
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(level)
     try:
         return asyncio.run(serve(cfg))
     except ConfigError as e:

@@ -41,6 +41,7 @@ from resolver.policy import Group, PolicyConfig
 from resolver.provision import IKE_RETRY
 from resolver.resolve import QueryHandler
 from resolver.rrsets import ADDRESS_TYPES
+from resolver.serviceconfig import DebugConfig, MetricsConfig
 from resolver.tunnels.config import Identity, ProvisionConfig
 from resolver.validator.anchors import TrustAnchors
 
@@ -89,6 +90,9 @@ def check(cfg: Config) -> Checked:
     InstanceLock(checked.state_dirs).probe()
     for address in cfg.server.listen:
         _check_bindable(address)
+    metrics = MetricsConfig.from_section(cfg.sections.get("metrics", {}), source).listen
+    if metrics is not None:
+        _check_bindable(metrics, (socket.SOCK_STREAM,), "[metrics] listen")
     if pcfg is not None and pcfg.backend == "vici":
         unreachable = _vici_unreachable(pcfg.vici_socket)
         if unreachable is not None:
@@ -147,6 +151,8 @@ def check_sections(cfg: Config) -> None:
     if "identity" in cfg.sections:
         Identity.from_section(cfg.sections["identity"], source)
     ControlConfig.from_section(cfg.sections.get("control", {}), source)
+    MetricsConfig.from_section(cfg.sections.get("metrics", {}), source)
+    DebugConfig.from_section(cfg.sections.get("debug", {}), source)
     if "policy" in cfg.sections and "identity" not in cfg.sections:
         raise ConfigError(f"{source}: [policy] needs [identity] (and [provision]): without a "
                           "provisioning backend no destination can be made private")
@@ -247,10 +253,12 @@ def _check_writable(directory: Path) -> None:
                           f"{exc.strerror or exc}") from None
 
 
-def _check_bindable(address: HostPort) -> None:
-    """Bind UDP and TCP as the server will, and let go at once."""
+def _check_bindable(address: HostPort,
+                    kinds: tuple[int, ...] = (socket.SOCK_DGRAM, socket.SOCK_STREAM),
+                    what: str = "listen") -> None:
+    """Bind as the server will (UDP and TCP), and let go at once."""
     family = socket.AF_INET6 if address.family == 6 else socket.AF_INET
-    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+    for kind in kinds:
         with socket.socket(family, kind) as sock:
             try:
                 if family == socket.AF_INET6:
@@ -259,7 +267,9 @@ def _check_bindable(address: HostPort) -> None:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((address.host, address.port))
             except OSError as exc:
-                raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+                where = "" if what == "listen" else f" ({what})"
+                raise ConfigError(f"cannot listen on {address}{where}: "
+                                  f"{exc.strerror or exc}") from None
 
 
 def _vici_unreachable(uri: str) -> str | None:

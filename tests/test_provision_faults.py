@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from resolver.ipseckey import IpsecKey
 from resolver.policy import SetupFailure, classify
 from resolver.provision import ADOPTED_LEASE, Provisioner
 from resolver.tunnels.config import ProvisionConfig
+from resolver.tunnels.events import BackendEvent, DaemonConnected, HeldSa
 from resolver.tunnels.intents import (
     InstallShunt,
     InstallTunnel,
@@ -42,6 +44,7 @@ from resolver.tunnels.intents import (
     TunnelSpec,
     tunnel_spec,
 )
+from resolver.watch import TunnelWatch
 from tests.fakes import FakeBackend
 from tests.helpers import aio
 
@@ -334,3 +337,54 @@ async def test_connect_later_retries_until_the_daemon_answers(
     assert p.ike_ready
     await p.ensure(BOB_SPEC, WHEN + 2)
     assert p.tunnels() == {BOB: BOB_SPEC}
+
+
+@aio
+async def test_private_tunnels_of_the_state_file_are_dropped_while_the_daemon_is_away(
+        tmp_path: Path) -> None:
+    """Charon missing at start also means their SAs are gone: a private destination's
+    packets (from answers given before the restart) are dropped, never sent in clear."""
+    await asyncio.to_thread(saved_state, tmp_path)
+    fb = Absent()
+    p = Provisioner(fb, ProvisionConfig(state_file=tmp_path / "state.json"),
+                    must_drop=lambda spec: True)
+    await p.reconcile(WHEN + 1)
+    assert p.shunted() == {BOB, DAVE} and p.tunnels() == {}
+    fb.up = True
+    await p.reconcile(WHEN + 2)
+    assert p.tunnels() == {BOB: BOB_SPEC} and p.shunted() == {DAVE}  # up: its shunt went
+
+
+class Watched(Absent):
+    """Absent, with the event session of a watchable backend (resolver/watch.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sink: Callable[[BackendEvent], None] | None = None
+
+    def watch(self, sink: Callable[[BackendEvent], None]) -> bool:
+        self.sink = sink
+        return True
+
+    async def live(self) -> frozenset[HeldSa]:
+        return frozenset(HeldSa(k.ident, "1", "1") for k in await self.installed())
+
+
+@aio
+async def test_the_watch_reconciles_as_soon_as_charon_connects(tmp_path: Path) -> None:
+    await asyncio.to_thread(saved_state, tmp_path)
+    fb = Watched()
+    p = prov(fb, tmp_path)
+    await p.reconcile(WHEN + 1)
+    watch = TunnelWatch(p, lambda: WHEN + 2, interval=0)
+    assert watch.start() and fb.sink is not None
+    try:
+        fb.up = True
+        fb.sink(DaemonConnected(first=True))  # what the VICI listener reports on connecting
+        for _ in range(100):
+            if p.ike_ready and p.tunnels():
+                break
+            await asyncio.sleep(0.01)
+        assert p.ike_ready and p.tunnels() == {BOB: BOB_SPEC}  # no 2 s retry waited for
+    finally:
+        await watch.close()

@@ -36,8 +36,15 @@ from lab import Lab
 from lab.net import poll
 from lab.probes import python_argv
 from lab.resolverd import ResolverDaemon
-from resolver.tunnels.xfrm import XfrmPolicies
-from tests.helpers import blocked_ping, children, clean_alice, ede, esp_ping
+from tests.helpers import (
+    blocked_ping,
+    children,
+    clean_alice,
+    ede,
+    esp_ping,
+    our_conns,
+    shunted,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -46,20 +53,11 @@ PRIVATE = {"default": "private"}
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def shunted(lab: Lab) -> set[str]:
-    """Destinations with one of our XFRM BLOCK policies in alice."""
-    x = XfrmPolicies(lab.ns("alice"))
-    try:
-        return {str(r.destination) for r in x.ours() if r.action == 1}
-    finally:
-        x.close()
-
-
 def held(lab: Lab) -> tuple[dict[str, str], set[str], set[str]]:
     """What a daemon may touch in alice: our IKE_SAs (conn -> unique id), our conns, shunts."""
     sas = {name: str(sa["uniqueid"]) for name, sa in lab.ike_sas("alice")
            if name.startswith("isk-")}
-    return sas, {n for n in lab.conns("alice") if n.startswith("isk-")}, shunted(lab)
+    return sas, set(our_conns(lab)), shunted(lab)
 
 
 def own_daemon(lab: Lab, name: str, policy: dict[str, Any] | None = None,
@@ -250,7 +248,7 @@ def test_unwritable_state_directory_gives_clear_ede_and_no_orphan_sa(
             code, text = ede(reply)
             assert code == 0 and text.startswith(f"cannot record tunnel state: {why}"), text
             assert children(lab, "isk-carol-") == {}  # the SA it made was undone
-            assert [n for n in lab.conns("alice") if n.startswith("isk-carol-")] == []
+            assert our_conns(lab, "carol-") == []
             assert carol in shunted(lab)  # private: dropped, not sent in clear
         blocked_ping(lab, carol, port="carol", eperm=False)
         esp_ping(lab, lab.addr("bob"), port="bob", count=2)  # the recorded one is untouched
