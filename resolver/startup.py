@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,8 @@ def check(cfg: Config) -> Checked:
     for directory in checked.state_dirs:
         _check_writable(directory)
     InstanceLock(checked.state_dirs).probe()
+    if control is not None:
+        _check_control_socket(control.socket)
     for address in cfg.server.listen:
         _check_bindable(address)
     metrics = MetricsConfig.from_section(cfg.sections.get("metrics", {}), source).listen
@@ -270,6 +273,24 @@ def _check_bindable(address: HostPort,
                 where = "" if what == "listen" else f" ({what})"
                 raise ConfigError(f"cannot listen on {address}{where}: "
                                   f"{exc.strerror or exc}") from None
+
+
+def _check_control_socket(path: Path) -> None:
+    """No other daemon answers on our control socket (endpoints/control.py would refuse to
+    take it over at step 5: too late, reconcile has run by then)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return  # not there (or its directory is not): bind_socket makes and checks it
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"control socket {path}: exists and is not a socket; not removing it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return  # stale: the daemon removes it
+    raise ConfigError(f"control socket {path}: another resolver is running and listening on it")
 
 
 def _vici_unreachable(uri: str) -> str | None:

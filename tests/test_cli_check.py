@@ -249,3 +249,17 @@ def test_lock_is_exclusive_within_one_process_too(tmp_path: Path) -> None:
     second.release()
     time.sleep(0)  # nothing left behind but the lock file itself
     assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
+
+
+def test_control_socket_of_a_running_daemon(tmp_path: Path, good: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Another daemon (other state directory, other listen address) answering on our control
+    socket: refused at the check, before reconcile could touch its tunnels."""
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(str(tmp_path / "control.sock"))
+        other.listen()
+        code, _, err = check(tmp_path, good, capsys)
+    assert code == 2 and err == (f"ipseckey-resolver: control socket {tmp_path / 'control.sock'}"
+                                 ": another resolver is running and listening on it\n")
+    code, _, _ = check(tmp_path, good, capsys)  # now stale: the daemon would remove it
+    assert code == 0
