@@ -190,6 +190,8 @@ class Provisioner:
         self._state = StateFile(path, self._snapshot) if path is not None else None
         self.ike_ready = True  # False: the IKE daemon was unreachable at start-up (Rule 8)
         self._pending: _Loaded | None = None  # loaded, not reconciled yet
+        self._reconciled = False
+        self._reconciling = asyncio.Lock()
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -352,15 +354,21 @@ class Provisioner:
         """At start-up: restore the wanted state from the state file, remove our strays.
 
         Without a trustworthy state file, adopt what is installed instead; with the IKE daemon
-        unreachable, remove nothing and wait for it (Rule 8).
+        unreachable, remove nothing and wait for it (Rule 8). Once it has run, a later call
+        (the watch and `connect_later` both try when charon appears) does nothing.
         """
+        async with self._reconciling:
+            if not self._reconciled:
+                await self._reconcile(now)
+
+    async def _reconcile(self, now: float) -> None:
         loaded = self._pending = self._pending or self._load(now)
         try:
             installed = await self.backend.installed()
         except IkeDaemonUnreachable as exc:
             await self._not_connected(loaded, now, exc)
             return
-        self._pending = None
+        self._pending, self._reconciled = None, True
         if not self.ike_ready:
             log.warning("IKE daemon connected (%s): reconciling", self.config.vici_socket)
             self.ike_ready = True
