@@ -38,6 +38,8 @@ from resolver.metrics import Registry
 from resolver.policy import SetupFailure, classify
 from resolver.resolve import Resolution
 from resolver.server import Server
+from resolver.tunnels.backend import WatchableBackend
+from resolver.tunnels.events import BackendEvent, HeldSa
 from resolver.tunnels.intents import InstallTunnel, Intent, PolicyKey
 from resolver.upstream import Forwarder
 from resolver.validator.response import ValidatedAnswer
@@ -311,3 +313,14 @@ class MeteredBackend:
     async def installed(self) -> frozenset[PolicyKey]:
         found: frozenset[PolicyKey] = await self.backend.installed()
         return found
+
+    # The watch (resolver/watch.py) finds charon's events through these: a wrapper without
+    # them made the daemon's backend look unwatchable, and the watch silently did not run.
+    def watch(self, sink: Callable[[BackendEvent], None]) -> bool:
+        """The wrapped backend's `watch` (False if it has none: the dry run)."""
+        return isinstance(self.backend, WatchableBackend) and self.backend.watch(sink)
+
+    async def live(self) -> frozenset[HeldSa]:
+        if isinstance(self.backend, WatchableBackend):
+            return await self.backend.live()
+        return frozenset()

@@ -157,6 +157,35 @@ async def test_backend_wrapper_times_setups_and_counts_failures_by_reason() -> N
     assert sample(m, "tunnel_setups_in_flight") == 0
 
 
+@aio
+async def test_backend_wrapper_keeps_the_backend_watchable() -> None:
+    """The daemon wraps its backend in MeteredBackend; the watch (resolver/watch.py) must
+    still find charon's events and SAs through it, or it silently does not run."""
+    from resolver.provision import Provisioner
+    from resolver.tunnels.events import BackendEvent, HeldSa
+    from resolver.watch import TunnelWatch
+
+    class Watchable(_Backend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sinks: list[Any] = []
+
+        def watch(self, sink: Any) -> bool:
+            self.sinks.append(sink)
+            return True
+
+        async def live(self) -> frozenset[HeldSa]:
+            return frozenset({HeldSa("isk-x", "1", "2")})
+
+    real = Watchable()
+    watch = TunnelWatch(Provisioner(MeteredBackend(real, DaemonMetrics())), interval=0)
+    assert watch.start() and len(real.sinks) == 1
+    await watch.close()
+    assert await MeteredBackend(real, DaemonMetrics()).live() == {HeldSa("isk-x", "1", "2")}
+    events: list[BackendEvent] = []
+    assert not MeteredBackend(_Backend(), DaemonMetrics()).watch(events.append)  # the dry run
+
+
 def test_exposition_format_details() -> None:
     r = Registry("x_")
     c = r.counter("events_total", "Events with \\ and\nnewline in help.", ("why",))
