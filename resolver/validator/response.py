@@ -113,6 +113,10 @@ class Validator:
         self.chain = TrustChain(anchors, fetch, self.limits)
         self._cpu = asyncio.Semaphore(max(1, self.limits.max_validating))
 
+    def forget_bogus(self) -> None:
+        """Forget cached BOGUS chain steps (see TrustChain.forget_bogus)."""
+        self.chain.forget_bogus()
+
     async def validate(
         self,
         qname: dns.name.Name,
