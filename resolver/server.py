@@ -186,8 +186,17 @@ class Server:
                     raise
                 port = sock.getsockname()[1]
                 self._udp.append(_UdpListener(self, sock))
+                # The accept queue holds at least as many as we serve: under a connection
+                # flood a client's SYN should wait for the eviction rule, not be dropped.
+                backlog = max(128, self.config.tcp_max_connections)
                 srv = await loop.create_server(lambda: TcpConnection(self), ep.host, port,
-                                               reuse_address=True)
+                                               reuse_address=True, backlog=backlog)
+                for listener in srv.sockets:
+                    # Accepted sockets inherit it: queries a peer sends while we do not read
+                    # (pipelining bound, unread replies) wait in at most this much kernel
+                    # memory, instead of a receive buffer autotuned up to tcp_rmem's maximum.
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                        self.config.tcp_max_buffered)
             except OSError as e:
                 await self.stop()
                 raise ConfigError(f"cannot listen on {ep}: {e.strerror or e}") from None

@@ -28,7 +28,8 @@ class TcpConnection(asyncio.Protocol):
     read), all from [server]:
 
     * a frame must arrive whole within `tcp_frame_timeout` of its first byte: trickling bytes
-      does not keep a connection alive, and the idle timer counts only whole queries;
+      does not keep a connection alive, and the idle timer counts only whole queries; a frame
+      shorter than a DNS header ends the connection;
     * idle: no whole query, no query in progress and no reply for `tcp_idle_timeout`;
     * lifetime: after `tcp_max_lifetime` no further query is read; those in progress are
       answered (each bounded by query_timeout), then the connection closes;
@@ -201,6 +202,12 @@ class TcpConnection(asyncio.Protocol):
             length = buf[0] << 8 | buf[1]
             if len(buf) < 2 + length:
                 break
+            if length < 12:
+                # No DNS message is shorter than its header: whoever sends this is not a DNS
+                # client (e.g. a trickle of zero bytes, which would otherwise pass as a
+                # stream of empty frames, each one "progress" for the timers below).
+                self.abort(f"a {length}-byte frame is not a DNS message")
+                return
             wire = bytes(buf[2:2 + length])
             del buf[:2 + length]
             self._whole_frame()

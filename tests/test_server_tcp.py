@@ -4,7 +4,7 @@ Each test is one behaviour of resolver/server_tcp.py, against the server of test
 (scripted upstream, fake validator) with small [server] limits so a run takes seconds:
 
 * a frame trickled a byte at a time is cut at `tcp_frame_timeout`, although bytes keep coming
-  (the idle timer no longer restarts on each byte);
+  (the idle timer no longer restarts on each byte); a frame too short for DNS ends it at once;
 * a busy connection ends at `tcp_max_lifetime`, after the query in progress is answered;
 * slow-loris: many more trickling peers than `tcp_max_connections`, reconnecting as soon as
   they are cut, while real clients ask over TCP: every real client is answered;
@@ -77,6 +77,20 @@ def test_trickled_frame_is_cut_at_the_frame_deadline() -> None:
     with_server(body, tcp_frame_timeout=0.4, tcp_idle_timeout=5.0)
 
 
+def test_a_frame_shorter_than_a_dns_header_ends_the_connection() -> None:
+    """Zero bytes trickled in pairs would be a stream of empty frames, each one "progress":
+    the first frame shorter than a DNS header (12 bytes) ends the connection instead."""
+    async def body(env: Env) -> None:
+        reader, writer = await asyncio.open_connection(env.host, env.port)
+        writer.write(b"\x00\x00")
+        took = await closed_after(reader, 3.0)
+        writer.close()
+        assert took < 1.0, took
+        assert not env.server.tcp_connections
+
+    with_server(body, tcp_idle_timeout=5.0, tcp_frame_timeout=5.0)
+
+
 def test_whole_queries_do_not_outlive_the_connection_lifetime() -> None:
     """A client asking every 50 ms is cut at tcp_max_lifetime (0.6 s); the slow query it sent
     just before is still answered first."""
@@ -107,9 +121,10 @@ def test_whole_queries_do_not_outlive_the_connection_lifetime() -> None:
 
 
 def test_slow_loris_peers_do_not_starve_real_clients() -> None:
-    """24 peers trickle a byte every 100 ms into 8 TCP slots and reconnect at once whenever
-    they are cut. Meanwhile 15 real clients ask over TCP, one every 100 ms: all are answered.
-    (Before issue 10 the first 8 trickling peers kept every slot: no real client got in.)"""
+    """24 peers announce a 64-byte frame and trickle it a byte every 100 ms into 8 TCP slots,
+    reconnecting at once whenever they are cut. Meanwhile 15 real clients ask over TCP, one
+    every 100 ms: all are answered. (Before issue 10 the first 8 trickling peers kept every
+    slot: no real client got in.)"""
     async def body(env: Env) -> None:
         await tcp_ask(env)
         stop = asyncio.Event()
@@ -123,8 +138,9 @@ def test_slow_loris_peers_do_not_starve_real_clients() -> None:
                     await asyncio.sleep(0.01)
                     continue
                 try:
+                    w.write(b"\x00\x40")  # a 64-byte frame is announced, then trickled
                     while not stop.is_set() and not w.is_closing():
-                        w.write(b"\x00")
+                        w.write(b"a")
                         await w.drain()
                         await asyncio.sleep(0.1)
                 except ConnectionError:
