@@ -5,7 +5,7 @@ Theory of operation:
 * `Resolution.resolve(qname, qtype, now)` is the one way the resolver learns anything. It
   returns a `ValidatedAnswer` from the answer cache (TTL aged), or joins an identical
   resolution already in flight, or starts one: fetch the question upstream (DO=1, CD=1), hand
-  the response to the validator (which logs one line if validation failed), and cache the
+  the response to the validator, log one line if the final verdict is a failure, and cache the
   result (positive: its TTL; negative: the RFC 2308 TTL from the SOA; bogus: `bogus_ttl`;
   indeterminate, i.e. an upstream failure, also of the question itself: `failure_ttl`, 5 s,
   as RFC 9520 asks). Rule: nothing but a verdict ever enters the answer cache.
@@ -141,6 +141,15 @@ def signatures_as_data(qname: dns.name.Name, response: dns.message.Message
                            ttl=min(r.ttl for r in sigs))
 
 
+def _log_failure(qname: dns.name.Name, qtype: dns.rdatatype.RdataType,
+                 ans: ValidatedAnswer) -> None:
+    """The one operator-facing line for an answer that failed validation."""
+    v = ans.verdict
+    log_event(log, logging.WARNING, "validation-failed", name=qname,
+              type=dns.rdatatype.to_text(qtype), security=v.security.value, reason=v.reason,
+              ede=v.ede)
+
+
 def _response_ttl(response: dns.message.Message) -> int:
     ttls = [r.ttl for section in (response.answer, response.authority) for r in section]
     return min([RAW_MAX_TTL, *ttls]) if ttls else 0
@@ -232,6 +241,8 @@ class Resolution:
         self.validations += 1
         ans = await self.validator.validate(qname, qtype, response, now)
         trace.debug("%s: %s %s", name, ans.verdict.security.value, ans.verdict.reason)
+        if ans.verdict.security is Security.INDETERMINATE:  # BOGUS: logged once re-checked
+            _log_failure(qname, qtype, ans)
         return ans
 
     async def _recheck(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float,
@@ -250,6 +261,7 @@ class Resolution:
         name = f"{qname} {dns.rdatatype.to_text(qtype)}"
         if second.verdict.security is Security.BOGUS:
             trace.debug("%s: bogus confirmed over TCP", name)
+            _log_failure(qname, qtype, second)
         else:
             self.refuted += 1
             # A forged or damaged reply: the second opinion (over TCP) disagrees.
@@ -263,8 +275,8 @@ class Resolution:
         """Cache a verdict for as long as it holds; returns it with its TTL as served."""
         verdict = ans.verdict
         if verdict.security is Security.BOGUS:
-            # The validator logs the one "validation failed" line (name, type, reason); the
-            # cache below keeps it from being repeated for every client for bogus_ttl.
+            # One "validation failed" line was logged (name, type, reason); the cache below
+            # keeps it from being repeated for every client for bogus_ttl.
             ttl = self.config.bogus_ttl
         elif verdict.security is Security.INDETERMINATE:
             # An upstream failure (of the question, or inside validation: a DNSKEY or DS fetch
