@@ -34,11 +34,11 @@ class TcpConnection(asyncio.Protocol):
     * lifetime: after `tcp_max_lifetime` no further query is read; those in progress are
       answered (each bounded by query_timeout), then the connection closes;
     * queries in progress: at most `tcp_max_pipelined`; further frames wait unread;
-    * output: the socket's kernel send buffer is set to `tcp_max_buffered`; once more than
-      half as much again waits in our own buffer (so the peer is not reading), we stop
-      reading its queries; if our buffer does not drain within `tcp_frame_timeout`, or a reply
-      would take it above `tcp_max_buffered`, the connection is aborted and the buffer
-      discarded;
+    * output: the socket's kernel send buffer is set to `tcp_max_buffered` (the receive
+      buffer too, on the listening socket); once more than half of `tcp_max_buffered` waits in
+      our own buffer (the kernel's is full: the peer is not reading), we stop reading its
+      queries; if our buffer does not drain within `tcp_frame_timeout`, or a reply would take
+      it above `tcp_max_buffered`, the connection is aborted and the buffer discarded;
     * connections: at most `tcp_max_connections`. At the bound a new connection replaces the
       one that has gone longest without a whole query and has none in progress (what a
       slow-loris holds), so trickling peers cannot keep real clients out; only when every
