@@ -29,6 +29,7 @@ replies or drops: an exception escaping a handler is logged as a bug and becomes
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import time
@@ -173,36 +174,53 @@ class Server:
         """
         loop = asyncio.get_running_loop()
         for ep in listen:
-            try:
-                family = socket.AF_INET6 if ep.family == 6 else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_DGRAM)
+            # Port 0 (tests, benchmarks): the kernel picks the UDP port, and TCP may find that
+            # port taken by someone else's TCP socket; pick again rather than fail.
+            tries = 8 if ep.port == 0 else 1
+            for attempt in range(tries):
                 try:
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    sock.setblocking(False)
-                    sock.bind((ep.host, ep.port))
-                except OSError:
-                    sock.close()
-                    raise
-                port = sock.getsockname()[1]
-                self._udp.append(_UdpListener(self, sock))
-                # The accept queue holds at least as many as we serve: under a connection
-                # flood a client's SYN should wait for the eviction rule, not be dropped.
-                backlog = max(128, self.config.tcp_max_connections)
-                srv = await loop.create_server(lambda: TcpConnection(self), ep.host, port,
-                                               reuse_address=True, backlog=backlog)
-                for listener in srv.sockets:
-                    # Accepted sockets inherit it: queries a peer sends while we do not read
-                    # (pipelining bound, unread replies) wait in at most this much kernel
-                    # memory, instead of a receive buffer autotuned up to tcp_rmem's maximum.
-                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
-                                        self.config.tcp_max_buffered)
-            except OSError as e:
-                await self.stop()
-                raise ConfigError(f"cannot listen on {ep}: {e.strerror or e}") from None
+                    port, srv = await self._bind(loop, ep)
+                    break
+                except OSError as e:
+                    if attempt + 1 < tries and e.errno == errno.EADDRINUSE:
+                        continue
+                    await self.stop()
+                    raise ConfigError(f"cannot listen on {ep}: {e.strerror or e}") from None
             self._servers.append(srv)
             self.bound.append((ep.host, port))
             log.info("listening on %s (UDP+TCP)", HostPort(ep.host, port))
+
+    async def _bind(self, loop: asyncio.AbstractEventLoop,
+                    ep: HostPort) -> tuple[int, asyncio.Server]:
+        """Bind one listen address for UDP and TCP (the same port); returns it and the server.
+
+        Raises:
+            OSError: either bind failed; nothing stays bound then.
+        """
+        family = socket.AF_INET6 if ep.family == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setblocking(False)
+            sock.bind((ep.host, ep.port))
+            port = sock.getsockname()[1]
+            # The accept queue holds at least as many as we serve: under a connection
+            # flood a client's SYN should wait for the eviction rule, not be dropped.
+            backlog = max(128, self.config.tcp_max_connections)
+            srv = await loop.create_server(lambda: TcpConnection(self), ep.host, port,
+                                           reuse_address=True, backlog=backlog)
+        except OSError:
+            sock.close()
+            raise
+        for listener in srv.sockets:
+            # Accepted sockets inherit it: queries a peer sends while we do not read
+            # (pipelining bound, unread replies) wait in at most this much kernel
+            # memory, instead of a receive buffer autotuned up to tcp_rmem's maximum.
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                self.config.tcp_max_buffered)
+        self._udp.append(_UdpListener(self, sock))
+        return port, srv
 
     def evict_tcp(self) -> bool:
         """Free a TCP slot: abort the stalest connection without a query in progress.
