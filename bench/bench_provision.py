@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -56,7 +57,7 @@ from lab.resolverd import ResolverDaemon  # noqa: E402
 from lab.topology import HOSTS  # noqa: E402
 from resolver.ipseckey import ipseckey_rdata_for  # noqa: E402
 
-LAB_ID = "bnch"
+LAB_ID = os.environ.get("LAB_ID", "bnch")
 PREFIX = "2001:db8:100::1:"
 DIRECT = "bench-direct"
 
