@@ -78,6 +78,7 @@ from resolver.provision_books import (
     IKE_RETRY,
     Address,
     Counters,
+    Kind,
     TunnelState,
     log,
 )
@@ -94,38 +95,53 @@ class Provisioner(ProvisionerWatch, ProvisionerReconcile):
     async def expire(self, now: float) -> float | None:
         """Tear down tunnels and shunts whose lease + grace has passed.
 
-        Returns the next time `expire` has work to do, or None.
+        Returns the next time `expire` has work to do, or None. Only leases that came due are
+        looked at (`Deadlines`), so the timer costs nothing per tunnel that is not ending.
         """
         grace = self.config.grace
         changed = self._state is not None and self._state.pending
-        for dest, t in list(self._b.tunnels.items()):
-            if (t.expires_at + grace <= now and dest not in self._b.inflight
-                    and dest not in self._b.pinned):
-                log.info("lease of tunnel %s to %s ended: tearing down", t.spec.name, dest)
-                changed = True
-                del self._b.tunnels[dest]
-                self.counters.teardowns += 1
-                await self._quietly(RemoveTunnel(t.spec.name))
-        for dest, until in list(self._b.shunts.items()):
-            if until + grace <= now:
-                changed = True
-                del self._b.shunts[dest]
-                await self._quietly(RemoveShunt(dest))
-        for name, until in list(self._b.adopted.items()):
-            if until + grace <= now:
-                log.info("adopted tunnel %s unused: tearing down", name)
-                changed = True
-                del self._b.adopted[name]
-                await self._quietly(RemoveTunnel(name))
-        self._b.failed = {d: f for d, f in self._b.failed.items() if f.until > now}
-        self._count()
+        b = self._b
+        for kind, key in b.deadlines.due(now - grace):
+            if kind is Kind.TUNNEL:
+                assert not isinstance(key, str)
+                t = b.tunnels.get(key)
+                if t is None or key in b.pinned:
+                    continue  # gone, or never ends (unpinning pushes it again)
+                if t.expires_at + grace > now:
+                    b.deadlines.push(t.expires_at, kind, key)  # extended meanwhile
+                elif key in b.inflight:
+                    b.deadlines.push(now - grace + 1.0, kind, key)  # look again in a second
+                else:
+                    log.info("lease of tunnel %s to %s ended: tearing down", t.spec.name, key)
+                    changed = True
+                    del b.tunnels[key]
+                    self.counters.teardowns += 1
+                    await self._quietly(RemoveTunnel(t.spec.name))
+            elif kind is Kind.SHUNT:
+                assert not isinstance(key, str)
+                until = b.shunts.get(key)
+                if until is not None and until + grace > now:
+                    b.deadlines.push(until, kind, key)
+                elif until is not None:
+                    changed = True
+                    del b.shunts[key]
+                    await self._quietly(RemoveShunt(key))
+            else:
+                assert isinstance(key, str)
+                until = b.adopted.get(key)
+                if until is not None and until + grace > now:
+                    b.deadlines.push(until, kind, key)
+                elif until is not None:
+                    log.info("adopted tunnel %s unused: tearing down", key)
+                    changed = True
+                    del b.adopted[key]
+                    await self._quietly(RemoveTunnel(key))
+        if b.failed:
+            b.failed = {d: f for d, f in b.failed.items() if f.until > now}
         if changed:
             await self._persist_quietly()  # a restart filters ended leases anyway
-        ends = [t.expires_at + grace for d, t in self._b.tunnels.items()
-                if d not in self._b.pinned]
-        ends += [u + grace for u in self._b.shunts.values()]
-        ends += [u + grace for u in self._b.adopted.values()]
-        return min(ends) if ends else None
+        nxt = b.deadlines.next()
+        return None if nxt is None else nxt + grace
 
     def pin(self, destination: Address, pinned: bool = True) -> None:
         """Pinned tunnels (autosp endpoints) are never torn down by `expire`; only `release`
@@ -151,7 +167,6 @@ class Provisioner(ProvisionerWatch, ProvisionerReconcile):
             log.info("releasing tunnel %s to %s at %.0f", t.spec.name, destination, now)
             self.counters.teardowns += 1
             await self._quietly(RemoveTunnel(t.spec.name))
-        self._count()
         await self._persist()
 
     async def connect_later(self, clock: Callable[[], float]) -> None:

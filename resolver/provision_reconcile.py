@@ -59,8 +59,9 @@ class ProvisionerReconcile(ProvisionerSetups):
         tunnels, shunts = loaded.tunnels, dict(loaded.shunts)
         for dest, until in self._b.shunts.items():  # added while the IKE daemon was away
             shunts[dest] = max(until, shunts.get(dest, 0.0))
-        self._b.adopted = {n: u for n, u in loaded.adopted.items()
-                           if PolicyKey.tunnel(n) in installed}
+        for name, until in loaded.adopted.items():
+            if PolicyKey.tunnel(name) in installed:
+                self._b.adopted[name] = until
         if not loaded.trusted:
             self._adopt(installed, shunts, now)
         wanted = {PolicyKey.tunnel(s.name) for s, _ in tunnels}
@@ -92,8 +93,10 @@ class ProvisionerReconcile(ProvisionerSetups):
                             "%s", spec.name, spec.destination, exc)
                 continue
             t = self._b.tunnels[spec.destination]
-            t.expires_at = t.saved_expires_at = until  # the lease it had, not a fresh one
-        self._count()
+            t.expires_at = until  # the lease it had, not a fresh one
+            self._b.touch(spec.destination)
+        if self._state is not None:  # what the file held and the books no longer do
+            self._state.mark_loaded(self._b.holds)
         await self._persist()
 
     def _adopt(self, installed: frozenset[PolicyKey], shunts: dict[Address, float],
@@ -130,7 +133,6 @@ class ProvisionerReconcile(ProvisionerSetups):
                     spec, TunnelState.DOWN, until, private=self._must_drop(spec))
         await self._shunt_now([d for d, t in self._b.tunnels.items()
                                if t.state is TunnelState.DOWN and self._private(t)], now)
-        self._count()
 
     def _load(self, now: float) -> Loaded:
         if self._state is None:

@@ -137,7 +137,7 @@ class ProvisionerSetups(ProvisionerBooks):
         same_name = old is not None and old.spec.name == spec.name
         if old is None:
             self._b.tunnels[dest] = Tunnel(spec, TunnelState.PENDING, now + cfg.lease,
-                                            private=private)
+                                            private=private, was_down=down is not None)
         try:
             # The backend bounds its own wait (it passes the timeout to the daemon); this outer
             # bound is the safety net for a backend that hangs.
@@ -182,7 +182,6 @@ class ProvisionerSetups(ProvisionerBooks):
         if shunted is not None:
             await self._quietly(RemoveShunt(dest))
         self._b.failed.pop(dest, None)
-        self._count()
         log_event(log, logging.INFO, "tunnel-up", name=spec.name, peer=dest)
         return expires
 
@@ -214,7 +213,6 @@ class ProvisionerSetups(ProvisionerBooks):
             await self._install_shunts([dest], now)
         if self.config.failure_hold > 0:
             self._b.failed[dest] = Failure(now + self.config.failure_hold, error)
-        self._count()
         raise error
 
     async def _replacement_failed(self, old: Tunnel, spec: TunnelSpec, now: float,
@@ -248,6 +246,5 @@ class ProvisionerSetups(ProvisionerBooks):
             await self._install_shunts([dest], now)  # its conn (and trap) is gone now
         if self.config.failure_hold > 0:
             self._b.failed[dest] = Failure(now + self.config.failure_hold, error)
-        self._count()
         await self._persist_quietly()  # the answer is a failure either way
         raise error

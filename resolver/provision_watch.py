@@ -41,7 +41,6 @@ class ProvisionerWatch(ProvisionerSetups):
         for hook in self.on_lost:  # before any await: no cached answer for them from now on
             hook()
         await self._shunt_now([d for d in gone if self._private(self._b.tunnels[d])], now)
-        self._count()
         self._save()
         return gone
 
@@ -61,7 +60,6 @@ class ProvisionerWatch(ProvisionerSetups):
             if t is not None and t.state is TunnelState.INSTALLED and dest in self._b.shunts:
                 del self._b.shunts[dest]
                 await self._quietly(RemoveShunt(dest))
-        self._count()
 
     async def daemon_lost(self, why: str, now: float) -> list[Address]:
         """The IKE daemon's connection closed (stopped, crashed, restarted): every tunnel

@@ -333,9 +333,14 @@ def _tunnel_lines(ep: Endpoint, installed: Mapping[Address, TunnelSpec]) -> list
 # --- state file (Rule 6) -------------------------------------------------------------------
 
 
-def dump_state(endpoints: Sequence[Endpoint]) -> bytes:
-    """The state file's bytes: every endpoint, its key in use and the tunnels it holds."""
-    doc = {"version": STATE_VERSION, "endpoints": [{
+# The state file's shape, for resolver/statefile.py's Layout (entries keyed by "name").
+STATE_HEADER: Final = {"version": STATE_VERSION}
+STATE_SECTIONS: Final = {"endpoints": "name"}
+
+
+def state_entry(ep: Endpoint) -> dict[str, Any]:
+    """One endpoint as the state file keeps it: its key in use and the tunnels it holds."""
+    return {
         "name": ep.name.to_text(),
         "group": ep.group.value if ep.group is not None else None,
         "added_at": ep.added_at,
@@ -346,8 +351,14 @@ def dump_state(endpoints: Sequence[Endpoint]) -> bytes:
                      "remote_addr": str(s.remote_addr), "remote_id": s.remote_id,
                      "key_ttl": s.key.ttl}
                     for s in ep.tunnels.values()],
-    } for ep in endpoints]}
-    return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+    }
+
+
+def dump_state(endpoints: Sequence[Endpoint]) -> bytes:
+    """A whole state file's bytes (the store writes entry by entry; this is the same
+    document at once, for tests and tools)."""
+    doc = STATE_HEADER | {"endpoints": [state_entry(ep) for ep in endpoints]}
+    return json.dumps(doc, sort_keys=True).encode()
 
 
 def load_state(data: bytes) -> list[Endpoint]:

@@ -31,13 +31,14 @@ import dns.name
 import dns.rdatatype
 
 from resolver.endpoints.core import (
+    STATE_HEADER,
+    STATE_SECTIONS,
     Address,
     Endpoint,
     Failure,
     Observation,
     choose_key,
     display_name,
-    dump_state,
     failure_code,
     load_state,
     next_refresh,
@@ -46,6 +47,7 @@ from resolver.endpoints.core import (
     plan_tunnels,
     retry_delay,
     same_key,
+    state_entry,
     view,
     without_exempt,
 )
@@ -56,13 +58,14 @@ from resolver.logevent import log_event
 from resolver.policy import Group, Policy
 from resolver.resolve import Resolver
 from resolver.rrsets import ADDRESS_TYPES, gateway_addresses
-from resolver.statefile import Encode, StateFile
+from resolver.statefile import Layout, Record, StateFile
 from resolver.tunnels.intents import TunnelSpec
 from resolver.validator.response import ValidatedAnswer
 
 __all__ = ["DEFAULT_KEEPALIVE", "EndpointError", "EndpointManager", "Tunnels"]
 
 log = logging.getLogger(__name__)
+STATE_LAYOUT = Layout(STATE_HEADER, STATE_SECTIONS)
 
 DEFAULT_KEEPALIVE: Final = 120.0
 
@@ -102,7 +105,8 @@ class EndpointManager:
         self.resolution = resolution
         self.tunnels = tunnels
         self.state_file = state_file
-        self._state = StateFile(state_file, self._snapshot) if state_file is not None else None
+        self._state = StateFile(state_file, STATE_LAYOUT, self._record) \
+            if state_file is not None else None
         self.policy = policy
         self.keepalive = keepalive
         self.endpoints: dict[dns.name.Name, Endpoint] = {}
@@ -131,7 +135,7 @@ class EndpointManager:
             if isinstance(failure, Failure) and new:
                 raise EndpointError(failure.code, failure.reason)
             self.endpoints[name] = ep
-            await self._save()
+            await self._save(name)
             self._wake.set()
             if ep.error:
                 when = "" if ep.next_refresh is None else \
@@ -148,7 +152,7 @@ class EndpointManager:
             if ep is None:
                 raise EndpointError("not-found", f"{display_name(name)} is not an endpoint "
                                                  "(see `autosp list`)")
-            await self._save()
+            await self._save(name)
             await self._release(list(ep.tunnels.values()), now)
         # The lock stays: a refresh queued on it must not run beside a later `add`'s refresh.
         self._wake.set()
@@ -253,7 +257,7 @@ class EndpointManager:
             if ep is None:
                 return  # removed meanwhile
             await self._refresh(ep, now, fresh)
-            await self._save()
+            await self._save(name)
 
     async def _keepalive_locked(self, name: dns.name.Name, now: float) -> None:
         async with self._lock(name):
@@ -392,13 +396,18 @@ class EndpointManager:
                 found.extend(gateway_addresses(ans, key.gateway, rdtype))
         return tuple(found)
 
-    async def _save(self) -> None:
-        """Rule 6: on disk (off the event loop) before the operation returns."""
+    async def _save(self, name: dns.name.Name) -> None:
+        """Rule 6: the endpoint `name` (or its removal) on disk (off the event loop) before
+        the operation returns."""
         if self._state is not None:
+            self._state.mark("endpoints", name.to_text())
             await self._state.persist()
 
-    def _snapshot(self) -> Encode:
-        data = dump_state(list(self.endpoints.values()))  # now: the endpoints are mutable
-        return lambda: data
+    def _record(self, section: str, key: str) -> Record:
+        ep = self.endpoints.get(dns.name.from_text(key))
+        if ep is None:
+            return None
+        entry = state_entry(ep)  # now: the endpoints are mutable
+        return lambda: entry
 
 

@@ -1,7 +1,8 @@
 """The provisioner's state file document: the wanted tunnels, shunts and adopted conns.
 
-Pure data and JSON, no I/O: resolver/provision.py takes the snapshot and reads the result,
-resolver/statefile.py owns the file (atomic writes, `.bad` copies). Version 1, with `adopted`
+Pure data and JSON, no I/O: resolver/provision_books.py marks what changed and reads the
+result, resolver/statefile.py owns the file (atomic writes, the journal, `.bad` copies) and
+writes the entries made here as `json.dumps(doc, sort_keys=True)` would. Version 1, with `adopted`
 added for the adopted conns of resolver/provision.py's Rule 6 (absent in older files,
 which still parse).
 """
@@ -12,19 +13,19 @@ import ipaddress
 import json
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
+from typing import Any, Final
 
 from resolver.tunnels.intents import CONN_PREFIX, TunnelSpec
 
 Address = IPv4Address | IPv6Address
 
 
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What one write holds, copied on the event loop (`dump` runs on the file's thread)."""
-
-    tunnels: tuple[tuple[TunnelSpec, float, bool], ...]  # spec, lease end, pinned
-    shunts: tuple[tuple[Address, float], ...]
-    adopted: tuple[tuple[str, float], ...]  # conn name, lease end
+# The document's shape, for resolver/statefile.py's Layout: fixed fields, each section and the
+# field that keys its entries, and the section left out while empty (a file without adopted
+# conns stays as version 1 wrote it).
+HEADER: Final = {"version": 1}
+SECTIONS: Final = {"tunnels": "destination", "shunts": "destination", "adopted": "name"}
+OPTIONAL: Final = frozenset({"adopted"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,18 +38,19 @@ class Saved:
     adopted: dict[str, float]
 
 
-def dump(snap: Snapshot) -> bytes:
-    """The state file's bytes (runs on the state file's thread)."""
-    doc: dict[str, object] = {
-        "version": 1,
-        "tunnels": [spec.to_json() | {"expires_at": exp, "pinned": pinned}
-                    for spec, exp, pinned in snap.tunnels],
-        "shunts": [{"destination": str(d), "expires_at": u} for d, u in snap.shunts],
-    }
-    if snap.adopted:  # only then: a file without adopted conns stays as version 1 wrote it
-        doc["adopted"] = [{"name": n, "expires_at": u} for n, u in snap.adopted]
-    # No indent: with one, json falls back to its pure-Python encoder.
-    return json.dumps(doc, sort_keys=True).encode()
+def tunnel_entry(spec: TunnelSpec, expires_at: float, pinned: bool) -> dict[str, Any]:
+    """One entry of "tunnels" (made on the state file's thread from values copied)."""
+    return spec.to_json() | {"expires_at": expires_at, "pinned": pinned}
+
+
+def shunt_entry(destination: Address, expires_at: float) -> dict[str, Any]:
+    """One entry of "shunts"."""
+    return {"destination": str(destination), "expires_at": expires_at}
+
+
+def adopted_entry(name: str, expires_at: float) -> dict[str, Any]:
+    """One entry of "adopted"."""
+    return {"name": name, "expires_at": expires_at}
 
 
 def parse(data: bytes) -> Saved:
