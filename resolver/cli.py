@@ -47,7 +47,7 @@ from resolver.resolve import Fetch, PlainHandler, QueryHandler, Resolver, Upstre
 from resolver.server import Server
 from resolver.service import ServiceRuntime
 from resolver.startup import StartupGate, build_anchors, check_sections
-from resolver.tunnels.backend import make_backend
+from resolver.tunnels.backend import make_daemon_backend
 from resolver.watch import TunnelWatch
 
 __all__ = ["build_anchors", "check_sections", "main", "serve"]  # the first two: moved, kept
@@ -216,7 +216,8 @@ async def build(cfg: Config, checked: startup.Checked) -> Daemon:
         own = (*await asyncio.to_thread(host_addresses), *(ident.addresses if ident else ()))
         policy = the_policy = Policy(checked.policy, own_addresses=own)
         provisioner = Provisioner(
-            MeteredBackend(make_backend(pcfg, ident, source=checked.source), metrics), pcfg,
+            MeteredBackend(make_daemon_backend(pcfg, ident, source=checked.source), metrics),
+            pcfg,
             must_drop=lambda s: the_policy.group_for(s.key.owner, (s.destination,))
             is Group.PRIVATE)
         provisioner.on_lost.append(wire_cache.clear)  # answers given for a lost tunnel
@@ -287,6 +288,9 @@ async def shut_down(daemon: Daemon) -> None:
     await daemon.server.stop()
     if daemon.provisioner is not None:
         await daemon.provisioner.close()
+        aclose = getattr(daemon.provisioner.backend, "aclose", None)
+        if aclose is not None:  # the tunnel worker (resolver/tunnels/process.py)
+            await aclose()
 
 
 def check_config(cfg: Config) -> int:

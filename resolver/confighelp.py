@@ -62,6 +62,7 @@ NOTES: Final[dict[tuple[str, str], str]] = {
     ("provision", "shunts"): "or \"none\"",
     ("provision", "state_file"): "unset: no record kept over a restart",
     ("provision", "watch_interval"): "s between checks of charon's SAs (besides its events)",
+    ("provision", "worker_process"): "false: VICI and XFRM in threads of the daemon",
     ("policy", "default"): "group of what no rule matches",
     ("control", "state_file"): "the endpoints autosp pinned",
     ("metrics", "listen"): "unset: no listener (autosp stats still works)",

@@ -324,3 +324,9 @@ class MeteredBackend:
         if isinstance(self.backend, WatchableBackend):
             return await self.backend.live()
         return frozenset()
+
+    async def aclose(self) -> None:
+        """Stop the wrapped backend's worker, if it has one (resolver/tunnels/process.py)."""
+        aclose = getattr(self.backend, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -2,7 +2,7 @@
 
 Backends are edges: they import the intents (`resolver.tunnels.intents`), never the
 Provisioner, and the Provisioner imports only this interface. `make_backend` is the one place
-that knows which implementations exist.
+that knows which implementations exist (`make_daemon_backend` puts them in the tunnel worker).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from resolver.tunnels.config import Identity, ProvisionConfig
 from resolver.tunnels.dryrun import DryRunBackend
 from resolver.tunnels.events import BackendEvent, HeldSa
 from resolver.tunnels.intents import InstallTunnel, Intent, ItemKind, PolicyKey, RemoveTunnel
+from resolver.tunnels.process import ProcessBackend
 from resolver.tunnels.vici import ViciBackend
 from resolver.tunnels.xfrm import XfrmBackend
 
@@ -92,3 +93,21 @@ def make_backend(config: ProvisionConfig, identity: Identity | None, *,
             raise ConfigError(f"{source}: [identity] key 'private_key': {exc}") from None
     shunts = XfrmBackend(netns) if config.shunts == "xfrm" else None
     return CompositeBackend(tunnels, shunts)
+
+
+def make_daemon_backend(config: ProvisionConfig, identity: Identity | None, *,
+                        source: str = "config") -> ProvisioningBackend:
+    """The daemon's backend: `make_backend`'s, run in the tunnel worker process
+    (resolver/tunnels/process.py), or in the daemon's own threads with `worker_process =
+    false`. The checks `make_backend` makes (the key file) run here, in the daemon, so a bad
+    key still stops the start with one line.
+
+    Raises:
+        ConfigError: as `make_backend`.
+    """
+    backend = make_backend(config, identity, source=source)
+    if not config.worker_process:
+        return backend
+    if isinstance(backend.tunnels, ViciBackend):
+        backend.tunnels.close()  # built to check the key; the worker builds its own
+    return ProcessBackend(config, identity, log_level=logging.getLogger().getEffectiveLevel())

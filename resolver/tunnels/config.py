@@ -37,6 +37,8 @@ class ProvisionConfig(Section):
     state_file = "/var/lib/ipseckey-resolver/state.json"
     watch_interval = 30                # seconds between checks of charon's SAs besides its
                                        # events (0: only events and reconnects)
+    worker_process = true              # VICI and XFRM in a child process (false: in threads
+                                       # of the daemon, which then share its GIL)
     ```
     """
 
@@ -52,6 +54,7 @@ class ProvisionConfig(Section):
     max_setups: int = 32
     state_file: Path | None = None
     watch_interval: float = 30.0
+    worker_process: bool = True
 
     @classmethod
     def from_table(cls, t: Table) -> ProvisionConfig:
@@ -70,6 +73,7 @@ class ProvisionConfig(Section):
             state_file=_optional_path(t.get("state_file", str, d.state_file, non_empty)),
             watch_interval=t.get("watch_interval", float, d.watch_interval,
                                  between(0, 3600, "seconds")),
+            worker_process=t.get("worker_process", bool, d.worker_process),
         )
         t.done()
         return cfg

@@ -1,0 +1,239 @@
+"""The daemon's side of the tunnel worker: a ProvisioningBackend whose work runs in a child.
+
+Theory of operation. `ProcessBackend` starts `python -m resolver.tunnels.worker` (the VICI and
+XFRM backends, resolver/tunnels/worker.py) on a socketpair the first time it is needed, sends
+it each call as a frame (resolver/tunnels/pipe.py) and completes the caller's future when the
+result comes back; charon's events come back the same way and go to the watch's sink. The
+event loop never runs VICI parsing, netlink or their threads: per intent it pickles one frame
+and unpickles one (measured in bench/bench_scale.py, beside the same work in threads).
+
+Failure: the worker exiting (a bug, an OOM kill) fails every call in flight with
+IkeDaemonUnreachable and is reported to the watch as `DaemonDisconnected` (every tunnel then
+counts as lost: we can no longer see charon, so we fail closed, as for charon itself); a new
+worker is started at once (backoff 0.5 s doubling to 10 s) and its event session reports
+`DaemonConnected`, after which the watch audits and repairs as after a charon restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any, Final
+
+from resolver.errors import IkeDaemonUnreachable, ProvisioningError
+from resolver.tunnels.config import Identity, ProvisionConfig
+from resolver.tunnels.events import BackendEvent, DaemonDisconnected, HeldSa
+from resolver.tunnels.intents import Intent, PolicyKey
+from resolver.tunnels.pipe import receive, send
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT: Final = 20.0  # seconds for the worker to import and build its backends
+REVIVE_FIRST: Final = 0.5
+REVIVE_LAST: Final = 10.0
+
+
+class ProcessBackend:
+    """ProvisioningBackend (and WatchableBackend for VICI) backed by the tunnel worker.
+
+    Args:
+        config: [provision]; the worker builds `make_backend(config, identity)`.
+        identity: [identity] (None for the dry run).
+        log_level: the worker's logging level (the daemon's).
+    """
+
+    def __init__(self, config: ProvisionConfig, identity: Identity | None, *,
+                 log_level: int = logging.WARNING) -> None:
+        self.config = config
+        self.identity = identity
+        self.log_level = log_level
+        self.pid: int | None = None  # the worker's, while it runs (tests, the benchmark)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._next_id = 0
+        self._sink: Callable[[BackendEvent], None] | None = None
+        self._closing = False
+        self._revive_delay = REVIVE_FIRST
+
+    # -- ProvisioningBackend / WatchableBackend --------------------------------------------
+
+    async def apply(self, intent: Intent) -> None:
+        """Raises ProvisioningError subclasses only."""
+        await self._call("apply", intent)
+
+    async def installed(self) -> frozenset[PolicyKey]:
+        result: frozenset[PolicyKey] = await self._call("installed")
+        return result
+
+    async def live(self) -> frozenset[HeldSa]:
+        result: frozenset[HeldSa] = await self._call("live")
+        return result
+
+    def watch(self, sink: Callable[[BackendEvent], None]) -> bool:
+        """Report the worker's (charon's) events to `sink`; starts the worker. False for the
+        dry run, which has nothing to watch (as CompositeBackend says)."""
+        if self.config.backend != "vici":
+            return False
+        self._sink = sink
+        if self._writer is not None:
+            send(self._writer, ("watch",))
+        else:
+            self._start_soon()
+        return True
+
+    async def aclose(self) -> None:
+        """Stop the worker (tunnels stay up: they are charon's and the kernel's)."""
+        self._closing = True
+        for task in (self._starting, self._reader_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        await self._reap(wait=5.0)
+
+    # -- calls -----------------------------------------------------------------------------
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        if self._writer is None:
+            await self._start()
+        writer = self._writer
+        if writer is None:  # lost again while starting
+            raise IkeDaemonUnreachable("tunnel worker not running")
+        self._next_id += 1
+        ident = self._next_id
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[ident] = fut
+        try:
+            send(writer, ("call", ident, method, args))
+            return await fut
+        finally:
+            self._calls.pop(ident, None)
+
+    async def _start(self) -> None:
+        if self._closing:
+            raise IkeDaemonUnreachable("tunnel worker stopped")
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.create_task(self._spawn())
+        await asyncio.shield(self._starting)
+
+    def _start_soon(self) -> None:
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.get_running_loop().create_task(self._spawn())
+            self._starting.add_done_callback(_retrieve)
+
+    async def _spawn(self) -> None:
+        """Start the worker and wait for it to say its backends are built.
+
+        Raises:
+            IkeDaemonUnreachable: it did not start (the reason is in the message).
+        """
+        if self._writer is not None:
+            return
+        await self._reap(wait=0.0)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "resolver.tunnels.worker", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            ours.close()
+            raise IkeDaemonUnreachable(f"tunnel worker: cannot start: {exc}") from None
+        finally:
+            theirs.close()
+        self.pid = self._proc.pid
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        send(writer, ("init", self.config, self.identity, self.log_level))
+        try:
+            reply = await asyncio.wait_for(receive(reader), START_TIMEOUT)
+        except (TimeoutError, ValueError, OSError) as exc:
+            reply = ("failed", f"no answer ({exc!r})")
+        if reply is None or reply[0] != "ready":
+            writer.close()
+            why = "exited" if reply is None else reply[1]
+            raise IkeDaemonUnreachable(f"tunnel worker did not start: {why}")
+        self._writer = writer
+        self._revive_delay = REVIVE_FIRST
+        self._reader_task = asyncio.create_task(self._read(reader, writer))
+        if self._sink is not None:
+            send(writer, ("watch",))
+        log.debug("tunnel worker %d started", self.pid)
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        why = "its pipe closed"
+        try:
+            while (message := await receive(reader)) is not None:
+                kind = message[0]
+                if kind == "event" and self._sink is not None:
+                    self._sink(message[1])
+                elif kind in ("result", "error"):
+                    fut = self._calls.get(message[1])
+                    if fut is None or fut.done():
+                        continue  # its caller gave up (a timeout): the result is moot
+                    if kind == "result":
+                        fut.set_result(message[2])
+                    else:
+                        error = message[2]
+                        fut.set_exception(error if isinstance(error, ProvisioningError)
+                                          else ProvisioningError(str(error)))
+        except (ValueError, OSError) as exc:
+            why = str(exc)
+        self._lost(writer, why)
+
+    def _lost(self, writer: asyncio.StreamWriter, why: str) -> None:
+        """The worker is gone: fail what waits on it, tell the watch, start another."""
+        if self._writer is writer:
+            self._writer = None
+        writer.close()
+        if self._closing:
+            return
+        error = IkeDaemonUnreachable(f"tunnel worker exited ({why})")
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(error)
+        log.error("tunnel worker (pid %s) exited: %s; starting another", self.pid, why)
+        if self._sink is not None:
+            self._sink(DaemonDisconnected(f"tunnel worker exited ({why})"))
+            asyncio.get_running_loop().create_task(self._revive()).add_done_callback(_retrieve)
+
+    async def _revive(self) -> None:
+        """Start a new worker for the watch (calls would start one anyway), with backoff."""
+        while not self._closing and self._writer is None:
+            await asyncio.sleep(self._revive_delay)
+            self._revive_delay = min(self._revive_delay * 2, REVIVE_LAST)
+            try:
+                await self._start()
+            except IkeDaemonUnreachable as exc:
+                log.error("%s", exc)
+
+    async def _reap(self, wait: float) -> None:
+        """Collect the old worker's exit status (SIGKILL it if it does not go in `wait` s)."""
+        proc = self._proc
+        if proc is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while proc.poll() is None and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, 9)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(1.0)
+        self._proc = None
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("tunnel worker: %s", task.exception())
