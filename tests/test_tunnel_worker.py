@@ -77,7 +77,7 @@ async def test_errors_cross_as_provisioning_errors(tmp_path: Path) -> None:
     cfg = ProvisionConfig(vici_socket=f"unix://{tmp_path}/no-charon.vici", shunts="none")
     b = ProcessBackend(cfg, identity(tmp_path))
     try:
-        with pytest.raises(IkeDaemonUnreachable, match="no-charon.vici"):
+        with pytest.raises(IkeDaemonUnreachable, match=r"no-charon\.vici"):
             await b.apply(InstallTunnel(SPEC, 1.0))
         with pytest.raises(IkeDaemonUnreachable):
             await b.installed()
@@ -95,14 +95,14 @@ async def test_a_dead_worker_is_a_lost_daemon_and_is_replaced(tmp_path: Path) ->
     try:
         assert b.watch(events.append)
         for _ in range(200):
-            if b.pid is not None and b._writer is not None:  # noqa: SLF001
+            if b.pid is not None and b._writer is not None:
                 break
             await asyncio.sleep(0.05)
         first = b.pid
         assert first is not None
         os.kill(first, signal.SIGKILL)
         for _ in range(400):
-            if b.pid != first and b._writer is not None:  # noqa: SLF001
+            if b.pid != first and b._writer is not None:
                 break
             await asyncio.sleep(0.05)
         assert [type(e) for e in events] == [DaemonDisconnected]
