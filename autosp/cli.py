@@ -109,6 +109,11 @@ def _endpoint_commands(sub: Any) -> None:
     rf = _sub(sub, "refresh", "re-resolve endpoints now",
               "Re-resolve one endpoint (or all) now instead of waiting for the TTL. " + needs)
     rf.add_argument("name", nargs="?")
+    _sub(sub, "upstream", "where the resolver's answers come from, and why",
+         "The resolver's upstream: its mode (auto, forward, iterate), the path in use "
+         "(forwarding to which servers, or iterating from the root), the reason (e.g. which "
+         "forwarder failed the DNSSEC probe, and how), since when, and the last probe's "
+         "results. " + needs)
 
 
 def _keygen_command(sub: Any) -> None:
@@ -236,6 +241,8 @@ def _endpoint(args: argparse.Namespace) -> int:
         print(control.format_table(list((result or {}).get("endpoints", [])), time.time()))
     elif cmd == "status":
         print(control.format_status(result or {}))
+    elif cmd == "upstream":
+        print(control.format_upstream(result or {}))
     else:
         print(f"refreshed {name or 'all endpoints'}")
     return EXIT_OK

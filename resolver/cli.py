@@ -1,9 +1,11 @@
 """`ipseckey-resolver`: command line, wiring of the parts, signal handling.
 
 Theory of operation: parse arguments, load the configuration (errors exit 2 with the message
-naming the key), build the trust anchors, the forwarder, the validator, the resolution core
-and the server, then run until SIGTERM or SIGINT, which close the listeners and cancel queries
-in progress before the process exits 0.
+naming the key), build the trust anchors, the upstream (forwarders or iteration, chosen by
+resolver/upstream_select.py and kept current by resolver/network.py), the validator, the
+resolution core and the server, then run until SIGTERM or SIGINT, which close the listeners
+and cancel queries in progress before the process exits 0. SIGHUP reloads the configuration
+(resolver/reload.py): what can change is swapped in place, a bad file changes nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
@@ -25,17 +27,24 @@ from resolver.capture import CaptureHandler
 from resolver.config import Config
 from resolver.confighelp import config_help
 from resolver.endpoints.config import ControlConfig
-from resolver.endpoints.control import ControlService, start_control
+from resolver.endpoints.control import (
+    ControlServer,
+    ControlService,
+    start_control,
+    start_status_socket,
+)
 from resolver.errors import ConfigError
 from resolver.hostaddr import read_interface_addresses
-from resolver.iterate import Iterator
+from resolver.network import start_network
 from resolver.policy import Group, Policy, PolicyConfig
 from resolver.provision import Provisioner
-from resolver.resolve import Fetch, PlainHandler, QueryHandler, Resolution, Upstream, Validating
+from resolver.reload import Reloader, Running
+from resolver.resolve import Fetch, PlainHandler, QueryHandler, Resolution, Validating
 from resolver.server import Server
 from resolver.tunnels.backend import make_backend
 from resolver.tunnels.config import Identity, ProvisionConfig
-from resolver.upstream import Forwarder
+from resolver.upstream_probe import MakeValidator
+from resolver.upstream_select import UpstreamSelector
 from resolver.validator.anchors import TrustAnchors
 from resolver.watch import TunnelWatch
 
@@ -66,16 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="listen on this address instead of [server] listen; repeat for more "
                         "(IPv6 with a port as [ADDR]:PORT)")
     p.add_argument("--upstream", action="append", default=[], metavar="ADDR[:PORT]",
-                   help="forward to this resolver instead of [upstream] servers; repeatable")
+                   help="forward to this resolver instead of [upstream] servers; repeatable "
+                        "(tls://ADDR[:PORT]#NAME: DNS over TLS)")
     return p
 
 
 def _override(args: argparse.Namespace, flag: str, values: list[str]
               ) -> tuple[configuration.HostPort, ...]:
+    parse = (configuration.parse_upstream_server if flag == "--upstream"
+             else configuration.parse_hostport)
     out = []
     for v in values:
         try:
-            out.append(configuration.parse_hostport(v))
+            out.append(parse(v))
         except ValueError as e:
             raise ConfigError(f"{flag}: {e}") from None
     return tuple(out)
@@ -131,15 +143,14 @@ def check_sections(cfg: Config) -> None:
                           "provisioning backend no destination can be made private")
 
 
-def build_upstream(cfg: Config) -> Upstream:
-    """The forwarder, or the iterator for `[upstream] mode = "iterate"`."""
-    up = cfg.upstream
-    if up.mode == "iterate":
-        return Iterator(up.root_hints, limits=cfg.limits, timeout=up.timeout,
-                        attempts=up.attempts, tcp_timeout=up.tcp_timeout,
-                        payload=cfg.server.edns_payload)
-    return Forwarder(up.servers, timeout=up.timeout, attempts=up.attempts,
-                     tcp_timeout=up.tcp_timeout, payload=cfg.server.edns_payload)
+def build_upstream(cfg: Config, make_validator: MakeValidator) -> UpstreamSelector:
+    """The upstream of `[upstream] mode` (auto, forward, iterate; resolver/upstream_select.py).
+
+    Raises:
+        ConfigError: `tls_ca_file` is unusable.
+    """
+    return UpstreamSelector(cfg.upstream, make_validator, limits=cfg.limits,
+                            payload=cfg.server.edns_payload)
 
 
 def host_addresses() -> tuple[IPv4Address | IPv6Address, ...]:
@@ -165,8 +176,9 @@ async def _expire_loop(provisioner: Provisioner) -> None:
         await asyncio.sleep(delay)
 
 
-async def serve(cfg: Config) -> int:
-    """Run the resolver until SIGTERM/SIGINT. Returns the exit status.
+async def serve(cfg: Config, load: Callable[[], Config] | None = None) -> int:
+    """Run the resolver until SIGTERM/SIGINT (SIGHUP: reload, resolver/reload.py). Returns the
+    exit status. `load` reads the configuration again for a reload (default: cfg's file).
 
     Start-up order matters: the provisioner reconciles its state file with the IKE daemon
     (restoring tunnels that should exist, removing our strays) before the control socket
@@ -180,11 +192,14 @@ async def serve(cfg: Config) -> int:
     def make_validator(fetch: Fetch) -> Validating:
         return Validator(anchors, fetch, cfg.limits)
 
-    forwarder = build_upstream(cfg)
-    resolution = Resolution(forwarder, make_validator, cache=cfg.cache,
+    selector = build_upstream(cfg, make_validator)
+    resolution = Resolution(selector, make_validator, cache=cfg.cache,
                             max_upstream_queries=cfg.limits.max_fetches)
     plain = PlainHandler(resolution, max_ttl=cfg.cache.max_ttl,
                          payload=cfg.server.edns_payload)
+    network = start_network(cfg, selector, resolution)  # probes (auto) start now
+    policy: Policy | None = None
+    status_socket: ControlServer | None = None
 
     handler: QueryHandler = plain
     provisioner: Provisioner | None = None
@@ -212,10 +227,17 @@ async def serve(cfg: Config) -> int:
                                  payload=cfg.server.edns_payload)
         tasks.append(asyncio.create_task(_expire_loop(provisioner)))
         control = await start_control(cfg, resolution, provisioner, clock=time.time,
-                                      policy=policy)
+                                      policy=policy, extra_ops=network.ops)
         log.info("capture on: policy default %s, backend %s, shunts %s",
                  policy.config.default.value, pcfg.backend, pcfg.shunts)
 
+    else:
+        status_socket = await start_status_socket(cfg, network.ops)
+    reloader = Reloader(cfg, load or (lambda: configuration.load(cfg.path)),
+                        Running(resolution, selector, wire_cache, network.watch, policy, plain),
+                        build_anchors=build_anchors, check=check_sections,
+                        new_validator=lambda a, lim, fetch: Validator(a, fetch, lim),
+                        make_watch=network.make_watch)
     server = Server(handler, cfg.server, cache=wire_cache)
     await server.start(cfg.server.listen)
     # Cyclic GC pauses are part of the tail of cached-answer latency: move everything built at
@@ -228,9 +250,9 @@ async def serve(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("ipseckey-resolver ready; upstream %s",
-             "iterative from the root" if cfg.upstream.mode == "iterate"
-             else ", ".join(map(str, cfg.upstream.servers)))
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
+    log.info("ipseckey-resolver ready; upstream mode %s, forwarders %s", cfg.upstream.mode,
+             ", ".join(map(str, cfg.upstream.servers)) or "none")
     try:
         await stop.wait()
     finally:
@@ -239,6 +261,9 @@ async def serve(cfg: Config) -> int:
             task.cancel()
         if control is not None:
             await control.close()
+        if status_socket is not None:
+            await status_socket.close()
+        await network.close()
         if watch is not None:
             await watch.close()
         await server.stop()
@@ -269,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return asyncio.run(serve(cfg))
+        return asyncio.run(serve(cfg, lambda: load_config(args)))
     except ConfigError as e:
         print(f"ipseckey-resolver: {e}", file=sys.stderr)
         return 2

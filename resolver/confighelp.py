@@ -46,8 +46,12 @@ EXAMPLES: Final[dict[str, dict[str, Any]]] = {
 
 # What the value alone does not say.
 NOTES: Final[dict[tuple[str, str], str]] = {
-    ("upstream", "servers"): "unset: /etc/resolv.conf's, except us",
-    ("upstream", "mode"): "or \"iterate\": from the root, no servers",
+    ("upstream", "servers"): "unset: resolv_conf's, except us; tls://ADDR#NAME: DoT",
+    ("upstream", "mode"): "forwarders passing a DNSSEC probe, else iterate; or forward, iterate",
+    ("upstream", "resolv_conf"): "followed when servers is unset",
+    ("upstream", "probe_ds"): "auto: the probe's DS (besides . DNSKEY)",
+    ("upstream", "tls_ca_file"): "tls:// servers; \"\": the system's CAs",
+    ("upstream", "probe_interval"): "auto: s between probes of failed forwarders",
     ("upstream", "root_hints"): "iterate; unset: the 13 IANA root servers",
     ("dnssec", "trust_anchor_files"): "DS/DNSKEY lines or BIND trust-anchors blocks",
     ("dnssec", "negative_trust_anchors"): "names not validated (RFC 7646)",

@@ -319,11 +319,21 @@ def key_evidence(
 
 
 class Policy:
-    """Groups plus the decision table. Immutable after construction."""
+    """Groups plus the decision table.
+
+    The groups change only as a whole, by `reconfigure` (SIGHUP, resolver/reload.py): the
+    capture handler, the provisioner and the endpoint manager hold this one object, so all of
+    them see the new groups at once, and since every method here is synchronous a decision
+    never mixes the old and the new configuration.
+    """
 
     def __init__(self, config: PolicyConfig, own_addresses: Iterable[Address] = ()) -> None:
-        self.config = config
         self.own_addresses = frozenset(own_addresses)
+        self.reconfigure(config)
+
+    def reconfigure(self, config: PolicyConfig) -> None:
+        """Replace the groups and settings (the own addresses stay)."""
+        self.config = config
         # Longest prefix first, so the first match is the longest.
         self._networks = sorted(config.networks, key=lambda ng: -ng[0].prefixlen)
         self._suffixes = sorted(config.suffixes, key=lambda sg: -len(sg[0]))

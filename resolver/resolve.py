@@ -67,6 +67,8 @@ class Validating(Protocol):
     async def validate(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType,
                        response: dns.message.Message, now: float) -> ValidatedAnswer: ...
 
+    def forget_failures(self) -> int: ...
+
 
 class Upstream(Protocol):
     """Where responses come from: upstream.Forwarder or iterate.Iterator (same contract)."""
@@ -131,6 +133,23 @@ class Resolution:
         self.raw: LruCache[AnswerKey, dns.message.Message] = LruCache(cache.max_entries)
         self._inflight: dict[AnswerKey, asyncio.Task[ValidatedAnswer]] = {}
         self.validations = 0  # how many times the validator ran (tests, stats)
+        # Called with every verdict (upstream_select.py: a bogus answer while forwarding makes
+        # the forwarder a suspect, to be probed again).
+        self.on_verdict: list[Callable[[Verdict], None]] = []
+
+    def flush_failures(self) -> int:
+        """Forget what a bad upstream may have caused; call it when the upstream changes.
+
+        Bogus and failed (indeterminate) answers go, so do the validator's bogus DS/DNSKEY
+        steps, and every raw response (a stripping forwarder's are raw responses too; the
+        rest are cheap to fetch again). Secure and insecure answers stay: they were proven,
+        whoever carried them. Returns how many answers were dropped.
+        """
+        dropped = self.answers.discard_if(
+            lambda entry: entry[1].verdict.security in (Security.BOGUS, Security.INDETERMINATE))
+        self.raw.clear()
+        self.validator.forget_failures()
+        return dropped
 
     async def resolve(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float,
                       *, fresh: bool = False) -> ValidatedAnswer:
@@ -184,6 +203,8 @@ class Resolution:
         self.validations += 1
         ans = await self.validator.validate(qname, qtype, response, now)
         verdict = ans.verdict
+        for hook in self.on_verdict:
+            hook(verdict)
         trace.debug("%s: %s %s", name, verdict.security.value, verdict.reason)
         if verdict.security is Security.BOGUS:
             # The validator logs the one "validation failed" line (name, type, reason); the

@@ -20,6 +20,7 @@ import asyncio
 import contextvars
 import logging
 import secrets
+import ssl
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ import dns.rdatatype
 
 from resolver.config import HostPort
 from resolver.errors import UpstreamError
+from resolver.upstream_tls import client_context
+from resolver.upstream_tls import exchange as tls_exchange
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +132,13 @@ class Forwarder:
     """Sends questions to upstream resolvers, with failover, TCP fallback and coalescing."""
 
     def __init__(self, servers: Sequence[HostPort], *, timeout: float = 1.5, attempts: int = 2,
-                 tcp_timeout: float = 3.0, payload: int = EDNS_PAYLOAD) -> None:
+                 tcp_timeout: float = 3.0, payload: int = EDNS_PAYLOAD,
+                 tls: ssl.SSLContext | None = None) -> None:
         if not servers:
             raise ValueError("at least one upstream server is needed")
         self.servers = tuple(servers)
+        # For tls:// servers (upstream_tls.py); made with the system's CAs when first needed.
+        self.tls = tls
         self.timeout = timeout
         self.attempts = attempts
         self.tcp_timeout = tcp_timeout
@@ -179,8 +185,11 @@ class Forwarder:
             for server in self.servers:
                 q = self._make_query(qname, qtype, cd)
                 try:
-                    reply = await self._udp(server, q, qname, qtype)
-                    if reply.flags & dns.flags.TC:
+                    if server.tls_name:
+                        reply = await self._tls(server, q)
+                    else:
+                        reply = await self._udp(server, q, qname, qtype)
+                    if reply.flags & dns.flags.TC and not server.tls_name:
                         q = self._make_query(qname, qtype, cd)
                         reply = await self._tcp(server, q, qname, qtype)
                 except UpstreamError as e:
@@ -212,6 +221,13 @@ class Forwarder:
             raise UpstreamError(f"{server}: timeout after {self.timeout} s") from None
         finally:
             transport.close()
+
+    async def _tls(self, server: HostPort, q: dns.message.Message) -> dns.message.Message:
+        self.stats.sent_tcp += 1
+        self.stats.per_server[str(server)] = self.stats.per_server.get(str(server), 0) + 1
+        if self.tls is None:
+            self.tls = client_context()
+        return await tls_exchange(server, q, self.tls, self.tcp_timeout)
 
     async def _tcp(self, server: HostPort, q: dns.message.Message, qname: dns.name.Name,
                    qtype: dns.rdatatype.RdataType) -> dns.message.Message:

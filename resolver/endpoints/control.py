@@ -84,8 +84,17 @@ class EndpointOps(Protocol):
     async def refresh(self, name: dns.name.Name | None, now: float) -> Any: ...
 
 
-async def dispatch(ops: EndpointOps, req: Request, now: float) -> Any:
+# Requests about the daemon rather than endpoints (`upstream`): op -> f(now) -> result.
+ExtraOps = Mapping[str, Callable[[float], Any]]
+
+
+async def dispatch(ops: EndpointOps, req: Request, now: float, extra: ExtraOps | None = None
+                   ) -> Any:
     """Carry out a checked request. Raises EndpointError for expected failures."""
+    if extra and req.op in extra:
+        return extra[req.op](now)
+    if req.op == "upstream":
+        raise EndpointError("bad-request", "this daemon does not report its upstream")
     if req.op == "list":
         return ops.list(now)
     if req.op == "refresh":
@@ -120,13 +129,15 @@ class ControlServer:
         allowed_uids: peers allowed besides root; default: the daemon's own effective uid.
         read_timeout: seconds for a request line to arrive.
         op_timeout: seconds an operation may take (autosp waits 30 s; answer before that).
+        extra_ops: requests about the daemon itself (`upstream`).
     """
 
     def __init__(self, path: Path, ops: EndpointOps, *, clock: Callable[[], float] = time.time,
                  allowed_uids: frozenset[int] | None = None, read_timeout: float = 5.0,
-                 op_timeout: float = 25.0) -> None:
+                 op_timeout: float = 25.0, extra_ops: ExtraOps | None = None) -> None:
         self.path = path
         self.ops = ops
+        self.extra_ops = dict(extra_ops or {})
         self.clock = clock
         self.allowed_uids = frozenset({0, os.geteuid()}) | (allowed_uids or frozenset())
         self.read_timeout = read_timeout
@@ -205,7 +216,7 @@ class ControlServer:
             log.info("control: %s %s", req.op, req.name or "")
             # Shielded: an operation that outlives the client's patience (or the client) is
             # finished, not cancelled half-way (a tunnel up but the endpoint not recorded).
-            op = asyncio.ensure_future(dispatch(self.ops, req, self.clock()))
+            op = asyncio.ensure_future(dispatch(self.ops, req, self.clock(), self.extra_ops))
             op.add_done_callback(_log_late_failure)
             result = await asyncio.wait_for(asyncio.shield(op), self.op_timeout)
             return reply_ok(result)
@@ -322,7 +333,8 @@ class ControlService:
 
 async def start_control(config: ConfigLike, resolution: Resolver, provisioner: Tunnels, *,
                         clock: Callable[[], float] = time.time,
-                        policy: Policy | None = None) -> ControlService | None:
+                        policy: Policy | None = None, extra_ops: ExtraOps | None = None
+                        ) -> ControlService | None:
     """Parse [control], restore the pinned endpoints, listen on the control socket.
 
     Call it after the Provisioner's `reconcile(now)` (so restored endpoints find their
@@ -335,6 +347,7 @@ async def start_control(config: ConfigLike, resolution: Resolver, provisioner: T
         provisioner: the Provisioner (`pin`, `ensure`, `release`, `tunnels`).
         clock: POSIX time (the daemon's clock).
         policy: the Policy, for the group of endpoints added without --group.
+        extra_ops: requests about the daemon itself (`upstream`).
 
     Returns:
         The running service (close it at shutdown), or None if [control] enabled = false.
@@ -349,7 +362,52 @@ async def start_control(config: ConfigLike, resolution: Resolver, provisioner: T
         return None
     manager = EndpointManager(resolution, provisioner, cfg.state_file, policy=policy)
     manager.load()
-    server = ControlServer(cfg.socket, manager, clock=clock)
+    server = ControlServer(cfg.socket, manager, clock=clock, extra_ops=extra_ops)
     await server.start()
     timer = asyncio.create_task(manager.run(clock), name="endpoint-timer")
     return ControlService(server, manager, timer)
+
+
+class NoEndpoints:
+    """The EndpointOps of a daemon without tunnels: every endpoint request is refused."""
+
+    def _refuse(self) -> EndpointError:
+        return EndpointError("bad-request", "this resolver has no [identity]/[provision]: it "
+                                            "keeps no endpoints")
+
+    async def add(self, name: dns.name.Name, group: str | None, now: float) -> Any:
+        raise self._refuse()
+
+    async def remove(self, name: dns.name.Name, now: float) -> Any:
+        raise self._refuse()
+
+    def list(self, now: float) -> Any:
+        raise self._refuse()
+
+    def status(self, name: dns.name.Name, now: float) -> Any:
+        raise self._refuse()
+
+    async def refresh(self, name: dns.name.Name | None, now: float) -> Any:
+        raise self._refuse()
+
+
+async def start_status_socket(config: ConfigLike, extra_ops: ExtraOps, *,
+                              clock: Callable[[], float] = time.time) -> ControlServer | None:
+    """The control socket of a resolver without tunnels, for `autosp upstream` only.
+
+    Only when the configuration has a [control] table (enabled): without tunnels there is
+    nothing else to control, and two plain resolvers on one machine must not fight over the
+    default socket path.
+
+    Raises:
+        ConfigError: a bad [control] table, or an unusable socket path.
+    """
+    if "control" not in config.sections:
+        return None
+    source = str(config.path) if config.path is not None else "config"
+    cfg = ControlConfig.from_section(config.sections["control"], source)
+    if not cfg.enabled:
+        return None
+    server = ControlServer(cfg.socket, NoEndpoints(), clock=clock, extra_ops=extra_ops)
+    await server.start()
+    return server

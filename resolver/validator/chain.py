@@ -90,6 +90,14 @@ class TrustChain:
 
     # -- public ----------------------------------------------------------------------------
 
+    def forget_bogus(self) -> int:
+        """Drop cached BOGUS steps (their upstream changed: they may have been its doing)."""
+        doomed = [k for k, (step, _exp) in self._cache.items()
+                  if isinstance(step, Verdict) and step.security is Security.BOGUS]
+        for k in doomed:
+            del self._cache[k]
+        return len(doomed)
+
     async def keys_for(self, signer: dns.name.Name, now: float, budget: Budget
                        ) -> ZoneKeys | Verdict:
         """The validated keys of zone ``signer``, or the verdict that replaces them."""

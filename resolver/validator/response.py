@@ -112,6 +112,10 @@ class Validator:
         self.chain = TrustChain(anchors, fetch, self.limits)
         self._cpu = asyncio.Semaphore(max(1, self.limits.max_validating))
 
+    def forget_failures(self) -> int:
+        """Forget the bogus DS/DNSKEY steps cached (when the upstream changes); how many."""
+        return self.chain.forget_bogus()
+
     async def validate(
         self,
         qname: dns.name.Name,
