@@ -174,6 +174,11 @@ class FakeValidator:
         self.verdicts = verdicts or {}
         self.fetches = fetches
         self.calls: list[tuple[str, int]] = []
+        self.forgotten = 0  # forget_failures calls
+
+    def forget_failures(self) -> int:
+        self.forgotten += 1
+        return 0
 
     async def validate(self, qname: dns.name.Name, qtype: int, response: dns.message.Message,
                        now: float) -> object:
