@@ -163,7 +163,7 @@ class Reloader:
             except Exception:  # a bug in a parser must not take the daemon down
                 log.exception("reload of %s failed, keeping the running configuration", where)
                 return False
-            found = changes(self.config, new)
+            found = changes(self._followed(self.config, new), new)
             if not found:
                 log.info("reloaded %s: no changes", where)
                 self.reloads += 1
@@ -180,6 +180,15 @@ class Reloader:
             self.config = self._running(new)
             self.reloads += 1
             return True
+
+    @staticmethod
+    def _followed(old: Config, new: Config) -> Config:
+        """`old` with the forwarders `new` read, if both follow the same resolv.conf: a
+        change there is the file watch's news (already applied), not the reload's."""
+        a, b = old.upstream, new.upstream
+        if a.from_resolv_conf and b.from_resolv_conf and a.resolv_conf == b.resolv_conf:
+            return dataclasses.replace(old, upstream=dataclasses.replace(a, servers=b.servers))
+        return old
 
     def _policy_config(self, new: Config) -> PolicyConfig | None:
         if self.parts.policy is None:

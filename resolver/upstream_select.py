@@ -283,7 +283,8 @@ class UpstreamSelector:
             results = await self.probe_all(servers)
             if servers != self.servers or mode != self.config.mode:
                 return self.choice  # changed while probing: the next round decides
-            self.results, self.last_probe = results, self.clock()
+            self.last_probe = self.clock()
+        self.results = results  # none when nothing was probed: old ones would mislead
         choice = choose(mode, servers, results, source=self.source)
         self._apply(choice)
         return choice

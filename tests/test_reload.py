@@ -200,3 +200,13 @@ def test_what_needs_a_restart_is_said_and_kept(tmp_path: Path,
         assert d.reload()
     assert ["[server] listen" in r.getMessage() for r in caplog.records
             if r.levelno == logging.WARNING] == [True]
+
+
+def test_forwarders_the_file_watch_follows_are_not_a_reload_change(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    d = Daemon(tmp_path, BASE.replace('servers = ["192.0.2.1"]\n', ""))
+    assert d.config.upstream.from_resolv_conf
+    d.rc.write_text("nameserver 192.0.2.2\n")  # DHCP; the watch has told the selector
+    with caplog.at_level(logging.INFO, logger="resolver"):
+        assert d.reload()
+    assert [r.getMessage() for r in caplog.records] == [f"reloaded {d.path}: no changes"]

@@ -213,7 +213,9 @@ class ControlServer:
             return reply_error("bad-request", problem)
         try:
             req = parse_request(line)
-            log.info("control: %s %s", req.op, req.name or "")
+            # `upstream` is a status poll: not worth a line each time.
+            log.log(logging.DEBUG if req.op == "upstream" else logging.INFO, "control: %s %s",
+                    req.op, req.name or "")
             # Shielded: an operation that outlives the client's patience (or the client) is
             # finished, not cancelled half-way (a tunnel up but the endpoint not recorded).
             op = asyncio.ensure_future(dispatch(self.ops, req, self.clock(), self.extra_ops))
