@@ -18,10 +18,10 @@ The decision is the pure `choose(mode, servers, results)`. Probes run in a task 
 (`run`), woken by: the forwarder list changing (the resolv.conf watch, SIGHUP), a timer every
 `probe_interval` seconds while forwarders exist but none passed, and suspicion while
 forwarding (an upstream error, or a bogus or indeterminate verdict, seen through
-`note_verdict`; at most one such probe per `SUSPECT_HOLDOFF` seconds, so a genuinely broken
-zone costs one probe now and then, not one per query). Questions asked before the first
-decision wait for it (bounded by the probe's own timeouts); later ones use the path in use
-while a new probe runs.
+`note_verdict`; at most one such probe per `SUSPECT_HOLDOFF` seconds on one path, so a
+genuinely broken zone costs one probe now and then, not one per query). Questions asked
+before the first decision wait for it (bounded by the probe's own timeouts); later ones use
+the path in use while a new probe runs.
 
 A switch (another path, or other forwarders) is logged once, with the reason, and calls
 `on_switch` (the daemon flushes the bogus and failure entries the old upstream may have
@@ -60,7 +60,9 @@ from resolver.validator.types import Limits
 
 log = logging.getLogger(__name__)
 
-SUSPECT_HOLDOFF: Final = 10.0  # seconds between probes started by suspicion
+# Seconds between probes started by suspicion on the same path (a switch starts afresh: the
+# first failure of a new forwarder is news, the tenth bogus answer from a broken zone is not).
+SUSPECT_HOLDOFF: Final = 5.0
 
 
 class Route(enum.Enum):
@@ -310,6 +312,7 @@ class UpstreamSelector:
         self.choice = choice
         if changed:
             self.since = self.clock()
+            self._last_suspect = float("-inf")
             level = logging.INFO if choice.path is Route.FORWARD else logging.WARNING
             log.log(level, "upstream: %s: %s", choice.describe(), choice.reason)
             for hook in self.on_switch:
