@@ -262,3 +262,22 @@ def test_bogus_answers_while_forwarding_make_it_probe_again() -> None:
             await network.close()
 
     run(main(), 10)
+
+
+def test_a_forwarder_that_dies_again_soon_after_a_switch_is_left_at_once() -> None:
+    async def main() -> None:
+        net = Net(**{"192_0_2_1": "good"})
+        sel = selector(net, (A,), probe_interval=0.1)
+        sel.start()
+        try:
+            for _round in range(2):  # the second death comes well within SUSPECT_HOLDOFF
+                await settle(sel, Route.FORWARD)
+                net.set(A, "dead")
+                with pytest.raises(UpstreamError):
+                    await sel.query(WWW, T.A)
+                await settle(sel, Route.ITERATE, timeout=1.0)
+                net.set(A, "good")
+        finally:
+            await sel.close()
+
+    run(main(), 10)
