@@ -8,6 +8,8 @@ set and repeats our question exactly (name, type, class). Anything else — a sp
 packet, garbage — is ignored and we keep waiting until the attempt's timeout. A reply with TC
 is asked again over TCP. SERVFAIL, REFUSED, NOTIMP or FORMERR from one server, or a timeout,
 move on to the next server; `attempts` rounds over the list are made before `UpstreamError`.
+A `tls://` server (HostPort.tls_name set) is asked over DNS over TLS instead (upstream_tls.py),
+never over plain UDP or TCP.
 
 Identical questions in flight share one exchange (coalescing). Every call, shared or not, is
 charged to the `QueryBudget` of the client query it runs for (a context variable set by the
