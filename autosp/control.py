@@ -21,8 +21,7 @@ from resolver.endpoints import protocol
 from resolver.endpoints.protocol import DEFAULT_SOCKET, EndpointError, Request
 from resolver.errors import ConfigError
 
-__all__ = ["DEFAULT_SOCKET", "format_status", "format_table", "format_upstream", "make_request",
-           "request", "send"]
+__all__ = ["DEFAULT_SOCKET", "format_status", "format_table", "make_request", "request", "send"]
 
 
 def make_request(op: str, name: str | None = None, group: str | None = None) -> Request:
@@ -135,22 +134,3 @@ def _when(value: Any, now: float) -> str:
     rel = f"in {delta} s" if delta >= 0 else f"{-delta} s ago"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(value)))
     return f"{stamp} ({rel})"
-
-
-def format_upstream(s: dict[str, Any], now: float | None = None) -> str:
-    """`autosp upstream` output: mode, path in use and why, since when, the probes."""
-    now = time.time() if now is None else now
-    path = str(s.get("path", "?"))
-    using = ", ".join(s.get("using") or [])
-    lines = [f"mode: {s.get('mode', '?')}",
-             f"path: {path}" + (f" to {using}" if path == "forward" and using else ""),
-             f"reason: {s.get('reason') or '-'}",
-             f"since: {_when(s.get('since'), now)}",
-             f"forwarders: {', '.join(s.get('forwarders') or []) or '(none)'} "
-             f"(from {s.get('source') or 'config'})"]
-    probes = s.get("probes") or []
-    if probes:
-        lines.append(f"last probe: {_when(s.get('last_probe'), now)}")
-        lines += [f"  {p.get('server')}: {p.get('status')}"
-                  + (f": {p['reason']}" if p.get("reason") else "") for p in probes]
-    return "\n".join(lines)

@@ -16,11 +16,12 @@ runs for its upstream, so cli.py only starts and stops one object:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from resolver.config import Config
+from resolver.logevent import log_event
 from resolver.resolvconf import ResolvConfWatch
 from resolver.resolve import Resolution
 from resolver.upstream_select import Choice, UpstreamSelector
@@ -35,7 +36,7 @@ class Network:
     selector: UpstreamSelector
     resolution: Resolution
     watch: ResolvConfWatch | None = None
-    ops: dict[str, Callable[[float], Any]] = field(default_factory=dict)
+    ops: dict[str, Callable[[float], Awaitable[Any]]] = field(default_factory=dict)
 
     def make_watch(self, cfg: Config) -> ResolvConfWatch | None:
         """A started watch of `cfg`'s resolv_conf (None if the forwarders are listed)."""
@@ -61,11 +62,15 @@ def start_network(cfg: Config, selector: UpstreamSelector, resolution: Resolutio
     def flush(old: Choice, new: Choice) -> None:
         dropped = resolution.flush_failures()
         if dropped:
-            log.info("upstream changed: %d bogus or failed answers forgotten", dropped)
+            log_event(log, logging.INFO, "upstream-flush", dropped=dropped,
+                      reason="bogus or failed answers the old upstream may have caused")
 
     selector.on_switch.append(flush)
     resolution.on_verdict.append(selector.note_verdict)
     selector.start()
     net.make_watch(cfg)
-    net.ops["upstream"] = lambda _now: selector.status()
+    async def upstream(_now: float) -> Any:
+        return selector.status()
+
+    net.ops["upstream"] = upstream
     return net

@@ -3,9 +3,10 @@
 Theory of operation: `Reloader.reload()` loads the file (with the same command-line
 overrides) and checks *everything* it would apply before touching anything: the file parses,
 the trust anchors load, [policy] and the other tables parse, a tls_ca_file works. Any error
-keeps the running configuration, and one log line says why (`reload of FILE failed, keeping
-the running configuration: FILE: [TABLE] key 'K': ...`). Then `changes(old, new)` lists what
-differs, key by key, and what can be swapped is swapped in place:
+keeps the running configuration, and one log line says why (`event=reload-failed file=FILE
+reason="FILE: [TABLE] key 'K': ...; keeping the running configuration"`). Then
+`changes(old, new)` lists what differs, key by key (`event=reload changes="[policy] block:
+(unset) -> [ads.example.]"`), and what can be swapped is swapped in place:
 
   [upstream]  the selector takes the new mode, forwarders, timeouts, hints (upstream_select);
               the resolv.conf watch follows a new `resolv_conf` path.
@@ -36,6 +37,7 @@ from typing import Any, Final
 from resolver.cache import WireCache
 from resolver.config import Config
 from resolver.errors import ConfigError
+from resolver.logevent import log_event
 from resolver.policy import Policy, PolicyConfig
 from resolver.resolvconf import ResolvConfWatch
 from resolver.resolve import Fetch, PlainHandler, Resolution, Validating
@@ -157,15 +159,16 @@ class Reloader:
                 policy = self._policy_config(new)
                 tls_context(new.upstream)
             except ConfigError as e:
-                log.error("reload of %s failed, keeping the running configuration: %s",
-                          where, e)
+                log_event(log, logging.ERROR, "reload-failed", file=where, reason=f"{e}; "
+                          "keeping the running configuration")
                 return False
             except Exception:  # a bug in a parser must not take the daemon down
-                log.exception("reload of %s failed, keeping the running configuration", where)
+                log.exception("reload of %s failed, keeping the running configuration (a bug)",
+                              where)
                 return False
             found = changes(self._followed(self.config, new), new)
             if not found:
-                log.info("reloaded %s: no changes", where)
+                log_event(log, logging.INFO, "reload", file=where, changes="none")
                 self.reloads += 1
                 return True
             await self._apply(new, anchors, policy,
@@ -173,10 +176,10 @@ class Reloader:
             applied = [str(c) for c in found if not c.needs_restart]
             later = [str(c) for c in found if c.needs_restart]
             if applied:
-                log.info("reloaded %s: %s", where, "; ".join(applied))
+                log_event(log, logging.INFO, "reload", file=where, changes="; ".join(applied))
             if later:
-                log.warning("reload of %s: not applied until a restart: %s", where,
-                            "; ".join(later))
+                log_event(log, logging.WARNING, "reload-needs-restart", file=where,
+                          changes="; ".join(later))
             self.config = self._running(new)
             self.reloads += 1
             return True

@@ -45,6 +45,7 @@ from resolver import answer as replies
 from resolver.cache import LruCache
 from resolver.config import CacheConfig
 from resolver.errors import UpstreamError
+from resolver.logevent import log_event
 from resolver.upstream import QueryBudget, current_budget
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
 
@@ -188,7 +189,8 @@ class Resolution:
         try:
             response = await self.fetch(qname, qtype)
         except UpstreamError as e:
-            log.warning("upstream failed: %s: %s", name, e)
+            log_event(log, logging.WARNING, "upstream-failed", name=qname,
+                      type=dns.rdatatype.to_text(qtype), reason=str(e))
             failed = _failed(Security.INDETERMINATE, str(e),
                              dns.edns.EDECode.NO_REACHABLE_AUTHORITY)
             # Remembered briefly (RFC 9520), like a failure inside validation, so a dead

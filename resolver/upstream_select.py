@@ -23,7 +23,9 @@ genuinely broken zone costs one probe now and then, not one per query). Question
 before the first decision wait for it (bounded by the probe's own timeouts); later ones use
 the path in use while a new probe runs.
 
-A switch (another path, or other forwarders) is logged once, with the reason, and calls
+A switch (another path, or other forwarders) is logged once, with the reason
+(`event=upstream-switch path=iterate reason="192.168.1.1:53 strips or mangles DNSSEC
+(...)"`), and calls
 `on_switch` (the daemon flushes the bogus and failure entries the old upstream may have
 caused: Resolution.flush_failures). `status()` is what the control socket's `upstream`
 request returns: mode, path, reason, since when, the forwarders and the last probe's
@@ -51,6 +53,7 @@ import dns.rdatatype
 from resolver.config import HostPort, UpstreamConfig
 from resolver.errors import ConfigError, UpstreamError
 from resolver.iterate import Iterator
+from resolver.logevent import log_event
 from resolver.resolve import Upstream
 from resolver.upstream import EDNS_PAYLOAD, Forwarder, current_budget
 from resolver.upstream_probe import MakeValidator, ProbeResult, probe
@@ -192,8 +195,8 @@ class UpstreamSelector:
         servers = tuple(servers)
         if servers == self.servers:
             return
-        log.info("forwarders%s now: %s", f" in {source}" if source else "",
-                 ", ".join(map(str, servers)) or "(none)")
+        log_event(log, logging.INFO, "forwarders-changed", source=source or None,
+                  servers=", ".join(map(str, servers)) or "none")
         self.servers = servers
         if source:
             self.source = source
@@ -314,7 +317,9 @@ class UpstreamSelector:
             self.since = self.clock()
             self._last_suspect = float("-inf")
             level = logging.INFO if choice.path is Route.FORWARD else logging.WARNING
-            log.log(level, "upstream: %s: %s", choice.describe(), choice.reason)
+            log_event(log, level, "upstream-switch", path=choice.path.value,
+                      servers=", ".join(map(str, choice.servers)) or None,
+                      reason=choice.reason)
             for hook in self.on_switch:
                 hook(old, choice)
         else:
@@ -354,10 +359,14 @@ class UpstreamSelector:
 
     # -- factories -----------------------------------------------------------------------------
 
-    def _forwarder(self, servers: Sequence[HostPort], attempts: int) -> Upstream:
+    def forwarder_options(self, attempts: int) -> dict[str, Any]:
+        """Keyword arguments for a `Forwarder` (or subclass) with the current settings."""
         c = self.config
-        return Forwarder(servers, timeout=c.timeout, attempts=attempts,
-                         tcp_timeout=c.tcp_timeout, payload=self.payload, tls=self._tls)
+        return {"timeout": c.timeout, "attempts": attempts, "tcp_timeout": c.tcp_timeout,
+                "payload": self.payload, "tls": self._tls}
+
+    def _forwarder(self, servers: Sequence[HostPort], attempts: int) -> Upstream:
+        return Forwarder(servers, **self.forwarder_options(attempts))
 
     def _iterator(self) -> Upstream:
         c = self.config

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import subprocess
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from ipaddress import ip_address
@@ -136,12 +137,13 @@ def shunted(lab: Lab) -> set[str]:
         x.close()
 
 
-def endpoint_status(lab: Lab, control: Path, name: str) -> dict[str, str]:
-    """`autosp status NAME` in alice, against the daemon behind `control`, as a dict of its
-    "key: value" lines; the command must succeed."""
-    r = lab.autosp("alice", "status", name, control=control)
+def endpoint_status(lab: Lab, control: Path, name: str) -> dict[str, Any]:
+    """`autosp --json status NAME` in alice (the form for scripts), against the daemon behind
+    `control`; the command must succeed."""
+    r = lab.autosp("alice", "--json", "status", name, control=control)
     assert r.returncode == 0, r.stdout + r.stderr
-    return dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
+    result: dict[str, Any] = json.loads(r.stdout)
+    return result
 
 
 def publish(lab: Lab, name: str, *args: str, keyfile: Path | None = None,

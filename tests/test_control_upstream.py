@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 
-from autosp import control as client
+from autosp import output
 from autosp.cli import main as autosp_main
-from autosp.control import format_upstream
 from resolver.endpoints.control import ControlServer, start_status_socket
 from resolver.endpoints.protocol import EndpointError, check_request
 from resolver.errors import ConfigError
@@ -42,11 +41,11 @@ def test_the_request_takes_no_name() -> None:
 async def test_upstream_beside_the_endpoint_requests(tmp_path: Path) -> None:
     seen: list[float] = []
 
-    def status(now: float) -> Any:
+    async def status(now: float) -> Any:
         seen.append(now)
         return STATUS
 
-    server, ops, path = await serve(tmp_path, extra_ops={"upstream": status})
+    server, ops, path = await serve(tmp_path, extra={"upstream": status})
     try:
         assert await ask(path, "upstream") == STATUS
         assert await ask(path, "list") == {"endpoints": [ENDPOINT]}  # endpoints as before
@@ -59,7 +58,7 @@ async def test_upstream_beside_the_endpoint_requests(tmp_path: Path) -> None:
 async def test_a_daemon_that_does_not_report_its_upstream_says_so(tmp_path: Path) -> None:
     server, _ops, path = await serve(tmp_path)
     try:
-        with pytest.raises(ConfigError, match="does not report its upstream"):
+        with pytest.raises(ConfigError, match="upstream is not enabled in this resolver"):
             await ask(path, "upstream")
     finally:
         await server.close()
@@ -67,7 +66,10 @@ async def test_a_daemon_that_does_not_report_its_upstream_says_so(tmp_path: Path
 
 @aio
 async def test_a_plain_resolver_listens_only_with_a_control_table(tmp_path: Path) -> None:
-    ops = {"upstream": lambda _now: STATUS}
+    async def status(_now: float) -> Any:
+        return STATUS
+
+    ops = {"upstream": status}
     assert await start_status_socket(Config({}), ops) is None  # no default path taken
     sock = tmp_path / "run" / "control.sock"
     server = await start_status_socket(Config({"control": {"socket": str(sock)}}), ops)
@@ -83,16 +85,19 @@ async def test_a_plain_resolver_listens_only_with_a_control_table(tmp_path: Path
 
 
 def test_autosp_upstream_output() -> None:
-    text = format_upstream(STATUS, now=WHEN)
+    text = output.upstream(STATUS, now=WHEN)
     assert text.splitlines() == [
-        "mode: auto",
-        "path: iterate",
-        "reason: 198.51.100.13:53 strips or mangles DNSSEC (. DNSKEY: bogus: no RRSIG)",
-        f"since: {client._when(WHEN - 12, WHEN)}",
-        "forwarders: 198.51.100.13:53 (from /etc/resolv.conf)",
-        f"last probe: {client._when(WHEN - 2, WHEN)}",
+        "mode:        auto",
+        "path:        iterate",
+        "reason:      198.51.100.13:53 strips or mangles DNSSEC (. DNSKEY: bogus: no RRSIG)",
+        f"since:       {output.when(WHEN - 12, WHEN)}",
+        "forwarders:  198.51.100.13:53 (from /etc/resolv.conf)",
+        f"last probe:  {output.when(WHEN - 2, WHEN)}",
         "  198.51.100.13:53: strips: . DNSKEY: bogus: no RRSIG",
     ]
-    forwarding = {**STATUS, "path": "forward", "using": ["198.51.100.53:53"], "probes": []}
-    assert format_upstream(forwarding, now=WHEN).splitlines()[1] == \
-        "path: forward to 198.51.100.53:53"
+    assert output.when(WHEN - 12, WHEN).endswith("(12 s ago)")
+    forwarding = {**STATUS, "path": "forward", "using": ["198.51.100.53:53"], "probes": [],
+                  "forwarders": []}
+    lines = output.upstream(forwarding, now=WHEN).splitlines()
+    assert lines[1] == "path:        forward to 198.51.100.53:53"
+    assert lines[-1] == "forwarders:  - (from /etc/resolv.conf)"

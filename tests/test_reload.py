@@ -123,7 +123,7 @@ def test_a_changed_policy_applies_and_keeps_the_verdicts(tmp_path: Path,
     assert d.policy.group_for(HOST, (ADDR,)) is Group.PRIVATE  # the same object, new groups
     assert len(d.wire) == 0  # final replies depended on the old policy
     assert len(d.resolution.answers) == 1  # verdicts did not
-    assert any("reloaded" in r.getMessage() and "[policy] private: (unset) -> "
+    assert any(r.getMessage().startswith("event=reload ") and "[policy] private: (unset) -> "
                "[corp.example.]" in r.getMessage() for r in caplog.records)
 
 
@@ -143,8 +143,8 @@ def test_a_broken_file_keeps_the_running_configuration(tmp_path: Path, text: str
     with caplog.at_level(logging.INFO, logger="resolver"):
         assert not d.reload()
     (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert line.startswith(f"reload of {d.path} failed, keeping the running configuration:")
-    assert why in line
+    assert line.startswith(f"event=reload-failed file={d.path} reason=")
+    assert why in line and line.endswith('; keeping the running configuration"')
     assert d.policy.group_for(HOST, (ADDR,)) is Group.PRIVATE
     assert d.selector.config.servers == (HostPort("192.0.2.1"),)
     assert d.resolution.validator is validator and len(d.wire) == 1
@@ -191,7 +191,8 @@ def test_what_needs_a_restart_is_said_and_kept(tmp_path: Path,
     with caplog.at_level(logging.INFO, logger="resolver"):
         assert d.reload()
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 1 and "not applied until a restart: [server] listen" in warned[0]
+    assert len(warned) == 1 and warned[0].startswith("event=reload-needs-restart")
+    assert "[server] listen" in warned[0]
     assert d.plain.max_ttl == 600 and d.resolution.config.max_ttl == 600  # applied
     # The running listen addresses are what the next reload compares against: it says so again.
     assert d.reloader.config.server.listen == d.config.server.listen
@@ -209,4 +210,5 @@ def test_forwarders_the_file_watch_follows_are_not_a_reload_change(
     d.rc.write_text("nameserver 192.0.2.2\n")  # DHCP; the watch has told the selector
     with caplog.at_level(logging.INFO, logger="resolver"):
         assert d.reload()
-    assert [r.getMessage() for r in caplog.records] == [f"reloaded {d.path}: no changes"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"event=reload file={d.path} changes=none"]

@@ -210,10 +210,13 @@ def test_switches_follow_the_forwarders_one_log_line_each(
         # while it kept probing the stripping router every 0.1 s.
         assert switches == [(Route.NONE, Route.ITERATE), (Route.ITERATE, Route.FORWARD),
                             (Route.FORWARD, Route.ITERATE), (Route.ITERATE, Route.FORWARD)]
-        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("upstream:")]
+        lines = [r.getMessage() for r in caplog.records
+                 if r.getMessage().startswith("event=upstream-switch ")]
         assert len(lines) == 4, lines
-        assert lines[0].startswith("upstream: iterating from the root: 192.0.2.1:53 strips")
-        assert lines[1] == "upstream: forwarding to 192.0.2.2:53: passed the DNSSEC probe"
+        assert lines[0].startswith('event=upstream-switch path=iterate reason="192.0.2.1:53 '
+                                   'strips or mangles DNSSEC (. DNSKEY')
+        assert lines[1] == ('event=upstream-switch path=forward servers=192.0.2.2:53 '
+                            'reason="passed the DNSSEC probe"')
 
     with caplog.at_level(logging.INFO, logger="resolver"):
         run(main(), 20)

@@ -35,7 +35,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -46,6 +46,7 @@ from resolver.endpoints.config import ControlConfig
 from resolver.endpoints.manager import EndpointManager, Tunnels
 from resolver.endpoints.protocol import (
     MAX_REQUEST,
+    NO_NAME,
     PERMISSION_DENIED,
     EndpointError,
     Request,
@@ -84,17 +85,8 @@ class EndpointOps(Protocol):
     async def refresh(self, name: dns.name.Name | None, now: float) -> Any: ...
 
 
-# Requests about the daemon rather than endpoints (`upstream`): op -> f(now) -> result.
-ExtraOps = Mapping[str, Callable[[float], Any]]
-
-
-async def dispatch(ops: EndpointOps, req: Request, now: float, extra: ExtraOps | None = None
-                   ) -> Any:
+async def dispatch(ops: EndpointOps, req: Request, now: float) -> Any:
     """Carry out a checked request. Raises EndpointError for expected failures."""
-    if extra and req.op in extra:
-        return extra[req.op](now)
-    if req.op == "upstream":
-        raise EndpointError("bad-request", "this daemon does not report its upstream")
     if req.op == "list":
         return ops.list(now)
     if req.op == "refresh":
@@ -129,15 +121,14 @@ class ControlServer:
         allowed_uids: peers allowed besides root; default: the daemon's own effective uid.
         read_timeout: seconds for a request line to arrive.
         op_timeout: seconds an operation may take (autosp waits 30 s; answer before that).
-        extra_ops: requests about the daemon itself (`upstream`).
     """
 
     def __init__(self, path: Path, ops: EndpointOps, *, clock: Callable[[], float] = time.time,
                  allowed_uids: frozenset[int] | None = None, read_timeout: float = 5.0,
-                 op_timeout: float = 25.0, extra_ops: ExtraOps | None = None) -> None:
+                 op_timeout: float = 25.0,
+                 extra: Mapping[str, Callable[[float], Awaitable[Any]]] | None = None) -> None:
         self.path = path
         self.ops = ops
-        self.extra_ops = dict(extra_ops or {})
         self.clock = clock
         self.allowed_uids = frozenset({0, os.geteuid()}) | (allowed_uids or frozenset())
         self.read_timeout = read_timeout
@@ -145,6 +136,15 @@ class ControlServer:
         self._server: asyncio.Server | None = None
         self._inode: tuple[int, int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Operations that are not about endpoints (stats, debug-hang): name -> fn(now).
+        self.extra = dict(extra or {})
+
+    async def _dispatch(self, req: Request, now: float) -> Any:
+        if req.op in self.extra:
+            return await self.extra[req.op](now)
+        if req.op not in NO_NAME or req.op == "list":
+            return await dispatch(self.ops, req, now)
+        raise EndpointError("bad-request", f"{req.op} is not enabled in this resolver")
 
     async def start(self) -> None:
         """Bind and listen.
@@ -218,7 +218,7 @@ class ControlServer:
                     req.op, req.name or "")
             # Shielded: an operation that outlives the client's patience (or the client) is
             # finished, not cancelled half-way (a tunnel up but the endpoint not recorded).
-            op = asyncio.ensure_future(dispatch(self.ops, req, self.clock(), self.extra_ops))
+            op = asyncio.ensure_future(self._dispatch(req, self.clock()))
             op.add_done_callback(_log_late_failure)
             result = await asyncio.wait_for(asyncio.shield(op), self.op_timeout)
             return reply_ok(result)
@@ -335,7 +335,8 @@ class ControlService:
 
 async def start_control(config: ConfigLike, resolution: Resolver, provisioner: Tunnels, *,
                         clock: Callable[[], float] = time.time,
-                        policy: Policy | None = None, extra_ops: ExtraOps | None = None
+                        policy: Policy | None = None,
+                        extra: Mapping[str, Callable[[float], Awaitable[Any]]] | None = None
                         ) -> ControlService | None:
     """Parse [control], restore the pinned endpoints, listen on the control socket.
 
@@ -349,7 +350,7 @@ async def start_control(config: ConfigLike, resolution: Resolver, provisioner: T
         provisioner: the Provisioner (`pin`, `ensure`, `release`, `tunnels`).
         clock: POSIX time (the daemon's clock).
         policy: the Policy, for the group of endpoints added without --group.
-        extra_ops: requests about the daemon itself (`upstream`).
+        extra: operations beyond the endpoint ones (`stats`, `debug-hang`): name -> fn(now).
 
     Returns:
         The running service (close it at shutdown), or None if [control] enabled = false.
@@ -364,7 +365,7 @@ async def start_control(config: ConfigLike, resolution: Resolver, provisioner: T
         return None
     manager = EndpointManager(resolution, provisioner, cfg.state_file, policy=policy)
     manager.load()
-    server = ControlServer(cfg.socket, manager, clock=clock, extra_ops=extra_ops)
+    server = ControlServer(cfg.socket, manager, clock=clock, extra=extra)
     await server.start()
     timer = asyncio.create_task(manager.run(clock), name="endpoint-timer")
     return ControlService(server, manager, timer)
@@ -393,9 +394,11 @@ class NoEndpoints:
         raise self._refuse()
 
 
-async def start_status_socket(config: ConfigLike, extra_ops: ExtraOps, *,
+async def start_status_socket(config: ConfigLike,
+                              extra: Mapping[str, Callable[[float], Awaitable[Any]]], *,
                               clock: Callable[[], float] = time.time) -> ControlServer | None:
-    """The control socket of a resolver without tunnels, for `autosp upstream` only.
+    """The control socket of a resolver without tunnels, for `autosp upstream` (and `extra`'s
+    other requests) only.
 
     Only when the configuration has a [control] table (enabled): without tunnels there is
     nothing else to control, and two plain resolvers on one machine must not fight over the
@@ -410,6 +413,6 @@ async def start_status_socket(config: ConfigLike, extra_ops: ExtraOps, *,
     cfg = ControlConfig.from_section(config.sections["control"], source)
     if not cfg.enabled:
         return None
-    server = ControlServer(cfg.socket, NoEndpoints(), clock=clock, extra_ops=extra_ops)
+    server = ControlServer(cfg.socket, NoEndpoints(), clock=clock, extra=extra)
     await server.start()
     return server

@@ -127,8 +127,8 @@ def resolver(lab: Lab, request: pytest.FixtureRequest) -> Iterator[Path]:
         # The broken zones' bogus answers made it probe Unbound again now and then; Unbound
         # passed every time, so auto never left it: one switch line, at start.
         switches = [line for line in daemon.log.read_text().splitlines()
-                    if " upstream: " in line]
-        assert len(switches) == 1 and "upstream: forwarding to" in switches[0], switches
+                    if "event=upstream-switch " in line]
+        assert len(switches) == 1 and "path=forward" in switches[0], switches
 
 
 def test_every_lab_name_agrees_with_delv(lab: Lab, resolver: Path, tmp_path: Path) -> None:
@@ -156,7 +156,7 @@ def test_expectations_ede_and_one_log_line_per_failure(lab: Lab, resolver: Path)
     for _ in range(3):  # cached as bogus: no new validation, no new log line
         dig(lab, "host.badsig.test.", "IPSECKEY")
     lines = [ln for ln in resolver.read_text().splitlines()
-             if "validation failed" in ln and "host.badsig.test./IPSECKEY" in ln]
+             if "event=validation-failed name=host.badsig.test. type=IPSECKEY" in ln]
     assert len(lines) == 1, lines
     # A CD=1 client gets the data unvalidated, without AD.
     out = dig(lab, "+dnssec", "+cd", "host.badsig.test.", "IPSECKEY")
