@@ -227,7 +227,9 @@ class Reloader:
                 parts.plain.max_ttl = new.cache.max_ttl
         if "upstream" in tables or "limits" in tables:
             await self._follow(new)
-            parts.selector.reconfigure(new.upstream, new.limits, new.server.edns_payload)
+            # [server] needs a restart: the payload stays the running one.
+            parts.selector.reconfigure(new.upstream, new.limits,
+                                       self.config.server.edns_payload)
         if "policy" in tables and policy is not None and parts.policy is not None:
             parts.policy.reconfigure(policy)
             parts.wire_cache.clear()
