@@ -28,9 +28,7 @@ validation: we resolve from the root instead.
 
 from __future__ import annotations
 
-import contextvars
 import enum
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -78,19 +76,6 @@ class ProbeResult:
 
 ROOT_DNSKEY: Final = (dns.name.root, dns.rdatatype.DNSKEY)
 
-# The validator logs each failed validation as a warning; a failed probe is reported once, by
-# the selector's switch line, not by the validator every probe_interval. The filter runs in
-# the logging call, so in the probe's own context (each probe runs in a task of its own).
-_probing: contextvars.ContextVar[bool] = contextvars.ContextVar("probing", default=False)
-
-
-class _QuietWhileProbing(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not _probing.get()
-
-
-logging.getLogger("resolver.validator").addFilter(_QuietWhileProbing())
-
 
 def questions(probe_ds: dns.name.Name) -> tuple[tuple[dns.name.Name, dns.rdatatype.RdataType],
                                                  ...]:
@@ -131,15 +116,6 @@ async def probe(server: HostPort, ask: Ask, make_validator: MakeValidator,
 
     Never raises except for cancellation: failures are results.
     """
-    token = _probing.set(True)
-    try:
-        return await _ask_and_judge(server, ask, make_validator, now, probe_ds)
-    finally:
-        _probing.reset(token)
-
-
-async def _ask_and_judge(server: HostPort, ask: Ask, make_validator: MakeValidator, now: float,
-                         probe_ds: dns.name.Name) -> ProbeResult:
     memo: dict[tuple[dns.name.Name, int], dns.message.Message] = {}
 
     async def fetch(qname: dns.name.Name, qtype: dns.rdatatype.RdataType

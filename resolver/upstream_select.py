@@ -169,8 +169,8 @@ class UpstreamSelector:
     # -- the Upstream interface --------------------------------------------------------------
 
     async def query(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, *,
-                    cd: bool = True) -> dns.message.Message:
-        """Ask the path in use (waiting for the first decision).
+                    cd: bool = True, recheck: bool = False) -> dns.message.Message:
+        """Ask the path in use (waiting for the first decision); `recheck` is passed on.
 
         Raises:
             UpstreamError: the path failed, or there is none (forward mode, no forwarder).
@@ -181,7 +181,7 @@ class UpstreamSelector:
         if target is None:
             raise UpstreamError(f"no upstream: {choice.reason}")
         try:
-            return await target.query(qname, qtype, cd=cd)
+            return await target.query(qname, qtype, cd=cd, recheck=recheck)
         except UpstreamError as e:
             budget = current_budget.get()
             if choice.path is Route.FORWARD and not (budget and budget.used > budget.limit):

@@ -127,14 +127,8 @@ def test_a_forwarder_that_answers_servfail_is_silent() -> None:
 
 def test_a_failed_probe_is_not_logged_as_a_failed_validation(
         caplog: pytest.LogCaptureFixture) -> None:
-    ask = forwarder(strip_dnssec)[0]
+    # A failed probe is reported once, by the selector's switch line: the probe's own
+    # validations are not client answers and log nothing at warning level or above.
     with caplog.at_level(logging.INFO, logger="resolver"):
-        assert run_probe(ask).status is ProbeStatus.STRIPS
-        assert not [r for r in caplog.records if "event=validation-failed" in r.getMessage()]
-
-        async def client_lookup() -> None:  # the same validator outside a probe still logs
-            response = await ask(dns.name.root, T.DNSKEY)
-            await make_validator(ask).validate(dns.name.root, T.DNSKEY, response, WHEN)
-
-        asyncio.run(client_lookup())
-    assert [r for r in caplog.records if "event=validation-failed" in r.getMessage()]
+        assert run_probe(forwarder(strip_dnssec)[0]).status is ProbeStatus.STRIPS
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]

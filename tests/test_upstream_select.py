@@ -79,7 +79,7 @@ class Forwarding:
         self.net, self.servers = net, servers
 
     async def query(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, *,
-                    cd: bool = True) -> dns.message.Message:
+                    cd: bool = True, recheck: bool = False) -> dns.message.Message:
         for server in self.servers:
             how = self.net.behaviour.get(server, "dead")
             self.net.asked.append((str(server), qname.to_text(), T.to_text(qtype)))
@@ -95,7 +95,7 @@ class Iterating:
         self.net = net
 
     async def query(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, *,
-                    cd: bool = True) -> dns.message.Message:
+                    cd: bool = True, recheck: bool = False) -> dns.message.Message:
         self.net.iterated.append((qname.to_text(), T.to_text(qtype)))
         return await self.net.world.fetch(qname, qtype)
 
