@@ -115,23 +115,24 @@ async def dot_server(pki: dict[str, Path], *, tls: bool = True
         server.close()
 
 
-def ask(server: HostPort, ca: Path | None, pki: dict[str, Path], *, tls: bool = True
-        ) -> tuple[dns.message.Message | UpstreamError, list[str]]:
+def ask(server: HostPort, ca: Path | None, pki: dict[str, Path], *, tls: bool = True,
+        recheck: bool = False) -> tuple[dns.message.Message | UpstreamError, list[str]]:
     async def main() -> tuple[dns.message.Message | UpstreamError, list[str]]:
         async with dot_server(pki, tls=tls) as (port, seen):
             target = HostPort(server.host, port, server.tls_name)
             fwd = Forwarder([target], timeout=1, attempts=1, tcp_timeout=2,
                             tls=client_context(ca))
             try:
-                return await fwd.query(WWW, dns.rdatatype.A), seen
+                return await fwd.query(WWW, dns.rdatatype.A, recheck=recheck), seen
             except UpstreamError as e:
                 return e, seen
 
     return run(main(), 20)
 
 
-def test_the_right_name_and_ca_get_an_answer(pki: dict[str, Path]) -> None:
-    reply, seen = ask(HostPort("127.0.0.1", 0, NAME), pki["ca"], pki)
+@pytest.mark.parametrize("recheck", [False, True])  # a bogus re-check stays on TLS too
+def test_the_right_name_and_ca_get_an_answer(pki: dict[str, Path], recheck: bool) -> None:
+    reply, seen = ask(HostPort("127.0.0.1", 0, NAME), pki["ca"], pki, recheck=recheck)
     assert isinstance(reply, dns.message.Message), reply
     assert [r.to_text() for r in reply.answer] == ["www.example.test. 60 IN A 192.0.2.80"]
     assert seen == ["www.example.test."]
