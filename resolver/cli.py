@@ -188,6 +188,8 @@ async def serve(cfg: Config) -> int:
         own = (*await asyncio.to_thread(host_addresses), *(ident.addresses if ident else ()))
         policy = Policy(PolicyConfig.from_section(cfg.sections.get("policy", {}), source),
                         own_addresses=own)
+        for warning in policy.warnings():
+            log.warning("%s", warning)
         provisioner = Provisioner(make_backend(pcfg, ident, source=source), pcfg)
         await provisioner.reconcile(time.time())
         handler = CaptureHandler(plain, resolution, policy, provisioner,
