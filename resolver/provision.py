@@ -13,7 +13,9 @@ keeps the books:
   Rule 3: every tunnel and shunt has a lease. Each answer extends it (`ensure`); `expire(now)`
           tears down what has been unused for lease + grace. A failed setup is remembered for
           `failure_hold` seconds so that a dead peer costs one timeout, not one per query.
-          Pinned tunnels (autosp endpoints) have no lease end: only `release` removes them.
+          Pinned tunnels (autosp endpoints) have no lease end: only `release` removes them. A
+          pinned tunnel whose setup failed keeps its conn loaded (PENDING): the peer may
+          initiate to us through it (issue 11: two hosts that pin each other).
   Rule 4: a destination whose published key (or gateway) changed gets its tunnel replaced,
           make before break, inside the same in-flight slot: InstallTunnel(new) while the old
           one carries traffic, then RemoveTunnel(old) (or the connection is replaced in place
@@ -383,7 +385,14 @@ class Provisioner:
             f"tunnel to {dest}: no CHILD_SA within {self.config.timeout:g} s")
         self.counters.failures += 1
         log.warning("tunnel %s to %s failed: %s", spec.name, dest, error)
-        await self._quietly(RemoveTunnel(spec.name))  # terminate the half-open IKE_SA too
+        if dest in self._b.pinned:
+            # Pinned (autosp): the half-open IKE_SA goes, the conn stays loaded with its trap,
+            # PENDING in our books. It is what lets the peer initiate to us meanwhile, so two
+            # hosts that pin each other come up whichever starts first; `release` removes it.
+            await self._quietly(RemoveTunnel(spec.name, keep_conn=True))
+            self._b.tunnels[dest] = _Tunnel(spec, TunnelState.PENDING, now + self.config.lease)
+        else:
+            await self._quietly(RemoveTunnel(spec.name))  # terminate the half-open IKE_SA too
         if self.config.failure_hold > 0:
             self._b.failed[dest] = _Failure(now + self.config.failure_hold, error)
         self._count()

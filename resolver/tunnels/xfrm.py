@@ -139,7 +139,9 @@ _NO_LIMITS: Final = _LIFETIMES.pack(*([XFRM_INF] * 4 + [0] * 8))
 
 def _packed_selector(rule: Rule) -> bytes:
     d = rule.destination
-    host, full = d.packed.ljust(16, b"\0"), d.max_prefixlen
+    host, full = d.packed.ljust(16, b"\0"), int(d.max_prefixlen)
+    plen_d: int
+    plen_s: int
     if rule.direction == XFRM_POLICY_OUT:
         addrs, plen_d, plen_s = host + b"\0" * 16, full, 0  # daddr D
     else:

@@ -2,8 +2,9 @@
 
 Scenario: namespaces A and B joined by a veth pair (192.0.2.1 <-> 192.0.2.2, 2001:db8:ff::1/2).
 A shunt for B's address in A makes `ping` from A fail with EPERM, drops B's packets to A (counted
-as XfrmInPolBlock) and shows up in `ip xfrm policy` as block policies of ours; removing it makes ping work again; dump/flush leave a foreign policy
-alone. Nothing here touches the lab or the host namespace's policies.
+as XfrmInPolBlock) and shows up in `ip xfrm policy` as block policies of ours; removing it makes
+ping work again; dump/flush leave a foreign policy alone. Nothing here touches the lab or the
+host namespace's policies.
 """
 
 from __future__ import annotations
