@@ -211,11 +211,13 @@ class NegativeCache:
 @dataclass(frozen=True, slots=True)
 class Refused:
     """No: `reason` in words. `lookup` says whether this refusal came after a lookup (and is
-    cached); `quiet` refusals (rate limits, repeats) are counted rather than logged one by one."""
+    cached). `quiet` refusals (rate limits, repeats) are counted by `kind` and summarised
+    rather than logged one by one: a flood must not become a flood of log lines."""
 
     reason: str
     lookup: bool = False
     quiet: bool = False
+    kind: str = ""
 
 
 @dataclass(slots=True)
@@ -260,24 +262,27 @@ class Gate:
         cached = self.negative.get((identity, address), now)
         if cached is not None:
             c.negative_hits += 1
-            return Refused(f"refused {self.config.negative_ttl:g} s ago: {cached}", quiet=True)
+            return Refused(f"refused less than {self.config.negative_ttl:g} s ago: {cached}",
+                           quiet=True, kind="refused recently")
         if in_flight >= self.config.max_lookups:
             c.busy += 1
             return Refused(f"{in_flight} lookups in flight ([responder] max_lookups)",
-                           quiet=True)
+                           quiet=True, kind="max_lookups in flight")
         if conns >= self.config.max_conns and not evictable:
             c.full += 1
             return Refused(f"{conns} learned conns loaded, all in use ([responder] max_conns)",
-                           quiet=True)
+                           quiet=True, kind="max_conns in use")
         peer = self._peer_bucket(address, now)
         if not peer.take(now):
             c.rate_limited += 1
             return Refused(f"more than {self.config.peer_lookups_per_second:g} lookups/s from "
-                           f"{address} ([responder] peer_lookups_per_second)", quiet=True)
+                           f"{address} ([responder] peer_lookups_per_second)", quiet=True,
+                           kind="over peer_lookups_per_second")
         if not self._global.take(now):
             c.rate_limited += 1
             return Refused(f"more than {self.config.lookups_per_second:g} lookups/s "
-                           "([responder] lookups_per_second)", quiet=True)
+                           "([responder] lookups_per_second)", quiet=True,
+                           kind="over lookups_per_second")
         c.lookups += 1
         return None
 

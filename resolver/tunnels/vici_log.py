@@ -77,8 +77,10 @@ class CharonLog:
         self._stop.set()
 
     def subscribe(self, loop: asyncio.AbstractEventLoop,
-                  feed: Callable[[str, dict[str, Any]], T | None],
-                  sink: Callable[[T], None]) -> None:
+                  feed: Callable[[str, dict[str, Any]], Any],
+                  sink: Callable[[Any], None]) -> None:
+        """`feed` on this thread for every event; what it returns (unless None) to `sink` on
+        `loop`. (Typed loosely: the pair agrees on the value's type between themselves.)"""
         with self._lock:
             self._subscribers.append(_Subscriber(loop, feed, sink))
         self.start()
