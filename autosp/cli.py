@@ -2,14 +2,16 @@
 
 Exit statuses: 0 done; 1 the operation failed (refused, timed out, raced; also permission
 denied on the control socket); 2 bad input or configuration; 3 the resolver is not running (no
-control socket, or nothing answers on it). Errors are one line on stderr, never a traceback (set
-AUTOSP_DEBUG=1 to get one).
+control socket, or nothing answers on it; endpoint commands and `stats` only). Errors are one
+line on stderr, never a traceback (set AUTOSP_DEBUG=1 to get one). What the daemon answers is
+printed as aligned text by autosp.output, or as JSON with --json.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import textwrap
 import time
@@ -20,9 +22,12 @@ from typing import Any
 import dns.exception
 import dns.name
 
-from autosp import control, keygen, records
+from autosp import control, keygen, output, records
 from autosp.errors import OperationFailed, ResolverUnreachable
+from autosp.plan import ROLLOVER_STEPS
 from resolver.errors import ConfigError
+from resolver.metrics import flat_lines
+from resolver.policy import Group
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 PLACEHOLDER_NAME = "host.example.com."
@@ -32,6 +37,11 @@ DEFAULT_RECORD_TTL = 3600
 EXIT_HELP = """\
 exit status: 0 ok, 1 operation failed, 2 bad input or configuration, 3 resolver not running
 (no control socket, or no answer on it). Permission denied on the control socket is 1."""
+# keygen and publish never talk to the daemon: no status 3.
+EXIT_HELP_LOCAL = """\
+exit status: 0 ok, 1 operation failed, 2 bad input or configuration."""
+# A host name as endpoints have them: letters, digits, '-' and '_' in each label.
+_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 
 PUBLISH_EPILOG = """\
 what is sent:
@@ -40,12 +50,10 @@ what is sent:
   Its prerequisites state exactly the records read just before, so a racing publisher makes it
   fail (exit 1, nothing changed) instead of mixing two versions.
 
-key rollover (make before break):
-  If NAME already publishes a different key, the new key is first published beside the old one;
-  autosp then waits the old IPSECKEY TTL (+2 s), so no cache holds the old key alone, and removes
-  the old key. Switch the IKE daemon to the new private key once the old one is removed. With
-  --no-wait (implied by --nsupdate) autosp stops after the first step and says when it is safe
-  to run the same command again with --finish-rollover.
+key rollover (make before break), when NAME already publishes a different key:
+{steps}
+  autosp does steps 1-3 (it waits in step 2); with --no-wait (implied by --nsupdate) it stops
+  after step 1 and says when step 3 is safe: the same command with --finish-rollover.
 
 check:
   Afterwards the records are asked for through a validating resolver (--resolver, default the
@@ -58,10 +66,11 @@ examples:
       --key /etc/ipseckey-resolver/host.pem
   autosp publish laptop.example.com --server 192.0.2.53 --tsig-key ddns.key --address auto \\
       --nsupdate > update.txt && nsupdate -k ddns.key update.txt
-"""
+""".replace("{steps}", "\n".join("  " + step for step in ROLLOVER_STEPS))
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also rendered as the autosp(8) manual page)."""
     p = argparse.ArgumentParser(
         prog="autosp",
         description="Keep IPsec tunnels to endpoints known by name, and publish this host's "
@@ -71,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                    default=Path(os.environ.get("AUTOSP_CONTROL", control.DEFAULT_SOCKET)),
                    help="the resolver's control socket (default: $AUTOSP_CONTROL or "
                         f"{control.DEFAULT_SOCKET})")
+    p.add_argument("--json", action="store_true",
+                   help="print the resolver's answer as JSON, for scripts (endpoint commands "
+                        "and stats; times as POSIX seconds)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _endpoint_commands(sub)
     _keygen_command(sub)
@@ -95,27 +107,37 @@ def _endpoint_commands(sub: Any) -> None:
                "restarts and re-resolved when its records' TTL runs out, so a new address or "
                "key is followed. " + needs)
     add.add_argument("name", help="the endpoint's DNS name, e.g. vpn.example.com")
-    add.add_argument("--group", help="policy group for it (default: from the resolver's policy)")
+    groups = [g.value for g in Group]
+    add.add_argument("--group", choices=groups, metavar="GROUP",
+                     help="policy group for it: " + ", ".join(groups) + " (default: the group "
+                          "the resolver's [policy] gives the name or its addresses)")
     rm = _sub(sub, "remove", "stop keeping an endpoint and tear its tunnel down",
               "Forget an endpoint added with `autosp add` and tear its tunnel down. " + needs)
-    rm.add_argument("name")
+    rm.add_argument("name", help="the endpoint's DNS name, as given to `autosp add`")
     _sub(sub, "list", "list the endpoints and their tunnels",
-         "A table of the endpoints: name, addresses, key algorithm and fingerprint, DNSSEC "
-         "status, tunnel state, next refresh. " + needs)
+         "A table of the endpoints: name, tunnel state, DNSSEC status, key algorithm, next "
+         "refresh, addresses (one per line); `autosp status NAME` shows the rest. " + needs)
     st = _sub(sub, "status", "everything known about one endpoint",
               "Everything the resolver knows about one endpoint, and why it failed if it did. "
               + needs)
-    st.add_argument("name")
+    st.add_argument("name", help="the endpoint's DNS name, as given to `autosp add`")
     rf = _sub(sub, "refresh", "re-resolve endpoints now",
               "Re-resolve one endpoint (or all) now instead of waiting for the TTL. " + needs)
-    rf.add_argument("name", nargs="?")
+    rf.add_argument("name", nargs="?",
+                    help="the endpoint to refresh (default: every endpoint)")
+    _sub(sub, "stats", "print the resolver's counters",
+         "The resolver's counters and histograms (queries by type and rcode, cache hits, "
+         "validation outcomes, upstream round trips and failures, tunnels, setups, pinned "
+         "endpoints), one `name{labels} value` line each, the same numbers its Prometheus "
+         "listener ([metrics] listen) serves. " + needs)
 
 
 def _keygen_command(sub: Any) -> None:
     k = _sub(sub, "keygen", "make a private key and print its IPSECKEY record",
              "Generate a private key, write it as unencrypted PKCS#8 PEM with mode 0600 "
              "(atomically; never readable by others, not even briefly), and print the public key "
-             "as an IPSECKEY record ready to publish (stdout; notes go to stderr).")
+             "as an IPSECKEY record ready to publish (stdout, one line; notes go to stderr).",
+             epilog=EXIT_HELP_LOCAL)
     k.add_argument("--algorithm", choices=[a.value for a in keygen.Algorithm],
                    default=keygen.Algorithm.ED25519.value,
                    help="key algorithm (default ed25519; rsa makes 3072-bit keys)")
@@ -143,7 +165,7 @@ def _publish_command(sub: Any) -> None:
              "Set NAME's A/AAAA records (default: this host's current global addresses) and its "
              "IPSECKEY record (from --key) with an RFC 2136 UPDATE signed with TSIG, then check "
              "that they come back DNSSEC-secure through a validating resolver.",
-             epilog=PUBLISH_EPILOG + "\n" + EXIT_HELP)
+             epilog=PUBLISH_EPILOG + "\n" + EXIT_HELP_LOCAL)
     p.add_argument("name", help="this host's DNS name, e.g. laptop.example.com")
     p.add_argument("--server", required=True, help="the zone's primary server (address or name)")
     p.add_argument("--port", type=int, default=53, help="its port (default 53)")
@@ -221,21 +243,53 @@ def _keygen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def endpoint_name(text: str) -> str:
+    """The absolute form of an endpoint's name.
+
+    Raises:
+        ConfigError: not a host name (exit 2: bad input, not "does not exist").
+    """
+    try:
+        name = dns.name.from_text(text)
+    except dns.exception.DNSException as exc:
+        raise ConfigError(f"{text!r} is not a DNS name: {exc}") from None
+    labels = name.relativize(dns.name.root).labels
+    for label in labels:
+        try:
+            ok = _LABEL.match(label.decode("ascii")) is not None
+        except UnicodeDecodeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{text!r} is not a host name: each label must be letters, "
+                              "digits, '-' or '_' (at most 63, not starting or ending with '-')")
+    if not labels:
+        raise ConfigError("the root is not an endpoint")
+    return name.to_text()
+
+
 def _endpoint(args: argparse.Namespace) -> int:
     path: Path = args.control
     cmd = args.command
+    name = getattr(args, "name", None)
+    if name is not None:
+        name = endpoint_name(name)
     # Checked as the daemon will check it (bad input: exit 2 without connecting).
-    req = control.make_request(cmd, getattr(args, "name", None), getattr(args, "group", None))
-    name = req.name.to_text() if req.name is not None else None
+    req = control.make_request(cmd, name, getattr(args, "group", None))
     result = control.send(path, req)
-    if cmd == "add":
-        print(f"added {name}" + (f": {control.format_status(result)}" if result else ""))
+    now = time.time()
+    if cmd == "stats":
+        print(output.as_json(result) if args.json else
+              "\n".join(flat_lines(list((result or {}).get("metrics", [])))))
+    elif args.json:
+        print(output.as_json(result))
+    elif cmd == "add":
+        print(f"added {name}\n" + output.endpoint(result or {}, now))
     elif cmd == "remove":
         print(f"removed {name}")
     elif cmd == "list":
-        print(control.format_table(list((result or {}).get("endpoints", [])), time.time()))
+        print(output.table(list((result or {}).get("endpoints", [])), now))
     elif cmd == "status":
-        print(control.format_status(result or {}))
+        print(output.endpoint(result or {}, now))
     else:
         print(f"refreshed {name or 'all endpoints'}")
     return EXIT_OK
@@ -243,7 +297,7 @@ def _endpoint(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run autosp; returns the exit status (also the console script's entry point)."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return _run(args)
     except ConfigError as exc:

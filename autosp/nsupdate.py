@@ -21,7 +21,7 @@ from pathlib import Path
 import dns.rdatatype
 
 from autosp.errors import OperationFailed
-from autosp.plan import Plan, Update, Wait
+from autosp.plan import ROLLOVER_STEPS, Plan, Update, Wait
 from autosp.updatemsg import canonical_order
 
 NSUPDATE = "/usr/bin/nsupdate"
@@ -62,6 +62,9 @@ def plan_script(plan: Plan, server: str, port: int) -> str:
         blocks.append("; nothing to change")
     for note in plan.notes:
         blocks.append(f"; {note}")
+    if plan.finish_after is not None or any(isinstance(s, Wait) for s in plan.steps):
+        blocks.append("; key rollover, in this order:")
+        blocks += [f";   {line}" for line in ROLLOVER_STEPS]
     return "\n".join(blocks) + "\n"
 
 

@@ -30,7 +30,9 @@ is empty and the full wait is taken again, since we cannot know when phase 1 hap
 A record with the same public key as ours but another gateway or precedence is not a key change:
 peers holding it still authenticate us, so it is replaced at once.
 
-Rule 3 -- an update that would change nothing is not sent (no needless serial bumps).
+Rule 3 -- an update that would change nothing is not sent (no needless serial bumps). An RRset
+whose records are right but whose TTL is not the requested one is a change: `--ttl` applies to
+every RRset the plan manages, not only to those whose records change.
 """
 
 from __future__ import annotations
@@ -58,6 +60,16 @@ IPSECKEY = dns.rdatatype.IPSECKEY
 # old set an instant before phase 1 committed.
 ROLLOVER_MARGIN = 2.0
 PHASE1 = "rollover phase 1: new key beside the old one(s)"
+# The one order of a key rollover, for the help, the README, the plan's notes and the
+# nsupdate script (tests check they all carry it). Step 4 comes after the removal because a
+# peer that pinned us (`autosp add`) keeps using the old key while both are published and
+# moves to the new one only once the old one is gone (resolver/endpoints, Rule 3).
+ROLLOVER_STEPS = (
+    "1. publish the new key beside the old one(s)",
+    "2. wait the old IPSECKEY TTL + 2 s, so no cache holds the old key alone",
+    "3. remove the old key(s) (--finish-rollover after --no-wait or --nsupdate)",
+    "4. switch the IKE daemon to the new key ([identity] private_key; restart ipseckey-resolver)",
+)
 PHASE2 = "rollover phase 2: remove the old key(s)"
 
 
@@ -192,7 +204,8 @@ def build_plan(current: Current, desired: Desired, mode: Mode = Mode.PUBLISH,
                                   "rollover to finish; run `autosp publish` without "
                                   "--finish-rollover first")
         if others:
-            notes.append(f"rollover finished: removed {len(others)} old key(s)")
+            notes.append(f"rollover step 3 done: removed {len(others)} old key(s); now switch "
+                         "the IKE daemon to the new key (step 4)")
         return _finish(current, desired, [{**base, IPSECKEY: frozenset({ours})}], notes, None)
     if not others:
         return _finish(current, desired, [{**base, IPSECKEY: frozenset({ours})}], notes, None)
@@ -200,14 +213,15 @@ def build_plan(current: Current, desired: Desired, mode: Mode = Mode.PUBLISH,
     both = others | {ours}
     delay = published.ttl + ROLLOVER_MARGIN
     if not wait:
-        notes.append(f"key rollover phase 1: the new key is published beside {len(others)} old "
-                     f"one(s). Peers may still hold the old set for {published.ttl} s; after "
-                     f"{delay:.0f} s switch the IKE daemon to the new key and run the same "
-                     "command with --finish-rollover")
+        notes.append(f"key rollover step 1 done: the new key is published beside {len(others)} "
+                     f"old one(s). Peers may still hold the old set for {published.ttl} s: "
+                     f"after {delay:.0f} s run the same command with --finish-rollover "
+                     "(step 3), then switch the IKE daemon to the new key (step 4)")
         return _finish(current, desired, [{**base, IPSECKEY: both}], notes, delay,
                        purposes=[PHASE1])
     notes.append(f"key rollover: new key published beside the old one(s), waited {delay:.0f} s "
-                 "for caches to expire, then removed the old key(s)")
+                 "for caches to expire, then removed the old key(s); now switch the IKE "
+                 "daemon to the new key (step 4)")
     return _finish(current, desired, [{**base, IPSECKEY: both},
                                       {**base, IPSECKEY: frozenset({ours})}], notes, None,
                    wait_between=Wait(delay, f"the old IPSECKEY TTL ({published.ttl} s) + "
@@ -226,10 +240,12 @@ def _finish(current: Current, desired: Desired,
     """Turn the successive target states into Update steps (skipping empty ones)."""
     steps: list[Step] = []
     state = {t: current.get(t).rdatas for t in (A, AAAA, IPSECKEY)}
+    ttls = {t: current.get(t).ttl for t in (A, AAAA, IPSECKEY)}
     if purposes is None:
         purposes = ["publish"] if len(targets) == 1 else [PHASE1, PHASE2]
     for i, target in enumerate(targets):
-        changed = {t: v for t, v in target.items() if state[t] != v}
+        changed = {t: v for t, v in target.items()
+                   if state[t] != v or (v and ttls[t] != desired.ttl)}
         if i > 0 and wait_between is not None:
             steps.append(wait_between)
         if not changed:
@@ -240,6 +256,7 @@ def _finish(current: Current, desired: Desired,
         steps.append(Update(desired.zone, desired.name, desired.ttl, prereqs, changed,
                             purposes[i]))
         state.update(changed)
+        ttls.update({t: desired.ttl for t in changed})
     if not any(isinstance(s, Update) for s in steps):
         notes.insert(0, "nothing to change: the records are already as requested")
         steps = []

@@ -62,4 +62,5 @@ def ipseckey_rdata(public_key: PublicKey, gateway: Gateway, precedence: int) -> 
 
 def record_line(owner: dns.name.Name, ttl: int, rdata: dns.rdata.Rdata) -> str:
     """`OWNER TTL IN IPSECKEY ...` as one zone-file line."""
-    return f"{owner.to_text()} {ttl} IN IPSECKEY {rdata.to_text()}"
+    # chunksize=0: the key in one piece, so it can be copied (dnspython splits every 32).
+    return f"{owner.to_text()} {ttl} IN IPSECKEY {rdata.to_text(chunksize=0)}"

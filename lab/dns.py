@@ -174,6 +174,9 @@ def render_records(zone: Zone, pubkeys: dict[str, PublicKey]) -> str:
             lines.append(f"{_abs(rec.owner, zone)} IN IPSECKEY {rdata}")
         elif isinstance(rec, TextRecord):
             lines.append(f"{_abs(rec.owner, zone)} {rec.text}")
+    for extra in zone.extra_ns:  # the apex NS RRset lists them too, with in-zone addresses
+        lines += [f"{zone.name} IN NS {extra.name}", f"{extra.name} IN A {extra.v4}",
+                  f"{extra.name} IN AAAA {extra.v6}"]
     return "\n".join(lines)
 
 
@@ -187,6 +190,9 @@ def render_delegations(zone: Zone, ds: dict[str, str]) -> str:
         if child.ns_name.endswith("." + child.name):  # in-bailiwick: glue needed
             h = HOSTS[child.server]
             lines += [f"{child.ns_name} IN A {h.v4}", f"{child.ns_name} IN AAAA {h.v6}"]
+        for extra in child.extra_ns:
+            lines += [f"{child.name} IN NS {extra.name}", f"{extra.name} IN A {extra.v4}",
+                      f"{extra.name} IN AAAA {extra.v6}"]
         if child.name in ds:
             lines.append(ds[child.name])
     return "\n".join(lines)
@@ -354,6 +360,7 @@ options {{
     notify no;
     allow-transfer {{ none; }};
     minimal-responses no;
+    querylog yes;  // one line per query in named.log: tests count what resolvers ask
 }};
 controls {{ }};
 {chr(10).join(zones)}

@@ -11,7 +11,9 @@ Layout (one L2 segment on a bridge inside the lab's own switch namespace):
       .2  ns-root     root "."                         (NSEC, dnssec-signzone)
       .3  ns-test     "test."                          (NSEC3 no salt, 0 iterations)
       .4  ns-example  "example.test."                  (named dnssec-policy, dynamic, TSIG)
-      .5  ns-broken   badsig/expired/wrongds/unsigned.test.
+      .5  ns-broken   badsig/expired/wrongds/unsigned.test., and dead-ns/lame-ns.test. (zones
+                      whose NS sets hold a dead and lame servers, for iterative resolution)
+      .249            nothing: the dead name server of dead-ns.test.
       .53 unbound     validating recursive, anchored at the lab root
       .10 alice  .11 bob  .12 carol  .13 dave  .20 gw   (each runs a charon)
       .30 plain  (no IPSECKEY, no charon)
@@ -38,6 +40,13 @@ CHARON_TABLE: Final = 220
 # Routed to a blackhole in the host namespace while any lab instance is up, so that a packet
 # addressed to the lab from outside it can never leave the machine.
 BLACKHOLE_PREFIXES: Final = ("198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32")
+
+# Where nothing listens: the "dead" name server of dead-ns.test. (no host has it).
+DEAD_NS_V4: Final = "198.51.100.249"
+DEAD_NS_V6: Final = "2001:db8:100::249"
+# An NXNSAttack-style delegation in test.: nxns.test. has this many NS names, none of which
+# exists (nxns-<i>.example.test.); a resolver must give up within its limits.
+NXNS_NAMES: Final = 24
 
 DOMAIN: Final = "example.test."
 DEFAULT_TTL: Final = 60
@@ -208,6 +217,20 @@ ZoneRecord = AddressRecords | IpseckeyRecord | TextRecord
 
 
 @dataclass(frozen=True, slots=True)
+class ExtraNs:
+    """Another NS name of a zone besides `Zone.ns_name`, served at the given addresses.
+
+    The name must lie in the zone (in-domain): the zone gets its A/AAAA records and the parent
+    its glue. Pointing it at an address where nobody listens makes a dead server; at a named
+    that does not serve the zone, a lame one.
+    """
+
+    name: str  # fully qualified
+    v4: str
+    v6: str
+
+
+@dataclass(frozen=True, slots=True)
 class Zone:
     """One zone of the private hierarchy."""
 
@@ -220,6 +243,7 @@ class Zone:
     records: tuple[ZoneRecord, ...] = ()
     # For BAD_SIG: the (owner, type) whose RRSIG gets corrupted after signing.
     corrupt: tuple[str, str] | None = None
+    extra_ns: tuple[ExtraNs, ...] = ()
 
     @property
     def file_stem(self) -> str:
@@ -238,6 +262,15 @@ def _peer_records() -> tuple[ZoneRecord, ...]:
 
 
 _BROKEN_HOST: Final = (AddressRecords("host", "bob"), IpseckeyRecord("host", "bob"))
+
+
+def _at(name: str, host: str) -> ExtraNs:
+    return ExtraNs(name, HOSTS[host].v4, HOSTS[host].v6)
+
+
+# NS names of nxns.test. (see NXNS_NAMES): they do not exist, so resolving them is pure cost.
+_NXNS_DELEGATION: Final = tuple(TextRecord("nxns", f"NS nxns-{i}.{DOMAIN}")
+                                for i in range(NXNS_NAMES))
 
 ZONES: Final[dict[str, Zone]] = {
     z.name: z
@@ -258,7 +291,8 @@ ZONES: Final[dict[str, Zone]] = {
             ".",
             "ns1.test.",
             "test.zone.in",
-            (AddressRecords("ns1", "ns-test"), AddressRecords("ns-broken", "ns-broken")),
+            (AddressRecords("ns1", "ns-test"), AddressRecords("ns-broken", "ns-broken"),
+             *_NXNS_DELEGATION),
         ),
         Zone(
             DOMAIN,
@@ -316,6 +350,31 @@ ZONES: Final[dict[str, Zone]] = {
             "ns-broken.test.",
             "broken.zone.in",
             _BROKEN_HOST,
+        ),
+        # Signed and correct, but one of the two name servers is dead (nothing listens).
+        Zone(
+            "dead-ns.test.",
+            "ns-broken",
+            Signing.NSEC,
+            "test.",
+            "ns-broken.test.",
+            "broken.zone.in",
+            _BROKEN_HOST,
+            extra_ns=(ExtraNs("ns-dead.dead-ns.test.", DEAD_NS_V4, DEAD_NS_V6),),
+        ),
+        # Signed and correct, but one of the two name servers is lame: ns-example's named
+        # answers REFUSED (it does not serve the zone). (A lame server that refers back to the
+        # zone itself, ns-test's named, made the lab Unbound, our oracle, fail now and then:
+        # "no NSEC3 records ... for DS"; that case is covered by tests/test_iterate.py.)
+        Zone(
+            "lame-ns.test.",
+            "ns-broken",
+            Signing.NSEC,
+            "test.",
+            "ns-broken.test.",
+            "broken.zone.in",
+            _BROKEN_HOST,
+            extra_ns=(_at("ns-refused.lame-ns.test.", "ns-example"),),
         ),
     )
 }

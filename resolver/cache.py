@@ -119,6 +119,9 @@ class WireCache:
 
     def __init__(self, max_entries: int) -> None:
         self._lru: LruCache[WireKey, WireEntry] = LruCache(max_entries)
+        # Bumped by clear(): a reply computed before a clear (a tunnel it relied on was lost
+        # meanwhile) must not be stored after it.
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -132,10 +135,13 @@ class WireCache:
         """The live entry for key, or None."""
         return self._lru.get(key, now)
 
-    def put(self, key: WireKey, entry: WireEntry, expires_at: float) -> None:
-        """Store a reply until expires_at."""
-        self._lru.put(key, entry, expires_at)
+    def put(self, key: WireKey, entry: WireEntry, expires_at: float,
+            generation: int | None = None) -> None:
+        """Store a reply until expires_at (not if the cache was cleared since `generation`)."""
+        if generation is None or generation == self.generation:
+            self._lru.put(key, entry, expires_at)
 
     def clear(self) -> None:
-        """Forget every reply (policy, anchors or leases changed)."""
+        """Forget every reply (policy, anchors or leases changed; a tunnel was lost)."""
         self._lru.clear()
+        self.generation += 1

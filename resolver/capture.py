@@ -39,6 +39,7 @@ import dns.rdatatype
 
 from resolver import answer as replies
 from resolver.errors import ProvisioningError, TunnelRejected
+from resolver.logevent import log_event
 from resolver.policy import (
     AnswerClear,
     Decision,
@@ -189,6 +190,8 @@ class CaptureHandler:
     async def _refuse(self, query: dns.message.Message, decision: Refuse, now: float
                       ) -> dns.message.Message:
         self.counters.refused += 1
+        log_event(log, logging.WARNING, "refused", name=query.question[0].name,
+                  reason=decision.reason, ede=decision.ede)
         if decision.drop:
             try:
                 await self.provisioner.shunt(decision.drop, now)

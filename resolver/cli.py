@@ -28,14 +28,24 @@ from resolver.endpoints.config import ControlConfig
 from resolver.endpoints.control import ControlService, start_control
 from resolver.errors import ConfigError
 from resolver.hostaddr import read_interface_addresses
-from resolver.policy import Policy, PolicyConfig
+from resolver.iterate import Iterator
+from resolver.logsetup import setup_logging
+from resolver.metered import (
+    DaemonMetrics,
+    MeteredBackend,
+    MeteredForwarder,
+    MeteredResolution,
+    MeteredServer,
+)
+from resolver.policy import Group, Policy, PolicyConfig
 from resolver.provision import Provisioner
-from resolver.resolve import Fetch, PlainHandler, QueryHandler, Resolution, Validating
-from resolver.server import Server
+from resolver.resolve import Fetch, PlainHandler, QueryHandler, Upstream, Validating
+from resolver.service import ServiceRuntime
+from resolver.serviceconfig import DebugConfig, MetricsConfig
 from resolver.tunnels.backend import make_backend
 from resolver.tunnels.config import Identity, ProvisionConfig
-from resolver.upstream import Forwarder
 from resolver.validator.anchors import TrustAnchors
+from resolver.watch import TunnelWatch
 
 log = logging.getLogger("resolver")
 
@@ -124,9 +134,24 @@ def check_sections(cfg: Config) -> None:
     if "identity" in cfg.sections:
         Identity.from_section(cfg.sections["identity"], source)
     ControlConfig.from_section(cfg.sections.get("control", {}), source)
+    MetricsConfig.from_section(cfg.sections.get("metrics", {}), source)
+    DebugConfig.from_section(cfg.sections.get("debug", {}), source)
     if "policy" in cfg.sections and "identity" not in cfg.sections:
         raise ConfigError(f"{source}: [policy] needs [identity] (and [provision]): without a "
                           "provisioning backend no destination can be made private")
+
+
+def build_upstream(cfg: Config, metrics: DaemonMetrics | None = None) -> Upstream:
+    """The forwarder (metered per server when `metrics` is given), or the iterator for
+    `[upstream] mode = "iterate"` (not metered per server yet)."""
+    up = cfg.upstream
+    if up.mode == "iterate":
+        return Iterator(up.root_hints, limits=cfg.limits, timeout=up.timeout,
+                        attempts=up.attempts, tcp_timeout=up.tcp_timeout,
+                        payload=cfg.server.edns_payload)
+    forwarder = MeteredForwarder(up.servers, timeout=up.timeout, attempts=up.attempts,
+                                 tcp_timeout=up.tcp_timeout, payload=cfg.server.edns_payload)
+    return forwarder if metrics is None else forwarder.meter(metrics)
 
 
 def host_addresses() -> tuple[IPv4Address | IPv6Address, ...]:
@@ -167,19 +192,21 @@ async def serve(cfg: Config) -> int:
     def make_validator(fetch: Fetch) -> Validating:
         return Validator(anchors, fetch, cfg.limits)
 
-    forwarder = Forwarder(cfg.upstream.servers, timeout=cfg.upstream.timeout,
-                          attempts=cfg.upstream.attempts, tcp_timeout=cfg.upstream.tcp_timeout,
-                          payload=cfg.server.edns_payload)
-    resolution = Resolution(forwarder, make_validator, cache=cfg.cache,
-                            max_upstream_queries=cfg.limits.max_fetches)
+    metrics = DaemonMetrics()
+    forwarder = build_upstream(cfg, metrics)
+    resolution = MeteredResolution(forwarder, make_validator, cache=cfg.cache,
+                                   max_upstream_queries=cfg.limits.max_fetches).meter(metrics)
     plain = PlainHandler(resolution, max_ttl=cfg.cache.max_ttl,
                          payload=cfg.server.edns_payload)
 
     handler: QueryHandler = plain
     provisioner: Provisioner | None = None
+    watch: TunnelWatch | None = None
+    wire_cache = WireCache(cfg.cache.max_entries)
     control: ControlService | None = None
     tasks: list[asyncio.Task[None]] = []
     check_sections(cfg)
+    runtime = ServiceRuntime(metrics, cfg.sections, source)
     if cfg.sections.get("provision") is not None or "identity" in cfg.sections:
         pcfg = ProvisionConfig.from_section(cfg.sections.get("provision", {}), source)
         ident = (Identity.from_section(cfg.sections["identity"], source)
@@ -190,17 +217,26 @@ async def serve(cfg: Config) -> int:
                         own_addresses=own)
         for warning in policy.warnings():
             log.warning("%s", warning)
-        provisioner = Provisioner(make_backend(pcfg, ident, source=source), pcfg)
+        provisioner = Provisioner(
+            MeteredBackend(make_backend(pcfg, ident, source=source), metrics), pcfg,
+            must_drop=lambda s: policy.group_for(s.key.owner, (s.destination,)) is Group.PRIVATE)
+        provisioner.on_lost.append(wire_cache.clear)  # answers given for a lost tunnel
+        metrics.watch_provisioner(provisioner)
         await provisioner.reconcile(time.time())
+        watch = TunnelWatch(provisioner, time.time, interval=pcfg.watch_interval)
+        watch.start()  # charon's events; the dry run has none
         handler = CaptureHandler(plain, resolution, policy, provisioner,
                                  payload=cfg.server.edns_payload)
+        metrics.watch_capture(handler)
         tasks.append(asyncio.create_task(_expire_loop(provisioner)))
         control = await start_control(cfg, resolution, provisioner, clock=time.time,
-                                      policy=policy)
+                                      policy=policy, extra=runtime.control_ops())
+        if control is not None:
+            metrics.watch_endpoints(control.manager.list)
         log.info("capture on: policy default %s, backend %s, shunts %s",
                  policy.config.default.value, pcfg.backend, pcfg.shunts)
 
-    server = Server(handler, cfg.server, cache=WireCache(cfg.cache.max_entries))
+    server = MeteredServer(handler, cfg.server, cache=wire_cache).meter(metrics)
     await server.start(cfg.server.listen)
     # Cyclic GC pauses are part of the tail of cached-answer latency: move everything built at
     # start-up out of the collector's view, and collect the young generation less often.
@@ -212,16 +248,26 @@ async def serve(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("ipseckey-resolver ready; upstream %s",
-             ", ".join(map(str, cfg.upstream.servers)))
+    upstreams = ("iterative from the root" if cfg.upstream.mode == "iterate"
+                 else ", ".join(map(str, cfg.upstream.servers)))
+    try:
+        await runtime.start(f"serving on {', '.join(map(str, cfg.server.listen))}; "
+                            f"upstream {upstreams}")
+    except ConfigError:
+        await server.stop()
+        raise
+    log.info("ipseckey-resolver ready; upstream %s", upstreams)
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
+        await runtime.close()
         for task in tasks:
             task.cancel()
         if control is not None:
             await control.close()
+        if watch is not None:
+            await watch.close()
         await server.stop()
         if provisioner is not None:
             await provisioner.close()
@@ -247,8 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     debug = args.debug or cfg.log.debug_queries
     level = logging.DEBUG if debug else getattr(logging, cfg.log.level.upper())
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(level)
     try:
         return asyncio.run(serve(cfg))
     except ConfigError as e:

@@ -30,7 +30,7 @@ from resolver.validator.types import Limits
 
 DNS_PORT: Final = 53
 RESOLV_CONF: Final = Path("/etc/resolv.conf")
-PASSTHROUGH_TABLES: Final = ("policy", "provision", "control", "identity")
+PASSTHROUGH_TABLES: Final = ("policy", "provision", "control", "identity", "metrics", "debug")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
@@ -65,10 +65,17 @@ class ServerConfig:
     query_timeout: float = 10.0  # a client query that takes longer gets SERVFAIL
 
 
+# "forward": to `servers` (DO=1, CD=1); "iterate": from the root (resolver/iterate.py).
+# "auto" (forward while the forwarders pass a DNSSEC probe, else iterate) will join the list.
+UPSTREAM_MODES: Final = ("forward", "iterate")
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    """[upstream]: the resolvers we forward to (with DO=1, CD=1)."""
+    """[upstream]: where answers come from: forwarders, or iteration from the root."""
 
+    mode: str = "forward"  # one of UPSTREAM_MODES
+    root_hints: tuple[HostPort, ...] = ()  # iterate: root server addresses; () = IANA's
     servers: tuple[HostPort, ...] = ()
     timeout: float = 1.5  # per attempt on one server
     attempts: int = 2  # rounds over the whole server list
@@ -105,7 +112,8 @@ class CacheConfig:
 LIMIT_KEYS: Final = {"max_upstream_queries": "max_fetches", **{name: name for name in (
     "max_keys_per_tag", "max_sig_checks_per_rrset", "max_sig_checks_per_query",
     "max_sig_failures_per_query", "max_ds", "max_ds_mismatches", "max_nsec3_records",
-    "max_nsec3_iterations", "max_nsec3_salt", "max_nsec3_hashes", "max_cname_chain")}}
+    "max_nsec3_iterations", "max_nsec3_salt", "max_nsec3_hashes", "max_cname_chain",
+    "max_referrals", "max_ns_lookups", "max_ns_per_referral", "max_iteration_depth")}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +142,9 @@ class Config:
         up = ", ".join(map(str, self.upstream.servers)) or "(none)"
         if self.upstream.from_resolv_conf:
             up += " (from /etc/resolv.conf)"
+        if self.upstream.mode == "iterate":
+            up = "iterate from the root, hints: " + (
+                ", ".join(map(str, self.upstream.root_hints)) or "built-in (IANA)")
         anchors = ["builtin root"] if self.dnssec.builtin_root_anchors else []
         anchors += [str(p) for p in self.dnssec.trust_anchor_files]
         lines = [
@@ -213,6 +224,8 @@ def parse_upstream(t: Table, listen: tuple[HostPort, ...], resolv_conf: Path,
     if from_file:
         servers = default_upstreams(listen, resolv_conf)
     cfg = UpstreamConfig(
+        mode=t.get("mode", str, d.mode, one_of(*UPSTREAM_MODES)),
+        root_hints=t.each("root_hints", parse_hostport, d.root_hints),
         servers=servers,
         timeout=t.get("timeout", float, d.timeout, positive),
         attempts=t.get("attempts", int, d.attempts, at_least(1)),
@@ -220,7 +233,7 @@ def parse_upstream(t: Table, listen: tuple[HostPort, ...], resolv_conf: Path,
         from_resolv_conf=from_file,
     )
     t.done()
-    if not cfg.servers:
+    if not cfg.servers and cfg.mode == "forward":
         where = (f"no usable nameserver in {resolv_conf} (ours excluded)" if from_file
                  else "empty list")
         raise t.fail("servers", f"no upstream resolver: {where}; set [upstream] servers")

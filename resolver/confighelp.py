@@ -17,6 +17,7 @@ from resolver import config
 from resolver.configtable import REQUIRED, Table, toml_value
 from resolver.endpoints.config import ControlConfig
 from resolver.policy import PolicyConfig
+from resolver.serviceconfig import DebugConfig, MetricsConfig
 from resolver.tunnels.config import Identity, ProvisionConfig
 
 # Every table, in the order --help shows them, with its parser.
@@ -32,6 +33,8 @@ SECTIONS: Final[tuple[tuple[str, Callable[[Table], object]], ...]] = (
     ("provision", ProvisionConfig.from_table),
     ("policy", PolicyConfig.from_table),
     ("control", ControlConfig.from_table),
+    ("metrics", MetricsConfig.from_table),
+    ("debug", DebugConfig.from_table),
 )
 
 # Values for keys whose default shows nothing useful (none, empty, or read from the system).
@@ -42,11 +45,14 @@ EXAMPLES: Final[dict[str, dict[str, Any]]] = {
                  "addresses": ["198.51.100.10", "2001:db8::10"]},
     "provision": {"state_file": "/var/lib/ipseckey-resolver/state.json"},
     "policy": {"private": ["198.51.100.0/24", "corp.example."], "block": ["ads.example."]},
+    "metrics": {"listen": "127.0.0.1:9153"},
 }
 
 # What the value alone does not say.
 NOTES: Final[dict[tuple[str, str], str]] = {
     ("upstream", "servers"): "unset: /etc/resolv.conf's, except us",
+    ("upstream", "mode"): "or \"iterate\": from the root, no servers",
+    ("upstream", "root_hints"): "iterate; unset: the 13 IANA root servers",
     ("dnssec", "trust_anchor_files"): "DS/DNSKEY lines or BIND trust-anchors blocks",
     ("dnssec", "negative_trust_anchors"): "names not validated (RFC 7646)",
     ("limits", "max_upstream_queries"): "per client query (DESIGN.md: Limits)",
@@ -55,8 +61,11 @@ NOTES: Final[dict[tuple[str, str], str]] = {
     ("provision", "backend"): "or \"dryrun\" (logs only)",
     ("provision", "shunts"): "or \"none\"",
     ("provision", "state_file"): "unset: no record kept over a restart",
+    ("provision", "watch_interval"): "s between checks of charon's SAs (besides its events)",
     ("policy", "default"): "group of what no rule matches",
     ("control", "state_file"): "the endpoints autosp pinned",
+    ("metrics", "listen"): "unset: no listener (autosp stats still works)",
+    ("debug", "allow_hang"): "true: debug-hang blocks the loop (watchdog test)",
 }
 
 _COMMENT_COLUMN: Final = 44

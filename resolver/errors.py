@@ -69,6 +69,14 @@ class StateWriteFailed(ResolverError, OSError):
     fault. Also an OSError, which is what it wraps: a caller that cannot act on it lets it
     through as the bug-class failure it was before this class existed (SERVFAIL, logged)."""
 
+class AddressBound(ProvisioningError):
+    """A live tunnel to the address was made for another name, with another key.
+
+    The address stays bound to the key of the name whose lookup made the tunnel until that
+    lease ends (or, for a pinned endpoint, until it is removed): a second name cannot re-key it
+    (DESIGN.md, security requirement 7). The other zone's fault, or an attack.
+    """
+
 
 class BudgetExceeded(ResolverError):
     """A per-query work limit (signature checks, NSEC3 hashes, upstream queries) ran out.

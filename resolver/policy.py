@@ -57,6 +57,7 @@ import dns.rrset
 
 from resolver.configtable import Section, Table, between, one_of
 from resolver.errors import (
+    AddressBound,
     IkeDaemonUnreachable,
     ProvisioningError,
     TunnelTimeout,
@@ -126,6 +127,7 @@ class SetupFailure(enum.Enum):
     TIMEOUT = "timeout"  # the CHILD_SA was not INSTALLED within the timeout
     DAEMON_UNREACHABLE = "daemon-unreachable"  # the IKE daemon's control socket failed
     REJECTED = "rejected"  # the daemon refused (key mismatch, auth failed, bad config)
+    ADDRESS_BOUND = "address-bound"  # a live tunnel binds the address to another name's key
 
 
 # --- decisions ---------------------------------------------------------------------------
@@ -186,11 +188,13 @@ _FAILURE_EDE: Final = {
     SetupFailure.TIMEOUT: EDE_TUNNEL,
     SetupFailure.REJECTED: EDE_TUNNEL,
     SetupFailure.DAEMON_UNREACHABLE: EDE_DAEMON,
+    SetupFailure.ADDRESS_BOUND: EDE_NO_KEY,  # 28: our policy cannot use this name's key
 }
 _FAILURE_TEXT: Final = {
     SetupFailure.TIMEOUT: "IPsec tunnel setup timed out",
     SetupFailure.REJECTED: "IPsec tunnel setup failed",
     SetupFailure.DAEMON_UNREACHABLE: "IKE daemon unreachable",
+    SetupFailure.ADDRESS_BOUND: "address bound to another name's key",
 }
 
 
@@ -430,8 +434,15 @@ class Policy:
         )
 
     def after_setup_failure(self, tunnel: Tunnel, failure: SetupFailure, detail: str) -> Decision:
-        """The last column of the decision table: what a failed `Tunnel` becomes."""
+        """The last columns of the decision table: what a failed `Tunnel` becomes.
+
+        An address bound to another name's key is SERVFAIL in every group, without a shunt:
+        answering it "in clear" would in fact send the traffic through the tunnel keyed for
+        the other name, and a shunt would cut that tunnel.
+        """
         text = f"{_FAILURE_TEXT[failure]}: {detail}" if detail else _FAILURE_TEXT[failure]
+        if failure is SetupFailure.ADDRESS_BOUND:
+            return Refuse(tunnel.group, _FAILURE_EDE[failure], text)
         if tunnel.fail_closed:
             drop = tunnel.destinations if tunnel.group is Group.PRIVATE else ()
             return Refuse(tunnel.group, _FAILURE_EDE[failure], text, drop=drop)
@@ -445,4 +456,6 @@ def classify(exc: ProvisioningError) -> SetupFailure:
         return SetupFailure.TIMEOUT
     if isinstance(exc, IkeDaemonUnreachable):
         return SetupFailure.DAEMON_UNREACHABLE
+    if isinstance(exc, AddressBound):
+        return SetupFailure.ADDRESS_BOUND
     return SetupFailure.REJECTED

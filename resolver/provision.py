@@ -14,8 +14,8 @@ keeps the books:
           tears down what has been unused for lease + grace. A failed setup is remembered for
           `failure_hold` seconds so that a dead peer costs one timeout, not one per query.
           Pinned tunnels (autosp endpoints) have no lease end: only `release` removes them. A
-          pinned tunnel whose setup failed keeps its conn loaded (PENDING): the peer may
-          initiate to us through it (issue 11: two hosts that pin each other).
+          pinned tunnel whose setup failed keeps its conn loaded and is DOWN (Rule 6): the peer
+          may initiate to us through it (issue 11: two hosts that pin each other).
   Rule 4: a destination whose published key (or gateway) changed gets its tunnel replaced,
           make before break, inside the same in-flight slot: InstallTunnel(new) while the old
           one carries traffic, then RemoveTunnel(old) (or the connection is replaced in place
@@ -31,6 +31,17 @@ keeps the books:
           stray, and no answer was given for it. Lease extensions and pins are written soon,
           not waited for: a restart then restores a slightly older lease (endpoints are also
           restored by the endpoints manager from its own state file).
+  Rule 6: the books are checked against the IKE daemon, not trusted (resolver/watch.py drives
+          this). A tunnel charon no longer holds (peer deleted it, charon stopped or restarted)
+          is DOWN: still wanted until its lease ends, never reported up (so never answered),
+          its destination shunted at once if it is private, the answer caches emptied (the
+          `on_lost` hooks), and it is brought back by `repair`. A setup that began before
+          charon was lost does not count as up (`_epoch`).
+  Rule 7: one address, one key. While a tunnel to an address is leased (or pinned), only the
+          name that made it may re-key it (Rule 4); another name with the *same* key is answered
+          over it, another name with another key gets AddressBound (SERVFAIL with an EDE),
+          and the tunnel is not touched. A zone that can publish any address cannot so take
+          over a live tunnel to it. After the lease ends, the next name to look it up binds it.
 
 Time: every entry point takes `now` (POSIX seconds, the same clock as RRSIG validity) because
 leases must survive a restart in the state file. Real waiting (the setup timeout) uses asyncio.
@@ -45,10 +56,19 @@ import functools
 import ipaddress
 import json
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
-from resolver.errors import ProvisioningError, StateCorrupt, TunnelRejected, TunnelTimeout
+from resolver.errors import (
+    AddressBound,
+    IkeDaemonUnreachable,
+    ProvisioningError,
+    StateCorrupt,
+    TunnelRejected,
+    TunnelTimeout,
+)
+from resolver.logevent import log_event
 from resolver.statefile import Encode, StateFile
 from resolver.tunnels.backend import ProvisioningBackend
 from resolver.tunnels.config import ProvisionConfig
@@ -73,6 +93,7 @@ Address = IPv4Address | IPv6Address
 class TunnelState(enum.Enum):
     PENDING = "pending"
     INSTALLED = "installed"
+    DOWN = "down"  # wanted (leased or pinned), but the IKE daemon does not hold it (Rule 6)
 
 
 @dataclass(slots=True)
@@ -81,6 +102,7 @@ class _Tunnel:
     state: TunnelState
     expires_at: float  # lease end; teardown at expires_at + grace
     saved_expires_at: float = 0.0  # the lease end in the last snapshot given to the state file
+    private: bool = False  # dropped (shunt) whenever it is not up: ensured with shunt=True
 
 
 @dataclass(slots=True)
@@ -94,6 +116,9 @@ class Counters:
     coalesced: int = 0
     active: int = 0
     shunts: int = 0
+    lost: int = 0  # tunnels found gone in the IKE daemon (Rule 6)
+    down: int = 0  # of which still down
+    bound: int = 0  # lookups refused: the address is bound to another name's key (Rule 7)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +139,18 @@ class _Books:
 class Provisioner:
     """Leases, coalescing, state and reconcile on top of one ProvisioningBackend."""
 
-    def __init__(self, backend: ProvisioningBackend, config: ProvisionConfig | None = None) -> None:
+    def __init__(self, backend: ProvisioningBackend, config: ProvisionConfig | None = None, *,
+                 must_drop: Callable[[TunnelSpec], bool] | None = None) -> None:
+        """`must_drop(spec)`: whether the policy makes the destination private, for tunnels
+        not (yet) ensured with shunt=True since start-up (restored from the state file)."""
         self.backend = backend
         self.config = config or ProvisionConfig()
         self.counters = Counters()
+        self.must_drop = must_drop
+        # Called (synchronously, on the loop) when tunnels are lost: the answer caches must not
+        # hand out again what was answered for them (Rule 6).
+        self.on_lost: list[Callable[[], None]] = []
+        self._epoch = 0  # IKE daemon connections lost so far (a setup spanning one fails)
         # Measured: 200 setups at once overran charon (IKE_SAs failing within ~1 s) once our
         # own loop stopped being the bottleneck. A bounded number in flight keeps each within
         # its timeout; the wait for a slot counts against that timeout (fail closed).
@@ -136,7 +169,8 @@ class Provisioner:
         return max(0.0, t.expires_at - now)
 
     def tunnels(self) -> dict[Address, TunnelSpec]:
-        """Installed tunnels by destination (for the control socket)."""
+        """Tunnels charon holds, by destination (for the control socket: `autosp status` and
+        `list`). Not just what we set up: the watch takes out what charon lost (Rule 6)."""
         return {d: t.spec for d, t in self._b.tunnels.items() if t.state is TunnelState.INSTALLED}
 
     def shunted(self) -> frozenset[Address]:
@@ -159,7 +193,10 @@ class Provisioner:
         dest = spec.destination
         for _ in range(3):  # a concurrent setup may have been for another key: look again
             t = self._b.tunnels.get(dest)
+            if t is not None and t.spec.key.owner != spec.key.owner and self._bound(t, now):
+                spec = self._bound_spec(t, spec)  # Rule 7
             if t is not None and t.state is TunnelState.INSTALLED and t.spec == spec:
+                t.private = t.private or shunt
                 return self._extend(t, now)
             failed = self._b.failed.get(dest)
             if failed is not None and failed.until > now:
@@ -282,16 +319,101 @@ class Provisioner:
             await self._quietly(InstallShunt(dest))
             self._b.shunts[dest] = until
         for spec, until in tunnels:
+            # DOWN until charon says otherwise: a failure keeps it wanted (Rule 6)
+            self._b.tunnels[spec.destination] = _Tunnel(
+                spec, TunnelState.DOWN, until, private=self._must_drop(spec))
             try:
                 await self.ensure(spec, now)
             except ProvisioningError as exc:
-                log.warning("reconcile: tunnel %s to %s not restored: %s", spec.name,
-                            spec.destination, exc)
+                log.warning("reconcile: tunnel %s to %s not restored (kept as down, retried): "
+                            "%s", spec.name, spec.destination, exc)
                 continue
             t = self._b.tunnels[spec.destination]
             t.expires_at = t.saved_expires_at = until  # the lease it had, not a fresh one
         self._count()
         await self._persist()
+
+    # -- what the watch tells us (Rule 6; resolver/watch.py) -----------------------------------
+
+    def held_names(self) -> dict[str, Address]:
+        """Connection name -> destination of the tunnels we count as up."""
+        return {t.spec.name: d for d, t in self._b.tunnels.items()
+                if t.state is TunnelState.INSTALLED}
+
+    async def lost(self, names: Iterable[str], why: str, now: float) -> list[Address]:
+        """The IKE daemon no longer holds these tunnels: DOWN, shunted if private, caches
+        emptied, one log line each. Returns the destinations that went down."""
+        held = self.held_names()
+        gone = [held[n] for n in names if n in held]
+        if not gone:
+            return []
+        for dest in gone:
+            t = self._b.tunnels[dest]
+            t.state = TunnelState.DOWN
+            log.warning("tunnel to %s (%s) went down: %s%s",
+                        t.spec.key.owner.to_text(omit_final_dot=True), dest, why,
+                        "; dropping its traffic until it is back" if self._private(t) else "")
+        self.counters.lost += len(gone)
+        for hook in self.on_lost:  # before any await: no cached answer for them from now on
+            hook()
+        await self._shunt_now([d for d in gone if self._private(self._b.tunnels[d])], now)
+        self._count()
+        self._save()
+        return gone
+
+    async def suspect(self, names: Iterable[str], now: float) -> list[Address]:
+        """Charon reported these tunnels down; not checked yet (resolver/watch.py asks charon
+        next). Their private destinations are shunted *now*, while we ask: with the SA gone,
+        a packet may otherwise leave in clear. Returns what was shunted here, for `cleared`."""
+        held = self.held_names()
+        dests = [held[n] for n in names if n in held]
+        return await self._shunt_now([d for d in dests if self._private(self._b.tunnels[d])],
+                                     now)
+
+    async def cleared(self, dests: Iterable[Address]) -> None:
+        """Charon still holds these tunnels after all: take `suspect`'s shunts out again."""
+        for dest in dests:
+            t = self._b.tunnels.get(dest)
+            if t is not None and t.state is TunnelState.INSTALLED and dest in self._b.shunts:
+                del self._b.shunts[dest]
+                await self._quietly(RemoveShunt(dest))
+        self._count()
+
+    async def daemon_lost(self, why: str, now: float) -> list[Address]:
+        """The IKE daemon's connection closed (stopped, crashed, restarted): every tunnel
+        counts as lost, and setups in flight will not count as up (`_epoch`)."""
+        self._epoch += 1
+        held = self.held_names()
+        log.error("charon connection lost: %s; every tunnel counts as down until charon holds "
+                  "it again (%d were still up)", why, len(held))
+        return await self.lost(held, "charon connection lost", now)
+
+    def daemon_back(self) -> None:
+        """The IKE daemon is reachable again: failures held only because it was not are
+        forgotten, so lookups and repairs try at once."""
+        self._b.failed = {d: f for d, f in self._b.failed.items()
+                          if not isinstance(f.error, IkeDaemonUnreachable)}
+
+    def wanted_down(self, now: float) -> dict[Address, str]:
+        """Destination -> connection name of the tunnels DOWN and still wanted (leased or
+        pinned), with no setup in flight: what `repair` is for."""
+        return {d: t.spec.name for d, t in self._b.tunnels.items()
+                if t.state is TunnelState.DOWN and d not in self._b.inflight
+                and (d in self._b.pinned or t.expires_at + self.config.grace > now)}
+
+    async def repair(self, dest: Address, now: float) -> bool:
+        """Bring a DOWN tunnel back (no failure hold: the watch paces retries). True if up."""
+        t = self._b.tunnels.get(dest)
+        if t is None or t.state is not TunnelState.DOWN:
+            return t is not None and t.state is TunnelState.INSTALLED
+        self._b.failed.pop(dest, None)
+        try:
+            await self.ensure(t.spec, now, shunt=self._private(t))
+        except ProvisioningError as exc:
+            log.info("tunnel to %s (%s) not back yet: %s",
+                     t.spec.key.owner.to_text(omit_final_dot=True), dest, exc)
+            return False
+        return True
 
     async def close(self) -> None:
         """Wait for in-flight setups (used by tests and shutdown; tunnels stay up)."""
@@ -304,6 +426,50 @@ class Provisioner:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _bound(self, t: _Tunnel, now: float) -> bool:
+        """Whether `t` binds its destination to its key (Rule 7): leased or pinned."""
+        return t.spec.destination in self._b.pinned or t.expires_at > now
+
+    def _bound_spec(self, t: _Tunnel, spec: TunnelSpec) -> TunnelSpec:
+        """Rule 7 for a lookup of another name than the one `t` was made for: with the same
+        key it rides `t` (its spec); with another key it is refused."""
+        if t.spec.key.algorithm == spec.key.algorithm and \
+                t.spec.key.public_key == spec.key.public_key:
+            return t.spec
+        self.counters.bound += 1
+        owner = t.spec.key.owner.to_text(omit_final_dot=True)
+        log.warning("%s publishes %s with another key than %s, whose live tunnel it has: "
+                    "refused", spec.key.owner.to_text(omit_final_dot=True),
+                    spec.destination, owner)
+        raise AddressBound(f"{spec.destination} is bound to the key of {owner} (live tunnel)")
+
+    async def _shunt_now(self, dests: list[Address], now: float) -> list[Address]:
+        """Shunt `dests` at once, all in one batch (the XFRM backend sends concurrent intents
+        together), even if their tunnels still count as up; a failure is logged loudly: this
+        is the one thing that must work. Returns the destinations newly shunted."""
+        new = [d for d in dests if d not in self._b.shunts]
+        results = await asyncio.gather(*(self.backend.apply(InstallShunt(d)) for d in new),
+                                       return_exceptions=True)
+        done = []
+        for dest, res in zip(new, results, strict=True):
+            if isinstance(res, ProvisioningError):
+                log.error("drop shunt for %s failed: %s", dest, res)
+            elif isinstance(res, BaseException):
+                raise res
+            else:
+                done.append(dest)
+        for dest in dests:
+            if dest in done or dest in self._b.shunts:
+                self._b.shunts[dest] = max(self._b.shunts.get(dest, 0.0), now + self.config.lease)
+        self._count()
+        return done
+
+    def _private(self, t: _Tunnel) -> bool:
+        return t.private or self._must_drop(t.spec)
+
+    def _must_drop(self, spec: TunnelSpec) -> bool:
+        return self.must_drop is not None and self.must_drop(spec)
+
     def _forget(self, dest: Address, _task: asyncio.Task[float]) -> None:
         self._b.inflight.pop(dest, None)
 
@@ -315,9 +481,12 @@ class Provisioner:
 
     async def _setup(self, spec: TunnelSpec, now: float, shunt: bool) -> float:
         dest, cfg = spec.destination, self.config
+        epoch = self._epoch
         old = self._b.tunnels.get(dest)
+        down = old if old is not None and old.state is TunnelState.DOWN else None
         if old is not None and old.state is not TunnelState.INSTALLED:
             old = None
+        private = shunt or (down is not None and down.private)
         if old is not None:
             # Rule 4, make before break: the old tunnel carries traffic until the new one is up
             # (so no negotiating shunt either: it would block the working tunnel).
@@ -326,7 +495,8 @@ class Provisioner:
             await self._install_shunts([dest], now)  # not waited for on disk: see Rule 5
         same_name = old is not None and old.spec.name == spec.name
         if old is None:
-            self._b.tunnels[dest] = _Tunnel(spec, TunnelState.PENDING, now + cfg.lease)
+            self._b.tunnels[dest] = _Tunnel(spec, TunnelState.PENDING, now + cfg.lease,
+                                            private=private)
         try:
             # The backend bounds its own wait (it passes the timeout to the daemon); this outer
             # bound is the safety net for a backend that hangs.
@@ -344,22 +514,31 @@ class Provisioner:
                     await self.backend.apply(InstallTunnel(spec, left, replaces=same_name))
             finally:
                 self._slots.release()
+            if self._epoch != epoch:  # Rule 6: charon was lost meanwhile; this proves nothing
+                raise IkeDaemonUnreachable(f"tunnel to {dest}: IKE daemon lost during setup")
         except (ProvisioningError, TimeoutError) as exc:
             if old is not None:
                 return await self._replacement_failed(old, spec, now, exc)
-            return await self._failed(spec, now, exc)
+            return await self._failed(spec, now, exc, down)
         if old is not None:
             self.counters.replacements += 1
             if not same_name:
                 await self._quietly(RemoveTunnel(old.spec.name))
         expires = max(now + cfg.lease, old.expires_at if old is not None else 0.0)
-        self._b.tunnels[dest] = _Tunnel(spec, TunnelState.INSTALLED, expires)
+        self._b.tunnels[dest] = _Tunnel(spec, TunnelState.INSTALLED, expires,
+                                        private=private or (old is not None and old.private))
+        if down is not None and down.spec.name != spec.name:  # its lease ended; another
+            await self._quietly(RemoveTunnel(down.spec.name))  # name bound the address since
+        elif down is not None:
+            log.info("tunnel to %s (%s) is back", spec.key.owner.to_text(omit_final_dot=True),
+                     dest)
         self.counters.setups += 1
         if dest in self._b.shunts:
             del self._b.shunts[dest]
             await self._quietly(RemoveShunt(dest))
         self._b.failed.pop(dest, None)
         self._count()
+        log_event(log, logging.INFO, "tunnel-up", name=spec.name, peer=dest)
         await self._persist()  # on disk before anyone is told the tunnel is up
         return expires
 
@@ -369,7 +548,8 @@ class Provisioner:
         error = exc if isinstance(exc, ProvisioningError) else TunnelTimeout(
             f"tunnel to {spec.destination}: no CHILD_SA within {self.config.timeout:g} s")
         self.counters.failures += 1
-        log.warning("replacement of %s failed, old tunnel kept: %s", old.spec.name, error)
+        log_event(log, logging.WARNING, "tunnel-replacement-failed", name=old.spec.name,
+                  peer=spec.destination, reason=str(error), kept="old")
         if old.spec.name == spec.name:
             await self._quietly(InstallTunnel(old.spec, self.config.timeout))  # old config back
         else:
@@ -378,21 +558,29 @@ class Provisioner:
         raise error
 
     async def _failed(self, spec: TunnelSpec, now: float,
-                      exc: ProvisioningError | TimeoutError) -> float:
+                      exc: ProvisioningError | TimeoutError, down: _Tunnel | None = None) -> float:
         dest = spec.destination
-        self._b.tunnels.pop(dest, None)
+        pending = self._b.tunnels.pop(dest, None)
+        if down is not None:  # lost earlier and still wanted: stays DOWN for the watch (Rule 6)
+            self._b.tunnels[dest] = down
         error = exc if isinstance(exc, ProvisioningError) else TunnelTimeout(
             f"tunnel to {dest}: no CHILD_SA within {self.config.timeout:g} s")
         self.counters.failures += 1
-        log.warning("tunnel %s to %s failed: %s", spec.name, dest, error)
-        if dest in self._b.pinned:
-            # Pinned (autosp): the half-open IKE_SA goes, the conn stays loaded with its trap,
-            # PENDING in our books. It is what lets the peer initiate to us meanwhile, so two
-            # hosts that pin each other come up whichever starts first; `release` removes it.
+        log_event(log, logging.WARNING, "tunnel-failed", name=spec.name, peer=dest,
+                  reason=str(error))
+        if dest in self._b.pinned and (down is None or down.spec.name == spec.name):
+            # Pinned (autosp): the half-open IKE_SA goes, the conn stays loaded (trap) and the
+            # tunnel is DOWN, so the watch repairs it, at once when charon reports it up. The
+            # conn is what lets the peer initiate to us meanwhile: two hosts that pin each
+            # other come up whichever starts first. `release` removes it.
             await self._quietly(RemoveTunnel(spec.name, keep_conn=True))
-            self._b.tunnels[dest] = _Tunnel(spec, TunnelState.PENDING, now + self.config.lease)
+            self._b.tunnels[dest] = down or _Tunnel(
+                spec, TunnelState.DOWN, now + self.config.lease,
+                private=pending is not None and pending.private)
         else:
             await self._quietly(RemoveTunnel(spec.name))  # terminate the half-open IKE_SA too
+        if down is not None and self._private(down):
+            await self._install_shunts([dest], now)  # its conn (and trap) is gone now
         if self.config.failure_hold > 0:
             self._b.failed[dest] = _Failure(now + self.config.failure_hold, error)
         self._count()
@@ -409,6 +597,8 @@ class Provisioner:
     def _count(self) -> None:
         self.counters.active = sum(
             1 for t in self._b.tunnels.values() if t.state is TunnelState.INSTALLED)
+        self.counters.down = sum(
+            1 for t in self._b.tunnels.values() if t.state is TunnelState.DOWN)
         self.counters.shunts = len(self._b.shunts)
 
     # -- state file (Rule 5; the writing is resolver/statefile.py's) ------------------------
@@ -430,7 +620,8 @@ class Provisioner:
 
     def _snapshot(self) -> Encode:
         """The wanted state as values (cheap, on the loop); serialized on the file's thread."""
-        tunnels = [t for t in self._b.tunnels.values() if t.state is TunnelState.INSTALLED]
+        # DOWN tunnels are still wanted: only PENDING ones are not written.
+        tunnels = [t for t in self._b.tunnels.values() if t.state is not TunnelState.PENDING]
         for t in tunnels:
             t.saved_expires_at = t.expires_at  # what this write (and `_extend`) goes by
         snap = _Snapshot(

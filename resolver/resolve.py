@@ -45,7 +45,8 @@ from resolver import answer as replies
 from resolver.cache import LruCache
 from resolver.config import CacheConfig
 from resolver.errors import UpstreamError
-from resolver.upstream import Forwarder, QueryBudget, current_budget
+from resolver.logevent import log_event
+from resolver.upstream import QueryBudget, current_budget
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,13 @@ class Validating(Protocol):
 
     async def validate(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType,
                        response: dns.message.Message, now: float) -> ValidatedAnswer: ...
+
+
+class Upstream(Protocol):
+    """Where responses come from: upstream.Forwarder or iterate.Iterator (same contract)."""
+
+    async def query(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, *,
+                    cd: bool = True) -> dns.message.Message: ...
 
 
 class QueryHandler(Protocol):
@@ -105,14 +113,14 @@ class Resolution:
     """One per resolver process: caches and in-flight resolutions shared by all clients.
 
     Args:
-        forwarder: the upstream client.
+        forwarder: the upstream client (forwarder or iterator).
         make_validator: builds the validator given our fetch function (the validator's
             lookups must go through `fetch` for caching and budgeting).
         cache: sizes and TTL bounds.
         max_upstream_queries: per client query.
     """
 
-    def __init__(self, forwarder: Forwarder, make_validator: Callable[[Fetch], Validating], *,
+    def __init__(self, forwarder: Upstream, make_validator: Callable[[Fetch], Validating], *,
                  cache: CacheConfig | None = None, max_upstream_queries: int = 64) -> None:
         self.forwarder = forwarder
         cache = cache if cache is not None else CacheConfig()
@@ -162,7 +170,8 @@ class Resolution:
         try:
             response = await self.fetch(qname, qtype)
         except UpstreamError as e:
-            log.warning("upstream failed: %s: %s", name, e)
+            log_event(log, logging.WARNING, "upstream-failed", name=qname,
+                      type=dns.rdatatype.to_text(qtype), reason=str(e))
             failed = _failed(Security.INDETERMINATE, str(e),
                              dns.edns.EDECode.NO_REACHABLE_AUTHORITY)
             # Remembered briefly (RFC 9520), like a failure inside validation, so a dead

@@ -111,6 +111,7 @@ class Server:
         if query.edns > 0:
             reply = replies.error_reply(query, dns.rcode.BADVERS, self.payload)
             return replies.to_wire(reply, self._limit(query, udp))
+        generation = self.cache.generation if self.cache is not None else 0
         try:
             reply = await asyncio.wait_for(self.handler.handle(query, now),
                                            self.config.query_timeout)
@@ -123,7 +124,7 @@ class Server:
             verdict = Verdict(Security.INDETERMINATE, "internal error", dns.edns.EDECode.OTHER)
             reply = replies.servfail(query, verdict, self.payload)
         full = replies.to_wire(reply, MAX_TCP_MESSAGE)
-        self._store(wire, query, reply, full, now)
+        self._store(wire, query, reply, full, now, generation)
         limit = self._limit(query, udp)
         if len(full) <= limit:
             return full
@@ -138,7 +139,7 @@ class Server:
         return min(max(512, query.payload), self.payload)
 
     def _store(self, wire: bytes, query: dns.message.Message, reply: dns.message.Message,
-               full: bytes, now: float) -> None:
+               full: bytes, now: float, generation: int | None = None) -> None:
         if self.cache is None or reply.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
             return
         if full[2] & 0x02:  # TC even over TCP (> 64 KiB): never cache a partial answer
@@ -148,7 +149,7 @@ class Server:
         if ttl is None or ttl <= 0 or peek is None:
             return
         entry = WireEntry(full, now, replies.ttl_offsets(full), peek.qname_len)
-        self.cache.put(peek.key, entry, now + ttl)
+        self.cache.put(peek.key, entry, now + ttl, generation)
 
     # --- listeners -------------------------------------------------------------------------
 

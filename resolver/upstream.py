@@ -49,6 +49,9 @@ class QueryBudget:
 
     limit: int
     used: int = 0
+    # Iterative mode (resolver/iterate.py) counts these too; its Limits say how many.
+    referrals: int = 0
+    ns_lookups: int = 0
 
     def charge(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType) -> None:
         """Count one upstream query.

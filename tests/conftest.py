@@ -39,8 +39,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+def _prepare_containers(request: pytest.FixtureRequest) -> None:
+    """Build the service tests' Debian tree now if they will run and it is missing: once the
+    lab is up, it blackholes the package registries and the build cannot download."""
+    if not any(item.get_closest_marker("nspawn") for item in request.session.items):
+        return
+    from lab import nspawn
+
+    if not nspawn.is_built():
+        try:
+            nspawn.ensure()
+        except Exception as exc:  # the tests that need it fail with the reason
+            print(f"conftest: cannot build the container tree: {exc}", file=sys.stderr)
+
+
 @pytest.fixture(scope="session")
-def lab() -> Iterator[Lab]:
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """The lab, up for the whole session; torn down at the end even on failure."""
     if os.geteuid() != 0:
         pytest.fail(
@@ -55,6 +69,7 @@ def lab() -> Iterator[Lab]:
                     pytrace=False)
     from lab.core import Lab
 
+    _prepare_containers(request)
     instance = Lab()
     instance.up()
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import subprocess
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from ipaddress import ip_address
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import dns.message
+import dns.rdatatype
 
 from lab.topology import HOSTS, ZONES
 from resolver.provision import Provisioner
@@ -23,7 +25,7 @@ from resolver.tunnels.backend import CompositeBackend
 from resolver.tunnels.config import Identity, ProvisionConfig
 from resolver.tunnels.intents import RemoveTunnel
 from resolver.tunnels.vici import ViciBackend
-from resolver.tunnels.xfrm import XfrmBackend, XfrmPolicies
+from resolver.tunnels.xfrm import XFRM_POLICY_BLOCK, XfrmBackend, XfrmPolicies
 
 if TYPE_CHECKING:
     from lab import Lab
@@ -63,6 +65,12 @@ def ede(reply: dns.message.Message) -> tuple[int, str]:
     found = edes(reply)
     assert len(found) == 1, f"{len(found)} EDE options in\n{reply}"
     return found[0]
+
+
+def addresses(reply: dns.message.Message) -> list[str]:
+    """The A and AAAA addresses in a reply's answer section, in order."""
+    return [rd.address for r in reply.answer if r.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)
+            for rd in r]
 
 
 # --- the lab ----------------------------------------------------------------------------------
@@ -112,6 +120,30 @@ def clean_alice(lab: Lab, extra: Iterable[str] = ()) -> None:
         x.flush_ours()
     finally:
         x.close()
+
+
+def our_conns(lab: Lab, prefix: str = "") -> list[str]:
+    """The resolver's ("isk-") conns in alice; with `prefix`, those whose name goes on with it
+    (the first label of the name they were made for and a dash: "bob-")."""
+    return [n for n in lab.conns("alice") if n.startswith(f"isk-{prefix}")]
+
+
+def shunted(lab: Lab) -> set[str]:
+    """Destinations with one of the resolver's XFRM BLOCK (drop shunt) policies in alice."""
+    x = XfrmPolicies(lab.ns("alice"))
+    try:
+        return {str(r.destination) for r in x.ours() if r.action == XFRM_POLICY_BLOCK}
+    finally:
+        x.close()
+
+
+def endpoint_status(lab: Lab, control: Path, name: str) -> dict[str, Any]:
+    """`autosp --json status NAME` in alice (the form for scripts), against the daemon behind
+    `control`; the command must succeed."""
+    r = lab.autosp("alice", "--json", "status", name, control=control)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result: dict[str, Any] = json.loads(r.stdout)
+    return result
 
 
 def publish(lab: Lab, name: str, *args: str, keyfile: Path | None = None,

@@ -14,7 +14,7 @@ from autosp import addresses as ad
 from autosp import control
 from autosp.cli import main
 
-COMMANDS = ["add", "remove", "list", "status", "refresh", "keygen", "publish"]
+COMMANDS = ["add", "remove", "list", "status", "refresh", "stats", "keygen", "publish"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -77,8 +77,9 @@ def test_control_protocol_round_trip(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["--control", str(sock), "list"]) == 0
     assert seen == [{"op": "list"}]
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["NAME", "ADDRESSES", "KEY", "DNSSEC", "TUNNEL", "NEXT", "REFRESH"]
-    assert out[1].split()[:4] == ["vpn.example.com.", "198.51.100.11", "ed25519", "SHA256:abc"]
+    assert out[0].split() == ["NAME", "TUNNEL", "DNSSEC", "KEY", "REFRESH", "ADDRESSES"]
+    assert out[1].split() == ["vpn.example.com.", "installed", "secure", "ed25519", "-",
+                              "198.51.100.11"]
     sock.unlink()
     _serve_once(sock, {"ok": False, "error": "vpn.example.com: no secure key",
                        "code": "no-secure-key"}, seen)

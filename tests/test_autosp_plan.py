@@ -36,7 +36,7 @@ OLD, NEW = ipk(1), ipk(2)
 V4, V4B, V6 = "198.51.100.11", "198.51.100.111", "2001:db8:100::11"
 
 
-def current(ttl: int = 60, **sets: list[dns.rdata.Rdata]) -> P.Current:
+def current(ttl: int = 300, **sets: list[dns.rdata.Rdata]) -> P.Current:
     types = {"a": P.A, "aaaa": P.AAAA, "ipseckey": P.IPSECKEY}
     return P.Current(NAME, {types[k]: P.RRsetState(types[k], frozenset(v), ttl)
                             for k, v in sets.items() if v})
@@ -91,7 +91,7 @@ def test_key_only_leaves_addresses_alone() -> None:
 
 
 def test_key_change_is_make_before_break_with_a_wait() -> None:
-    p = P.build_plan(current(ttl=60, a=[a(V4)], ipseckey=[OLD]), desired([V4], NEW))
+    p = P.build_plan(current(ttl=60, a=[a(V4)], ipseckey=[OLD]), desired([V4], NEW, ttl=60))
     first, wait, second = p.steps
     assert isinstance(first, P.Update) and isinstance(wait, P.Wait)
     assert isinstance(second, P.Update)
@@ -105,7 +105,7 @@ def test_key_change_is_make_before_break_with_a_wait() -> None:
 
 
 def test_key_change_without_wait_stops_after_phase_one() -> None:
-    p = P.build_plan(current(ttl=120, ipseckey=[OLD]), desired(None, NEW), wait=False)
+    p = P.build_plan(current(ttl=120, ipseckey=[OLD]), desired(None, NEW, ttl=120), wait=False)
     (u,) = p.steps
     assert isinstance(u, P.Update)
     assert u.sets == {P.IPSECKEY: fs(OLD, NEW)}
@@ -116,7 +116,7 @@ def test_key_change_without_wait_stops_after_phase_one() -> None:
 
 
 def test_half_done_rollover_waits_the_full_ttl_again() -> None:
-    p = P.build_plan(current(ttl=30, ipseckey=[OLD, NEW]), desired(None, NEW))
+    p = P.build_plan(current(ttl=30, ipseckey=[OLD, NEW]), desired(None, NEW, ttl=30))
     wait, second = p.steps
     assert isinstance(wait, P.Wait) and wait.seconds == 30 + P.ROLLOVER_MARGIN
     assert isinstance(second, P.Update) and second.sets == {P.IPSECKEY: fs(NEW)}
@@ -145,3 +145,44 @@ def test_finish_rollover_without_our_key_fails() -> None:
 def test_address_sets_split_by_family() -> None:
     sets = P.address_sets([ipaddress.ip_address(V6), ipaddress.ip_address(V4)])
     assert sets == {P.A: fs(a(V4)), P.AAAA: fs(a(V6))}
+
+
+def test_ttl_alone_is_a_change_for_every_managed_rrset() -> None:
+    """`publish --ttl 300` on records with TTL 60 rewrites them all with TTL 300 (it used to
+    say "nothing to change"), and the rewrite states exactly what was read."""
+    p = P.build_plan(current(ttl=60, a=[a(V4)], aaaa=[a(V6)], ipseckey=[NEW]),
+                     desired([V4, V6], NEW, ttl=300))
+    (u,) = p.updates
+    assert u.ttl == 300
+    assert u.sets == {P.A: fs(a(V4)), P.AAAA: fs(a(V6)), P.IPSECKEY: fs(NEW)}
+    assert u.prereqs == u.sets
+    assert not any("nothing to change" in n for n in p.notes)
+
+
+def test_after_a_real_change_every_rrset_has_the_new_ttl() -> None:
+    p = P.build_plan(current(ttl=60, a=[a(V4)], aaaa=[a(V6)], ipseckey=[NEW]),
+                     desired([V4B, V6], NEW, ttl=120))
+    (u,) = p.updates
+    assert set(u.sets) == {P.A, P.AAAA, P.IPSECKEY} and u.ttl == 120
+    # An absent family stays absent: no TTL to apply to an RRset that does not exist.
+    p = P.build_plan(current(ttl=60, a=[a(V4)]), desired([V4], None, ttl=120))
+    (u,) = p.updates
+    assert u.sets == {P.A: fs(a(V4))}
+
+
+def test_rollover_order_is_one_everywhere() -> None:
+    """The help, the plan's notes, the nsupdate script and the README give one order."""
+    from pathlib import Path
+
+    from autosp.cli import PUBLISH_EPILOG
+    from autosp.nsupdate import plan_script
+
+    p = P.build_plan(current(ttl=120, ipseckey=[OLD]), desired(None, NEW, ttl=120), wait=False)
+    script = plan_script(p, "198.51.100.4", 53)
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for step in P.ROLLOVER_STEPS:
+        assert step in PUBLISH_EPILOG
+        assert step in script
+        assert step in readme, step
+    note = " ".join(p.notes)
+    assert note.index("--finish-rollover") < note.index("switch the IKE daemon")

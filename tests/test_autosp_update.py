@@ -152,7 +152,7 @@ def test_plan_script_stops_at_the_rollover_wait() -> None:
 
 
 def test_nothing_to_do_script_has_no_send() -> None:
-    cur = P.Current(NAME, {P.A: P.RRsetState(P.A, frozenset({A1}), 60)})
+    cur = P.Current(NAME, {P.A: P.RRsetState(P.A, frozenset({A1}), 300)})
     plan = P.build_plan(cur, P.Desired(NAME, ZONE, 300,
                                        (ipaddress.ip_address("198.51.100.11"),), None))
     text = plan_script(plan, "198.51.100.4", 53)

@@ -15,7 +15,8 @@ import pytest
 PURE = ("resolver.validator.types", "resolver.validator.response", "resolver.policy",
         "resolver.ipseckey", "resolver.answer", "resolver.rrsets", "resolver.tunnels.intents",
         "resolver.endpoints.core", "resolver.endpoints.protocol", "resolver.namedconf",
-        "resolver.configtable")
+        "resolver.configtable", "resolver.cache", "resolver.iterate_core",
+        "resolver.iterate_infra", "resolver.iterate_hints", "resolver.logevent")
 # Everything the core may import: itself, the package markers, the errors, the validator.
 ALLOWED = set(PURE) | {"resolver", "resolver.errors", "resolver.endpoints", "resolver.tunnels",
                        "resolver.validator"}

@@ -35,7 +35,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -46,6 +46,7 @@ from resolver.endpoints.config import ControlConfig
 from resolver.endpoints.manager import EndpointManager, Tunnels
 from resolver.endpoints.protocol import (
     MAX_REQUEST,
+    NO_NAME,
     PERMISSION_DENIED,
     EndpointError,
     Request,
@@ -124,7 +125,8 @@ class ControlServer:
 
     def __init__(self, path: Path, ops: EndpointOps, *, clock: Callable[[], float] = time.time,
                  allowed_uids: frozenset[int] | None = None, read_timeout: float = 5.0,
-                 op_timeout: float = 25.0) -> None:
+                 op_timeout: float = 25.0,
+                 extra: Mapping[str, Callable[[float], Awaitable[Any]]] | None = None) -> None:
         self.path = path
         self.ops = ops
         self.clock = clock
@@ -134,6 +136,15 @@ class ControlServer:
         self._server: asyncio.Server | None = None
         self._inode: tuple[int, int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Operations that are not about endpoints (stats, debug-hang): name -> fn(now).
+        self.extra = dict(extra or {})
+
+    async def _dispatch(self, req: Request, now: float) -> Any:
+        if req.op in self.extra:
+            return await self.extra[req.op](now)
+        if req.op not in NO_NAME or req.op == "list":
+            return await dispatch(self.ops, req, now)
+        raise EndpointError("bad-request", f"{req.op} is not enabled in this resolver")
 
     async def start(self) -> None:
         """Bind and listen.
@@ -205,7 +216,7 @@ class ControlServer:
             log.info("control: %s %s", req.op, req.name or "")
             # Shielded: an operation that outlives the client's patience (or the client) is
             # finished, not cancelled half-way (a tunnel up but the endpoint not recorded).
-            op = asyncio.ensure_future(dispatch(self.ops, req, self.clock()))
+            op = asyncio.ensure_future(self._dispatch(req, self.clock()))
             op.add_done_callback(_log_late_failure)
             result = await asyncio.wait_for(asyncio.shield(op), self.op_timeout)
             return reply_ok(result)
@@ -322,7 +333,9 @@ class ControlService:
 
 async def start_control(config: ConfigLike, resolution: Resolver, provisioner: Tunnels, *,
                         clock: Callable[[], float] = time.time,
-                        policy: Policy | None = None) -> ControlService | None:
+                        policy: Policy | None = None,
+                        extra: Mapping[str, Callable[[float], Awaitable[Any]]] | None = None
+                        ) -> ControlService | None:
     """Parse [control], restore the pinned endpoints, listen on the control socket.
 
     Call it after the Provisioner's `reconcile(now)` (so restored endpoints find their
@@ -335,6 +348,7 @@ async def start_control(config: ConfigLike, resolution: Resolver, provisioner: T
         provisioner: the Provisioner (`pin`, `ensure`, `release`, `tunnels`).
         clock: POSIX time (the daemon's clock).
         policy: the Policy, for the group of endpoints added without --group.
+        extra: operations beyond the endpoint ones (`stats`, `debug-hang`): name -> fn(now).
 
     Returns:
         The running service (close it at shutdown), or None if [control] enabled = false.
@@ -349,7 +363,7 @@ async def start_control(config: ConfigLike, resolution: Resolver, provisioner: T
         return None
     manager = EndpointManager(resolution, provisioner, cfg.state_file, policy=policy)
     manager.load()
-    server = ControlServer(cfg.socket, manager, clock=clock)
+    server = ControlServer(cfg.socket, manager, clock=clock, extra=extra)
     await server.start()
     timer = asyncio.create_task(manager.run(clock), name="endpoint-timer")
     return ControlService(server, manager, timer)

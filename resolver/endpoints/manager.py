@@ -52,6 +52,7 @@ from resolver.endpoints.core import (
 from resolver.endpoints.protocol import EndpointError
 from resolver.errors import ProvisioningError, ResolverError, StateCorrupt
 from resolver.ipseckey import IpsecKey
+from resolver.logevent import log_event
 from resolver.policy import Group, Policy
 from resolver.resolve import Resolver
 from resolver.rrsets import ADDRESS_TYPES, gateway_addresses
@@ -274,7 +275,8 @@ class EndpointManager:
         ep.restored = False
         ep.last_refresh = now
         if isinstance(obs, Failure):
-            log.warning("endpoint %s: %s", display_name(ep.name), obs.reason)
+            log_event(log, logging.WARNING, "endpoint-refresh-failed", name=ep.name,
+                      code=obs.code, reason=obs.reason)
             self._failed(ep, obs.code, obs.reason, now)  # Rule 4: tunnels stay
             return obs
         gw_addrs = await self._gateway_addresses(choose_key(ep.key, obs.keys), now)
@@ -336,7 +338,8 @@ class EndpointManager:
                 # Still pinned: the Provisioner keeps this conn loaded (parked), so that the
                 # peer can initiate to us; `_release_failed` lets go of it with the address.
                 ep.code = failure_code(res)
-                log.warning("endpoint %s: tunnel to %s: %s", display_name(ep.name), dest, res)
+                log_event(log, logging.WARNING, "endpoint-tunnel-failed", name=ep.name,
+                          peer=dest, reason=str(res))
             elif isinstance(res, BaseException):
                 raise res  # a bug: let the control server / timer loop report it
             else:

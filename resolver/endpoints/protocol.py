@@ -10,9 +10,13 @@ autosp/control.py speaks it. No I/O here: bytes in, values out (and back).
     request:  {"op": "add", "name": "vpn.example.com.", "group": "private"}  (group optional)
               {"op": "remove", "name": ...}   {"op": "list"}   {"op": "status", "name": ...}
               {"op": "refresh"}   {"op": "refresh", "name": ...}
+              {"op": "stats"}   {"op": "debug-hang"} (only with [debug] allow_hang = true)
 
 `list` and `refresh` return {"endpoints": [ENDPOINT...]}, `status` and `add` return ENDPOINT,
-`remove` returns {"removed": NAME}. ENDPOINT is the dict made by resolver.endpoints.core.view:
+`remove` returns {"removed": NAME}, `stats` {"now": POSIX time, "metrics": [FAMILY...]} with
+FAMILY = {"name", "type", "help", "samples": [{"name", "labels": {..}, "value"}]} (the numbers
+of resolver/metrics.py), `debug-hang` {"hanging": SECONDS}. ENDPOINT is the dict made by
+resolver.endpoints.core.view:
 {"name", "addresses": [..], "algorithm", "fingerprint", "security", "tunnel",
  "next_refresh": POSIX time or null, "error": "" or why it failed}, then details for `status`.
 
@@ -34,7 +38,8 @@ import dns.name
 DEFAULT_SOCKET: Final = Path("/run/ipseckey-resolver/control.sock")  # where each looks first
 MAX_REQUEST: Final = 64 * 1024  # a request is a few hundred bytes; this bounds a hostile one
 MAX_REPLY: Final = 4 << 20  # `list` of many endpoints; bounds what a client reads
-OPS: Final = ("add", "remove", "list", "status", "refresh")
+OPS: Final = ("add", "remove", "list", "status", "refresh", "stats", "debug-hang")
+NO_NAME: Final = frozenset({"list", "stats", "debug-hang"})  # ops that take no name
 _FIELDS: Final = frozenset({"op", "name", "group"})
 _NEEDS_NAME: Final = frozenset({"add", "remove", "status"})
 
@@ -116,8 +121,8 @@ def check_request(op: Any, name: Any = None, group: Any = None) -> Request:
         if op in _NEEDS_NAME:
             raise _bad(f"{op} needs a name")
         return Request(op, None, group)
-    if op == "list":
-        raise _bad("list takes no name")
+    if op in NO_NAME:
+        raise _bad(f"{op} takes no name")
     if not isinstance(name, str):
         raise _bad("'name' must be a string")
     try:

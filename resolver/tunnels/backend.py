@@ -8,11 +8,13 @@ that knows which implementations exist.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 from resolver.errors import ConfigError, ProvisioningError
 from resolver.tunnels.config import Identity, ProvisionConfig
 from resolver.tunnels.dryrun import DryRunBackend
+from resolver.tunnels.events import BackendEvent, HeldSa
 from resolver.tunnels.intents import InstallTunnel, Intent, ItemKind, PolicyKey, RemoveTunnel
 from resolver.tunnels.vici import ViciBackend
 from resolver.tunnels.xfrm import XfrmBackend
@@ -26,6 +28,17 @@ class ProvisioningBackend(Protocol):
     async def apply(self, intent: Intent) -> None: ...
 
     async def installed(self) -> frozenset[PolicyKey]: ...
+
+
+@runtime_checkable
+class WatchableBackend(Protocol):
+    """A backend that reports its daemon's events and what it holds (resolver/watch.py)."""
+
+    def watch(self, sink: Callable[[BackendEvent], None]) -> bool:
+        """Start reporting to `sink` (on the running loop); False: nothing to watch."""
+        ...
+
+    async def live(self) -> frozenset[HeldSa]: ...
 
 
 class CompositeBackend:
@@ -46,6 +59,15 @@ class CompositeBackend:
         if self.shunts is not None:
             found |= {k for k in await self.shunts.installed() if k.kind is ItemKind.SHUNT}
         return frozenset(found)
+
+    def watch(self, sink: Callable[[BackendEvent], None]) -> bool:
+        """Watch the tunnel backend (False for one that cannot be watched: the dry run)."""
+        return isinstance(self.tunnels, WatchableBackend) and self.tunnels.watch(sink)
+
+    async def live(self) -> frozenset[HeldSa]:
+        if isinstance(self.tunnels, WatchableBackend):
+            return await self.tunnels.live()
+        return frozenset()
 
 
 def make_backend(config: ProvisionConfig, identity: Identity | None, *,

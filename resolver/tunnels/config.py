@@ -35,6 +35,8 @@ class ProvisionConfig(Section):
     failure_hold = 10                  # seconds a failed setup is answered from memory
     max_setups = 32                    # IKE setups in flight at once; the rest wait their turn
     state_file = "/var/lib/ipseckey-resolver/state.json"
+    watch_interval = 30                # seconds between checks of charon's SAs besides its
+                                       # events (0: only events and reconnects)
     ```
     """
 
@@ -49,6 +51,7 @@ class ProvisionConfig(Section):
     failure_hold: float = 10.0
     max_setups: int = 32
     state_file: Path | None = None
+    watch_interval: float = 30.0
 
     @classmethod
     def from_table(cls, t: Table) -> ProvisionConfig:
@@ -65,6 +68,8 @@ class ProvisionConfig(Section):
                                between(0, 3600, "seconds")),
             max_setups=t.get("max_setups", int, d.max_setups, between(1, 4096)),
             state_file=_optional_path(t.get("state_file", str, d.state_file, non_empty)),
+            watch_interval=t.get("watch_interval", float, d.watch_interval,
+                                 between(0, 3600, "seconds")),
         )
         t.done()
         return cfg

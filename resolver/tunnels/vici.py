@@ -6,8 +6,8 @@ generators, so every command runs in a worker thread of a small dedicated pool (
 never interleave on one socket, and 200 concurrent setups do not make 200 connects (charon's
 listen backlog is small: a burst of connects failed with EAGAIN). No worker ever waits for an
 SA: waiting is done on the event loop, on a future that one *event listener* thread (its own
-session, `listen(["child-updown", "ike-updown"])`) completes when charon reports the CHILD_SA
-up. Before it, each setup polled `list-sas` every 2-20 ms in a thread of its own: measured, 64
+session; resolver/tunnels/vici_listener.py) completes when charon reports the CHILD_SA up.
+Before it, each setup polled `list-sas` every 2-20 ms in a thread of its own: measured, 64
 threads polling kept charon and the GIL busy, detected an SA up to 7 ms late, and the setups
 queued behind one another. A slow poll (25 ms doubling to 250 ms) remains as the safety net
 for a missed event (listener reconnecting after a charon restart) and to see a failed IKE_SA.
@@ -31,6 +31,10 @@ setup that carries traffic; each step is there for a failure seen without it):
      stop retransmits) and then `unload-conn` (unload alone keeps an established SA).
 Foreign exceptions (OSError, vici.exception.*) become ProvisioningError subclasses here, once.
 
+The watch (resolver/watch.py): `watch(sink)` starts the same listener for good and has it report
+charon's events about our SAs and the end and return of its own session (a dead charon);
+`live()` is what charon holds right now (one list-sas), against which every report is checked.
+
 Both ends run our code (issue 11). A peer whose responder did not know us yet answers
 AUTHENTICATION_FAILED and looks our key up (resolver/responder/); the initiate is then tried
 again after RETRY_DELAYS (10 ms, doubling), within the setup timeout (`_install_retrying`; the
@@ -46,7 +50,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import errno
 import logging
 import socket
 import threading
@@ -68,6 +71,7 @@ from resolver.ipseckey import spki_pem
 from resolver.keyfile import read_private_key_file
 from resolver.responder.charonlog import Failure, Reason
 from resolver.tunnels.config import Identity
+from resolver.tunnels.events import BackendEvent, HeldSa
 from resolver.tunnels.intents import (
     CONN_PREFIX,
     InstallShunt,
@@ -78,6 +82,13 @@ from resolver.tunnels.intents import (
     RemoveTunnel,
     TunnelSpec,
 )
+from resolver.tunnels.vici_listener import (
+    SESSION_ERRORS,
+    EventListener,
+    child_installed,
+    connect,
+    text,
+)
 from resolver.tunnels.vici_log import CharonLog
 
 log = logging.getLogger(__name__)
@@ -87,9 +98,10 @@ T = TypeVar("T")
 _TERMINATE_MS: Final = 1000
 _FIRST_POLL: Final = 0.025  # safety-net poll of list-sas, doubling to _LAST_POLL
 _LAST_POLL: Final = 0.25
-_LISTEN_TICK: Final = 0.1  # the listener's receive timeout (how soon it notices close())
-_SESSION_ERRORS: Final = (OSError, vici.exception.SessionException,
-                          vici.exception.DeserializationException)
+# CHILD_SA states that carry traffic (REKEYING/UPDATING: still installed while it changes),
+# and IKE_SA states whose CHILD_SAs no longer count (being deleted).
+_HELD_CHILD: Final = frozenset({"INSTALLED", "REKEYING", "UPDATING"})
+_DYING_IKE: Final = frozenset({"DELETING", "DESTROYING"})
 _SUPPORTED: Final = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey,
                      ed448.Ed448PublicKey)
 # After an AUTHENTICATION_FAILED, try again after these pauses (seconds), as long as the setup
@@ -137,8 +149,8 @@ class ViciBackend:
         self._own_spki = spki_pem(public)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="vici")
         self._local = threading.local()  # each worker's open session
-        self._events = _Listener(socket_uri, connect_timeout)
-        self.log = CharonLog(lambda: _connect(socket_uri, connect_timeout))
+        self._events = EventListener(socket_uri, connect_timeout)
+        self.log = CharonLog(lambda: connect(socket_uri, connect_timeout))
         self._loaded: dict[str, dict[str, Any]] = {}  # conn name -> its load-conn payload
         self._cred_lock = threading.Lock()  # load-conn vs. clear-creds and the reload after it
         self.keys_left = False  # a conn with a key was unloaded since the last reload
@@ -162,6 +174,17 @@ class ViciBackend:
         """Our connections loaded in charon (by the "isk-" prefix)."""
         names = await self._run(self._conn_names)
         return frozenset(PolicyKey.tunnel(n) for n in names if n.startswith(CONN_PREFIX))
+
+    def watch(self, sink: Callable[[BackendEvent], None]) -> bool:
+        """Report charon's events and the event session's state to `sink`, called on the
+        running event loop (see resolver/tunnels/events.py). Starts the listener."""
+        self._events.subscribe(asyncio.get_running_loop(), sink)
+        self._events.start()
+        return True
+
+    async def live(self) -> frozenset[HeldSa]:
+        """Our CHILD_SAs charon holds now: INSTALLED, in an IKE_SA not being deleted."""
+        return await self._run(self._held)
 
     async def child_states(self) -> dict[str, str]:
         """CHILD_SA name -> state for our connections (tests, `autosp status`)."""
@@ -314,6 +337,7 @@ class ViciBackend:
             self._events.discard(spec.name, waiter)
         self.timings.append(((t1 - t0) * 1000, (time.perf_counter() - t1) * 1000))
         if old_ids:
+            self._events.ending(old_ids)  # our own doing, not a loss for the watch
             await self._run(self._terminate_ids, old_ids)
 
     def _prepare(self, spec: TunnelSpec, timeout: float, replaces: bool, deadline: float
@@ -387,7 +411,7 @@ class ViciBackend:
                     return
                 pause = min(pause * 2, _LAST_POLL)
                 ikes = await self._run(self._new_ike_sas, spec.name, old_ids)
-                if any(_child_installed(ike, spec.name) for ike in ikes):
+                if any(child_installed(ike, spec.name) for ike in ikes):
                     return
                 if ikes:
                     seen = True
@@ -400,7 +424,7 @@ class ViciBackend:
 
     def _new_ike_sas(self, name: str, old_ids: set[str]) -> list[dict[str, Any]]:
         return [ike for ike in _ike_sas(self._session(), name)
-                if _text(ike.get("uniqueid", b"")) not in old_ids]
+                if text(ike.get("uniqueid", b"")) not in old_ids]
 
     def _remove(self, name: str, keep_conn: bool = False) -> None:
         s = self._session()
@@ -415,8 +439,24 @@ class ViciBackend:
         with contextlib.suppress(vici.exception.CommandException):  # not loaded: fine
             s.unload_conn({"name": name})
 
+    def _held(self) -> frozenset[HeldSa]:
+        # list_sas is a lazy generator: collect everything before sending anything else.
+        sas = list(self._session().list_sas())
+        held = set()
+        for sa in sas:
+            for name, ike in sa.items():
+                if not text(name).startswith(CONN_PREFIX) or \
+                        text(ike.get("state", b"")) in _DYING_IKE:
+                    continue
+                for child in (ike.get("child-sas") or {}).values():
+                    if text(child.get("state", b"")) in _HELD_CHILD:
+                        held.add(HeldSa(text(child.get("name", b"")),
+                                        text(ike.get("uniqueid", b"")),
+                                        text(child.get("uniqueid", b""))))
+        return frozenset(held)
+
     def _conn_names(self) -> list[str]:
-        return [_text(n) for n in self._session().get_conns().get("conns", [])]
+        return [text(n) for n in self._session().get_conns().get("conns", [])]
 
     def _child_states(self) -> dict[str, str]:
         return {name: state for name, state in _children(self._session())
@@ -424,7 +464,7 @@ class ViciBackend:
 
     def _ensure_key(self, s: vici.Session) -> None:
         """load-key once per charon lifetime (a restarted charon forgot it)."""
-        since = _text(s.stats().get("uptime", {}).get("since", b""))
+        since = text(s.stats().get("uptime", {}).get("since", b""))
         with self._key_lock:
             if since and since == self._charon_since:
                 return
@@ -436,7 +476,7 @@ class ViciBackend:
         """This worker's open session (connected on first use, again after an error)."""
         session: vici.Session | None = getattr(self._local, "session", None)
         if session is None:
-            sock = _connect(self.uri, self.connect_timeout)
+            sock = connect(self.uri, self.connect_timeout)
             session = vici.Session(sock)
             self._local.session, self._local.sock = session, sock
         return session
@@ -452,7 +492,7 @@ class ViciBackend:
         reused = getattr(self._local, "session", None) is not None
         try:
             return fn(*args)
-        except _SESSION_ERRORS:
+        except SESSION_ERRORS:
             self._drop_session()
             if not reused:
                 raise
@@ -474,125 +514,13 @@ class ViciBackend:
             raise TunnelRejected(f"IKE daemon refused: {exc}") from None
 
 
-def _connect(uri: str, timeout: float) -> socket.socket:
-    if uri.startswith("unix://"):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address: Any = uri[len("unix://"):]
-    elif uri.startswith("tcp://"):
-        host, _, port = uri[len("tcp://"):].rpartition(":")
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        address = (host.strip("[]"), int(port))
-    else:
-        raise IkeDaemonUnreachable(f"unsupported VICI URI {uri!r}")
-    sock.settimeout(timeout)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            sock.connect(address)
-            break
-        except OSError as exc:
-            # A unix socket's full listen backlog answers a timed connect with EAGAIN at once.
-            if exc.errno == errno.EAGAIN and time.monotonic() < deadline:
-                time.sleep(0.002)
-                continue
-            sock.close()
-            raise
-    # Blocking reads from here on: initiate may legitimately take the whole setup timeout,
-    # which is bounded by charon (the "timeout" we pass) and by the provisioner.
-    sock.settimeout(None)
-    return sock
-
-
-class _Listener:
-    """One thread with one session listening for child-updown / ike-updown events.
-
-    `expect(name, old_ids)` registers a waiter (a concurrent future, completed from this thread)
-    for connection `name`; a CHILD_SA `name` reported up in an IKE_SA not in `old_ids`
-    completes it, that IKE_SA reported down fails it (TunnelRejected). The thread reconnects
-    after errors (charon restarted); meanwhile the callers' polls carry on.
-    """
-
-    def __init__(self, uri: str, connect_timeout: float) -> None:
-        self.uri, self.connect_timeout = uri, connect_timeout
-        self.ready = threading.Event()  # registered for events (cleared while reconnecting)
-        self._lock = threading.Lock()
-        self._waiters: dict[str, list[tuple[concurrent.futures.Future[None], set[str]]]] = {}
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-
-    def start(self) -> None:
-        with self._lock:
-            if self._thread is None and not self._stop.is_set():
-                self._thread = threading.Thread(target=self._run, name="vici-events",
-                                                daemon=True)
-                self._thread.start()
-
-    def close(self) -> None:
-        self._stop.set()
-
-    def expect(self, name: str, old_ids: set[str]) -> concurrent.futures.Future[None]:
-        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
-        with self._lock:
-            self._waiters.setdefault(name, []).append((fut, old_ids))
-        return fut
-
-    def discard(self, name: str, fut: concurrent.futures.Future[None]) -> None:
-        with self._lock:
-            left = [w for w in self._waiters.get(name, []) if w[0] is not fut]
-            if left:
-                self._waiters[name] = left
-            else:
-                self._waiters.pop(name, None)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                sock = _connect(self.uri, self.connect_timeout)
-            except OSError as exc:
-                log.debug("VICI event listener: %s", exc)
-                self._stop.wait(0.5)
-                continue
-            events = vici.Session(sock).listen(["child-updown", "ike-updown"],
-                                               timeout=_LISTEN_TICK)
-            try:
-                for label, msg in events:
-                    self.ready.set()  # first yield: both registrations were confirmed
-                    if self._stop.is_set():
-                        break
-                    if label is not None:
-                        self._event(_text(label), msg)
-            except _SESSION_ERRORS as exc:
-                log.debug("VICI event listener lost its session: %s", exc)
-            finally:
-                self.ready.clear()
-                with contextlib.suppress(*_SESSION_ERRORS):
-                    events.close()  # unregisters (on a live session)
-                sock.close()
-
-    def _event(self, label: str, msg: dict[str, Any]) -> None:
-        up = _text(msg.get("up", b"")) == "yes"
-        for name, ike in msg.items():
-            if not isinstance(ike, dict):
-                continue
-            uid = _text(ike.get("uniqueid", b""))
-            with self._lock:
-                waiters = [w for w in self._waiters.get(_text(name), []) if uid not in w[1]]
-            for fut, _ in waiters:
-                if fut.done():
-                    continue
-                if label == "child-updown" and up and _child_installed(ike, _text(name)):
-                    fut.set_result(None)
-                elif label == "ike-updown" and not up:
-                    fut.set_exception(TunnelRejected(f"IKE_SA {_text(name)} went down"))
-
-
 def _children(s: vici.Session) -> Iterator[tuple[str, str]]:
     # list_sas is a lazy generator: collect everything before sending anything else.
     sas = list(s.list_sas())
     for sa in sas:
         for ike in sa.values():
             for child in (ike.get("child-sas") or {}).values():
-                yield _text(child.get("name", b"")), _text(child.get("state", b""))
+                yield text(child.get("name", b"")), text(child.get("state", b""))
 
 
 def _ike_sas(s: vici.Session, name: str) -> list[dict[str, Any]]:
@@ -601,25 +529,13 @@ def _ike_sas(s: vici.Session, name: str) -> list[dict[str, Any]]:
 
 
 def _ike_ids(s: vici.Session, name: str) -> set[str]:
-    return {_text(ike.get("uniqueid", b"")) for ike in _ike_sas(s, name)}
+    return {text(ike.get("uniqueid", b"")) for ike in _ike_sas(s, name)}
 
 
 def _installed_child(s: vici.Session, name: str, exclude: set[str] | None = None) -> bool:
     """Whether a CHILD_SA `name` is INSTALLED (in an IKE_SA whose id is not in `exclude`)."""
-    return any(_child_installed(ike, name) for ike in _ike_sas(s, name)
-               if not (exclude and _text(ike.get("uniqueid", b"")) in exclude))
-
-
-def _child_installed(ike: dict[str, Any], name: str) -> bool:
-    for child in (ike.get("child-sas") or {}).values():
-        if _text(child.get("name", b"")) == name and \
-                _text(child.get("state", b"")) == "INSTALLED":
-            return True
-    return False
-
-
-def _text(v: object) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+    return any(child_installed(ike, name) for ike in _ike_sas(s, name)
+               if not (exclude and text(ike.get("uniqueid", b"")) in exclude))
 
 
 def _read(path: Path) -> bytes:

@@ -47,6 +47,7 @@ from dns.rdtypes.ANY.CNAME import CNAME
 from dns.rdtypes.ANY.DNAME import DNAME
 from dns.rdtypes.ANY.SOA import SOA
 
+from resolver.logevent import log_event
 from resolver.validator.anchors import TrustAnchors
 from resolver.validator.chain import Fetch, TrustChain
 from resolver.validator.denial import (
@@ -139,8 +140,9 @@ class Validator:
             turn.release()
         what = f"{qname}/{type_text(qtype)}"
         if result.verdict.security in (Security.BOGUS, Security.INDETERMINATE):
-            log.warning("validation failed: %s %s: %s (EDE %s)", what,
-                        result.verdict.security.value, result.verdict.reason, result.verdict.ede)
+            log_event(log, logging.WARNING, "validation-failed", name=qname, type=type_text(qtype),
+                      security=result.verdict.security.value, reason=result.verdict.reason,
+                      ede=result.verdict.ede)
         else:
             log.debug("validated %s: %s %s", what, result.verdict.security.value,
                       result.verdict.reason)

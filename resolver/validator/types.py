@@ -115,6 +115,13 @@ class Limits:
     skew_max: int = 86400
     cache_entries: int = 10000  # DS/DNSKEY cache entries kept by one Validator
     max_chain_ttl: int = 86400  # longest time a DS/DNSKEY result is cached
+    # Iterative mode (resolver/iterate.py), per client query, all its fetches together; the
+    # queries it sends count against max_fetches (QueryBudget). Against NXNSAttack and
+    # referral loops: PowerDNS takes 13 NS names per delegation and resolves at most 10.
+    max_referrals: int = 32  # referrals followed
+    max_ns_lookups: int = 10  # NS names without usable glue resolved to addresses
+    max_ns_per_referral: int = 13  # NS names taken from one referral (the root has 13)
+    max_iteration_depth: int = 4  # NS-name resolutions nested inside one another
 
 
 class CpuTurn:

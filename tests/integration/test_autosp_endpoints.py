@@ -21,32 +21,27 @@ Run with LAB_ID=k (a private lab instance) when others use the default one.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from lab import Lab, keys
 from lab.net import poll
 from lab.resolverd import ResolverDaemon
-from tests.helpers import children, clean_alice, esp_ping, publish
+from tests.helpers import children, clean_alice, endpoint_status, esp_ping, publish
 
 pytestmark = pytest.mark.integration
 
 NAME = "bob.example.test"
 BOB_MOVED = "198.51.100.111"
 LAB_TTL = 60  # lab/topology.py DEFAULT_TTL: what bob's records are put back with
-
-
-def status(lab: Lab, control: Path) -> dict[str, str]:
-    """`autosp status NAME` as a dict of its "key: value" lines."""
-    r = lab.autosp("alice", "status", NAME, control=control)
-    assert r.returncode == 0, r.stderr
-    return dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
 
 
 def fingerprint(pem: Path) -> str:
@@ -73,11 +68,11 @@ class AliceResolver(ResolverDaemon):
     def autosp(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return self.lab.autosp("alice", *args, control=self.control, timeout=timeout)
 
-    def wait_tunnel(self, want: str = "up", timeout: float = 30) -> dict[str, str]:
-        seen: list[dict[str, str]] = []
+    def wait_tunnel(self, want: str = "up", timeout: float = 30) -> dict[str, Any]:
+        seen: list[dict[str, Any]] = []
 
         def tunnel_is() -> bool:
-            seen.append(status(self.lab, self.control))
+            seen.append(endpoint_status(self.lab, self.control, NAME))
             return seen[-1].get("tunnel") == want
 
         if not poll(tunnel_is, timeout, 0.5):
@@ -140,17 +135,20 @@ def test_pinned_endpoint_follows_move_rollover_and_restart(
     # 2. alice pins bob: a tunnel per address, ESP on the wire for IPv4 and IPv6.
     r = resolver.autosp("add", NAME)
     assert r.returncode == 0, r.stdout + r.stderr + resolver.tail()
-    assert f"added {NAME}." in r.stdout and "tunnel: up" in r.stdout, r.stdout
-    st = status(lab, resolver.control)
-    assert st["addresses"] == f"['{bob4}', '{bob6}']" and st["security"] == "secure"
+    assert f"added {NAME}." in r.stdout and re.search(r"^tunnel:\s+up$", r.stdout, re.M), \
+        r.stdout
+    assert "['" not in r.stdout  # aligned text, not Python reprs
+    st = endpoint_status(lab, resolver.control, NAME)
+    assert st["addresses"] == [bob4, bob6] and st["security"] == "secure"
     assert st["fingerprint"] == old_fp and st["algorithm"] == "ed25519"
     assert len(children(lab)) == 2 and set(children(lab).values()) == {"INSTALLED"}
     esp_ping(lab, bob4, wait=2)
     esp_ping(lab, bob6, family=6, wait=2)
     listing = resolver.autosp("list")
     assert listing.returncode == 0 and re.search(
-        rf"^{re.escape(NAME)}\.\s+{re.escape(bob4)},{re.escape(bob6)}\s+ed25519 SHA256:\S+\s+"
-        r"secure\s+up\s+in \d+ s$", listing.stdout, re.M), listing.stdout
+        rf"^{re.escape(NAME)}\.\s+up\s+secure\s+ed25519\s+in \d+ (s|min)\s+{re.escape(bob4)}\n"
+        rf"\s+{re.escape(bob6)}$", listing.stdout, re.M), listing.stdout
+    assert all(len(line) <= 80 for line in listing.stdout.splitlines()), listing.stdout
 
     # 3. bob moves and publishes again; after `autosp refresh` alice's tunnel follows.
     lab.move("bob", BOB_MOVED)
@@ -159,7 +157,7 @@ def test_pinned_endpoint_follows_move_rollover_and_restart(
     r = resolver.autosp("refresh", NAME)
     assert r.returncode == 0, r.stdout + r.stderr + resolver.tail()
     st = resolver.wait_tunnel()
-    assert st["addresses"] == f"['{BOB_MOVED}', '{bob6}']", st
+    assert st["addresses"] == [BOB_MOVED, bob6], st
     esp_ping(lab, BOB_MOVED, wait=2)
     assert len(children(lab)) == 2  # the tunnel to the old address is gone
 
@@ -173,8 +171,8 @@ def test_pinned_endpoint_follows_move_rollover_and_restart(
     lab.flush()
     r = resolver.autosp("refresh", NAME)
     assert r.returncode == 0, r.stdout + r.stderr
-    st = status(lab, resolver.control)
-    assert st["keys_published"] == "2" and st["fingerprint"] == old_fp and st["tunnel"] == "up"
+    st = endpoint_status(lab, resolver.control, NAME)
+    assert st["keys_published"] == 2 and st["fingerprint"] == old_fp and st["tunnel"] == "up"
     esp_ping(lab, BOB_MOVED, wait=2)
     #    Phase 2: the old key is withdrawn and bob's charon signs with the new one. alice moves
     #    to the new key while a ping runs: the old SA carries it until the new one is up.
@@ -189,19 +187,19 @@ def test_pinned_endpoint_follows_move_rollover_and_restart(
     out, _ = pinger.communicate(timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr + resolver.tail()
     assert pinger.returncode == 0 and " 0% packet loss" in out, out
-    st = status(lab, resolver.control)
-    assert st["fingerprint"] == new_fp and st["keys_published"] == "1" and st["tunnel"] == "up"
+    st = endpoint_status(lab, resolver.control, NAME)
+    assert st["fingerprint"] == new_fp and st["keys_published"] == 1 and st["tunnel"] == "up"
     esp_ping(lab, BOB_MOVED, wait=2)
     esp_ping(lab, bob6, family=6, wait=2)
 
     # 5. kill -9 and restart: the same endpoint, its tunnels come back.
-    before = resolver.autosp("list").stdout
+    before = resolver.autosp("--json", "list").stdout
     resolver.kill9()
     assert resolver.autosp("list").returncode == 3  # daemon not running: exit 3
     resolver.start()
     st = resolver.wait_tunnel()
-    assert st["addresses"] == f"['{BOB_MOVED}', '{bob6}']" and st["fingerprint"] == new_fp
-    after = resolver.autosp("list").stdout
+    assert st["addresses"] == [BOB_MOVED, bob6] and st["fingerprint"] == new_fp
+    after = resolver.autosp("--json", "list").stdout
     assert _rows(after) == _rows(before), (before, after)
     assert len(children(lab)) == 2 and set(children(lab).values()) == {"INSTALLED"}
     esp_ping(lab, BOB_MOVED, wait=2)
@@ -219,10 +217,11 @@ def test_pinned_endpoint_follows_move_rollover_and_restart(
     esp_ping(lab, bob6, family=6, wait=2)
 
 
-def _rows(table: str) -> list[list[str]]:
-    """`autosp list` rows without the NEXT REFRESH column (it counts down)."""
-    return [line.split()[:-3] if line.split()[-1] == "s" else line.split()
-            for line in table.splitlines()[1:]]
+def _rows(listing: str) -> list[dict[str, Any]]:
+    """`autosp --json list` endpoints without their times (they move on)."""
+    times = ("next_refresh", "last_refresh", "added")
+    return [{k: v for k, v in e.items() if k not in times}
+            for e in json.loads(listing)["endpoints"]]
 
 
 def test_add_refuses_names_without_a_secure_key(lab: Lab, resolver: AliceResolver) -> None:

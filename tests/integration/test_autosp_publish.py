@@ -135,3 +135,30 @@ def test_rollover_no_wait_publishes_both_then_finish(lab: Lab, tmp_path: Path) -
                    "--no-check")
     assert done.returncode == 0, done.stderr
     assert key_b64(records(lab, PRIMARY, "split.example.test", "IPSECKEY")[1]) == {new_b64}
+
+
+def test_require_secure_right_after_a_move_is_not_fooled_by_the_resolvers_cache(
+        lab: Lab, tmp_path: Path) -> None:
+    """Issue 14: a DHCP hook moving the host runs `publish --require-secure`; Unbound still
+    caches the old address (TTL 300) and must not make it fail: the check reads the new
+    records from the primary and validates their signatures with the zone's secure keys."""
+    key, _ = keygen(lab, tmp_path, "mover")
+    first = publish(lab, "mover.example.test", "--key", str(key), "--address", "198.51.100.61",
+                    "--ttl", "300", "--require-secure")
+    assert first.returncode == 0, first.stdout + first.stderr
+    ad, addrs = records(lab, lab.unbound_addr, "mover.example.test", "A")  # primes the cache
+    assert ad and addrs == ["198.51.100.61"]
+    moved = publish(lab, "mover.example.test", "--key", str(key), "--address", "198.51.100.62",
+                    "--ttl", "300", "--require-secure")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert "published, secure (signed at the primary" in moved.stdout
+    cached = records(lab, lab.unbound_addr, "mover.example.test", "A")[1]
+    assert cached == ["198.51.100.61"]  # Unbound still has the old one
+    # --ttl alone is a change, applied to every RRset (it used to say "nothing to change").
+    ttl = publish(lab, "mover.example.test", "--key", str(key), "--address", "198.51.100.62",
+                  "--ttl", "120", "--require-secure")
+    assert ttl.returncode == 0 and "nothing to change" not in ttl.stdout, ttl.stdout
+    for rdtype in ("A", "IPSECKEY"):
+        out = lab.exec("alice", ["dig", "+noall", "+answer", f"@{PRIMARY}",
+                                 "mover.example.test", rdtype]).stdout
+        assert {line.split()[1] for line in out.splitlines() if line} == {"120"}, out
