@@ -40,6 +40,8 @@ from resolver.metered import (
 from resolver.policy import Group, Policy, PolicyConfig
 from resolver.provision import Provisioner
 from resolver.resolve import Fetch, PlainHandler, QueryHandler, Upstream, Validating
+from resolver.responder.core import ResponderConfig
+from resolver.responder.manager import Responder, start_responder
 from resolver.service import ServiceRuntime
 from resolver.serviceconfig import DebugConfig, MetricsConfig
 from resolver.tunnels.backend import make_backend
@@ -134,6 +136,10 @@ def check_sections(cfg: Config) -> None:
     if "identity" in cfg.sections:
         Identity.from_section(cfg.sections["identity"], source)
     ControlConfig.from_section(cfg.sections.get("control", {}), source)
+    ResponderConfig.from_section(cfg.sections.get("responder", {}), source)
+    if "responder" in cfg.sections and "identity" not in cfg.sections:
+        raise ConfigError(f"{source}: [responder] needs [identity] (and [provision]): the "
+                          "responder answers as this host's identity")
     MetricsConfig.from_section(cfg.sections.get("metrics", {}), source)
     DebugConfig.from_section(cfg.sections.get("debug", {}), source)
     if "policy" in cfg.sections and "identity" not in cfg.sections:
@@ -204,6 +210,7 @@ async def serve(cfg: Config) -> int:
     watch: TunnelWatch | None = None
     wire_cache = WireCache(cfg.cache.max_entries)
     control: ControlService | None = None
+    responder: Responder | None = None
     tasks: list[asyncio.Task[None]] = []
     check_sections(cfg)
     runtime = ServiceRuntime(metrics, cfg.sections, source)
@@ -217,8 +224,9 @@ async def serve(cfg: Config) -> int:
                         own_addresses=own)
         for warning in policy.warnings():
             log.warning("%s", warning)
+        backend = make_backend(pcfg, ident, source=source)
         provisioner = Provisioner(
-            MeteredBackend(make_backend(pcfg, ident, source=source), metrics), pcfg,
+            MeteredBackend(backend, metrics), pcfg,
             must_drop=lambda s: policy.group_for(s.key.owner, (s.destination,)) is Group.PRIVATE)
         provisioner.on_lost.append(wire_cache.clear)  # answers given for a lost tunnel
         metrics.watch_provisioner(provisioner)
@@ -229,6 +237,11 @@ async def serve(cfg: Config) -> int:
                                  payload=cfg.server.edns_payload)
         metrics.watch_capture(handler)
         tasks.append(asyncio.create_task(_expire_loop(provisioner)))
+        # Unknown initiators in, through DNS (issue 11): after reconcile, before queries.
+        responder = await start_responder(cfg.sections, source, ident, backend.tunnels,
+                                          resolution)
+        if responder is not None:
+            tasks.append(asyncio.create_task(responder.run()))
         control = await start_control(cfg, resolution, provisioner, clock=time.time,
                                       policy=policy, extra=runtime.control_ops())
         if control is not None:
@@ -264,6 +277,8 @@ async def serve(cfg: Config) -> int:
         await runtime.close()
         for task in tasks:
             task.cancel()
+        if responder is not None:
+            await responder.close()
         if control is not None:
             await control.close()
         if watch is not None:

@@ -36,7 +36,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any, Final
@@ -123,7 +123,12 @@ class _WildcardUp:
     ike_id: str
 
 
-_Event = UnknownInitiator | _Up | _Down | _WildcardUp
+@dataclass(frozen=True, slots=True)
+class _Connected:
+    """The log session registered (again): charon may have restarted and lost our conns."""
+
+
+_Event = UnknownInitiator | _Up | _Down | _WildcardUp | _Connected
 
 
 class Responder:
@@ -148,6 +153,7 @@ class Responder:
         self._swept_at = 0.0
         self._warned_foreign = False
         self._wake = asyncio.Event()
+        self._connects = 0
 
     # -- start and stop --------------------------------------------------------------------
 
@@ -164,6 +170,7 @@ class Responder:
             log.warning("responder: charon holds conn %r, which accepts any identity with a "
                         "pre-shared key: whoever has that key may claim any name there; such "
                         "identities are never taken as authenticated by us", name)
+        await self.backend.ensure_key()  # we answer as ourselves: charon must hold our key
         await self._adopt([c for c in loaded if c.name.startswith(RESPONDER_PREFIX)
                            and c.name != WILDCARD])
         payload = wildcard_conn(self.identity.fqdn, self.backend.own_spki)
@@ -202,6 +209,8 @@ class Responder:
         if label == "log":
             found = self._tracker.feed(LogLine.of(event))
             return self._first(found) if found is not None else None
+        if label == "connected":
+            return _Connected()
         up = event.get("up") == "yes"
         for name, ike in event.items():
             if not isinstance(ike, dict):
@@ -234,6 +243,10 @@ class Responder:
     def _on_event(self, event: _Event) -> None:
         if isinstance(event, UnknownInitiator):
             self._unknown(event)
+        elif isinstance(event, _Connected):
+            self._connects += 1
+            if self._connects > 1:  # the first is our own start
+                asyncio.get_running_loop().create_task(self._restore())
         elif isinstance(event, _WildcardUp):
             # Cannot happen (NEVER_GROUP); if it ever does, nothing may stay up under it.
             log.error("responder: an IKE_SA came up under the wildcard conn: terminating it")
@@ -415,6 +428,25 @@ class Responder:
         self.counters.credential_reloads += 1
         log.info("responder: dropped stale credentials, reloaded our key and %d conns", reloaded)
 
+    async def _restore(self) -> None:
+        """charon is back (restarted, or its socket was): our key, the wildcard and every
+        learned conn loaded again, so that peers can initiate to us as before. Their SAs went
+        with the old charon; the peers' own setups bring them back."""
+        try:
+            await self.backend.ensure_key()
+            await self.backend.call(self.backend.load_conn,
+                                    wildcard_conn(self.identity.fqdn, self.backend.own_spki))
+            for entry in list(self.learned.values()):
+                entry.ike_ids.clear()
+                await self.backend.call(self.backend.load_conn, responder_conn(
+                    entry.admit, self.identity.fqdn, self.backend.own_spki,
+                    self.identity.addresses))
+        except ProvisioningError as exc:
+            log.warning("responder: restoring our conns in charon failed: %s", exc)
+            return
+        log.info("responder: charon (re)connected: wildcard and %d learned conns loaded",
+                 len(self.learned))
+
     async def _terminate(self, ike_id: str) -> None:
         with contextlib.suppress(ProvisioningError):
             await self.backend.call(charon.terminate_id, ike_id)
@@ -452,3 +484,23 @@ class Responder:
 
 def _addr(text: str) -> Address:
     return ip_address(text)
+
+
+async def start_responder(sections: Mapping[str, Any], source: str, identity: Identity | None,
+                          tunnels: object, resolution: Resolver) -> Responder | None:
+    """The responder the configuration asks for, started; None when there is none: no
+    [identity], tunnels not over VICI (the dry run), or `[responder] accept = "none"`.
+
+    Raises:
+        ConfigError: a bad [responder] table.
+        ProvisioningError: charon refused the wildcard conn (or cannot be reached).
+    """
+    config = ResponderConfig.from_section(sections.get("responder", {}), source)
+    if identity is None or not isinstance(tunnels, ViciBackend) or not config.enabled:
+        if not config.enabled:
+            log.info("responder off ([responder] accept = \"none\"): only peers we initiate to, "
+                     "or that charon knows otherwise, get tunnels")
+        return None
+    responder = Responder(config, identity, tunnels, resolution)
+    await responder.start()
+    return responder

@@ -197,6 +197,10 @@ class ViciBackend:
 
     # -- for the responder ---------------------------------------------------------------------
 
+    async def ensure_key(self) -> None:
+        """Our private key in charon (again, if charon was restarted since)."""
+        await self._run(lambda: self._ensure_key(self._session()))
+
     @property
     def own_spki(self) -> str:
         """Our public key as SPKI PEM (what a conn's `local.pubkeys` takes)."""

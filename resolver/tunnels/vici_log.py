@@ -13,9 +13,10 @@ file log says) and reconnects with backoff when charon goes away. Two clients:
     or our own refusal of the peer's key. Only conns in `begin` are kept, so memory is bounded
     by the setups in flight.
   * subscribers (the responder, resolver/responder/manager.py): `subscribe(loop, feed, sink)`.
-    `feed(label, event)` runs *on this thread* for every event (it must be cheap and keep its
-    own state; charon sends ~20 log lines per IKE_SA) and returns a value or None; values are
-    handed to `sink` on the subscriber's event loop. Filtering here keeps a flood of IKE_SAs
+    `feed(label, event)` runs *on this thread* for every event (and for "connected", {} each
+    time the session is registered: charon may have been restarted and forgotten everything);
+    it must be cheap and keep its own state (charon sends ~20 log lines per IKE_SA), and
+    returns a value or None; values are handed to `sink` on the subscriber's event loop. Filtering here keeps a flood of IKE_SAs
     from becoming a flood of callbacks on the resolver's loop.
 
 Event values arrive as bytes; they are decoded here once (`decode`), so the feeds read str.
@@ -118,6 +119,7 @@ class CharonLog:
                     if not self.ready.is_set():  # first yield: registrations confirmed
                         self.ready.set()
                         pause = _BACKOFF_FIRST
+                        self._event("connected", {})  # charon (re)started, or we did
                     if self._stop.is_set():
                         break
                     if label is not None:
