@@ -16,8 +16,8 @@ file log says) and reconnects with backoff when charon goes away. Two clients:
     `feed(label, event)` runs *on this thread* for every event (and for "connected", {} each
     time the session is registered: charon may have been restarted and forgotten everything);
     it must be cheap and keep its own state (charon sends ~20 log lines per IKE_SA), and
-    returns a value or None; values are handed to `sink` on the subscriber's event loop. Filtering here keeps a flood of IKE_SAs
-    from becoming a flood of callbacks on the resolver's loop.
+    returns a value or None; values are handed to `sink` on the subscriber's event loop.
+    Filtering here keeps a flood of IKE_SAs from becoming a flood of callbacks on the loop.
 
 Event values arrive as bytes; they are decoded here once (`decode`), so the feeds read str.
 """
