@@ -38,6 +38,7 @@ from resolver.metrics import Registry
 from resolver.policy import SetupFailure, classify
 from resolver.resolve import Resolution
 from resolver.server import Server
+from resolver.tunnels.events import BackendEvent, HeldSa
 from resolver.tunnels.intents import InstallTunnel, Intent, PolicyKey
 from resolver.upstream import Forwarder
 from resolver.validator.response import ValidatedAnswer
@@ -311,3 +312,14 @@ class MeteredBackend:
     async def installed(self) -> frozenset[PolicyKey]:
         found: frozenset[PolicyKey] = await self.backend.installed()
         return found
+
+    # The watch (resolver/watch.py) looks for these on the Provisioner's backend: without
+    # them the wrapper hid charon's events and the daemon ran unwatched.
+    def watch(self, sink: Callable[[BackendEvent], None]) -> bool:
+        watch = getattr(self.backend, "watch", None)
+        return bool(watch(sink)) if watch is not None else False
+
+    async def live(self) -> frozenset[HeldSa]:
+        live = getattr(self.backend, "live", None)
+        held: frozenset[HeldSa] = await live() if live is not None else frozenset()
+        return held

@@ -157,6 +157,32 @@ async def test_backend_wrapper_times_setups_and_counts_failures_by_reason() -> N
     assert sample(m, "tunnel_setups_in_flight") == 0
 
 
+@aio
+async def test_backend_wrapper_keeps_the_backend_watchable() -> None:
+    """The watch finds charon's events through the wrapper (it looks for WatchableBackend on
+    the Provisioner's backend); a backend that cannot be watched stays so."""
+    from resolver.provision import Provisioner
+    from resolver.tunnels.events import HeldSa
+    from resolver.watch import TunnelWatch
+
+    held = frozenset({HeldSa("isk-x", "1", "2")})
+    sinks: list[object] = []
+
+    class Watchable(_Backend):
+        def watch(self, sink: object) -> bool:
+            sinks.append(sink)
+            return True
+
+        async def live(self) -> frozenset[HeldSa]:
+            return held
+
+    watch = TunnelWatch(Provisioner(MeteredBackend(Watchable(), DaemonMetrics())))
+    assert watch.start() and len(sinks) == 1
+    assert await MeteredBackend(Watchable(), DaemonMetrics()).live() == held
+    await watch.close()
+    assert not TunnelWatch(Provisioner(MeteredBackend(_Backend(), DaemonMetrics()))).start()
+
+
 def test_exposition_format_details() -> None:
     r = Registry("x_")
     c = r.counter("events_total", "Events with \\ and\nnewline in help.", ("why",))
