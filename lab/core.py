@@ -458,6 +458,12 @@ class Lab(Probes):
                     self._bare.discard(h)
                 self._reload_charon(h)
 
+    def wipe_charon(self, host: str) -> None:
+        """Every SA, conn and credential of `host`'s charon gone, then its key (and, unless
+        bare, its preloaded peers) loaded again: a clean slate between tests, without a
+        restart."""
+        self._reload_charon(host)
+
     def _reload_charon(self, host: str) -> None:
         """Wipe a running charon (SAs, conns, credentials) and load it as `_load_charon` would."""
         with ike.session(self.vici_path(host), READY_TIMEOUT) as s:
