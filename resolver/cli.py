@@ -242,6 +242,7 @@ async def serve(cfg: Config) -> int:
                                           resolution)
         if responder is not None:
             tasks.append(asyncio.create_task(responder.run()))
+            metrics.watch_responder(responder)
         control = await start_control(cfg, resolution, provisioner, clock=time.time,
                                       policy=policy, extra=runtime.control_ops())
         if control is not None:

@@ -16,9 +16,11 @@ PURE = ("resolver.validator.types", "resolver.validator.response", "resolver.pol
         "resolver.ipseckey", "resolver.answer", "resolver.rrsets", "resolver.tunnels.intents",
         "resolver.endpoints.core", "resolver.endpoints.protocol", "resolver.namedconf",
         "resolver.configtable", "resolver.cache", "resolver.iterate_core",
-        "resolver.iterate_infra", "resolver.iterate_hints", "resolver.logevent")
+        "resolver.iterate_infra", "resolver.iterate_hints", "resolver.logevent",
+        "resolver.responder.core", "resolver.responder.charonlog")
 # Everything the core may import: itself, the package markers, the errors, the validator.
 ALLOWED = set(PURE) | {"resolver", "resolver.errors", "resolver.endpoints", "resolver.tunnels",
+                       "resolver.responder",
                        "resolver.validator"}
 
 

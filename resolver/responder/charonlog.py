@@ -123,6 +123,10 @@ class Tracker:
         self.limit = limit
         self._seen: OrderedDict[str, tuple[str, Address]] = OrderedDict()
 
+    def __len__(self) -> int:
+        """IKE_SAs waiting for their selection line."""
+        return len(self._seen)
+
     def feed(self, line: LogLine) -> UnknownInitiator | None:
         """The unknown initiator this line completes, if any."""
         if not line.ike_id:
