@@ -328,13 +328,23 @@ class Responder:
             await self._evict()
         payload = responder_conn(admit, self.identity.fqdn, self.backend.own_spki,
                                  self.identity.addresses)
-        await self.backend.call(self.backend.load_conn, payload)
         cname = conn_name(name)
         old = self.learned.get(name)
+        # In the books before charon has it: the initiator's retry (and its updown event)
+        # may come back before this coroutine runs again.
         self.learned[name] = _Learned(cname, admit, address,
                                       self.clock() + self.config.lease, took,
                                       old.ike_ids if old is not None else set())
         self._by_conn[cname] = name
+        try:
+            await self.backend.call(self.backend.load_conn, payload)
+        except BaseException:
+            if old is not None:
+                self.learned[name] = old
+            else:
+                self.learned.pop(name, None)
+                self._by_conn.pop(cname, None)
+            raise
         self.counters.loaded += 1
         log.info("responder: %s from %s: loaded a conn with its %s, traffic selectors %s "
                  "(%.1f ms after its first try)", name.to_text(True), address, admit.describe(),
@@ -496,10 +506,17 @@ async def start_responder(sections: Mapping[str, Any], source: str, identity: Id
         ProvisioningError: charon refused the wildcard conn (or cannot be reached).
     """
     config = ResponderConfig.from_section(sections.get("responder", {}), source)
-    if identity is None or not isinstance(tunnels, ViciBackend) or not config.enabled:
-        if not config.enabled:
-            log.info("responder off ([responder] accept = \"none\"): only peers we initiate to, "
-                     "or that charon knows otherwise, get tunnels")
+    if identity is None or not isinstance(tunnels, ViciBackend):
+        return None
+    if not config.enabled:
+        log.info("responder off ([responder] accept = \"none\"): only peers we initiate to, "
+                 "or that charon knows otherwise, get tunnels")
+        # A responder switched off leaves nothing behind: a previous run's wildcard and
+        # learned conns would go on admitting peers.
+        for conn in await tunnels.call(charon.conns):
+            if conn.name.startswith(RESPONDER_PREFIX):
+                log.info("responder off: removing %s", conn.name)
+                await tunnels.call(tunnels.unload_conn, conn.name)
         return None
     responder = Responder(config, identity, tunnels, resolution)
     await responder.start()
