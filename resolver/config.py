@@ -30,7 +30,8 @@ from resolver.validator.types import Limits
 
 DNS_PORT: Final = 53
 RESOLV_CONF: Final = Path("/etc/resolv.conf")
-PASSTHROUGH_TABLES: Final = ("policy", "provision", "control", "identity", "metrics", "debug")
+PASSTHROUGH_TABLES: Final = ("policy", "provision", "control", "identity", "metrics", "debug",
+                             "responder")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 

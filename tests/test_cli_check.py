@@ -21,6 +21,8 @@ default = "private-or-clear"
 private = ["10.1.0.0/16", "corp.example.com."]
 [control]
 socket = "/run/ipseckey-resolver/control.sock"
+[responder]
+accept = ["example.com."]
 """
 
 
@@ -41,6 +43,7 @@ def test_good_config_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     ('backend = "vici"', 'backend = "racoon"', "[provision] key 'backend'"),
     ('fqdn = "alice.example.com"', 'fqdn = 7', "[identity] key 'fqdn'"),
     ('socket = "/run', 'sockt = "/run', "[control] key 'sockt'"),
+    ('accept = ["example.com."]', 'accept = "all"', "[responder] key 'accept'"),
 ])
 def test_bad_key_in_a_delegated_table_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                old: str, new: str, named: str) -> None:
@@ -55,3 +58,10 @@ def test_policy_without_identity_is_refused(tmp_path: Path,
     code, err = check(tmp_path, '[upstream]\nservers = ["192.0.2.1"]\n[policy]\n'
                                 'default = "private"\n', capsys)
     assert code == 2 and "[policy] needs [identity]" in err
+
+
+def test_responder_without_identity_is_refused(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = check(tmp_path, '[upstream]\nservers = ["192.0.2.1"]\n[responder]\n'
+                                'accept = "any"\n', capsys)
+    assert code == 2 and "[responder] needs [identity]" in err
