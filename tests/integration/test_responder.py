@@ -35,7 +35,7 @@ from resolver.errors import ProvisioningError
 from resolver.ipseckey import IpsecKey
 from resolver.responder.core import WILDCARD, conn_name
 from resolver.tunnels.config import Identity
-from resolver.tunnels.intents import InstallTunnel, RemoveTunnel, tunnel_spec
+from resolver.tunnels.intents import InstallTunnel, RemoveTunnel, connection_name, tunnel_spec
 from resolver.tunnels.vici import ViciBackend
 from resolver.tunnels.xfrm import XfrmPolicies
 from tests.helpers import addresses, ede, esp_ping, run
@@ -264,7 +264,9 @@ def test_two_hosts_pinning_each_other_come_up(lab: Lab, hosts: Hosts) -> None:
     first = lab.autosp("bob", "add", "carol.example.test", control=bob.control)
     assert first.returncode == 1 and "NO_PROPOSAL_CHOSEN" in first.stderr, first.stderr
     assert "added carol.example.test, but" in first.stderr  # kept, and retried
-    parked = conn_name_of(lab, "bob", "carol")
+    parked = connection_name(dns.name.from_text("carol.example.test."),
+                             ip_address(lab.addr("carol")))
+    assert parked in lab.conns("bob")  # its setup failed; the conn stays (v4 and v6 both)
     second = lab.autosp("carol", "add", "bob.example.test", control=carol.control)
     assert second.returncode == 0, second.stdout + second.stderr
     assert lab.child_states("carol", "isk-bob-") and lab.child_states("bob", parked)
@@ -277,11 +279,6 @@ def test_two_hosts_pinning_each_other_come_up(lab: Lab, hosts: Hosts) -> None:
                "bob's endpoint did not come up")
     assert up("carol", carol, "bob.example.test")
     esp_ping(lab, lab.addr("carol"), host="bob", peer=lab.addr("carol"), port="carol", count=2)
-
-
-def conn_name_of(lab: Lab, host: str, peer: str) -> str:
-    [name] = [n for n in lab.conns(host) if n.startswith(f"isk-{peer}-")]
-    return name
 
 
 # --- a flood of identities ------------------------------------------------------------------------
