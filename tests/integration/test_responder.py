@@ -105,8 +105,9 @@ def stats(lab: Lab, d: ResolverDaemon) -> dict[str, float]:
     out = {}
     for family in json.loads(r.stdout)["metrics"]:
         for sample in family["samples"]:
+            name = sample["name"].removeprefix("ipseckey_resolver_")
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample["labels"].items()))
-            out[f"{sample['name']}{{{labels}}}" if labels else sample["name"]] = sample["value"]
+            out[f"{name}{{{labels}}}" if labels else name] = sample["value"]
     return out
 
 
