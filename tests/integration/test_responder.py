@@ -390,16 +390,16 @@ def listening(lab: Lab, host: str, address: str) -> Iterator[tuple[socket.socket
 
 
 def send_from(lab: Lab, host: str, source: str, target: str, port: int, data: bytes) -> None:
-    """A datagram from inside `host` with `source` as its address (IP_FREEBIND: the address need
-    not be the host's own)."""
+    """A datagram from inside `host` with `source` as its address (IP_TRANSPARENT: the address
+    need not be the host's own; IP_FREEBIND alone gets ENETUNREACH for IPv4)."""
     family = socket.AF_INET6 if ":" in source else socket.AF_INET
 
     def send() -> None:
         with socket.socket(family, socket.SOCK_DGRAM) as s:
             if family == socket.AF_INET6:
-                s.setsockopt(socket.IPPROTO_IPV6, 78, 1)  # IPV6_FREEBIND
+                s.setsockopt(socket.IPPROTO_IPV6, 75, 1)  # IPV6_TRANSPARENT
             else:
-                s.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND
+                s.setsockopt(socket.IPPROTO_IP, 19, 1)  # IP_TRANSPARENT
             s.bind((source, 0))
             for _ in range(3):
                 s.sendto(data, (target, port))
