@@ -41,6 +41,11 @@ def conns(s: vici.Session) -> list[LoadedConn]:
     return out
 
 
+def has_conn(s: vici.Session, name: str) -> bool:
+    """Whether charon holds conn `name`."""
+    return any(name in entry for entry in list(s.list_conns({"ike": name})))
+
+
 def psk_wildcards(loaded: list[LoadedConn]) -> list[str]:
     """Conns that accept any identity by a pre-shared key (lab-notes, Careful 2): whoever has
     the key may claim any name there, so such an identity proves nothing."""

@@ -302,7 +302,8 @@ class Responder:
             outcome = Refused(f"its lookups took longer than {self.config.lookup_timeout:g} s",
                               lookup=True)
         old = self.learned.get(name)
-        if isinstance(outcome, Admit) and old is not None and same_admission(old.admit, outcome):
+        if (isinstance(outcome, Admit) and old is not None and same_admission(old.admit, outcome)
+                and await self._holds(old.name)):
             # A conn with exactly this key is loaded, yet charon fell back to the wildcard:
             # the initiator does not hold the key the name publishes (or is elsewhere).
             outcome = Refused(f"it does not authenticate with the key {name.to_text(True)} "
@@ -315,6 +316,13 @@ class Responder:
             await self._load(name, outcome, str(who.address), time.perf_counter() - start)
         except ProvisioningError as exc:
             log.warning("responder: conn for %s not loaded: %s", who.identity, exc)
+
+    async def _holds(self, conn: str) -> bool:
+        """Whether charon still holds our conn (someone may have unloaded it behind us)."""
+        try:
+            return await self.backend.call(charon.has_conn, conn)
+        except ProvisioningError:
+            return True  # cannot tell: do not load again blindly
 
     async def _lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType,
                       fresh: bool = False) -> ValidatedAnswer | ResolverError:
