@@ -21,12 +21,14 @@ rate of bob's responder is that of a real host, not shared by all).
     charon wiped), then known (alice's daemon fresh again, bob keeps the conn he learned).
 (c) 50 unknown initiators at once to bob (default [responder] config): how many come up, and
     the time to the last.
-(d) Identity flood: dave's charon initiates with 1,000 random identities; bob's daemon's CPU
-    time and RSS before/after, bob's charon's CPU time, the lookups bob made and the
-    refusals, and a DNS answer's latency during the flood.
+(d) Identity flood: dave's charon initiates with 1,000 random identities, from dave's one
+    address and then from 100 addresses; bob's daemon's CPU time and RSS before/after, bob's
+    charon's CPU time, the lookups bob made and the refusals, and a DNS answer's latency
+    during the flood.
 
 Usage: .venv/bin/python bench/bench_responder.py [--runs 20] [--lookups 15] [--crowd 50]
-                                                 [--flood 1000] [--lab-id q]
+                                                 [--flood 1000] [--flood-sources 100]
+                                                 [--lab-id q]
 """
 
 from __future__ import annotations
@@ -292,9 +294,19 @@ def metrics(lab: Lab, d: ResolverDaemon) -> dict[str, float]:
     return out
 
 
-def part_d(lab: Lab, count: int) -> None:
+def part_d(lab: Lab, count: int, sources: int) -> None:
+    """The flood from `sources` addresses of dave's (1: dave's own IPv4 address; more: extra
+    IPv6 addresses 2001:db8:100::3:<j>, so that neither charon's per-address half-open limit
+    nor our per-address rate holds it back: only the global rate does)."""
     lab.wipe_charon("bob")
     lab.wipe_charon("dave")
+    if sources > 1:
+        addrs = [f"2001:db8:100::3:{j:x}" for j in range(1, sources + 1)]
+        lab.exec("dave", ["ip", "-batch", "-"],
+                 input="".join(f"addr add {a}/64 dev eth0 nodad\n" for a in addrs))
+        target = lab.addr("bob", 6)
+    else:
+        addrs, target = [lab.addr("dave")], lab.addr("bob")
     bob = ResolverDaemon(lab, "bob", name="bench-bob-flood")
     bob.start()
     try:
@@ -306,9 +318,10 @@ def part_d(lab: Lab, count: int) -> None:
         t0 = time.monotonic()
         with lab.vici("dave") as s:
             for i in range(count):
-                conn = ike.initiator_conn(f"flood{i}", HOSTS["dave"], lab.addr("bob"),
+                conn = ike.initiator_conn(f"flood{i}", HOSTS["dave"], target,
                                           "bob.example.test", lab.public_key_pem("dave"),
-                                          lab.public_key_pem("bob"))
+                                          lab.public_key_pem("bob"),
+                                          local_addr=addrs[i % len(addrs)])
                 conn[f"flood{i}"]["local"]["id"] = f"f{i}-{tag}.flood.example.test"
                 s.load_conn(conn)
             loaded = time.monotonic() - t0
@@ -328,10 +341,11 @@ def part_d(lab: Lab, count: int) -> None:
         lookups = m1["responder_lookups_total"] - m0["responder_lookups_total"]
         seen = sum(refused.values()) + m1["responder_admissions_total"] \
             - m0["responder_admissions_total"]
-        print(f"(d) identity flood: dave initiated {count} random identities to bob (conns "
-              f"loaded in {loaded:.1f} s), measured over {elapsed:.1f} s:")
-        print(f"  reached bob's wildcard: {seen:.0f} (charon's own per-address half-open limit "
-              f"and cookies held back the rest); bob looked up {lookups:.0f} of them")
+        print(f"(d) identity flood: dave initiated {count} random identities to bob from "
+              f"{len(addrs)} address(es) (conns loaded in {loaded:.1f} s), measured over "
+              f"{elapsed:.1f} s:")
+        print(f"  reached bob's wildcard (our responder saw them): {seen:.0f} (charon's own "
+              f"limits held back the rest); bob looked up {lookups:.0f} of them")
         print("  refusals by reason: " + ", ".join(f"{k} {v:.0f}" for k, v in
                                                     sorted(refused.items()) if v))
         print(f"  bob's daemon: {cpu1 - cpu0:.2f} s CPU, RSS {rss0:.1f} -> {rss1:.1f} MiB; "
@@ -349,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lookups", type=int, default=15, help="runs of (b)")
     p.add_argument("--crowd", type=int, default=50, help="initiators at once in (c)")
     p.add_argument("--flood", type=int, default=1000, help="random identities in (d)")
+    p.add_argument("--flood-sources", type=int, default=100,
+                   help="addresses the flood of (d) comes from, besides a run from one")
     p.add_argument("--lab-id", default="q")
     args = p.parse_args(argv)
     logging.getLogger("resolver.tunnels.vici").addHandler(TRIES)
@@ -371,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
             bob.stop()
         part_b(lab, args.lookups)
         sys.stdout.flush()
-        part_d(lab, args.flood)
+        part_d(lab, args.flood, 1)
+        sys.stdout.flush()
+        part_d(lab, args.flood, args.flood_sources)
     finally:
         print(f"lab down in {lab.down():.1f} s")
     return 0
