@@ -250,6 +250,55 @@ def test_admission_rules(lab: Lab, hosts: Hosts) -> None:
     assert "ecdsa" not in line.lower() or "SHA256:" in line
 
 
+# --- the credential pitfalls (lab-notes, "Measured 2026-12-03") -----------------------------------
+
+
+def trusted_subjects(lab: Lab, host: str) -> list[str]:
+    """Subjects of the raw public keys `host`'s charon trusts (swanctl --list-certs)."""
+    out = lab.exec(host, ["swanctl", "--list-certs", "--uri", lab.vici_socket(host)]).stdout
+    return [ln.split('"')[1] for ln in out.splitlines() if ln.strip().startswith("subject:")]
+
+
+def test_a_stale_key_in_charon_admits_no_one_through_the_wildcard(lab: Lab,
+                                                                  hosts: Hosts) -> None:
+    """alice's key stays trusted in carol's charon after the conn that brought it is gone
+    (Careful 1); carol's responder does not accept alice. The wildcard is selected, the stale
+    key verifies, and still nothing comes up (its constraint fails)."""
+    hosts.reset("alice", "carol")
+    carol = hosts.start("carol", "r-carol-stale", {"responder": {"accept": ["other.test."]}})
+    with lab.vici("carol") as s:  # a conn with alice's key, loaded and unloaded again
+        s.load_conn(ike.responder_conn(HOSTS["carol"], HOSTS["alice"],
+                                       lab.public_key_pem("carol"), lab.public_key_pem("alice")))
+        s.unload_conn({"name": "peer-alice"})
+    assert "alice.example.test" in trusted_subjects(lab, "carol")  # the pitfall is there
+    refused = try_tunnel(lab, "alice", "alice.example.test", "carol")
+    assert refused is not None and "AUTHENTICATION_FAILED" in refused
+    assert not [sa for _, sa in lab.ike_sas("carol")], lab.ike_sas("carol")
+    assert log_lines(carol, "refused 'alice.example.test' from 198.51.100.10: "
+                            "alice.example.test is not under [responder] accept")
+    charon_log = (lab.charon_dir("carol") / "charon.log").read_text()
+    assert "constraint check failed: group membership to 'ipseckey-resolver-unknown-peer'" \
+        in charon_log  # the stale key did verify; the wildcard's constraint said no
+
+
+def test_lease_end_unloads_a_learned_conn_and_its_credentials(lab: Lab, hosts: Hosts) -> None:
+    """A learned conn without SAs is unloaded at its lease end, and charon's credential store
+    is cleared of its key (the only conns are ours, so the responder reloads what it needs)."""
+    hosts.reset("alice", "carol")
+    carol = hosts.start("carol", "r-carol-lease", {"responder": {"lease": 5}})
+    assert try_tunnel(lab, "alice", "alice.example.test", "carol") is None  # then removed
+    assert ALICE_CONN in lab.conns("carol")
+    assert "alice.example.test" in trusted_subjects(lab, "carol")
+    wait_until(lambda: ALICE_CONN not in lab.conns("carol"), 12.0, "lease never ended")
+    wait_until(lambda: "alice.example.test" not in trusted_subjects(lab, "carol"), 5.0,
+               "alice's key is still trusted after her conn was unloaded")
+    assert lab.conns("carol") == [WILDCARD]
+    assert trusted_subjects(lab, "carol") == ["carol.example.test"]  # ours, reloaded
+    assert log_lines(carol, "responder: dropped stale credentials")
+    # and the responder still works: alice comes in again, through a fresh lookup
+    assert try_tunnel(lab, "alice", "alice.example.test", "carol") is None
+
+
 # --- pinned endpoints are responders too --------------------------------------------------------
 
 
