@@ -154,17 +154,26 @@ class Responder:
         self._warned_foreign = False
         self._wake = asyncio.Event()
         self._connects = 0
+        self._started: bool | None = None  # None: starting; False: charon was not reachable
 
     # -- start and stop --------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the wildcard, adopt what a previous run left, listen (step 1).
-
-        Raises:
-            ProvisioningError: charon cannot be reached or refused the wildcard conn.
-        """
+        """Listen, then load the wildcard and adopt what a previous run left (step 1). If
+        charon cannot be reached yet, that is logged and done when it can (the log session's
+        registration says so): the daemon does not fail for it."""
         loop = asyncio.get_running_loop()
         self.backend.log.subscribe(loop, self._feed, self._on_event)
+        try:
+            await self._load_all()
+        except ProvisioningError as exc:
+            self._started = False
+            log.warning("responder: charon not reachable (%s): the wildcard is loaded once it "
+                        "is", exc)
+            return
+        self._started = True
+
+    async def _load_all(self) -> None:
         loaded = await self.backend.call(charon.conns)
         for name in charon.psk_wildcards(loaded):
             log.warning("responder: charon holds conn %r, which accepts any identity with a "
@@ -245,7 +254,9 @@ class Responder:
             self._unknown(event)
         elif isinstance(event, _Connected):
             self._connects += 1
-            if self._connects > 1:  # the first is our own start
+            # The first registration comes with our own start (which loads everything), unless
+            # that start could not reach charon; every later one is charon coming back.
+            if self._started is False or (self._started and self._connects > 1):
                 asyncio.get_running_loop().create_task(self._restore())
         elif isinstance(event, _WildcardUp):
             # Cannot happen (NEVER_GROUP); if it ever does, nothing may stay up under it.
@@ -462,6 +473,7 @@ class Responder:
         except ProvisioningError as exc:
             log.warning("responder: restoring our conns in charon failed: %s", exc)
             return
+        self._started = True
         log.info("responder: charon (re)connected: wildcard and %d learned conns loaded",
                  len(self.learned))
 
@@ -510,8 +522,8 @@ async def start_responder(sections: Mapping[str, Any], source: str, identity: Id
     [identity], tunnels not over VICI (the dry run), or `[responder] accept = "none"`.
 
     Raises:
-        ConfigError: a bad [responder] table.
-        ProvisioningError: charon refused the wildcard conn (or cannot be reached).
+        ConfigError: a bad [responder] table. (charon out of reach is no reason to fail:
+            `Responder.start` catches up when it is back.)
     """
     config = ResponderConfig.from_section(sections.get("responder", {}), source)
     if identity is None or not isinstance(tunnels, ViciBackend):
@@ -521,10 +533,13 @@ async def start_responder(sections: Mapping[str, Any], source: str, identity: Id
                  "or that charon knows otherwise, get tunnels")
         # A responder switched off leaves nothing behind: a previous run's wildcard and
         # learned conns would go on admitting peers.
-        for conn in await tunnels.call(charon.conns):
-            if conn.name.startswith(RESPONDER_PREFIX):
-                log.info("responder off: removing %s", conn.name)
-                await tunnels.call(tunnels.unload_conn, conn.name)
+        try:
+            for conn in await tunnels.call(charon.conns):
+                if conn.name.startswith(RESPONDER_PREFIX):
+                    log.info("responder off: removing %s", conn.name)
+                    await tunnels.call(tunnels.unload_conn, conn.name)
+        except ProvisioningError as exc:
+            log.warning("responder off: could not check charon for our conns: %s", exc)
         return None
     responder = Responder(config, identity, tunnels, resolution)
     await responder.start()

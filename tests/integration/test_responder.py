@@ -162,6 +162,17 @@ def test_responder_kill9_and_restart_keeps_sas_and_removes_strays(lab: Lab,
     esp_ping(lab, lab.addr("bob"), peer=lab.addr("bob"), port="bob", count=2)
 
 
+def test_charon_restart_gets_the_wildcard_and_learned_conns_back(lab: Lab,
+                                                                  hosts: Hosts) -> None:
+    """bob's charon restarts under his daemon: everything charon held is gone; the daemon
+    loads its key, the wildcard and the conns it learned again, and new peers get in."""
+    lab.restart_charon("bob")
+    wait_until(lambda: sorted(lab.conns("bob")) == sorted([WILDCARD, ALICE_CONN]), 10.0,
+               "the responder did not load its conns into the new charon")
+    assert try_tunnel(lab, "carol", "carol.example.test", "bob") is None
+    assert log_lines(hosts.running["bob"], "responder: charon (re)connected")
+
+
 # --- initiators that must be refused ------------------------------------------------------------
 
 
