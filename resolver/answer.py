@@ -5,7 +5,12 @@ Theory of operation: this module does no I/O and reads no clock.
 * `peek_query(wire)` reads only the header, the one question and an optional OPT record of a
   query, by slicing, and returns the cache key (lowercased qname, qtype, qclass, flag bits)
   or None when the query is not the plain shape the fast path serves. None never means
-  "malformed": the slow path parses the message fully and decides.
+  "malformed": the slow path parses the message fully and decides. So anything the slow
+  path would refuse must make peek return None: EDNS options are walked, and only NSID,
+  padding and well-formed cookies (RFC 7873: client cookie 8 bytes, server cookie 8-32)
+  stay on the fast path.
+* `local_reply(query, payload)` answers the question types a resolver never sends upstream:
+  qtype 0 and meta-types (FORMERR), zone transfers (REFUSED), ANY (RFC 8482 HINFO).
 * `ttl_offsets(wire)` walks a reply we built ourselves and finds every TTL field, so cached
   replies can be aged by patching bytes (see cache.WireEntry).
 * `build_reply`, `servfail`, `error_reply` and `header_error` turn results into messages:
@@ -38,6 +43,17 @@ KEY_EDNS: Final = 8  # client sent OPT: the reply carries one
 
 _DNSSEC_TYPES: Final = frozenset({dns.rdatatype.RRSIG, dns.rdatatype.NSEC, dns.rdatatype.NSEC3})
 MAX_EDE_TEXT: Final = 120
+# EDNS options a fast-path query may carry: none of them changes the reply, and the only one
+# with a shape to check (COOKIE) is checked in peek_query. Any other option: the slow path.
+_FAST_OPTIONS: Final = frozenset({dns.edns.OptionType.NSID, dns.edns.OptionType.COOKIE,
+                                  dns.edns.OptionType.PADDING})
+# Question types that exist only as records in other sections, or are obsolete (Unbound's list,
+# worker.c); with 128-248 (unassigned meta-types, NXNAME = 128 among them) they get FORMERR.
+_NOT_QUESTIONS: Final = frozenset({0, dns.rdatatype.OPT, dns.rdatatype.TSIG,
+                                   dns.rdatatype.TKEY, dns.rdatatype.MAILA,
+                                   dns.rdatatype.MAILB})
+_ZONE_TRANSFERS: Final = frozenset({dns.rdatatype.AXFR, dns.rdatatype.IXFR})
+ANY_HINFO_TTL: Final = 3600  # RFC 8482 4.2 leaves it to us; long enough to stop repeats
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +104,8 @@ def peek_query(wire: bytes) -> QueryPeek | None:
         rtype, payload, _ext, version, eflags, rdlen = struct.unpack_from("!HHBBHH", wire, pos + 1)
         if rtype != dns.rdatatype.OPT or version != 0 or pos + 11 + rdlen != n:
             return None
+        if rdlen and not _fast_options(wire, pos + 11, n):
+            return None
         bits |= KEY_EDNS
         if eflags & 0x8000:
             bits |= KEY_DO
@@ -95,6 +113,22 @@ def peek_query(wire: bytes) -> QueryPeek | None:
     elif pos != n:
         return None
     return QueryPeek((wire[12:12 + qname_len].lower(), qtype, qclass, bits), qname_len, udp_size)
+
+
+def _fast_options(wire: bytes, pos: int, end: int) -> bool:
+    """Whether the OPT RDATA at wire[pos:end] is well-formed and holds only _FAST_OPTIONS."""
+    while pos < end:
+        if pos + 4 > end:
+            return False
+        code, length = struct.unpack_from("!HH", wire, pos)
+        pos += 4 + length
+        if pos > end or code not in _FAST_OPTIONS:
+            return False
+        # RFC 7873 5.2.2: a client cookie alone (8) or with a server cookie (8-32 more);
+        # any other length is FORMERR, which only the slow path gives.
+        if code == dns.edns.OptionType.COOKIE and not (length == 8 or 16 <= length <= 40):
+            return False
+    return True
 
 
 def query_key_bits(query: dns.message.Message) -> int:
@@ -192,6 +226,38 @@ def servfail(query: dns.message.Message, verdict: Verdict, payload: int) -> dns.
     return reply
 
 
+def local_reply(query: dns.message.Message, payload: int) -> dns.message.Message | None:
+    """The reply to a question type a resolver answers itself and never forwards, or None.
+
+    * qtype 0, OPT, TSIG, TKEY, MAILA, MAILB and the meta-types 128-248: FORMERR with EDE 30
+      "Invalid Query Type" (as Unbound; RFC 9824 3.5 for NXNAME, 128: FORMERR, not forwarded).
+    * AXFR, IXFR: REFUSED over any transport (a resolver has no zones to transfer; Unbound).
+    * ANY: RFC 8482 4.2, the synthesized HINFO "RFC8482" "". A conventional ANY answer would
+      hand out addresses without the capture step (A/AAAA are only answered after their
+      tunnel is up), and its RRsets cannot be validated as one answer anyway. Unsigned and
+      made up here, so never with AD.
+    """
+    q = query.question[0]
+    qtype = int(q.rdtype)
+    if qtype in _NOT_QUESTIONS or 128 <= qtype <= 248:
+        reply = error_reply(query, dns.rcode.FORMERR, payload)
+        _attach_ede(query, reply, Verdict(Security.INDETERMINATE, "meta-type as question",
+                                          dns.edns.EDECode.INVALID_QUERY_TYPE), payload)
+        return reply
+    if qtype in _ZONE_TRANSFERS:
+        reply = error_reply(query, dns.rcode.REFUSED, payload)
+        _attach_ede(query, reply, Verdict(Security.INDETERMINATE, "no zone transfers",
+                                          dns.edns.EDECode.NOT_SUPPORTED), payload)
+        return reply
+    if qtype == dns.rdatatype.ANY:
+        reply = _reply(query, payload)
+        hinfo = dns.rrset.from_text(q.name, ANY_HINFO_TTL, q.rdclass, dns.rdatatype.HINFO,
+                                    '"RFC8482" ""')
+        reply.answer = [hinfo]
+        return reply
+    return None
+
+
 def _for_client(rrsets: Iterable[dns.rrset.RRset], dnssec: bool, ttl: int
                 ) -> list[dns.rrset.RRset]:
     out = []
@@ -213,8 +279,9 @@ def build_reply(query: dns.message.Message, answer: ValidatedAnswer, *, max_ttl:
     """The reply to query from a validated answer (bogus/indeterminate become SERVFAIL).
 
     AD is set when the answer is secure and the client set DO or AD. RRSIG, NSEC and NSEC3
-    are kept only for DO clients. Every TTL is capped by answer.ttl and max_ttl. A verdict
-    that carries an EDE code puts it in the reply (EDNS clients), whatever the rcode.
+    are kept only for DO clients (except the RRSIGs an RRSIG question asks for). Every TTL
+    is capped by answer.ttl and max_ttl. A verdict that carries an EDE code puts it in the
+    reply (EDNS clients), whatever the rcode.
     """
     verdict = answer.verdict
     if verdict.security in (Security.BOGUS, Security.INDETERMINATE):
@@ -222,7 +289,9 @@ def build_reply(query: dns.message.Message, answer: ValidatedAnswer, *, max_ttl:
     reply = _reply(query, payload)
     dnssec = query.edns >= 0 and bool(query.ednsflags & dns.flags.DO)
     ttl = min(answer.ttl, max_ttl)
-    reply.answer = _for_client(answer.answer, dnssec, ttl)
+    # A question for RRSIG asks for the signatures themselves: they are the data, DO or not.
+    asked_sigs = query.question[0].rdtype == dns.rdatatype.RRSIG
+    reply.answer = _for_client(answer.answer, dnssec or asked_sigs, ttl)
     reply.authority = _for_client(answer.authority, dnssec, ttl)
     reply.set_rcode(dns.rcode.Rcode(answer.rcode))
     if verdict.security is Security.SECURE and (dnssec or query.flags & dns.flags.AD):
@@ -239,7 +308,8 @@ def unvalidated_reply(query: dns.message.Message, upstream: dns.message.Message,
     """The reply to a CD=1 client: the upstream's data as it came, never with AD."""
     reply = _reply(query, payload)
     dnssec = query.edns >= 0 and bool(query.ednsflags & dns.flags.DO)
-    reply.answer = _for_client(upstream.answer, dnssec, max_ttl)
+    asked_sigs = query.question[0].rdtype == dns.rdatatype.RRSIG
+    reply.answer = _for_client(upstream.answer, dnssec or asked_sigs, max_ttl)
     reply.authority = _for_client(upstream.authority, dnssec, max_ttl)
     rcode = upstream.rcode()
     if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):

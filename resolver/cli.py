@@ -1,9 +1,11 @@
 """`ipseckey-resolver`: command line, wiring of the parts, signal handling.
 
-Theory of operation: parse arguments, load the configuration (errors exit 2 with the message
-naming the key), build the trust anchors, the forwarder, the validator, the resolution core
-and the server, then run until SIGTERM or SIGINT, which close the listeners and cancel queries
-in progress before the process exits 0.
+Theory of operation: the start-up steps of resolver/startup.py (DESIGN.md, "Start-up"), each
+a named function here: parse (`load_config`), check (`startup.check`, also `--check-config`),
+lock (`InstanceLock`), bind (`Server.start`), reconcile (`reconcile`), serve
+(`run_until_stopped`). A step that fails prints one line and exits 2, having touched nothing
+that a later step would. SIGTERM or SIGINT close the listeners and cancel queries in progress
+(`shut_down`) before the process exits 0.
 """
 
 from __future__ import annotations
@@ -16,18 +18,20 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from resolver import config as configuration
+from resolver import startup
 from resolver.cache import WireCache
 from resolver.capture import CaptureHandler
 from resolver.config import Config
 from resolver.confighelp import config_help
-from resolver.endpoints.config import ControlConfig
 from resolver.endpoints.control import ControlService, start_control
 from resolver.errors import ConfigError
 from resolver.hostaddr import read_interface_addresses
+from resolver.instancelock import InstanceLock
 from resolver.iterate import Iterator
 from resolver.logsetup import setup_logging
 from resolver.metered import (
@@ -37,22 +41,23 @@ from resolver.metered import (
     MeteredResolution,
     MeteredServer,
 )
-from resolver.policy import Group, Policy, PolicyConfig
+from resolver.policy import Group, Policy
 from resolver.provision import Provisioner
-from resolver.resolve import Fetch, PlainHandler, QueryHandler, Upstream, Validating
-from resolver.responder.core import ResponderConfig
+from resolver.resolve import Fetch, PlainHandler, QueryHandler, Resolver, Upstream, Validating
 from resolver.responder.manager import Responder, start_responder
+from resolver.server import Server
 from resolver.service import ServiceRuntime
-from resolver.serviceconfig import DebugConfig, MetricsConfig
+from resolver.startup import StartupGate, build_anchors, check_sections
 from resolver.tunnels.backend import make_backend
-from resolver.tunnels.config import Identity, ProvisionConfig
-from resolver.validator.anchors import TrustAnchors
 from resolver.watch import TunnelWatch
+
+__all__ = ["build_anchors", "check_sections", "main", "serve"]  # the first two: moved, kept
 
 log = logging.getLogger("resolver")
 
 EXIT_STATUS = """
-exit status: 0 clean shutdown or valid config, 2 configuration error, 1 other failure.
+exit status: 0 clean shutdown or valid config, 2 configuration error or refused start (another
+instance running, address in use, state directory not writable), 1 other failure.
 """
 
 
@@ -68,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", type=Path, metavar="FILE",
                    help="TOML configuration file (default: built-in defaults only)")
     p.add_argument("--check-config", action="store_true",
-                   help="parse the configuration, print a summary and exit (0 valid, 2 invalid)")
+                   help="run every check the daemon runs at start-up (key file, identity, policy, "
+                        "state directory, lock, listen addresses), warn about what cannot be "
+                        "reached yet (the IKE daemon), print a summary with the effective "
+                        "policy and exit (0 valid, 2 invalid)")
     p.add_argument("--debug", action="store_true",
                    help="log at debug level and trace every query through cache, upstream "
                         "and validator")
@@ -102,49 +110,6 @@ def load_config(args: argparse.Namespace) -> Config:
     cfg = configuration.load(args.config, listen_override=listen,
                              upstream_override=upstream)
     return cfg
-
-
-def build_anchors(cfg: Config) -> TrustAnchors:
-    """Trust anchors from [dnssec]: builtin root DS, anchor files, negative trust anchors.
-
-    Raises:
-        ConfigError: an anchor file is unreadable or broken (the message names file:line).
-    """
-    anchors: TrustAnchors | None = None
-    if cfg.dnssec.builtin_root_anchors:
-        anchors = TrustAnchors.builtin()
-    for path in cfg.dnssec.trust_anchor_files:
-        extra = TrustAnchors.from_file(path)
-        anchors = extra if anchors is None else anchors.merged(extra)
-    if anchors is None:  # config.py refuses this; keep mypy and a future caller honest
-        raise ConfigError("no trust anchors configured")
-    return anchors.with_negative(cfg.dnssec.negative_trust_anchors)
-
-
-def check_sections(cfg: Config) -> None:
-    """Parse the tables other modules own, so `--check-config` catches their errors too.
-
-    Nothing is connected to or loaded: the private key is not read here (the daemon reads it at
-    start-up, refusing one that others can read).
-
-    Raises:
-        ConfigError: the first bad key, named with its table.
-    """
-    source = str(cfg.path) if cfg.path is not None else "config"
-    PolicyConfig.from_section(cfg.sections.get("policy", {}), source)
-    ProvisionConfig.from_section(cfg.sections.get("provision", {}), source)
-    if "identity" in cfg.sections:
-        Identity.from_section(cfg.sections["identity"], source)
-    ControlConfig.from_section(cfg.sections.get("control", {}), source)
-    ResponderConfig.from_section(cfg.sections.get("responder", {}), source)
-    if "responder" in cfg.sections and "identity" not in cfg.sections:
-        raise ConfigError(f"{source}: [responder] needs [identity] (and [provision]): the "
-                          "responder answers as this host's identity")
-    MetricsConfig.from_section(cfg.sections.get("metrics", {}), source)
-    DebugConfig.from_section(cfg.sections.get("debug", {}), source)
-    if "policy" in cfg.sections and "identity" not in cfg.sections:
-        raise ConfigError(f"{source}: [policy] needs [identity] (and [provision]): without a "
-                          "provisioning backend no destination can be made private")
 
 
 def build_upstream(cfg: Config, metrics: DaemonMetrics | None = None) -> Upstream:
@@ -183,17 +148,57 @@ async def _expire_loop(provisioner: Provisioner) -> None:
         await asyncio.sleep(delay)
 
 
+@dataclass
+class Daemon:
+    """The parts `serve` starts and stops, built by `build` (nothing is touched yet then)."""
+
+    server: Server
+    gate: StartupGate
+    metrics: DaemonMetrics
+    runtime: ServiceRuntime
+    resolution: Resolver
+    provisioner: Provisioner | None = None
+    policy: Policy | None = None
+    watch: TunnelWatch | None = None
+    control: ControlService | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    tunnels: object = None  # the tunnel backend (ViciBackend, or the dry run): the responder's
+    responder: Responder | None = None
+
+
 async def serve(cfg: Config) -> int:
     """Run the resolver until SIGTERM/SIGINT. Returns the exit status.
 
-    Start-up order matters: the provisioner reconciles its state file with the IKE daemon
-    (restoring tunnels that should exist, removing our strays) before the control socket
-    restores pinned endpoints and before the first query is accepted.
+    The start-up steps of resolver/startup.py, in order; 1 (parse) was `load_config`. A step
+    that fails raises ConfigError: one line, exit 2, and nothing after it was touched.
+    """
+    checked = startup.check(cfg)  # 2: the same function as --check-config
+    for warning in checked.warnings:
+        log.warning("%s", warning)
+    lock = InstanceLock(checked.state_dirs)  # 3: one owner of the tunnels
+    lock.acquire()
+    try:
+        daemon = await build(cfg, checked)
+        await daemon.server.start(cfg.server.listen)  # 4: bind
+        try:
+            await reconcile(cfg, daemon)  # 5: the first step that touches charon or XFRM
+            daemon.gate.open()  # 6: serve
+            return await run_until_stopped(cfg, daemon)
+        finally:
+            await shut_down(daemon)
+    finally:
+        lock.release()
+
+
+async def build(cfg: Config, checked: startup.Checked) -> Daemon:
+    """The resolution core, the handlers, the provisioner and the server: built, not started.
+
+    Raises:
+        ConfigError: the backend cannot be built (an unreadable private key).
     """
     from resolver.validator.response import Validator  # late: the validator's part
 
-    anchors = build_anchors(cfg)
-    source = str(cfg.path) if cfg.path is not None else "config"
+    anchors = checked.anchors
 
     def make_validator(fetch: Fetch) -> Validating:
         return Validator(anchors, fetch, cfg.limits)
@@ -204,54 +209,64 @@ async def serve(cfg: Config) -> int:
                                    max_upstream_queries=cfg.limits.max_fetches).meter(metrics)
     plain = PlainHandler(resolution, max_ttl=cfg.cache.max_ttl,
                          payload=cfg.server.edns_payload)
-
     handler: QueryHandler = plain
     provisioner: Provisioner | None = None
-    watch: TunnelWatch | None = None
+    policy: Policy | None = None
+    tunnels: object = None
     wire_cache = WireCache(cfg.cache.max_entries)
-    control: ControlService | None = None
-    responder: Responder | None = None
-    tasks: list[asyncio.Task[None]] = []
-    check_sections(cfg)
-    runtime = ServiceRuntime(metrics, cfg.sections, source)
-    if cfg.sections.get("provision") is not None or "identity" in cfg.sections:
-        pcfg = ProvisionConfig.from_section(cfg.sections.get("provision", {}), source)
-        ident = (Identity.from_section(cfg.sections["identity"], source)
-                 if "identity" in cfg.sections else None)
+    pcfg, ident = checked.provision, checked.identity
+    if pcfg is not None and checked.policy is not None:
         # pyroute2 0.9 runs its own event loop: its sync API must be called off ours.
         own = (*await asyncio.to_thread(host_addresses), *(ident.addresses if ident else ()))
-        policy = Policy(PolicyConfig.from_section(cfg.sections.get("policy", {}), source),
-                        own_addresses=own)
-        for warning in policy.warnings():
-            log.warning("%s", warning)
-        backend = make_backend(pcfg, ident, source=source)
+        policy = the_policy = Policy(checked.policy, own_addresses=own)
+        backend = make_backend(pcfg, ident, source=checked.source)
+        tunnels = backend.tunnels
         provisioner = Provisioner(
             MeteredBackend(backend, metrics), pcfg,
-            must_drop=lambda s: policy.group_for(s.key.owner, (s.destination,)) is Group.PRIVATE)
+            must_drop=lambda s: the_policy.group_for(s.key.owner, (s.destination,))
+            is Group.PRIVATE)
         provisioner.on_lost.append(wire_cache.clear)  # answers given for a lost tunnel
         metrics.watch_provisioner(provisioner)
-        await provisioner.reconcile(time.time())
-        watch = TunnelWatch(provisioner, time.time, interval=pcfg.watch_interval)
-        watch.start()  # charon's events; the dry run has none
-        handler = CaptureHandler(plain, resolution, policy, provisioner,
+        capture = CaptureHandler(plain, resolution, policy, provisioner,
                                  payload=cfg.server.edns_payload)
-        metrics.watch_capture(handler)
-        tasks.append(asyncio.create_task(_expire_loop(provisioner)))
-        # Unknown initiators in, through DNS (issue 11): after reconcile, before queries.
-        responder = await start_responder(cfg.sections, source, ident, backend.tunnels,
-                                          resolution)
-        if responder is not None:
-            tasks.append(asyncio.create_task(responder.run()))
-            metrics.watch_responder(responder)
-        control = await start_control(cfg, resolution, provisioner, clock=time.time,
-                                      policy=policy, extra=runtime.control_ops())
-        if control is not None:
-            metrics.watch_endpoints(control.manager.list)
-        log.info("capture on: policy default %s, backend %s, shunts %s",
-                 policy.config.default.value, pcfg.backend, pcfg.shunts)
+        metrics.watch_capture(capture)
+        handler = capture
+    gate = StartupGate(handler, plain)
+    server = MeteredServer(gate, cfg.server, cache=wire_cache).meter(metrics)
+    return Daemon(server, gate, metrics, ServiceRuntime(metrics, cfg.sections, checked.source),
+                  resolution, provisioner, policy, tunnels=tunnels)
 
-    server = MeteredServer(handler, cfg.server, cache=wire_cache).meter(metrics)
-    await server.start(cfg.server.listen)
+
+async def reconcile(cfg: Config, daemon: Daemon) -> None:
+    """Step 5: the provisioner's state with charon and XFRM (an IKE daemon that is not there
+    yet is retried in the background), then the pinned endpoints and the lease timer."""
+    provisioner, policy = daemon.provisioner, daemon.policy
+    if provisioner is None or policy is None:
+        return
+    await provisioner.reconcile(time.time())
+    if not provisioner.ike_ready:
+        daemon.tasks.append(asyncio.create_task(provisioner.connect_later(time.time)))
+    pcfg = provisioner.config
+    daemon.watch = TunnelWatch(provisioner, time.time, interval=pcfg.watch_interval)
+    daemon.watch.start()  # charon's events; the dry run has none
+    daemon.tasks.append(asyncio.create_task(_expire_loop(provisioner)))
+    # Unknown initiators in, through DNS (issue 11): after reconcile, before serving.
+    source = str(cfg.path) if cfg.path is not None else "config"
+    daemon.responder = await start_responder(cfg.sections, source, daemon.tunnels,
+                                             daemon.resolution)
+    if daemon.responder is not None:
+        daemon.tasks.append(asyncio.create_task(daemon.responder.run()))
+        daemon.metrics.watch_responder(daemon.responder)
+    daemon.control = await start_control(cfg, daemon.resolution, provisioner, clock=time.time,
+                                         policy=policy, extra=daemon.runtime.control_ops())
+    if daemon.control is not None:
+        daemon.metrics.watch_endpoints(daemon.control.manager.list)
+    log.info("capture on: policy default %s, backend %s, shunts %s",
+             policy.config.default.value, pcfg.backend, pcfg.shunts)
+
+
+async def run_until_stopped(cfg: Config, daemon: Daemon) -> int:
+    """Serve until SIGTERM or SIGINT; returns 0."""
     # Cyclic GC pauses are part of the tail of cached-answer latency: move everything built at
     # start-up out of the collector's view, and collect the young generation less often.
     # Measured (bench/bench_resolver.py, paced at half our peak): p90 0.57 -> 0.18 ms,
@@ -264,29 +279,41 @@ async def serve(cfg: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
     upstreams = ("iterative from the root" if cfg.upstream.mode == "iterate"
                  else ", ".join(map(str, cfg.upstream.servers)))
-    try:
-        await runtime.start(f"serving on {', '.join(map(str, cfg.server.listen))}; "
-                            f"upstream {upstreams}")
-    except ConfigError:
-        await server.stop()
-        raise
+    # the metrics listener, SIGHUP, READY=1 (now: READY means serving), the watchdog
+    await daemon.runtime.start(f"serving on {', '.join(map(str, cfg.server.listen))}; "
+                               f"upstream {upstreams}")
     log.info("ipseckey-resolver ready; upstream %s", upstreams)
+    await stop.wait()
+    return 0
+
+
+async def shut_down(daemon: Daemon) -> None:
+    """Close the listeners, cancel queries in progress; tunnels stay up (a restart keeps them)."""
+    log.info("shutting down")
+    await daemon.runtime.close()
+    for task in daemon.tasks:
+        task.cancel()
+    if daemon.responder is not None:
+        await daemon.responder.close()
+    if daemon.control is not None:
+        await daemon.control.close()
+    if daemon.watch is not None:
+        await daemon.watch.close()
+    await daemon.server.stop()
+    if daemon.provisioner is not None:
+        await daemon.provisioner.close()
+
+
+def check_config(cfg: Config) -> int:
+    """`--check-config`: step 2 of the start, its warnings and the summary. 0 or 2."""
     try:
-        await stop.wait()
-    finally:
-        log.info("shutting down")
-        await runtime.close()
-        for task in tasks:
-            task.cancel()
-        if responder is not None:
-            await responder.close()
-        if control is not None:
-            await control.close()
-        if watch is not None:
-            await watch.close()
-        await server.stop()
-        if provisioner is not None:
-            await provisioner.close()
+        checked = startup.check(cfg)
+    except ConfigError as e:
+        print(f"ipseckey-resolver: {e}", file=sys.stderr)
+        return 2
+    for warning in checked.warnings:
+        print(f"ipseckey-resolver: warning: {warning}", file=sys.stderr)
+    print(startup.summary(cfg, checked))
     return 0
 
 
@@ -294,19 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console script entry point. Returns the process exit status."""
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args)
+        cfg = load_config(args)  # 1: parse
     except ConfigError as e:
         print(f"ipseckey-resolver: {e}", file=sys.stderr)
         return 2
     if args.check_config:
-        try:
-            build_anchors(cfg)
-            check_sections(cfg)
-        except ConfigError as e:
-            print(f"ipseckey-resolver: {e}", file=sys.stderr)
-            return 2
-        print(cfg.summary())
-        return 0
+        return check_config(cfg)
     debug = args.debug or cfg.log.debug_queries
     level = logging.DEBUG if debug else getattr(logging, cfg.log.level.upper())
     setup_logging(level)

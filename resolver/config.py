@@ -64,6 +64,12 @@ class ServerConfig:
     tcp_max_connections: int = 256
     tcp_max_pipelined: int = 64  # queries in progress on one TCP connection
     query_timeout: float = 10.0  # a client query that takes longer gets SERVFAIL
+    # Issue 10 (slow-loris, clients that never read): a TCP frame must arrive whole, and our
+    # buffered output must drain, within tcp_frame_timeout; no connection lives longer than
+    # tcp_max_lifetime; at most tcp_max_buffered bytes of replies wait for one peer.
+    tcp_frame_timeout: float = 3.0
+    tcp_max_lifetime: float = 120.0
+    tcp_max_buffered: int = 131072
 
 
 # "forward": to `servers` (DO=1, CD=1); "iterate": from the root (resolver/iterate.py).
@@ -209,6 +215,10 @@ def parse_server(t: Table) -> ServerConfig:
                                   at_least(1)),
         tcp_max_pipelined=t.get("tcp_max_pipelined", int, d.tcp_max_pipelined, at_least(1)),
         query_timeout=t.get("query_timeout", float, d.query_timeout, positive),
+        tcp_frame_timeout=t.get("tcp_frame_timeout", float, d.tcp_frame_timeout, positive),
+        tcp_max_lifetime=t.get("tcp_max_lifetime", float, d.tcp_max_lifetime, positive),
+        # At least one largest reply (2-byte length + 65535) must fit.
+        tcp_max_buffered=t.get("tcp_max_buffered", int, d.tcp_max_buffered, at_least(65537)),
     )
     t.done()
     return cfg

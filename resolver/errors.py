@@ -51,6 +51,13 @@ class TunnelRejected(ProvisioningError):
     """The IKE daemon refused or failed the setup (authentication, proposals, bad config)."""
 
 
+class StateUnrecorded(ProvisioningError):
+    """A tunnel came up but the state file could not record it (disk full, read-only state
+    directory), so it was undone: nothing is answered over an SA that a restart would not know
+    about. Local fault. The message says why the write failed.
+    """
+
+
 class StateCorrupt(ResolverError):
     """A state file exists but cannot be read as what its owner wrote. Local fault (writes are
     atomic, so not a crash of ours: a disk, an editor, another program).

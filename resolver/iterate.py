@@ -171,23 +171,29 @@ class Iterator:
     # -- the Forwarder interface ----------------------------------------------------------
 
     async def query(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, *,
-                    cd: bool = True) -> dns.message.Message:
+                    cd: bool = True, recheck: bool = False) -> dns.message.Message:
         """Resolve (qname, qtype) from the root; the response carries DNSSEC records.
 
         ``cd`` is accepted for the Forwarder contract; authoritative servers ignore it.
+        ``recheck`` is the resolution core's second opinion before it believes a bogus verdict
+        (resolve.py): the DS remembered from a referral is not used and no resolution in
+        flight is joined, so the question is asked again with fresh IDs, ports and 0x20 case.
+        Unlike the forwarder's re-check it does not force TCP, and the delegation cache stays.
 
         Raises:
             UpstreamError: no server gave an answer, or a limit ran out
                 (``IterationLimitReached``).
         """
         key = (qname.canonicalize(), int(qtype))
-        if qtype == dns.rdatatype.DS:
+        if qtype == dns.rdatatype.DS and not recheck:
             ds = self._referral_ds.get(key[0], self.clock())
             if ds is not None:  # came with a referral (validated all the same)
                 return merge_chain(qname, qtype, [ds], self.payload)
         budget = current_budget.get()
         if budget is None:  # e.g. a CD=1 client's query: still bounded
             budget = QueryBudget(self.limits.max_fetches)
+        if recheck:
+            return await self._resolve(qname, qtype, _Walk(budget))
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(

@@ -11,6 +11,10 @@ import os
 import stat
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
 from resolver.errors import ConfigError
 
 MAX_KEY_FILE = 1 << 20  # bytes; a PEM key is a few KiB at most
@@ -42,6 +46,33 @@ def read_private_key_file(path: Path | str) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot open private key: {exc.strerror}") from exc
+    try:
+        # Before fdopen: it refuses a directory with IsADirectoryError (a traceback, before).
+        check_key_file_mode(path, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
     with os.fdopen(fd, "rb") as f:
-        check_key_file_mode(path, os.fstat(f.fileno()))
-        return f.read(MAX_KEY_FILE)
+        try:
+            return f.read(MAX_KEY_FILE)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read private key: {exc.strerror}") from exc
+
+
+def load_private_key(path: Path | str) -> PrivateKeyTypes:
+    """The private key in a PEM file, after `read_private_key_file`'s checks, as the daemon
+    will use it (start-up checks and `--check-config`, resolver/startup.py).
+
+    Raises:
+        ConfigError: missing, unreadable, too open, not a PEM private key, or of a type an IKE
+            daemon cannot sign with (RSA, ECDSA, Ed25519, Ed448 only). Names the file.
+    """
+    data = read_private_key_file(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a usable PEM private key: {exc}") from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+                      | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        raise ConfigError(f"{path}: unsupported key type {type(key).__name__}")
+    return key

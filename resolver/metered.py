@@ -38,6 +38,7 @@ from resolver.metrics import Registry
 from resolver.policy import SetupFailure, classify
 from resolver.resolve import Resolution
 from resolver.server import Server
+from resolver.tunnels.backend import WatchableBackend
 from resolver.tunnels.events import BackendEvent, HeldSa
 from resolver.tunnels.intents import InstallTunnel, Intent, PolicyKey
 from resolver.upstream import Forwarder
@@ -336,13 +337,13 @@ class MeteredBackend:
         found: frozenset[PolicyKey] = await self.backend.installed()
         return found
 
-    # The watch (resolver/watch.py) looks for these on the Provisioner's backend: without
-    # them the wrapper hid charon's events and the daemon ran unwatched.
+    # The watch (resolver/watch.py) finds charon's events through these: a wrapper without
+    # them made the daemon's backend look unwatchable, and the watch silently did not run.
     def watch(self, sink: Callable[[BackendEvent], None]) -> bool:
-        watch = getattr(self.backend, "watch", None)
-        return bool(watch(sink)) if watch is not None else False
+        """The wrapped backend's `watch` (False if it has none: the dry run)."""
+        return isinstance(self.backend, WatchableBackend) and self.backend.watch(sink)
 
     async def live(self) -> frozenset[HeldSa]:
-        live = getattr(self.backend, "live", None)
-        held: frozenset[HeldSa] = await live() if live is not None else frozenset()
-        return held
+        if isinstance(self.backend, WatchableBackend):
+            return await self.backend.live()
+        return frozenset()

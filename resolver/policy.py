@@ -60,6 +60,7 @@ from resolver.errors import (
     AddressBound,
     IkeDaemonUnreachable,
     ProvisioningError,
+    StateUnrecorded,
     TunnelTimeout,
 )
 from resolver.ipseckey import IpsecKey, keys_from_rrset
@@ -127,6 +128,7 @@ class SetupFailure(enum.Enum):
     TIMEOUT = "timeout"  # the CHILD_SA was not INSTALLED within the timeout
     DAEMON_UNREACHABLE = "daemon-unreachable"  # the IKE daemon's control socket failed
     REJECTED = "rejected"  # the daemon refused (key mismatch, auth failed, bad config)
+    UNRECORDED = "unrecorded"  # up, but the state file could not record it: undone
     ADDRESS_BOUND = "address-bound"  # a live tunnel binds the address to another name's key
 
 
@@ -183,17 +185,21 @@ EDE_INDETERMINATE: Final = int(dns.edns.EDECode.DNSSEC_INDETERMINATE)
 EDE_BLOCKED: Final = int(dns.edns.EDECode.BLOCKED)
 EDE_TUNNEL: Final = int(dns.edns.EDECode.NETWORK_ERROR)
 EDE_DAEMON: Final = int(dns.edns.EDECode.NOT_READY)
+# No RFC 8914 code says "our own disk failed"; 0 (Other) with the reason in the text does.
+EDE_STATE: Final = int(dns.edns.EDECode.OTHER)
 
 _FAILURE_EDE: Final = {
     SetupFailure.TIMEOUT: EDE_TUNNEL,
     SetupFailure.REJECTED: EDE_TUNNEL,
     SetupFailure.DAEMON_UNREACHABLE: EDE_DAEMON,
+    SetupFailure.UNRECORDED: EDE_STATE,
     SetupFailure.ADDRESS_BOUND: EDE_NO_KEY,  # 28: our policy cannot use this name's key
 }
 _FAILURE_TEXT: Final = {
     SetupFailure.TIMEOUT: "IPsec tunnel setup timed out",
     SetupFailure.REJECTED: "IPsec tunnel setup failed",
     SetupFailure.DAEMON_UNREACHABLE: "IKE daemon unreachable",
+    SetupFailure.UNRECORDED: "cannot record tunnel state",
     SetupFailure.ADDRESS_BOUND: "address bound to another name's key",
 }
 
@@ -456,6 +462,8 @@ def classify(exc: ProvisioningError) -> SetupFailure:
         return SetupFailure.TIMEOUT
     if isinstance(exc, IkeDaemonUnreachable):
         return SetupFailure.DAEMON_UNREACHABLE
+    if isinstance(exc, StateUnrecorded):
+        return SetupFailure.UNRECORDED
     if isinstance(exc, AddressBound):
         return SetupFailure.ADDRESS_BOUND
     return SetupFailure.REJECTED

@@ -31,6 +31,9 @@ keeps the books:
           stray, and no answer was given for it. Lease extensions and pins are written soon,
           not waited for: a restart then restores a slightly older lease (endpoints are also
           restored by the endpoints manager from its own state file).
+          A write that fails (disk full, read-only) undoes what it was to record: the tunnel
+          is removed again (its drop shunt, if it had one, stays) and the lookup fails with
+          StateUnrecorded; nothing is answered over an SA a restart would not know about.
   Rule 6: the books are checked against the IKE daemon, not trusted (resolver/watch.py drives
           this). A tunnel charon no longer holds (peer deleted it, charon stopped or restarted)
           is DOWN: still wanted until its lease ends, never reported up (so never answered),
@@ -42,6 +45,17 @@ keeps the books:
           over it, another name with another key gets AddressBound (SERVFAIL with an EDE),
           and the tunnel is not touched. A zone that can publish any address cannot so take
           over a live tunnel to it. After the lease ends, the next name to look it up binds it.
+  Rule 8: state that cannot be trusted never removes a tunnel. A corrupt state file (kept as
+          `.bad` by statefile.py) makes `reconcile` *adopt* what charon and XFRM hold under our
+          names instead of removing it as strays: adopted conns get a short lease
+          (ADOPTED_LEASE), are set up again under the key in DNS by their next lookup (its drop
+          shunt covers a private destination meanwhile), and are torn down like any other
+          when unused. An IKE daemon that cannot be reached at start-up removes nothing
+          either: `ike_ready` stays False, lookups that need a tunnel fail at once
+          (IkeDaemonUnreachable: SERVFAIL EDE 14), the tunnels of the state file are DOWN
+          (Rule 6: wanted, shunted if private, kept in the file), and `reconcile` runs again
+          when the watch sees charon (`connect_later` retries besides, for a backend without
+          a watch).
 
 Time: every entry point takes `now` (POSIX seconds, the same clock as RRSIG validity) because
 leases must survive a restart in the state file. Real waiting (the setup timeout) uses asyncio.
@@ -54,17 +68,19 @@ import contextlib
 import enum
 import functools
 import ipaddress
-import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
+from typing import Final
 
 from resolver.errors import (
     AddressBound,
     IkeDaemonUnreachable,
     ProvisioningError,
     StateCorrupt,
+    StateUnrecorded,
+    StateWriteFailed,
     TunnelRejected,
     TunnelTimeout,
 )
@@ -82,10 +98,14 @@ from resolver.tunnels.intents import (
     RemoveTunnel,
     TunnelSpec,
 )
+from resolver.tunnels.statedoc import Snapshot, dump, parse
 
 log = logging.getLogger(__name__)
 
 Address = IPv4Address | IPv6Address
+
+ADOPTED_LEASE: Final = 60.0  # seconds (at most [provision] lease) an adopted conn lives unused
+IKE_RETRY: Final = 2.0  # seconds between connection attempts to an IKE daemon absent at start-up
 
 # --- the provisioner ---------------------------------------------------------------------------
 
@@ -119,6 +139,7 @@ class Counters:
     lost: int = 0  # tunnels found gone in the IKE daemon (Rule 6)
     down: int = 0  # of which still down
     bound: int = 0  # lookups refused: the address is bound to another name's key (Rule 7)
+    adopted: int = 0  # conns of ours kept without a trustworthy state file (Rule 8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +154,18 @@ class _Books:
     shunts: dict[Address, float] = field(default_factory=dict)
     failed: dict[Address, _Failure] = field(default_factory=dict)
     pinned: set[Address] = field(default_factory=set)
+    adopted: dict[str, float] = field(default_factory=dict)  # conn name -> lease end (Rule 8)
     inflight: dict[Address, tuple[TunnelSpec, asyncio.Task[float]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    """What `reconcile` starts from; `trusted` False: the state file was corrupt (Rule 8)."""
+
+    tunnels: list[tuple[TunnelSpec, float]]
+    shunts: dict[Address, float]
+    adopted: dict[str, float]
+    trusted: bool = True
 
 
 class Provisioner:
@@ -158,6 +190,10 @@ class Provisioner:
         self._b = _Books()
         path = self.config.state_file
         self._state = StateFile(path, self._snapshot) if path is not None else None
+        self.ike_ready = True  # False: the IKE daemon was unreachable at start-up (Rule 8)
+        self._pending: _Loaded | None = None  # loaded, not reconciled yet
+        self._reconciled = False
+        self._reconciling = asyncio.Lock()
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -191,11 +227,18 @@ class Provisioner:
             ProvisioningError (TunnelTimeout, IkeDaemonUnreachable, TunnelRejected): no tunnel.
         """
         dest = spec.destination
+        if not self.ike_ready:
+            raise IkeDaemonUnreachable(f"not ready: not connected since start-up, retrying "
+                                       f"every {IKE_RETRY:g} s")
         for _ in range(3):  # a concurrent setup may have been for another key: look again
             t = self._b.tunnels.get(dest)
             if t is not None and t.spec.key.owner != spec.key.owner and self._bound(t, now):
                 spec = self._bound_spec(t, spec)  # Rule 7
-            if t is not None and t.state is TunnelState.INSTALLED and t.spec == spec:
+            running = self._b.inflight.get(dest)
+            # A setup of this very spec still in flight is still writing its state (Rule 5):
+            # join it rather than answer over a tunnel that may yet be undone.
+            if t is not None and t.state is TunnelState.INSTALLED and t.spec == spec \
+                    and (running is None or running[0] != spec):
                 t.private = t.private or shunt
                 return self._extend(t, now)
             failed = self._b.failed.get(dest)
@@ -203,7 +246,6 @@ class Provisioner:
                 if shunt:
                     await self.shunt([dest], now)
                 raise failed.error
-            running = self._b.inflight.get(dest)
             if running is None:
                 task = asyncio.create_task(self._setup(spec, now, shunt))
                 self._b.inflight[dest] = (spec, task)
@@ -228,7 +270,7 @@ class Provisioner:
         address, blackholed the working tunnel to bob.)
         """
         if await self._install_shunts(destinations, now):
-            await self._persist()
+            await self._persist_quietly()  # in place either way; SERVFAIL does not wait on it
 
     async def _install_shunts(self, destinations: tuple[Address, ...] | list[Address],
                               now: float) -> bool:
@@ -267,13 +309,20 @@ class Provisioner:
                 changed = True
                 del self._b.shunts[dest]
                 await self._quietly(RemoveShunt(dest))
+        for name, until in list(self._b.adopted.items()):
+            if until + grace <= now:
+                log.info("adopted tunnel %s unused: tearing down", name)
+                changed = True
+                del self._b.adopted[name]
+                await self._quietly(RemoveTunnel(name))
         self._b.failed = {d: f for d, f in self._b.failed.items() if f.until > now}
         self._count()
         if changed:
-            await self._persist()
+            await self._persist_quietly()  # a restart filters ended leases anyway
         ends = [t.expires_at + grace for d, t in self._b.tunnels.items()
                 if d not in self._b.pinned]
         ends += [u + grace for u in self._b.shunts.values()]
+        ends += [u + grace for u in self._b.adopted.values()]
         return min(ends) if ends else None
 
     def pin(self, destination: Address, pinned: bool = True) -> None:
@@ -304,10 +353,36 @@ class Provisioner:
         await self._persist()
 
     async def reconcile(self, now: float) -> None:
-        """At start-up: restore the wanted state from the state file, remove our strays."""
-        tunnels, shunts = self._load(now)
-        installed = await self.backend.installed()
+        """At start-up: restore the wanted state from the state file, remove our strays.
+
+        Without a trustworthy state file, adopt what is installed instead; with the IKE daemon
+        unreachable, remove nothing and wait for it (Rule 8). Once it has run, a later call
+        (the watch and `connect_later` both try when charon appears) does nothing.
+        """
+        async with self._reconciling:
+            if not self._reconciled:
+                await self._reconcile(now)
+
+    async def _reconcile(self, now: float) -> None:
+        loaded = self._pending = self._pending or self._load(now)
+        try:
+            installed = await self.backend.installed()
+        except IkeDaemonUnreachable as exc:
+            await self._not_connected(loaded, now, exc)
+            return
+        self._pending, self._reconciled = None, True
+        if not self.ike_ready:
+            log.warning("IKE daemon connected (%s): reconciling", self.config.vici_socket)
+            self.ike_ready = True
+        tunnels, shunts = loaded.tunnels, dict(loaded.shunts)
+        for dest, until in self._b.shunts.items():  # added while the IKE daemon was away
+            shunts[dest] = max(until, shunts.get(dest, 0.0))
+        self._b.adopted = {n: u for n, u in loaded.adopted.items()
+                           if PolicyKey.tunnel(n) in installed}
+        if not loaded.trusted:
+            self._adopt(installed, shunts, now)
         wanted = {PolicyKey.tunnel(s.name) for s, _ in tunnels}
+        wanted |= {PolicyKey.tunnel(n) for n in self._b.adopted}
         wanted |= {PolicyKey.shunt(d) for d in shunts}
         for stray in sorted(installed - wanted, key=lambda k: (k.kind.value, k.ident)):
             log.info("reconcile: removing stray %s %s", stray.kind.value, stray.ident)
@@ -316,9 +391,15 @@ class Provisioner:
             else:
                 await self._quietly(RemoveShunt(ipaddress.ip_address(stray.ident)))
         for dest, until in shunts.items():
+            t = self._b.tunnels.get(dest)
+            if t is not None and t.state is TunnelState.INSTALLED:
+                continue  # up since (a late reconcile, Rule 8): see `shunt`
             await self._quietly(InstallShunt(dest))
             self._b.shunts[dest] = until
         for spec, until in tunnels:
+            t = self._b.tunnels.get(spec.destination)
+            if t is not None and not (t.state is TunnelState.DOWN and t.spec == spec):
+                continue  # a lookup was quicker (a late reconcile, Rule 8): it has the newer key
             # DOWN until charon says otherwise: a failure keeps it wanted (Rule 6)
             self._b.tunnels[spec.destination] = _Tunnel(
                 spec, TunnelState.DOWN, until, private=self._must_drop(spec))
@@ -332,6 +413,56 @@ class Provisioner:
             t.expires_at = t.saved_expires_at = until  # the lease it had, not a fresh one
         self._count()
         await self._persist()
+
+    # -- no trustworthy state, no IKE daemon (Rule 8) -----------------------------------------
+
+    def _adopt(self, installed: frozenset[PolicyKey], shunts: dict[Address, float],
+               now: float) -> None:
+        """Make what is installed under our names wanted, with a short lease."""
+        until = now + min(self.config.lease, ADOPTED_LEASE)
+        names = [k.ident for k in installed if k.kind is ItemKind.TUNNEL]
+        for name in names:
+            self._b.adopted[name] = until
+        found = [ipaddress.ip_address(k.ident) for k in installed if k.kind is ItemKind.SHUNT]
+        for dest in found:
+            shunts[dest] = max(shunts.get(dest, 0.0), until)
+        log.warning("no trustworthy state: adopting %d tunnel(s) and %d drop shunt(s) of ours "
+                    "for %.0f s (a lookup sets a tunnel up again under the key in DNS; unused "
+                    "ones expire)", len(names), len(found), until - now)
+
+    async def _not_connected(self, loaded: _Loaded, now: float,
+                             exc: IkeDaemonUnreachable) -> None:
+        """Serve without the IKE daemon: the state file's shunts go in (XFRM needs no charon),
+        its tunnels are DOWN (wanted; private ones dropped), nothing is removed, and `ensure`
+        fails at once until a reconcile succeeds."""
+        if self.ike_ready:
+            log.warning("IKE daemon not connected (%s): serving DNS; lookups that need a tunnel "
+                        "get SERVFAIL (EDE 14) until it is; retrying every %g s",
+                        exc, IKE_RETRY)
+            self.ike_ready = False
+        for dest, until in loaded.shunts.items():
+            if dest not in self._b.shunts:
+                await self._quietly(InstallShunt(dest))
+                self._b.shunts[dest] = until
+        for spec, until in loaded.tunnels:
+            if spec.destination not in self._b.tunnels:
+                self._b.tunnels[spec.destination] = _Tunnel(
+                    spec, TunnelState.DOWN, until, private=self._must_drop(spec))
+        await self._shunt_now([d for d, t in self._b.tunnels.items()
+                               if t.state is TunnelState.DOWN and self._private(t)], now)
+        self._count()
+
+    async def connect_later(self, clock: Callable[[], float]) -> None:
+        """While the IKE daemon is unreachable since start-up: reconcile every IKE_RETRY
+        seconds until it answers. The watch (resolver/watch.py) reconciles as soon as its
+        session connects; this loop is for a backend without one and for a reconcile that
+        failed all the same."""
+        while not self.ike_ready:
+            await asyncio.sleep(IKE_RETRY)
+            try:
+                await self.reconcile(clock())
+            except (ProvisioningError, OSError) as exc:
+                log.warning("reconcile after the IKE daemon came back failed: %s", exc)
 
     # -- what the watch tells us (Rule 6; resolver/watch.py) -----------------------------------
 
@@ -493,6 +624,13 @@ class Provisioner:
             log.info("key or gateway of %s changed: replacing tunnel %s", dest, old.spec.name)
         elif shunt and dest not in self._b.shunts:
             await self._install_shunts([dest], now)  # not waited for on disk: see Rule 5
+        if old is None and self._b.adopted.pop(spec.name, None) is not None:
+            # Rule 8: an adopted conn is set up again under the key DNS gives now, break before
+            # make: charon keeps the IKE_SA of a conn loaded again unchanged, so there would be
+            # no new SA to wait for, and one authenticated by an older key would pass as new.
+            # A private destination's drop shunt covers the gap.
+            log.info("adopted tunnel %s: setting it up again with the key in DNS", spec.name)
+            await self._quietly(RemoveTunnel(spec.name))
         same_name = old is not None and old.spec.name == spec.name
         if old is None:
             self._b.tunnels[dest] = _Tunnel(spec, TunnelState.PENDING, now + cfg.lease,
@@ -520,27 +658,61 @@ class Provisioner:
             if old is not None:
                 return await self._replacement_failed(old, spec, now, exc)
             return await self._failed(spec, now, exc, down)
-        if old is not None:
-            self.counters.replacements += 1
-            if not same_name:
-                await self._quietly(RemoveTunnel(old.spec.name))
         expires = max(now + cfg.lease, old.expires_at if old is not None else 0.0)
         self._b.tunnels[dest] = _Tunnel(spec, TunnelState.INSTALLED, expires,
                                         private=private or (old is not None and old.private))
+        shunted = self._b.shunts.pop(dest, None)  # out of the books; in the kernel until saved
+        try:
+            await self._persist()  # on disk before anyone is told the tunnel is up
+        except StateWriteFailed as exc:
+            return await self._unrecorded(spec, old, down, shunted, now, exc)
+        if old is not None:  # break only what the file no longer holds
+            self.counters.replacements += 1
+            if not same_name:
+                await self._quietly(RemoveTunnel(old.spec.name))
         if down is not None and down.spec.name != spec.name:  # its lease ended; another
             await self._quietly(RemoveTunnel(down.spec.name))  # name bound the address since
         elif down is not None:
             log.info("tunnel to %s (%s) is back", spec.key.owner.to_text(omit_final_dot=True),
                      dest)
         self.counters.setups += 1
-        if dest in self._b.shunts:
-            del self._b.shunts[dest]
+        if shunted is not None:
             await self._quietly(RemoveShunt(dest))
         self._b.failed.pop(dest, None)
         self._count()
         log_event(log, logging.INFO, "tunnel-up", name=spec.name, peer=dest)
-        await self._persist()  # on disk before anyone is told the tunnel is up
         return expires
+
+    async def _unrecorded(self, spec: TunnelSpec, old: _Tunnel | None, down: _Tunnel | None,
+                          shunted: float | None, now: float, exc: StateWriteFailed) -> float:
+        """The tunnel is up but the state file could not record it: undo it (Rule 5).
+
+        Its drop shunt (a private destination's) never left the kernel and goes back into
+        the books; an old tunnel under another name was not broken yet and stays; a DOWN one
+        stays wanted (Rule 6).
+        """
+        dest = spec.destination
+        cause = exc.__cause__
+        why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(exc)
+        path = self._state.path if self._state is not None else None
+        error = StateUnrecorded(f"{why} ({path})")
+        self.counters.failures += 1
+        log_event(log, logging.ERROR, "tunnel-unrecorded", name=spec.name, peer=dest,
+                  reason=f"cannot record tunnel state: {error}", kept="no")
+        self._b.tunnels.pop(dest, None)
+        if old is not None and old.spec.name != spec.name:
+            self._b.tunnels[dest] = old
+        elif down is not None:
+            self._b.tunnels[dest] = down
+        await self._quietly(RemoveTunnel(spec.name))  # terminate + unload: no orphan SA
+        if shunted is not None:
+            self._b.shunts[dest] = shunted
+        elif down is not None and self._private(down):
+            await self._install_shunts([dest], now)
+        if self.config.failure_hold > 0:
+            self._b.failed[dest] = _Failure(now + self.config.failure_hold, error)
+        self._count()
+        raise error
 
     async def _replacement_failed(self, old: _Tunnel, spec: TunnelSpec, now: float,
                                   exc: ProvisioningError | TimeoutError) -> float:
@@ -584,7 +756,7 @@ class Provisioner:
         if self.config.failure_hold > 0:
             self._b.failed[dest] = _Failure(now + self.config.failure_hold, error)
         self._count()
-        await self._persist()
+        await self._persist_quietly()  # the answer is a failure either way
         raise error
 
     async def _quietly(self, intent: Intent) -> None:
@@ -600,6 +772,7 @@ class Provisioner:
         self.counters.down = sum(
             1 for t in self._b.tunnels.values() if t.state is TunnelState.DOWN)
         self.counters.shunts = len(self._b.shunts)
+        self.counters.adopted = len(self._b.adopted)
 
     # -- state file (Rule 5; the writing is resolver/statefile.py's) ------------------------
 
@@ -618,74 +791,38 @@ class Provisioner:
         if self._state is not None:
             await self._state.persist()
 
+    async def _persist_quietly(self) -> None:
+        """`_persist` for changes no answer depends on: a failed write is logged (by the state
+        file; it is retried with the next change)."""
+        with contextlib.suppress(StateWriteFailed):
+            await self._persist()
+
     def _snapshot(self) -> Encode:
         """The wanted state as values (cheap, on the loop); serialized on the file's thread."""
         # DOWN tunnels are still wanted: only PENDING ones are not written.
         tunnels = [t for t in self._b.tunnels.values() if t.state is not TunnelState.PENDING]
         for t in tunnels:
             t.saved_expires_at = t.expires_at  # what this write (and `_extend`) goes by
-        snap = _Snapshot(
+        snap = Snapshot(
             tunnels=tuple((t.spec, t.expires_at, t.spec.destination in self._b.pinned)
                           for t in tunnels),
-            shunts=tuple(self._b.shunts.items()))
-        return functools.partial(_dump, snap)
+            shunts=tuple(self._b.shunts.items()), adopted=tuple(self._b.adopted.items()))
+        return functools.partial(dump, snap)
 
-    def _load(self, now: float) -> tuple[list[tuple[TunnelSpec, float]], dict[Address, float]]:
+    def _load(self, now: float) -> _Loaded:
         if self._state is None:
-            return [], {}
+            return _Loaded([], {}, {})
         try:
-            saved = self._state.load(_parse)
+            saved = self._state.load(parse)
         except StateCorrupt as exc:
-            # A corrupt state file must not keep the resolver down: start from nothing, and
-            # reconcile removes every stray we find (fail closed: no tunnel, no clear answer).
-            log.error("%s: starting empty", exc)
-            return [], {}
-        if saved is None:
-            return [], {}
+            # Never a reason to remove tunnels (Rule 8): reconcile adopts what it finds.
+            log.error("%s; adopting the tunnels and shunts of ours found", exc)
+            return _Loaded([], {}, {}, trusted=False)
+        if saved is None:  # first start, or the operator removed it: nothing is wanted
+            return _Loaded([], {}, {})
         self._b.pinned |= saved.pinned
         grace = self.config.grace
         tunnels = [(s, u) for s, u in saved.tunnels
                    if u + grace > now or s.destination in saved.pinned]
-        return tunnels, {d: u for d, u in saved.shunts.items() if u + grace > now}
-
-
-# --- the state file's document -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Snapshot:
-    tunnels: tuple[tuple[TunnelSpec, float, bool], ...]  # spec, lease end, pinned
-    shunts: tuple[tuple[Address, float], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class _Saved:
-    tunnels: list[tuple[TunnelSpec, float]]  # spec, lease end
-    pinned: set[Address]
-    shunts: dict[Address, float]
-
-
-def _dump(snap: _Snapshot) -> bytes:
-    """The state file's bytes (runs on the state file's thread)."""
-    doc = {
-        "version": 1,
-        "tunnels": [spec.to_json() | {"expires_at": exp, "pinned": pinned}
-                    for spec, exp, pinned in snap.tunnels],
-        "shunts": [{"destination": str(d), "expires_at": u} for d, u in snap.shunts],
-    }
-    # No indent: with one, json falls back to its pure-Python encoder.
-    return json.dumps(doc, sort_keys=True).encode()
-
-
-def _parse(data: bytes) -> _Saved:
-    """Raises ValueError for anything but a document `_dump` wrote."""
-    try:
-        doc = json.loads(data)
-        return _Saved(
-            tunnels=[(TunnelSpec.from_json(e), float(e["expires_at"])) for e in doc["tunnels"]],
-            pinned={ipaddress.ip_address(e["destination"]) for e in doc["tunnels"]
-                    if e.get("pinned") is True},
-            shunts={ipaddress.ip_address(e["destination"]): float(e["expires_at"])
-                    for e in doc["shunts"]})
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"not a provisioning state document: {exc!r}") from None
+        return _Loaded(tunnels, {d: u for d, u in saved.shunts.items() if u + grace > now},
+                       {n: u for n, u in saved.adopted.items() if u + grace > now})

@@ -5,10 +5,20 @@ Theory of operation:
 * `Resolution.resolve(qname, qtype, now)` is the one way the resolver learns anything. It
   returns a `ValidatedAnswer` from the answer cache (TTL aged), or joins an identical
   resolution already in flight, or starts one: fetch the question upstream (DO=1, CD=1), hand
-  the response to the validator (which logs one line if validation failed), and cache the
+  the response to the validator, log one line if the final verdict is a failure, and cache the
   result (positive: its TTL; negative: the RFC 2308 TTL from the SOA; bogus: `bogus_ttl`;
   indeterminate, i.e. an upstream failure, also of the question itself: `failure_ttl`, 5 s,
   as RFC 9520 asks). Rule: nothing but a verdict ever enters the answer cache.
+* A BOGUS verdict is not believed at once (issue 10 item 9): one reply forged with the right
+  port and ID, for the question or for a DNSKEY/DS the validator fetched, would otherwise
+  take the name down for `bogus_ttl`. Before caching it, the resolution asks again, once:
+  the raw responses it used are dropped, the validator forgets its cached bogus chain steps,
+  and every fetch of the second pass goes to the upstream over TCP (next server first,
+  Forwarder `recheck`), charged to the same query budget. Only a second BOGUS is cached as
+  bogus; a second opinion that validates is served and cached instead (and logged).
+* A positive answer to an RRSIG question is data, not validated (a signature has no signature
+  of its own; Unbound does the same): served without AD, never used for any decision here.
+  Negative answers to RRSIG questions are validated as any other.
 * Each resolution runs with a fresh `QueryBudget` in a context variable, so the validator's own
   fetches (DNSKEY, DS, proofs, CNAME targets) count against the same per-client-query limit.
   Those fetches go through `Resolution.fetch`, which caches raw responses briefly: the validator
@@ -57,9 +67,11 @@ AnswerKey = tuple[dns.name.Name, int]
 RAW_MAX_TTL: Final = 300  # raw responses for the validator: short, they are only a speed-up
 _resolution_now: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "resolution_now", default=None)
-_META_TYPES: Final = frozenset({dns.rdatatype.ANY, dns.rdatatype.AXFR, dns.rdatatype.IXFR,
-                                dns.rdatatype.MAILA, dns.rdatatype.MAILB, dns.rdatatype.OPT,
-                                dns.rdatatype.TSIG, dns.rdatatype.TKEY})
+# The raw keys a resolution used (so a bogus verdict's inputs can be dropped before the
+# re-check), and whether its fetches are that re-check.
+_resolution_used: contextvars.ContextVar[set[AnswerKey] | None] = contextvars.ContextVar(
+    "resolution_used", default=None)
+_rechecking: contextvars.ContextVar[bool] = contextvars.ContextVar("rechecking", default=False)
 
 
 class Validating(Protocol):
@@ -68,12 +80,19 @@ class Validating(Protocol):
     async def validate(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType,
                        response: dns.message.Message, now: float) -> ValidatedAnswer: ...
 
+    def forget_bogus(self) -> None:
+        """Drop cached bogus results of its own (before a re-check with fresh data)."""
+
 
 class Upstream(Protocol):
-    """Where responses come from: upstream.Forwarder or iterate.Iterator (same contract)."""
+    """Where responses come from: upstream.Forwarder or iterate.Iterator (same contract).
+
+    ``recheck=True`` asks for a second opinion that a forged reply cannot have answered (the
+    forwarder: over TCP, next server first), before a bogus verdict is believed.
+    """
 
     async def query(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, *,
-                    cd: bool = True) -> dns.message.Message: ...
+                    cd: bool = True, recheck: bool = False) -> dns.message.Message: ...
 
 
 class QueryHandler(Protocol):
@@ -104,6 +123,33 @@ def negative_ttl(authority: list[dns.rrset.RRset]) -> int | None:
     return None
 
 
+def signatures_as_data(qname: dns.name.Name, response: dns.message.Message
+                       ) -> ValidatedAnswer | None:
+    """The answer to an RRSIG question when the upstream has signatures at qname, else None.
+
+    Unbound's rule (validator.c, needs_validation: "cannot validate RRSIG, no sigs on sigs"):
+    a positive RRSIG answer is passed on unchecked, without AD. We call it INSECURE (no AD, no
+    EDE) and keep only the RRSIG RRsets owned by qname.
+    """
+    if response.rcode() != dns.rcode.NOERROR:
+        return None
+    sigs = [r for r in response.answer if r.rdtype == dns.rdatatype.RRSIG and r.name == qname]
+    if not sigs:
+        return None
+    verdict = Verdict(Security.INSECURE, "RRSIG records served as data, not validated")
+    return ValidatedAnswer(verdict=verdict, rcode=dns.rcode.NOERROR, answer=sigs, authority=[],
+                           ttl=min(r.ttl for r in sigs))
+
+
+def _log_failure(qname: dns.name.Name, qtype: dns.rdatatype.RdataType,
+                 ans: ValidatedAnswer) -> None:
+    """The one operator-facing line for an answer that failed validation."""
+    v = ans.verdict
+    log_event(log, logging.WARNING, "validation-failed", name=qname,
+              type=dns.rdatatype.to_text(qtype), security=v.security.value, reason=v.reason,
+              ede=v.ede)
+
+
 def _response_ttl(response: dns.message.Message) -> int:
     ttls = [r.ttl for section in (response.answer, response.authority) for r in section]
     return min([RAW_MAX_TTL, *ttls]) if ttls else 0
@@ -132,6 +178,8 @@ class Resolution:
         self.raw: LruCache[AnswerKey, dns.message.Message] = LruCache(cache.max_entries)
         self._inflight: dict[AnswerKey, asyncio.Task[ValidatedAnswer]] = {}
         self.validations = 0  # how many times the validator ran (tests, stats)
+        self.rechecks = 0  # bogus verdicts asked again (tests, stats)
+        self.refuted = 0  # ... of which the second opinion was not bogus
 
     async def resolve(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float,
                       *, fresh: bool = False) -> ValidatedAnswer:
@@ -164,36 +212,77 @@ class Resolution:
 
     async def _resolve(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float
                        ) -> ValidatedAnswer:
-        name = f"{qname} {dns.rdatatype.to_text(qtype)}"
         current_budget.set(QueryBudget(self.max_upstream_queries))
         _resolution_now.set(now)
+        _resolution_used.set(set())
+        ans = await self._attempt(qname, qtype, now)
+        if ans.verdict.security is Security.BOGUS:
+            ans = await self._recheck(qname, qtype, now, ans)
+        return self._remember(qname, qtype, now, ans)
+
+    async def _attempt(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float
+                       ) -> ValidatedAnswer:
+        """Fetch and validate once; upstream failures become INDETERMINATE verdicts."""
+        name = f"{qname} {dns.rdatatype.to_text(qtype)}"
         try:
             response = await self.fetch(qname, qtype)
         except UpstreamError as e:
             log_event(log, logging.WARNING, "upstream-failed", name=qname,
                       type=dns.rdatatype.to_text(qtype), reason=str(e))
-            failed = _failed(Security.INDETERMINATE, str(e),
-                             dns.edns.EDECode.NO_REACHABLE_AUTHORITY)
-            # Remembered briefly (RFC 9520), like a failure inside validation, so a dead
-            # upstream is not asked again for every retry of every client.
-            self.answers.put((qname.canonicalize(), int(qtype)),
-                             (now + self.config.failure_ttl, failed),
-                             now + self.config.failure_ttl)
-            return failed
+            return _failed(Security.INDETERMINATE, str(e),
+                           dns.edns.EDECode.NO_REACHABLE_AUTHORITY)
         trace.debug("%s: upstream rcode %s, %d answer / %d authority RRsets", name,
                     dns.rcode.to_text(response.rcode()), len(response.answer),
                     len(response.authority))
+        if qtype == dns.rdatatype.RRSIG:
+            sigs = signatures_as_data(qname, response)
+            if sigs is not None:
+                return sigs
         self.validations += 1
         ans = await self.validator.validate(qname, qtype, response, now)
+        trace.debug("%s: %s %s", name, ans.verdict.security.value, ans.verdict.reason)
+        if ans.verdict.security is Security.INDETERMINATE:  # BOGUS: logged once re-checked
+            _log_failure(qname, qtype, ans)
+        return ans
+
+    async def _recheck(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float,
+                       first: ValidatedAnswer) -> ValidatedAnswer:
+        """A second opinion before a bogus verdict is believed (see the module comment)."""
+        used = _resolution_used.get() or set()
+        for key in used:
+            self.raw.pop(key)
+        self.validator.forget_bogus()
+        self.rechecks += 1
+        token = _rechecking.set(True)
+        try:
+            second = await self._attempt(qname, qtype, now)
+        finally:
+            _rechecking.reset(token)
+        name = f"{qname} {dns.rdatatype.to_text(qtype)}"
+        if second.verdict.security is Security.BOGUS:
+            trace.debug("%s: bogus confirmed over TCP", name)
+            _log_failure(qname, qtype, second)
+        else:
+            self.refuted += 1
+            # A forged or damaged reply: the second opinion (over TCP) disagrees.
+            log_event(log, logging.WARNING, "bogus-not-confirmed", name=qname,
+                      type=dns.rdatatype.to_text(qtype), first=first.verdict.reason,
+                      second=second.verdict.security.value)
+        return second
+
+    def _remember(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float,
+                  ans: ValidatedAnswer) -> ValidatedAnswer:
+        """Cache a verdict for as long as it holds; returns it with its TTL as served."""
         verdict = ans.verdict
-        trace.debug("%s: %s %s", name, verdict.security.value, verdict.reason)
         if verdict.security is Security.BOGUS:
-            # The validator logs the one "validation failed" line (name, type, reason); the
-            # cache below keeps it from being repeated for every client for bogus_ttl.
+            # One "validation failed" line was logged (name, type, reason); the cache below
+            # keeps it from being repeated for every client for bogus_ttl.
             ttl = self.config.bogus_ttl
         elif verdict.security is Security.INDETERMINATE:
-            # An upstream failure inside validation (a DNSKEY or DS fetch timed out) is not
-            # evidence against the data: short, as RFC 9520 asks, so recovery shows quickly.
+            # An upstream failure (of the question, or inside validation: a DNSKEY or DS fetch
+            # timed out) is not evidence against the data: remembered briefly, as RFC 9520
+            # asks, so a dead upstream is not asked again for every retry of every client, and
+            # recovery shows quickly.
             ttl = self.config.failure_ttl
         else:
             ttl = min(ans.ttl, self.config.max_ttl)
@@ -218,11 +307,15 @@ class Resolution:
         # in a context variable; outside a resolution nothing is cached.
         now = _resolution_now.get()
         key = (qname.canonicalize(), int(qtype))
-        if now is not None:
+        used = _resolution_used.get()
+        if used is not None:
+            used.add(key)
+        recheck = _rechecking.get()
+        if now is not None and not recheck:
             cached = self.raw.get(key, now)
             if cached is not None:
                 return cached
-        response = await self.forwarder.query(qname, qtype, cd=True)
+        response = await self.forwarder.query(qname, qtype, cd=True, recheck=recheck)
         ttl = _response_ttl(response)
         if now is not None and ttl > 0 and response.rcode() in (dns.rcode.NOERROR,
                                                                 dns.rcode.NXDOMAIN):
@@ -260,8 +353,8 @@ class PlainHandler:
         qtype = dns.rdatatype.RdataType(q.rdtype)
         if q.rdclass != dns.rdataclass.IN:
             return replies.error_reply(query, dns.rcode.REFUSED, self.payload)
-        if qtype in _META_TYPES:
-            return replies.error_reply(query, dns.rcode.NOTIMP, self.payload)
+        # Meta-types, qtype 0 and ANY never get here: the server answers them itself
+        # (answer.local_reply), before any handler.
         trace.debug("query %s %s id %d flags %s", q.name, dns.rdatatype.to_text(qtype),
                     query.id, dns.flags.to_text(query.flags))
         if query.flags & dns.flags.CD:

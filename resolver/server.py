@@ -10,12 +10,16 @@ bytes, `Server` decides what to send):
 2. Otherwise `Server.slow_reply` runs as a task: a full parse (MalformedMessage territory:
    FORMERR when the header can be read, otherwise the packet is dropped; a response, QR=1, is
    always dropped), NOTIMP for opcodes other than QUERY, FORMERR unless exactly one question,
-   BADVERS for EDNS versions above 0, then the QueryHandler builds the reply. A reply with
-   NOERROR/NXDOMAIN and a positive TTL goes into the wire cache for step 1.
+   BADVERS for EDNS versions above 0; question types a resolver never forwards are answered
+   here (answer.local_reply: qtype 0 and meta-types FORMERR, AXFR/IXFR REFUSED, ANY the RFC
+   8482 HINFO); then the QueryHandler builds the reply. A reply with NOERROR/NXDOMAIN and a
+   positive TTL goes into the wire cache for step 1.
 3. UDP replies larger than the client's size (512 without EDNS, else its payload, at most
-   ours) are truncated with TC set; the client retries over TCP. TCP connections carry any
-   number of queries, answered as they complete (pipelining), with a bound on queries in
-   progress per connection, an idle timeout and a bound on connections.
+   ours) are truncated with TC set; the client retries over TCP. TCP connections
+   (resolver/server_tcp.py) carry any number of queries, answered as they complete
+   (pipelining), with every resource a peer can hold bounded: time to send a frame, idle
+   time, lifetime, queries in progress, unread output, and the number of connections (at the
+   bound the stalest idle connection gives way).
 
 The server reads the clock (time.time(), POSIX seconds, because RRSIG validity is POSIX) and
 passes `now` down; nothing below it reads the clock. Whatever bytes arrive, the server either
@@ -25,9 +29,9 @@ replies or drops: an exception escaping a handler is logged as a bug and becomes
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
-import struct
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -45,6 +49,7 @@ from resolver.cache import WireCache, WireEntry
 from resolver.config import HostPort, ServerConfig
 from resolver.errors import ConfigError
 from resolver.resolve import QueryHandler
+from resolver.server_tcp import TcpConnection
 from resolver.validator.response import Security, Verdict
 
 log = logging.getLogger(__name__)
@@ -71,7 +76,8 @@ class Server:
         self.cache = cache
         self.clock = clock
         self.payload = self.config.edns_payload
-        self.tcp_connections: set[_TcpProtocol] = set()
+        # Ordered stalest first (longest without a whole query): the eviction order.
+        self.tcp_connections: dict[TcpConnection, None] = {}
         self.udp_tasks: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.base_events.Server] = []
         self._udp: list[_UdpListener] = []
@@ -111,6 +117,13 @@ class Server:
         if query.edns > 0:
             reply = replies.error_reply(query, dns.rcode.BADVERS, self.payload)
             return replies.to_wire(reply, self._limit(query, udp))
+        local = replies.local_reply(query, self.payload)
+        if local is not None:  # qtype 0, meta-types, AXFR/IXFR, ANY: never sent upstream
+            trace.debug("%s: answered locally, %s", query.question[0],
+                        dns.rcode.to_text(local.rcode()))
+            full = replies.to_wire(local, MAX_TCP_MESSAGE)
+            self._store(wire, query, local, full, now)
+            return replies.to_wire(local, self._limit(query, udp))
         generation = self.cache.generation if self.cache is not None else 0
         try:
             reply = await asyncio.wait_for(self.handler.handle(query, now),
@@ -161,27 +174,65 @@ class Server:
         """
         loop = asyncio.get_running_loop()
         for ep in listen:
-            try:
-                family = socket.AF_INET6 if ep.family == 6 else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_DGRAM)
+            # Port 0 (tests, benchmarks): the kernel picks the UDP port, and TCP may find that
+            # port taken by someone else's TCP socket; pick again rather than fail.
+            tries = 8 if ep.port == 0 else 1
+            for attempt in range(tries):
                 try:
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    sock.setblocking(False)
-                    sock.bind((ep.host, ep.port))
-                except OSError:
-                    sock.close()
-                    raise
-                port = sock.getsockname()[1]
-                self._udp.append(_UdpListener(self, sock))
-                srv = await loop.create_server(lambda: _TcpProtocol(self), ep.host, port,
-                                               reuse_address=True)
-            except OSError as e:
-                await self.stop()
-                raise ConfigError(f"cannot listen on {ep}: {e.strerror or e}") from None
+                    port, srv = await self._bind(loop, ep)
+                    break
+                except OSError as e:
+                    if attempt + 1 < tries and e.errno == errno.EADDRINUSE:
+                        continue
+                    await self.stop()
+                    raise ConfigError(f"cannot listen on {ep}: {e.strerror or e}") from None
             self._servers.append(srv)
             self.bound.append((ep.host, port))
             log.info("listening on %s (UDP+TCP)", HostPort(ep.host, port))
+
+    async def _bind(self, loop: asyncio.AbstractEventLoop,
+                    ep: HostPort) -> tuple[int, asyncio.Server]:
+        """Bind one listen address for UDP and TCP (the same port); returns it and the server.
+
+        Raises:
+            OSError: either bind failed; nothing stays bound then.
+        """
+        family = socket.AF_INET6 if ep.family == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setblocking(False)
+            sock.bind((ep.host, ep.port))
+            port = sock.getsockname()[1]
+            # The accept queue holds at least as many as we serve: under a connection
+            # flood a client's SYN should wait for the eviction rule, not be dropped.
+            backlog = max(128, self.config.tcp_max_connections)
+            srv = await loop.create_server(lambda: TcpConnection(self), ep.host, port,
+                                           reuse_address=True, backlog=backlog)
+        except OSError:
+            sock.close()
+            raise
+        for listener in srv.sockets:
+            # Accepted sockets inherit it: queries a peer sends while we do not read
+            # (pipelining bound, unread replies) wait in at most this much kernel
+            # memory, instead of a receive buffer autotuned up to tcp_rmem's maximum.
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                self.config.tcp_max_buffered)
+        self._udp.append(_UdpListener(self, sock))
+        return port, srv
+
+    def evict_tcp(self) -> bool:
+        """Free a TCP slot: abort the stalest connection without a query in progress.
+
+        Returns:
+            False if every connection has a query in progress (then nothing is evicted).
+        """
+        victim = next((c for c in self.tcp_connections if not c.tasks), None)
+        if victim is None:
+            return False
+        victim.abort("connection bound reached: the stalest connection gives way")
+        return True
 
     async def stop(self) -> None:
         """Close listeners and connections; cancel queries in progress."""
@@ -255,96 +306,3 @@ class _UdpListener:
         reply = await self.server.slow_reply(data, now, udp=True)
         if reply is not None and self.sock.fileno() >= 0:
             self.send(reply, addr)
-
-
-class _TcpProtocol(asyncio.Protocol):
-    """One client TCP connection: 2-byte length frames, pipelined queries, idle timeout."""
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.buffer = bytearray()
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.transport: asyncio.Transport | None = None
-        self.paused = False
-        self.idle: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        if len(self.server.tcp_connections) >= self.server.config.tcp_max_connections:
-            transport.abort()  # over the bound: refuse rather than queue
-            return
-        self.server.tcp_connections.add(self)
-        self._arm_idle()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.server.tcp_connections.discard(self)
-        if self.idle is not None:
-            self.idle.cancel()
-        for task in self.tasks:
-            task.cancel()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def _arm_idle(self) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
-        loop = asyncio.get_running_loop()
-        self.idle = loop.call_later(self.server.config.tcp_idle_timeout, self._idle_expired)
-
-    def _idle_expired(self) -> None:
-        if self.tasks:  # still working for this client: not idle
-            self._arm_idle()
-        else:
-            trace.debug("TCP connection idle: closing")
-            self.close()
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        self._arm_idle()
-        while len(self.buffer) >= 2:
-            (length,) = struct.unpack_from("!H", self.buffer)
-            if len(self.buffer) < 2 + length:
-                break
-            wire = bytes(self.buffer[2:2 + length])
-            del self.buffer[:2 + length]
-            self._query(wire)
-        self._flow()
-
-    def _query(self, wire: bytes) -> None:
-        server = self.server
-        now = server.clock()
-        reply = server.fast_reply(wire, now, udp=False)
-        if reply is not None:
-            self._send(reply)
-            return
-        task = asyncio.get_running_loop().create_task(self._answer(wire, now))
-        self.tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        self._flow()
-
-    def _flow(self) -> None:
-        # Bound the work one connection can queue: stop reading while too many are pending.
-        if self.transport is None or self.transport.is_closing():
-            return
-        busy = len(self.tasks) >= self.server.config.tcp_max_pipelined
-        if busy and not self.paused:
-            self.transport.pause_reading()
-            self.paused = True
-        elif not busy and self.paused:
-            self.transport.resume_reading()
-            self.paused = False
-
-    async def _answer(self, wire: bytes, now: float) -> None:
-        reply = await self.server.slow_reply(wire, now, udp=False)
-        if reply is not None:
-            self._send(reply)
-
-    def _send(self, reply: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(len(reply).to_bytes(2, "big") + reply)

@@ -12,6 +12,13 @@ move on to the next server; `attempts` rounds over the list are made before `Ups
 Identical questions in flight share one exchange (coalescing). Every call, shared or not, is
 charged to the `QueryBudget` of the client query it runs for (a context variable set by the
 resolution core), so a single client query cannot make more than `max_upstream_queries`.
+
+`query(..., recheck=True)` is the second opinion the resolution core asks for before it
+believes a bogus verdict (issue 10 item 9): an off-path attacker who guesses our port and ID
+can make one UDP reply bogus, but cannot answer inside a TCP connection it does not see. So a
+re-check goes over TCP, starting with the next server in the list (another upstream if there
+is one), and only for a server that fails over TCP falls back to UDP, with a fresh ID and
+port. It never joins an ordinary exchange in flight.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ class UpstreamStats:
     coalesced: int = 0
     ignored: int = 0  # datagrams that did not match an outstanding question
     failures: int = 0
+    rechecks: int = 0  # second opinions asked (recheck=True), per server tried
     per_server: dict[str, int] = field(default_factory=dict)
 
 
@@ -138,12 +146,16 @@ class Forwarder:
         self.tcp_timeout = tcp_timeout
         self.payload = payload
         self.stats = UpstreamStats()
-        self._inflight: dict[tuple[dns.name.Name, int, bool], asyncio.Task[dns.message.Message]]
+        self._inflight: dict[tuple[dns.name.Name, int, bool, bool],
+                             asyncio.Task[dns.message.Message]]
         self._inflight = {}
 
     async def query(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, *,
-                    cd: bool = True) -> dns.message.Message:
+                    cd: bool = True, recheck: bool = False) -> dns.message.Message:
         """Ask the upstreams; return the first acceptable reply.
+
+        Args:
+            recheck: a second opinion (see the module comment): TCP first, next server first.
 
         Raises:
             UpstreamError: every server failed (timeouts, errors) or the budget is spent.
@@ -151,10 +163,11 @@ class Forwarder:
         budget = current_budget.get()
         if budget is not None:
             budget.charge(qname, qtype)
-        key = (qname.canonicalize(), int(qtype), cd)
+        key = (qname.canonicalize(), int(qtype), cd, recheck)
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._exchange(qname, qtype, cd))
+            task = asyncio.get_running_loop().create_task(
+                self._exchange(qname, qtype, cd, recheck))
             self._inflight[key] = task
             task.add_done_callback(lambda _t: self._inflight.pop(key, None))
         else:
@@ -172,17 +185,14 @@ class Forwarder:
             q.flags |= dns.flags.CD
         return q
 
-    async def _exchange(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, cd: bool
-                        ) -> dns.message.Message:
+    async def _exchange(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, cd: bool,
+                        recheck: bool) -> dns.message.Message:
         problems: list[str] = []
+        servers = self.servers[1:] + self.servers[:1] if recheck else self.servers
         for _round in range(self.attempts):
-            for server in self.servers:
-                q = self._make_query(qname, qtype, cd)
+            for server in servers:
                 try:
-                    reply = await self._udp(server, q, qname, qtype)
-                    if reply.flags & dns.flags.TC:
-                        q = self._make_query(qname, qtype, cd)
-                        reply = await self._tcp(server, q, qname, qtype)
+                    reply = await self._ask(server, qname, qtype, cd, tcp_first=recheck)
                 except UpstreamError as e:
                     problems.append(str(e))
                     continue
@@ -193,6 +203,23 @@ class Forwarder:
         self.stats.failures += 1
         raise UpstreamError(f"no upstream answered {qname} {dns.rdatatype.to_text(qtype)}: "
                             + "; ".join(problems[-4:]))
+
+    async def _ask(self, server: HostPort, qname: dns.name.Name,
+                   qtype: dns.rdatatype.RdataType, cd: bool, *, tcp_first: bool
+                   ) -> dns.message.Message:
+        """One server: UDP, then TCP if truncated; or (tcp_first) TCP, then UDP if TCP fails."""
+        if tcp_first:
+            self.stats.rechecks += 1
+            try:
+                return await self._tcp(server, self._make_query(qname, qtype, cd), qname, qtype)
+            except UpstreamError as e:
+                log.info("re-check over TCP failed (%s); asking %s over UDP", e, server)
+        reply = await self._udp(server, self._make_query(qname, qtype, cd), qname, qtype)
+        if reply.flags & dns.flags.TC:
+            if tcp_first:
+                raise UpstreamError(f"{server}: truncated over UDP, and TCP failed")
+            reply = await self._tcp(server, self._make_query(qname, qtype, cd), qname, qtype)
+        return reply
 
     async def _udp(self, server: HostPort, q: dns.message.Message, qname: dns.name.Name,
                    qtype: dns.rdatatype.RdataType) -> dns.message.Message:

@@ -22,6 +22,8 @@ the books honest and fails closed until the truth is good again:
   4. Charon back (and at start) -> audit: every tunnel we count as up is compared with
      `live()` (anything missing is lost), failures held only because charon was unreachable
      are forgotten, and every DOWN tunnel still wanted (leased or pinned) is repaired at once.
+     A charon that was not there when the daemon started is first reconciled with, as the
+     start-up would have (`Provisioner.reconcile`, its Rule 8).
   5. Repair: `Provisioner.repair` (key, conn, initiate, wait for INSTALLED; the shunt goes
      when it is up), one task per destination, never more than once at a time, retried after
      1 s doubling to 30 s while it fails and the tunnel is still wanted.
@@ -135,6 +137,8 @@ class TunnelWatch:
             await self.provisioner.daemon_lost(event.reason, self.clock())
         elif isinstance(event, DaemonConnected):
             self.connected = True
+            if not self.provisioner.ike_ready:  # unreachable since start-up (its Rule 8)
+                await self.provisioner.reconcile(self.clock())
             if not event.first:
                 log.warning("charon connection back: checking our tunnels against what it "
                             "holds and bringing the missing ones back")

@@ -174,6 +174,10 @@ class FakeValidator:
         self.verdicts = verdicts or {}
         self.fetches = fetches
         self.calls: list[tuple[str, int]] = []
+        self.forgot = 0  # forget_bogus() calls (the core's re-check of a bogus verdict)
+
+    def forget_bogus(self) -> None:
+        self.forgot += 1
 
     async def validate(self, qname: dns.name.Name, qtype: int, response: dns.message.Message,
                        now: float) -> object:

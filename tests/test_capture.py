@@ -8,7 +8,10 @@ groups which ignore keys never wait for the IPSECKEY lookup.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 from ipaddress import IPv4Address
+from pathlib import Path
 
 import dns.flags
 import dns.message
@@ -19,6 +22,7 @@ import dns.rrset
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from resolver import statefile
 from resolver.capture import CaptureHandler
 from resolver.errors import IkeDaemonUnreachable, TunnelTimeout
 from resolver.ipseckey import IpsecKey
@@ -379,3 +383,40 @@ async def test_unprovable_ipseckey_is_never_no_key() -> None:
     h, _, _ = handler(script, group="private-or-clear")
     reply = await h.handle(query(), WHEN)
     assert reply.rcode() == dns.rcode.SERVFAIL and ede(reply)[0] == 22
+
+
+@aio
+async def test_tunnel_state_that_cannot_be_written_is_servfail_ede_0(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 10 item 4: a full or read-only state directory is a clear EDE, not "internal
+    error"; the tunnel is undone and the private destination dropped (the shunt's own write
+    fails too, and must not turn the reply into a bug)."""
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(statefile, "write_atomically", full)
+    script = Script({("bob.example.test.", A): answer(BOB_A),
+                     ("bob.example.test.", IPSECKEY): answer(key_rrset())})
+    h, fb, _ = handler(script)
+    h.provisioner = Provisioner(fb, ProvisionConfig(state_file=tmp_path / "p.json",
+                                                    failure_hold=0))
+    reply = await h.handle(query(), WHEN)
+    assert reply.rcode() == dns.rcode.SERVFAIL
+    code, text = ede(reply)
+    assert code == 0 and text.startswith("cannot record tunnel state: No space left on device")
+    assert [type(i) for i in fb.intents] == [InstallShunt, InstallTunnel, RemoveTunnel]
+    assert h.provisioner.shunted() == {IPv4Address("198.51.100.11")}
+
+
+@aio
+async def test_ike_daemon_not_connected_since_start_is_ede_14() -> None:
+    script = Script({("bob.example.test.", A): answer(BOB_A),
+                     ("bob.example.test.", IPSECKEY): answer(key_rrset())})
+    h, fb, _ = handler(script)
+    h.provisioner.ike_ready = False  # what reconcile leaves when charon is not there
+    reply = await h.handle(query(), WHEN)
+    assert reply.rcode() == dns.rcode.SERVFAIL
+    code, text = ede(reply)
+    assert code == 14 and "not ready" in text
+    assert fb.of(InstallTunnel) == [] and h.provisioner.shunted() == {IPv4Address("198.51.100.11")}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from resolver.cli import main
 from resolver.config import PASSTHROUGH_TABLES, HostPort
@@ -28,8 +31,24 @@ def help_toml(capsys: pytest.CaptureFixture[str]) -> str:
 
 def test_everything_help_prints_parses(tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
+    doc = tomllib.loads(help_toml(capsys))
+    # --check-config also checks this machine (key file, state directory, listen addresses,
+    # resolver/startup.py): point those at what exists here; every other value is the help's.
+    key = tmp_path / "key.pem"
+    key.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    key.chmod(0o600)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        doc["server"]["listen"] = [f"127.0.0.1:{s.getsockname()[1]}"]
+    doc["identity"]["private_key"] = str(key)
+    doc["provision"]["state_file"] = str(tmp_path / "state" / "provision.json")
+    doc["control"]["state_file"] = str(tmp_path / "state" / "endpoints.json")
     path = tmp_path / "from-help.toml"
-    path.write_text(help_toml(capsys))
+    path.write_text("".join(f"[{table}]\n" + "".join(f"{k} = {toml_value(v)}\n"
+                                                     for k, v in values.items())
+                            for table, values in doc.items()))
     assert main(["--config", str(path), "--check-config"]) == 0, capsys.readouterr().err
 
 

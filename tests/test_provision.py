@@ -291,18 +291,6 @@ async def test_state_file_and_reconcile(tmp_path: Path) -> None:
 
 
 @aio
-async def test_corrupt_state_file_starts_empty(tmp_path: Path) -> None:
-    (tmp_path / "state.json").write_text("{not json")
-    fb = FakeBackend()
-    fb.items = {PolicyKey.tunnel("isk-old-0000000000")}
-    p = prov(fb, tmp_path)
-    await p.reconcile(WHEN)
-    assert fb.items == set()
-    assert json.loads((tmp_path / "state.json").read_text())["tunnels"] == []
-    assert (tmp_path / "state.json.bad").read_text() == "{not json"  # kept, not overwritten
-
-
-@aio
 async def test_state_file_of_version_1_still_loads(tmp_path: Path) -> None:
     """A state file as the resolver has written it since version 1: each tunnel's spec and key
     fields flat in one object. Changing this format needs a migration, not a silent reset."""

@@ -5,6 +5,7 @@ invariant (any bytes -> a reply or a drop, never an exception), over UDP and byt
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -18,13 +19,15 @@ import dns.name
 import dns.opcode
 import dns.rcode
 import dns.rdatatype
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from resolver.cache import WireCache
 from resolver.config import HostPort, ServerConfig
 from resolver.resolve import PlainHandler, Resolution
-from resolver.server import Server, _TcpProtocol
+from resolver.server import Server
+from resolver.server_tcp import TcpConnection
 from resolver.validator.response import Security, Verdict
 from tests.helpers import ede, run
 from tests.scripted_upstream import Delay, FakeValidator, ScriptedUpstream, answer, resolution
@@ -167,6 +170,60 @@ def test_udp_truncation_then_tcp() -> None:
     with_server(body)
 
 
+def test_meta_types_qtype0_and_any_answered_locally(caplog: pytest.LogCaptureFixture) -> None:
+    """Question types a resolver never forwards (issue 10): qtype 0 and the meta-types get
+    FORMERR with EDE 30 (Unbound's list; RFC 9824 3.5 for NXNAME, 128), zone transfers
+    REFUSED over UDP and TCP, ANY the RFC 8482 HINFO. Nothing goes upstream, nothing is
+    logged above debug."""
+    async def body(env: Env) -> None:
+        with caplog.at_level(logging.INFO, logger="resolver"):
+            caplog.clear()  # the server's own start-up lines are not what this is about
+            for qtype in (0, 41, 128, 200, 248, 249, 250, 253, 254):
+                r = dns.message.from_wire(await env.udp(q("www.example.test.", qtype,
+                                                          use_edns=0)))
+                assert r.rcode() == dns.rcode.FORMERR, qtype
+                assert [e.code for e in r.extended_errors()] == [
+                    dns.edns.EDECode.INVALID_QUERY_TYPE], qtype
+                assert r.question[0].rdtype == qtype
+            for qtype in ("AXFR", "IXFR"):
+                r = dns.message.from_wire(await env.udp(q("example.test.", qtype)))
+                assert r.rcode() == dns.rcode.REFUSED, qtype
+                (r,) = await tcp_exchange(env, [q("example.test.", qtype)])
+                assert r.rcode() == dns.rcode.REFUSED, qtype
+            r = dns.message.from_wire(await env.udp(q("www.example.test.", "ANY")))
+            assert r.rcode() == dns.rcode.NOERROR and not r.flags & dns.flags.AD
+            assert [rr.to_text() for rr in r.answer] == [
+                'www.example.test. 3600 IN HINFO "RFC8482" ""']
+        assert env.up.count() == 0
+        assert not [rec for rec in caplog.records if rec.levelno >= logging.INFO]
+
+    with_server(body)
+
+
+def test_malformed_edns_cookie_is_formerr_even_when_cached() -> None:
+    """RFC 7873 5.2.2: a COOKIE option that is not 8 bytes (client cookie) or 16-40 (client +
+    server cookie) is FORMERR, also for a name whose answer is in the wire cache (the fast
+    path used to answer NOERROR without looking at the options)."""
+    def with_cookie(n: int) -> dns.message.Message:
+        return q("www.example.test.", use_edns=0,
+                 options=[dns.edns.GenericOption(dns.edns.OptionType.COOKIE, b"c" * n)])
+
+    async def body(env: Env) -> None:
+        assert dns.message.from_wire(await env.udp(with_cookie(8))).rcode() == dns.rcode.NOERROR
+        assert env.server.cache is not None
+        hits = env.server.cache.hits
+        for n in (8, 16, 40):  # well-formed: answered from the cache
+            r = await env.udp(with_cookie(n))
+            assert r is not None and r[3] & 0x0F == dns.rcode.NOERROR, n
+        assert env.server.cache.hits == hits + 3
+        for n in (0, 5, 7, 9, 12, 15, 41):
+            r = await env.udp(with_cookie(n))
+            assert r is not None and r[3] & 0x0F == dns.rcode.FORMERR, n
+        assert env.up.count() == 1
+
+    with_server(body)
+
+
 async def tcp_exchange(env: Env, queries: list[dns.message.Message], *, chunk: int = 0
                        ) -> list[dns.message.Message]:
     reader, writer = await asyncio.open_connection(env.host, env.port)
@@ -211,16 +268,35 @@ def test_tcp_idle_timeout_closes_the_connection() -> None:
     with_server(body, tcp_idle_timeout=0.3)
 
 
-def test_tcp_connection_bound() -> None:
+def test_tcp_connection_bound_evicts_the_stalest_idle_connection() -> None:
+    """At the bound a newcomer replaces the connection that has gone longest without a whole
+    query; a connection with a query in progress is never evicted, and when all have one the
+    newcomer is refused."""
     async def body(env: Env) -> None:
-        keep = [await asyncio.open_connection(env.host, env.port) for _ in range(2)]
+        first = await asyncio.open_connection(env.host, env.port)
+        second = await asyncio.open_connection(env.host, env.port)
         await asyncio.sleep(0.05)
-        reader, writer = await asyncio.open_connection(env.host, env.port)
-        assert await asyncio.wait_for(reader.read(1), 2) == b""  # the third is refused
+        # `first` sends a query (answered): now `second` is the stalest.
+        wire = q("www.example.test.").to_wire()
+        first[1].write(len(wire).to_bytes(2, "big") + wire)
+        n = int.from_bytes(await first[0].readexactly(2), "big")
+        await first[0].readexactly(n)
+        third = await asyncio.open_connection(env.host, env.port)
+        assert await asyncio.wait_for(second[0].read(1), 2) == b""  # evicted
         assert len(env.server.tcp_connections) == 2
-        for _, w in keep:
+        # Both remaining connections get a slow query in progress: a fourth is refused.
+        slow = [q(f"slow{i}.example.test.") for i in range(2)]
+        for m, (_, w) in zip(slow, (first, third), strict=True):
+            wire = m.to_wire()
+            w.write(len(wire).to_bytes(2, "big") + wire)
+        await asyncio.sleep(0.2)
+        fourth = await asyncio.open_connection(env.host, env.port)
+        assert await asyncio.wait_for(fourth[0].read(1), 2) == b""
+        for m, (r, _) in zip(slow, (first, third), strict=True):  # their replies still come
+            n = int.from_bytes(await asyncio.wait_for(r.readexactly(2), 3), "big")
+            assert dns.message.from_wire(await r.readexactly(n)).id == m.id
+        for _, w in (first, second, third, fourth):
             w.close()
-        writer.close()
 
     with_server(body, tcp_max_connections=2)
 
@@ -254,6 +330,12 @@ class _FakeTransport(asyncio.Transport):
     def pause_reading(self) -> None: ...
 
     def resume_reading(self) -> None: ...
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        ...
+
+    def get_write_buffer_size(self) -> int:
+        return 0  # writes land in `written` at once
 
 
 def _query_like() -> st.SearchStrategy[bytes]:
@@ -294,7 +376,7 @@ def test_fuzz_udp_any_bytes_reply_or_drop(data: bytes) -> None:
 def test_fuzz_tcp_bytewise(messages: list[bytes], bytewise: bool) -> None:
     async def main() -> None:
         server = Server(_NullHandler(), cache=WireCache(10), clock=lambda: WHEN)
-        proto = _TcpProtocol(server)
+        proto = TcpConnection(server)
         transport = _FakeTransport()
         proto.connection_made(transport)  # type: ignore[arg-type]
         stream = b"".join(len(m).to_bytes(2, "big") + m for m in messages)

@@ -172,3 +172,34 @@ def test_late_reply_after_timeout_does_not_confuse_the_next_query() -> None:
             assert reply.id == calls[1]
 
     run(main(), 20)
+
+
+def test_recheck_asks_the_next_server_over_tcp_and_is_not_coalesced() -> None:
+    """The second opinion before a bogus verdict is believed (issue 10 item 9): TCP, where a
+    blind spoofer cannot answer, starting with the next server; it never joins an ordinary
+    UDP exchange in flight (which may be the one being spoofed)."""
+    async def main() -> None:
+        slow = lambda q, t: Delay(0.2, ok(q, t))  # noqa: E731
+        async with ScriptedUpstream(slow) as first, ScriptedUpstream(slow) as second:
+            fwd = Forwarder([first.endpoint, second.endpoint], timeout=1)
+            plain, again = await asyncio.gather(fwd.query(NAME, A),
+                                                fwd.query(NAME, A, recheck=True))
+            assert plain.answer and again.answer and fwd.stats.coalesced == 0
+            assert [t for t, _ in first.queries] == ["udp"]
+            assert [t for t, _ in second.queries] == ["tcp"]
+
+    run(main(), 20)
+
+
+def test_recheck_falls_back_to_udp_when_tcp_fails() -> None:
+    def script(q: dns.message.Message, t: str) -> object:
+        return b"\xff" * 30 if t == "tcp" else ok(q, t)  # TCP answers junk: no DNS there
+
+    async def main() -> None:
+        async with ScriptedUpstream(script) as up:  # type: ignore[arg-type]
+            fwd = Forwarder([up.endpoint], timeout=1)
+            reply = await fwd.query(NAME, A, recheck=True)
+            assert reply.answer
+            assert [t for t, _ in up.queries] == ["tcp", "udp"]
+
+    run(main(), 20)

@@ -516,17 +516,18 @@ def _addr(text: str) -> Address:
     return ip_address(text)
 
 
-async def start_responder(sections: Mapping[str, Any], source: str, identity: Identity | None,
-                          tunnels: object, resolution: Resolver) -> Responder | None:
-    """The responder the configuration asks for, started; None when there is none: no
-    [identity], tunnels not over VICI (the dry run), or `[responder] accept = "none"`.
+async def start_responder(sections: Mapping[str, Any], source: str, tunnels: object,
+                          resolution: Resolver) -> Responder | None:
+    """The responder the configuration asks for, started; None when there is none: tunnels
+    not over VICI (the dry run, or no [identity]), or `[responder] accept = "none"`. It
+    answers as the identity of the VICI backend.
 
     Raises:
         ConfigError: a bad [responder] table. (charon out of reach is no reason to fail:
             `Responder.start` catches up when it is back.)
     """
     config = ResponderConfig.from_section(sections.get("responder", {}), source)
-    if identity is None or not isinstance(tunnels, ViciBackend):
+    if not isinstance(tunnels, ViciBackend):
         return None
     if not config.enabled:
         log.info("responder off ([responder] accept = \"none\"): only peers we initiate to, "
@@ -541,6 +542,6 @@ async def start_responder(sections: Mapping[str, Any], source: str, identity: Id
         except ProvisioningError as exc:
             log.warning("responder off: could not check charon for our conns: %s", exc)
         return None
-    responder = Responder(config, identity, tunnels, resolution)
+    responder = Responder(config, tunnels.identity, tunnels, resolution)
     await responder.start()
     return responder

@@ -80,7 +80,14 @@ def _optional_path(value: str | Path | None) -> Path | None:
 
 
 def _vici_uri(value: str) -> str | None:
-    return None if value.startswith(("unix://", "tcp://")) else "must be a unix:// or tcp:// URI"
+    # VICI has no authentication of its own: whoever reaches the socket commands charon.
+    # A unix socket is guarded by the file system; a TCP one by nothing, so it is refused.
+    if value.startswith("tcp://"):
+        return ("tcp:// is not supported (VICI has no authentication): use charon's unix "
+                "socket, e.g. unix:///var/run/charon.vici")
+    if not value.startswith("unix://") or value == "unix://":
+        return "must be a unix:// URI (charon's VICI socket, e.g. unix:///var/run/charon.vici)"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

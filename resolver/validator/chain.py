@@ -87,6 +87,7 @@ class TrustChain:
     def __init__(self, anchors: TrustAnchors, fetch: Fetch, limits: Limits) -> None:
         self.anchors, self.fetch, self.limits = anchors, fetch, limits
         self._cache: dict[tuple[dns.name.Name, str], tuple[Step, float]] = {}
+        self._bogus: set[tuple[dns.name.Name, str]] = set()  # keys cached BOGUS (forget_bogus)
 
     # -- public ----------------------------------------------------------------------------
 
@@ -103,6 +104,21 @@ class TrustChain:
                       ) -> ZoneKeys | Verdict:
         """The deepest secure zone holding ``name``, or INSECURE/BOGUS/INDETERMINATE."""
         return await self._walk(name, now, budget)
+
+    def forget_bogus(self) -> None:
+        """Drop every cached BOGUS step, so the next walk fetches and checks again.
+
+        The resolution core calls this before it re-checks a bogus answer with fresh data: a
+        BOGUS step may come from one forged reply (a DNSKEY or DS with the right port and ID),
+        and must not outlive the re-check that refutes it. Cheap: only the bogus keys are
+        touched, and bogus steps are rare outside attacks.
+        """
+        for key in self._bogus:
+            hit = self._cache.get(key)
+            if hit is not None and isinstance(hit[0], Verdict) \
+                    and hit[0].security is Security.BOGUS:
+                del self._cache[key]
+        self._bogus.clear()
 
     def known_cut_between(self, signer: dns.name.Name, owner: dns.name.Name, now: float
                           ) -> dns.name.Name | None:
@@ -160,6 +176,10 @@ class TrustChain:
             if len(self._cache) >= self.limits.cache_entries:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[(name, kind)] = (step, now + ttl)
+            if isinstance(step, Verdict) and step.security is Security.BOGUS:
+                if len(self._bogus) >= self.limits.cache_entries:  # evicted ones linger here
+                    self._bogus = {k for k in self._bogus if k in self._cache}
+                self._bogus.add((name, kind))
         return step
 
     # -- one DS step -----------------------------------------------------------------------

@@ -47,7 +47,6 @@ from dns.rdtypes.ANY.CNAME import CNAME
 from dns.rdtypes.ANY.DNAME import DNAME
 from dns.rdtypes.ANY.SOA import SOA
 
-from resolver.logevent import log_event
 from resolver.validator.anchors import TrustAnchors
 from resolver.validator.chain import Fetch, TrustChain
 from resolver.validator.denial import (
@@ -113,6 +112,10 @@ class Validator:
         self.chain = TrustChain(anchors, fetch, self.limits)
         self._cpu = asyncio.Semaphore(max(1, self.limits.max_validating))
 
+    def forget_bogus(self) -> None:
+        """Forget cached BOGUS chain steps (see TrustChain.forget_bogus)."""
+        self.chain.forget_bogus()
+
     async def validate(
         self,
         qname: dns.name.Name,
@@ -138,14 +141,10 @@ class Validator:
                                   budget)
         finally:
             turn.release()
-        what = f"{qname}/{type_text(qtype)}"
-        if result.verdict.security in (Security.BOGUS, Security.INDETERMINATE):
-            log_event(log, logging.WARNING, "validation-failed", name=qname, type=type_text(qtype),
-                      security=result.verdict.security.value, reason=result.verdict.reason,
-                      ede=result.verdict.ede)
-        else:
-            log.debug("validated %s: %s %s", what, result.verdict.security.value,
-                      result.verdict.reason)
+        # Debug only: the resolution core logs the one warning per failed answer, after it has
+        # re-checked a bogus verdict (the first one may come from a forged reply).
+        log.debug("validated %s/%s: %s %s (EDE %s)", qname, type_text(qtype),
+                  result.verdict.security.value, result.verdict.reason, result.verdict.ede)
         return result
 
     def _failed(self, verdict: Verdict, response: dns.message.Message, budget: Budget

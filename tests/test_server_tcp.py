@@ -1,0 +1,232 @@
+"""TCP clients that abuse a connection (issue 10, items 6 and 7), over real sockets on 127.0.0.1.
+
+Each test is one behaviour of resolver/server_tcp.py, against the server of tests/test_server.py
+(scripted upstream, fake validator) with small [server] limits so a run takes seconds:
+
+* a frame trickled a byte at a time is cut at `tcp_frame_timeout`, although bytes keep coming
+  (the idle timer no longer restarts on each byte); a frame too short for DNS ends it at once;
+* a busy connection ends at `tcp_max_lifetime`, after the query in progress is answered;
+* slow-loris: many more trickling peers than `tcp_max_connections`, reconnecting as soon as
+  they are cut, while real clients ask over TCP: every real client is answered;
+* a client that pipelines queries and never reads: our buffered output for it stays under
+  `tcp_max_buffered`, it is cut off, and other clients are answered meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from pathlib import Path
+
+import dns.message
+import dns.rcode
+import pytest
+
+from resolver import config as configuration
+from resolver.errors import ConfigError
+from tests.test_server import Env, q, with_server
+
+WARM = "www.example.test."
+
+
+async def tcp_ask(env: Env, name: str = WARM, timeout: float = 1.0) -> dns.message.Message:
+    """One query over a new TCP connection."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(env.host, env.port)
+        try:
+            wire = q(name).to_wire()
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            n = int.from_bytes(await reader.readexactly(2), "big")
+            return dns.message.from_wire(await reader.readexactly(n))
+        finally:
+            writer.close()
+
+
+async def closed_after(reader: asyncio.StreamReader, limit: float) -> float:
+    """Seconds until the server closes the connection (EOF or reset), at most limit."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(limit):
+            while await reader.read(4096):
+                pass
+    return loop.time() - t0
+
+
+def test_trickled_frame_is_cut_at_the_frame_deadline() -> None:
+    """A frame sent one byte every 50 ms never completes: cut after tcp_frame_timeout (0.4 s),
+    long before the idle timeout (5 s), although a byte arrived every 50 ms."""
+    async def body(env: Env) -> None:
+        reader, writer = await asyncio.open_connection(env.host, env.port)
+        wire = q(WARM).to_wire()
+        frame = len(wire).to_bytes(2, "big") + wire
+
+        async def trickle() -> None:
+            for b in frame[:-1]:  # never the last byte
+                writer.write(bytes((b,)))
+                await asyncio.sleep(0.05)
+
+        sender = asyncio.create_task(trickle())
+        took = await closed_after(reader, 3.0)
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        writer.close()
+        assert 0.35 < took < 1.5, took
+
+    with_server(body, tcp_frame_timeout=0.4, tcp_idle_timeout=5.0)
+
+
+def test_a_frame_shorter_than_a_dns_header_ends_the_connection() -> None:
+    """Zero bytes trickled in pairs would be a stream of empty frames, each one "progress":
+    the first frame shorter than a DNS header (12 bytes) ends the connection instead."""
+    async def body(env: Env) -> None:
+        reader, writer = await asyncio.open_connection(env.host, env.port)
+        writer.write(b"\x00\x00")
+        took = await closed_after(reader, 3.0)
+        writer.close()
+        assert took < 1.0, took
+        assert not env.server.tcp_connections
+
+    with_server(body, tcp_idle_timeout=5.0, tcp_frame_timeout=5.0)
+
+
+def test_whole_queries_do_not_outlive_the_connection_lifetime() -> None:
+    """A client asking every 50 ms is cut at tcp_max_lifetime (0.6 s); the slow query it sent
+    just before is still answered first."""
+    async def body(env: Env) -> None:
+        await tcp_ask(env)  # warm: later queries are answered from the wire cache
+        reader, writer = await asyncio.open_connection(env.host, env.port)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        ids: set[int] = set()
+        slow = q("slow.example.test.")
+        for i in range(10):
+            m = slow if i == 9 else q(WARM)
+            wire = m.to_wire()
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            ids.add(m.id)
+            await asyncio.sleep(0.05)
+        got: set[int] = set()
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                n = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 3), "big")
+                got.add(dns.message.from_wire(await reader.readexactly(n)).id)
+        took = loop.time() - t0
+        writer.close()
+        assert slow.id in got and got == ids  # every query answered, the slow one too
+        assert 0.9 < took < 3.0, took  # the slow one needs ~1 s upstream (two 0.5 s tries)
+
+    with_server(body, tcp_max_lifetime=0.6, tcp_idle_timeout=5.0, tcp_frame_timeout=5.0)
+
+
+def test_slow_loris_peers_do_not_starve_real_clients() -> None:
+    """24 peers announce a 64-byte frame and trickle it a byte every 100 ms into 8 TCP slots,
+    reconnecting at once whenever they are cut. Meanwhile 15 real clients ask over TCP, one
+    every 100 ms: all are answered. (Before issue 10 the first 8 trickling peers kept every
+    slot: no real client got in.)"""
+    async def body(env: Env) -> None:
+        await tcp_ask(env)
+        stop = asyncio.Event()
+        peak = 0
+
+        async def loris() -> None:
+            while not stop.is_set():
+                try:
+                    _r, w = await asyncio.open_connection(env.host, env.port)
+                except OSError:
+                    await asyncio.sleep(0.01)
+                    continue
+                try:
+                    w.write(b"\x00\x40")  # a 64-byte frame is announced, then trickled
+                    while not stop.is_set() and not w.is_closing():
+                        w.write(b"a")
+                        await w.drain()
+                        await asyncio.sleep(0.1)
+                except ConnectionError:
+                    pass
+                finally:
+                    w.close()
+
+        async def watch() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, len(env.server.tcp_connections))
+                await asyncio.sleep(0.005)
+
+        peers = [asyncio.create_task(loris()) for _ in range(24)]
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0.5)  # every slot taken by now
+        answered = 0
+        for _ in range(15):
+            with contextlib.suppress(TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+                reply = await tcp_ask(env)
+                answered += reply.rcode() == dns.rcode.NOERROR and bool(reply.answer)
+            await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.gather(*peers, watcher, return_exceptions=True)
+        assert answered == 15, answered
+        assert peak <= 8, peak
+
+    with_server(body, tcp_max_connections=8, tcp_frame_timeout=0.5, tcp_idle_timeout=2.0)
+
+
+def test_client_that_never_reads_is_cut_off_with_output_bounded() -> None:
+    """One client pipelines 40,000 queries for a cached name and never reads (its receive
+    buffer shrunk to a few KiB). Our output for it stays under tcp_max_buffered (64 KiB), it
+    is cut off within tcp_frame_timeout of filling up, and another client is answered while it
+    hangs there. (Before issue 10 the server buffered every reply: megabytes per client.)"""
+    bound = 65537
+
+    async def body(env: Env) -> None:
+        await tcp_ask(env)
+        loop = asyncio.get_running_loop()
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.setblocking(False)
+        await loop.sock_connect(s, (env.host, env.port))
+        await asyncio.sleep(0.05)
+        (conn,) = env.server.tcp_connections
+        wire = q(WARM).to_wire()
+        frames = (len(wire).to_bytes(2, "big") + wire) * 40_000
+        peak = 0
+
+        async def send() -> None:
+            with contextlib.suppress(ConnectionError):
+                await loop.sock_sendall(s, frames)
+
+        async def watch() -> None:
+            nonlocal peak
+            while conn.transport is not None and not conn.transport.is_closing():
+                peak = max(peak, conn.transport.get_write_buffer_size())
+                await asyncio.sleep(0.002)
+
+        sender = asyncio.create_task(send())
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0.2)
+        other = await tcp_ask(env)  # the stuck client holds nothing another one needs
+        assert other.rcode() == dns.rcode.NOERROR and other.answer
+        await asyncio.wait_for(watcher, 5)  # the server cut it off
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        s.close()
+        assert conn not in env.server.tcp_connections
+        assert 0 < peak <= bound, peak
+
+    with_server(body, tcp_max_buffered=bound, tcp_frame_timeout=0.5)
+
+
+def test_tcp_limits_are_read_from_the_server_table(tmp_path: Path) -> None:
+    """The three new [server] keys parse, and a buffer too small for one largest reply is a
+    clear configuration error (file, table, key, why)."""
+    conf = tmp_path / "resolver.toml"
+    conf.write_text('[upstream]\nservers = ["127.0.0.1"]\n[server]\ntcp_frame_timeout = 2\n'
+                    "tcp_max_lifetime = 30.5\ntcp_max_buffered = 70000\n", encoding="utf-8")
+    server = configuration.load(conf).server
+    assert (server.tcp_frame_timeout, server.tcp_max_lifetime, server.tcp_max_buffered) == (
+        2.0, 30.5, 70000)
+    conf.write_text('[upstream]\nservers = ["127.0.0.1"]\n[server]\ntcp_max_buffered = 4096\n',
+                    encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"\[server\] key 'tcp_max_buffered': must be at "
+                                          r"least 65537"):
+        configuration.load(conf)
