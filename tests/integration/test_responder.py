@@ -292,6 +292,46 @@ def test_a_stale_key_in_charon_admits_no_one_through_the_wildcard(lab: Lab,
         in charon_log  # the stale key did verify; the wildcard's constraint said no
 
 
+def test_a_psk_identity_never_counts_as_authenticated(lab: Lab, hosts: Hosts) -> None:
+    """carol's charon holds a public-PSK wildcard someone else loaded (Careful 2): whoever has
+    the PSK may claim any name there. carol's daemon warns about it at start; alice, with the
+    PSK, claims dave's name and is established under that conn, but carol's responder never
+    takes her for dave: nothing authenticated, admitted or learned."""
+    hosts.reset("alice", "carol")
+    psk = {"psk-any": {"version": "2", "mobike": "no",
+                       "local": {"auth": "psk", "id": "carol.example.test"},
+                       "remote": {"auth": "psk", "id": "%any"},
+                       "children": {"psk-any": {"mode": "tunnel", "local_ts": ["dynamic"],
+                                                "remote_ts": ["dynamic"]}}}}
+    secret = {"type": "IKE", "data": b"public-psk", "owners": []}
+    with lab.vici("carol") as s:
+        s.load_conn(psk)
+        s.load_shared(secret)
+    carol = hosts.start("carol", "r-carol-psk")
+    [warning] = log_lines(carol, "responder: charon holds conn 'psk-any'")
+    assert "never taken as authenticated" in warning
+    claim = {"psk-claim": {"version": "2", "mobike": "no", "remote_addrs": [lab.addr("carol")],
+                           "local": {"auth": "psk", "id": "dave.example.test"},
+                           "remote": {"auth": "psk", "id": "carol.example.test"},
+                           "children": {"psk-claim": {"mode": "tunnel",
+                                                      "local_ts": ["dynamic"],
+                                                      "remote_ts": ["dynamic"]}}}}
+    with lab.vici("alice") as s:
+        s.load_conn(claim)
+        s.load_shared(secret)
+        ike.initiate(s, "psk-claim", "psk-claim")  # the pitfall is real: it is established
+    try:
+        [(_, sa)] = [(n, sa) for n, sa in lab.ike_sas("carol") if n == "psk-any"]
+        assert sa["remote-id"] == "dave.example.test"
+        time.sleep(0.5)
+        assert not log_lines(carol, ") authenticated with")
+        assert stats(lab, carol)["responder_admissions_total"] == 0
+        assert conn_name(dns.name.from_text("dave.example.test.")) not in lab.conns("carol")
+    finally:
+        lab.close_conns("alice", ["psk-claim"])
+        hosts.reset("alice", "carol")
+
+
 def test_lease_end_unloads_a_learned_conn_and_its_credentials(lab: Lab, hosts: Hosts) -> None:
     """A learned conn without SAs is unloaded at its lease end, and charon's credential store
     is cleared of its key (the only conns are ours, so the responder reloads what it needs)."""
