@@ -10,12 +10,12 @@ Theory of operation (DESIGN.md, "Both ends: the responder", has the sequence dia
      shown with a PSK proves nothing, and nothing here ever learns from one: only the pubkey
      wildcard's IKE_SAs are looked at), and subscribes to charon's events.
   2. An unknown initiator fails IKE_AUTH on the wildcard; charon logs who it is
-     (resolver/responder/charonlog.py pairs the lines on the listener thread; the IKE_SA's
-     ike-updown event is the second source). `_unknown` asks the Gate (core.py) whether it may
-     cost a lookup, and `_admit` resolves the identity's IPSECKEY, A and AAAA through the
-     daemon's own validating Resolution (coalesced per identity, bounded by `lookup_timeout`),
-     lets `core.judge` decide, and loads the conn. The initiator, which got
-     AUTHENTICATION_FAILED, tries again (resolver/tunnels/vici.py: 10 ms, doubling) and meets
+     (resolver/responder/events.py, on the listener thread, pairs the lines with
+     charonlog.py; the IKE_SA's ike-updown event is the second source). `_unknown` asks the
+     Gate (core.py) whether it may cost a lookup, and `_admit` resolves the identity's
+     IPSECKEY, A and AAAA through the daemon's own validating Resolution (coalesced per
+     identity, bounded by `lookup_timeout`), lets `core.judge` decide, and loads the conn. The initiator, which got
+     AUTHENTICATION_FAILED, tries again (resolver/tunnels/vici.py: 5 ms, doubling) and meets
      its conn. Every refusal is logged with its reason; rate-limit and repeat refusals are
      counted and summarised at most every SUMMARY_EVERY seconds instead.
   3. Each learned conn has a lease. At its end (`tick`), a conn that carries no SA is
@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -47,13 +46,7 @@ import dns.rdatatype
 from resolver.errors import ProvisioningError, ResolverError
 from resolver.resolve import Resolver
 from resolver.responder import charon
-from resolver.responder.charonlog import (
-    LogLine,
-    Tracker,
-    UnknownInitiator,
-    from_updown,
-    identity_name,
-)
+from resolver.responder.charonlog import UnknownInitiator, identity_name
 from resolver.responder.core import (
     RESPONDER_PREFIX,
     WILDCARD,
@@ -67,6 +60,7 @@ from resolver.responder.core import (
     same_admission,
     wildcard_conn,
 )
+from resolver.responder.events import Connected, Event, EventFeed, Up, WildcardUp
 from resolver.tunnels.config import Identity
 from resolver.tunnels.vici import ViciBackend
 from resolver.validator.response import ValidatedAnswer
@@ -78,7 +72,6 @@ Address = IPv4Address | IPv6Address
 SUMMARY_EVERY: Final = 10.0  # seconds between summaries of quiet refusals
 SWEEP_EVERY: Final = 60.0  # seconds between credential reloads (when keys left)
 TICK_MAX: Final = 5.0  # the timer loop wakes at least this often
-_TRIGGERED_KEPT: Final = 4096  # IKE_SA ids already handed over (log and updown dedupe)
 
 
 @dataclass(slots=True)
@@ -103,34 +96,6 @@ class ResponderCounters:
     credential_reloads: int = 0
 
 
-# Values the listener thread hands to the loop.
-@dataclass(frozen=True, slots=True)
-class _Up:
-    name: str
-    ike_id: str
-    remote_host: str
-    remote_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Down:
-    name: str
-    ike_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class _WildcardUp:
-    ike_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Connected:
-    """The log session registered (again): charon may have restarted and lost our conns."""
-
-
-_Event = UnknownInitiator | _Up | _Down | _WildcardUp | _Connected
-
-
 class Responder:
     """Unknown initiators in, through DNS (see the module docstring)."""
 
@@ -146,8 +111,7 @@ class Responder:
         self.learned: dict[dns.name.Name, _Learned] = {}
         self._by_conn: dict[str, dns.name.Name] = {}
         self._inflight: dict[dns.name.Name, asyncio.Task[None]] = {}
-        self._tracker = Tracker(WILDCARD)  # listener thread only
-        self._triggered: OrderedDict[str, None] = OrderedDict()  # listener thread only
+        self._feed = EventFeed()  # the listener thread's side
         self._quiet: dict[str, int] = {}
         self._summary_at = 0.0
         self._swept_at = 0.0
@@ -163,7 +127,7 @@ class Responder:
         charon cannot be reached yet, that is logged and done when it can (the log session's
         registration says so): the daemon does not fail for it."""
         loop = asyncio.get_running_loop()
-        self.backend.log.subscribe(loop, self._feed, self._on_event)
+        self.backend.log.subscribe(loop, self._feed.feed, self._on_event)
         try:
             await self._load_all()
         except ProvisioningError as exc:
@@ -211,66 +175,30 @@ class Responder:
         if self._inflight:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
-    # -- the listener thread's side ----------------------------------------------------------
-
-    def _feed(self, label: str, event: dict[str, Any]) -> _Event | None:
-        """Runs on the VICI log thread for every event: cheap, and only its own state."""
-        if label == "log":
-            found = self._tracker.feed(LogLine.of(event))
-            return self._first(found) if found is not None else None
-        if label == "connected":
-            return _Connected()
-        up = event.get("up") == "yes"
-        for name, ike in event.items():
-            if not isinstance(ike, dict):
-                continue
-            ike_id = str(ike.get("uniqueid", ""))
-            if name == WILDCARD:
-                if label == "ike-updown" and up:
-                    return _WildcardUp(ike_id)
-                if label == "ike-updown":
-                    found = from_updown(name, ike, WILDCARD)
-                    return self._first(found) if found is not None else None
-            elif name.startswith(RESPONDER_PREFIX) and label == "ike-updown":
-                if up:
-                    return _Up(name, ike_id, str(ike.get("remote-host", "")),
-                               str(ike.get("remote-id", "")))
-                return _Down(name, ike_id)
-        return None
-
-    def _first(self, found: UnknownInitiator) -> UnknownInitiator | None:
-        """Each IKE_SA once (the log and the updown event both report it)."""
-        if found.ike_id in self._triggered:
-            return None
-        self._triggered[found.ike_id] = None
-        while len(self._triggered) > _TRIGGERED_KEPT:
-            self._triggered.popitem(last=False)
-        return found
-
     # -- the loop's side ----------------------------------------------------------------------
 
-    def _on_event(self, event: _Event) -> None:
+    def _on_event(self, event: Event) -> None:
         if isinstance(event, UnknownInitiator):
             self._unknown(event)
-        elif isinstance(event, _Connected):
+        elif isinstance(event, Connected):
             self._connects += 1
             # The first registration comes with our own start (which loads everything), unless
             # that start could not reach charon; every later one is charon coming back.
             if self._started is False or (self._started and self._connects > 1):
                 asyncio.get_running_loop().create_task(self._restore())
-        elif isinstance(event, _WildcardUp):
+        elif isinstance(event, WildcardUp):
             # Cannot happen (NEVER_GROUP); if it ever does, nothing may stay up under it.
             log.error("responder: an IKE_SA came up under the wildcard conn: terminating it")
             self.counters.wildcard_terminated += 1
             asyncio.get_running_loop().create_task(self._terminate(event.ike_id))
-        elif isinstance(event, _Up):
+        elif isinstance(event, Up):
             self._up(event)
         else:
             ident = self._by_conn.get(event.name)
             if ident is not None and ident in self.learned:
                 self.learned[ident].ike_ids.discard(event.ike_id)
 
-    def _up(self, event: _Up) -> None:
+    def _up(self, event: Up) -> None:
         ident = self._by_conn.get(event.name)
         entry = self.learned.get(ident) if ident is not None else None
         if entry is None:
