@@ -10,14 +10,14 @@ Theory of operation (DESIGN.md, "Both ends: the responder", has the sequence dia
      shown with a PSK proves nothing, and nothing here ever learns from one: only the pubkey
      wildcard's IKE_SAs are looked at), and subscribes to charon's events.
   2. An unknown initiator fails IKE_AUTH on the wildcard; charon logs who it is
-     (resolver/responder/events.py, on the listener thread, pairs the lines with
-     charonlog.py; the IKE_SA's ike-updown event is the second source). `_unknown` asks the
-     Gate (core.py) whether it may cost a lookup, and `_admit` resolves the identity's
-     IPSECKEY, A and AAAA through the daemon's own validating Resolution (coalesced per
-     identity, bounded by `lookup_timeout`), lets `core.judge` decide, and loads the conn.
-     The initiator, which got AUTHENTICATION_FAILED, tries again (resolver/tunnels/vici.py:
-     5 ms, doubling) and meets its conn. Every refusal is logged with its reason; rate-limit and repeat refusals are
-     counted and summarised at most every SUMMARY_EVERY seconds instead.
+     (resolver/responder/events.py, on the listener thread, pairs the lines with charonlog.py;
+     the IKE_SA's ike-updown event is the second source). `_unknown` asks the Gate (core.py)
+     whether it may cost a lookup, and `_admit` resolves the identity's IPSECKEY, A and AAAA
+     through the daemon's own validating Resolution (coalesced per identity, bounded by
+     `lookup_timeout`), lets `core.judge` decide, and loads the conn. The initiator, which got
+     AUTHENTICATION_FAILED, tries again (resolver/tunnels/vici.py: 5 ms, doubling) and meets its
+     conn. Every refusal is logged with its reason; rate-limit and repeat refusals are counted
+     and summarised at most every SUMMARY_EVERY seconds instead.
   3. Each learned conn has a lease. At its end (`tick`), a conn that carries no SA is
      terminated and unloaded; one that does is re-validated (cached lookups) and kept only if
      DNS still vouches for the same key and addresses. When keys have left charon (ours or the
