@@ -28,7 +28,7 @@ rate of bob's responder is that of a real host, not shared by all).
 
 Usage: .venv/bin/python bench/bench_responder.py [--runs 20] [--lookups 15] [--crowd 50]
                                                  [--flood 1000] [--flood-sources 100]
-                                                 [--lab-id q]
+                                                 [--parts abcd] [--lab-id q]
 """
 
 from __future__ import annotations
@@ -365,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flood", type=int, default=1000, help="random identities in (d)")
     p.add_argument("--flood-sources", type=int, default=100,
                    help="addresses the flood of (d) comes from, besides a run from one")
+    p.add_argument("--parts", default="abcd", help="which parts to run (default: all)")
     p.add_argument("--lab-id", default="q")
     args = p.parse_args(argv)
     logging.getLogger("resolver.tunnels.vici").addHandler(TRIES)
@@ -380,16 +381,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             steps = [("a", lambda: part_a(lab, names[:args.runs])),
                      ("c", lambda: part_c(lab, names[args.runs:]))]
-            for _, step in steps:
-                step()
-                sys.stdout.flush()
+            for part, step in steps:
+                if part in args.parts:
+                    step()
+                    sys.stdout.flush()
         finally:
             bob.stop()
-        part_b(lab, args.lookups)
-        sys.stdout.flush()
-        part_d(lab, args.flood, 1)
-        sys.stdout.flush()
-        part_d(lab, args.flood, args.flood_sources)
+        if "b" in args.parts:
+            part_b(lab, args.lookups)
+            sys.stdout.flush()
+        if "d" in args.parts:
+            part_d(lab, args.flood, 1)
+            sys.stdout.flush()
+            part_d(lab, args.flood, args.flood_sources)
     finally:
         print(f"lab down in {lab.down():.1f} s")
     return 0

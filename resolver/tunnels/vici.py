@@ -268,8 +268,12 @@ class ViciBackend:
             while True:
                 tries += 1
                 self.log.begin(spec.name)
+                left = max(0.05, deadline - time.monotonic())
                 try:
-                    await self._install(spec, max(0.05, deadline - time.monotonic()), replaces)
+                    if tries == 1 or replaces:
+                        await self._install(spec, left, replaces)
+                    else:  # key and conn are loaded: initiate again, and wait
+                        await self._initiate_again(spec, left)
                     if tries > 1:
                         log.info("tunnel %s to %s up on try %d", spec.name, spec.destination,
                                  tries)
@@ -287,11 +291,31 @@ class ViciBackend:
         finally:
             self.log.end(spec.name)
 
+    async def _initiate_again(self, spec: TunnelSpec, timeout: float) -> None:
+        """A retry: only the initiate and the wait (saves the 2-3 VICI round trips of
+        `_prepare` that a retry within milliseconds has no use for)."""
+        deadline = time.monotonic() + timeout
+
+        def again() -> concurrent.futures.Future[None]:
+            waiter = self._events.expect(spec.name, set())  # before initiate: no event missed
+            try:
+                self._initiate(self._session(), spec, timeout, deadline)
+            except BaseException:
+                self._events.discard(spec.name, waiter)
+                raise
+            return waiter
+
+        waiter = await self._run(again)
+        try:
+            await self._await_installed(spec, timeout, deadline, set(), waiter)
+        finally:
+            self._events.discard(spec.name, waiter)
+
     async def _reason(self, name: str) -> Reason | None:
         """The failure evidence of `name`'s attempt, waiting briefly for trailing log lines."""
         end = time.monotonic() + _REASON_WAIT
         while (reason := self.log.reason(name)) is None and time.monotonic() < end:
-            await asyncio.sleep(0.003)
+            await asyncio.sleep(0.001)
         return reason
 
     def _explained(self, spec: TunnelSpec, exc: ProvisioningError, reason: Reason | None,
