@@ -53,6 +53,7 @@ from resolver.policy import Group, Policy
 from resolver.provision import Provisioner
 from resolver.reload import Reloader, Running
 from resolver.resolve import Fetch, PlainHandler, QueryHandler, Validating
+from resolver.responder.manager import Responder, start_responder
 from resolver.server import Server
 from resolver.service import ServiceRuntime
 from resolver.startup import StartupGate, build_anchors, check_sections
@@ -188,6 +189,8 @@ class Daemon:
     network: Network | None = None
     status_socket: ControlServer | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    tunnels: object = None  # the tunnel backend (ViciBackend, or the dry run): the responder's
+    responder: Responder | None = None
 
 
 async def serve(cfg: Config, load: Callable[[], Config] | None = None) -> int:
@@ -240,14 +243,17 @@ async def build(cfg: Config, checked: startup.Checked) -> Daemon:
     handler: QueryHandler = plain
     provisioner: Provisioner | None = None
     policy: Policy | None = None
+    tunnels: object = None
     wire_cache = WireCache(cfg.cache.max_entries)
     pcfg, ident = checked.provision, checked.identity
     if pcfg is not None and checked.policy is not None:
         # pyroute2 0.9 runs its own event loop: its sync API must be called off ours.
         own = (*await asyncio.to_thread(host_addresses), *(ident.addresses if ident else ()))
         policy = the_policy = Policy(checked.policy, own_addresses=own)
+        backend = make_backend(pcfg, ident, source=checked.source)
+        tunnels = backend.tunnels
         provisioner = Provisioner(
-            MeteredBackend(make_backend(pcfg, ident, source=checked.source), metrics), pcfg,
+            MeteredBackend(backend, metrics), pcfg,
             must_drop=lambda s: the_policy.group_for(s.key.owner, (s.destination,))
             is Group.PRIVATE)
         provisioner.on_lost.append(wire_cache.clear)  # answers given for a lost tunnel
@@ -259,7 +265,8 @@ async def build(cfg: Config, checked: startup.Checked) -> Daemon:
     gate = StartupGate(handler, plain)
     server = MeteredServer(gate, cfg.server, cache=wire_cache).meter(metrics)
     return Daemon(server, gate, metrics, ServiceRuntime(metrics, cfg.sections, checked.source),
-                  resolution, selector, plain, wire_cache, provisioner, policy)
+                  resolution, selector, plain, wire_cache, provisioner, policy,
+                  tunnels=tunnels)
 
 
 def reloader(cfg: Config, daemon: Daemon, load: Callable[[], Config] | None) -> Reloader:
@@ -294,6 +301,13 @@ async def reconcile(cfg: Config, daemon: Daemon) -> None:
     daemon.watch = TunnelWatch(provisioner, time.time, interval=pcfg.watch_interval)
     daemon.watch.start()  # charon's events; the dry run has none
     daemon.tasks.append(asyncio.create_task(_expire_loop(provisioner)))
+    # Unknown initiators in, through DNS (issue 11): after reconcile, before serving.
+    source = str(cfg.path) if cfg.path is not None else "config"
+    daemon.responder = await start_responder(cfg.sections, source, daemon.tunnels,
+                                             daemon.resolution)
+    if daemon.responder is not None:
+        daemon.tasks.append(asyncio.create_task(daemon.responder.run()))
+        daemon.metrics.watch_responder(daemon.responder)
     daemon.control = await start_control(cfg, daemon.resolution, provisioner, clock=time.time,
                                          policy=policy, extra=extra)
     if daemon.control is not None:
@@ -330,6 +344,8 @@ async def shut_down(daemon: Daemon) -> None:
     await daemon.runtime.close()
     for task in daemon.tasks:
         task.cancel()
+    if daemon.responder is not None:
+        await daemon.responder.close()
     if daemon.control is not None:
         await daemon.control.close()
     if daemon.status_socket is not None:

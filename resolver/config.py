@@ -34,7 +34,8 @@ DNS_PORT: Final = 53
 DOT_PORT: Final = 853  # DNS over TLS, RFC 7858
 TLS_SCHEME: Final = "tls://"
 RESOLV_CONF: Final = Path("/etc/resolv.conf")
-PASSTHROUGH_TABLES: Final = ("policy", "provision", "control", "identity", "metrics", "debug")
+PASSTHROUGH_TABLES: Final = ("policy", "provision", "control", "identity", "metrics", "debug",
+                             "responder")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
