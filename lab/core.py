@@ -65,6 +65,9 @@ class CommandFailed(subprocess.CalledProcessError):
                 f"stderr: {(self.stderr or '').strip()}")
 
 
+# Machine-wide record of which process owns a lab prefix (namespaces are machine-wide).
+OWNERS_DIR = Path("/run/ipseckey-lab")
+
 class Lab(Probes):
     """One lab instance. See the module docstring; all methods need root.
 
@@ -352,14 +355,19 @@ class Lab(Probes):
         session keeps running, and pulling the lab from under it would fail its tests in
         confusing ways. `down` is not guarded: an explicit down is always obeyed.
         """
-        state = self._state()
-        owner, argv = state.get("owner"), state.get("owner_argv")
-        if (isinstance(owner, int) and owner != os.getpid() and argv
-                and net.cmdline(owner) == argv and not net.is_zombie(owner)):
-            raise LabError(
-                f"lab instance {self.prefix}* is in use by pid {owner} ({' '.join(argv)[:80]}); "
-                "set LAB_ID to a short tag (e.g. LAB_ID=p) for a private instance, "
-                "or run `python -m lab down` first")
+        # Namespaces are machine-wide, state dirs are per checkout: a second checkout (a git
+        # worktree) with the same LAB_ID would otherwise find "our" namespaces and take them
+        # down from under the first one's tests. So the owner is also recorded by prefix.
+        for state in (self._state(), self._global_owner()):
+            owner, argv = state.get("owner"), state.get("owner_argv")
+            if (isinstance(owner, int) and owner != os.getpid() and argv
+                    and net.cmdline(owner) == argv and not net.is_zombie(owner)):
+                where = state.get("state_dir", str(self.state_dir))
+                raise LabError(
+                    f"lab instance {self.prefix}* is in use by pid {owner} "
+                    f"({' '.join(argv)[:80]}; state {where}); "
+                    "set LAB_ID to a short tag (e.g. LAB_ID=p) for a private instance, "
+                    "or run `python -m lab down` first")
 
     def down(self) -> float:
         """Remove everything this instance made (except the key cache); returns seconds taken."""
@@ -380,6 +388,8 @@ class Lab(Probes):
         if not net.other_instances_up(self.switch_ns):
             net.remove_blackholes()
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self._global_owner().get("state_dir") == str(self.state_dir):
+            (OWNERS_DIR / f"{self.prefix}owner.json").unlink(missing_ok=True)
         return time.monotonic() - t0
 
     def status(self) -> str:
@@ -563,6 +573,18 @@ class Lab(Probes):
 
     def _save_state(self, state: dict[str, Any]) -> None:
         (self.run_dir / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+        if "owner" in state:
+            owner = {k: state[k] for k in ("owner", "owner_argv")} | {
+                "state_dir": str(self.state_dir)}
+            OWNERS_DIR.mkdir(parents=True, exist_ok=True)
+            (OWNERS_DIR / f"{self.prefix}owner.json").write_text(json.dumps(owner) + "\n")
+
+    def _global_owner(self) -> dict[str, Any]:
+        """Who brought this prefix's namespaces up, whatever checkout it ran from."""
+        try:
+            return dict(json.loads((OWNERS_DIR / f"{self.prefix}owner.json").read_text()))
+        except (OSError, ValueError):
+            return {}
 
     def _log_tails(self) -> str:
         out = []
