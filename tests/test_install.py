@@ -55,6 +55,7 @@ def test_install_and_uninstall_in_a_destdir(tmp_path: Path) -> None:
     wrapper = (dest / "usr/local/sbin/ipseckey-resolver").read_text()
     assert wrapper.startswith("#!/usr/bin/python3 -I\n")
     assert '"/usr/local/lib/ipseckey-resolver"' in wrapper  # the final path, not DESTDIR
+    assert "from resolver.__main__ import main\n" in wrapper  # holds SIGHUP before imports
     assert os.access(dest / "usr/local/sbin/autosp", os.X_OK)
     unit = (dest / "usr/local/lib/systemd/system/ipseckey-resolver.service").read_text()
     assert "ExecStart=/usr/local/sbin/ipseckey-resolver --config " \
