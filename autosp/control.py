@@ -6,13 +6,12 @@ reads the bounded reply, and maps its outcome onto autosp's errors (and so exit 
 a "bad-request" reply or a request that `check_request` refuses is ConfigError (exit 2), any
 other failure reply OperationFailed (exit 1), as is a socket this user may not open (the same
 sentence as the daemon's "forbidden" reply); no daemon listening (or none answering) is
-ResolverUnreachable (exit 3).
+ResolverUnreachable (exit 3). What autosp prints of a reply is autosp/output.py.
 """
 
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from resolver.endpoints import protocol
 from resolver.endpoints.protocol import DEFAULT_SOCKET, EndpointError, Request
 from resolver.errors import ConfigError
 
-__all__ = ["DEFAULT_SOCKET", "format_status", "format_table", "make_request", "request", "send"]
+__all__ = ["DEFAULT_SOCKET", "make_request", "request", "send"]
 
 
 def make_request(op: str, name: str | None = None, group: str | None = None) -> Request:
@@ -93,44 +92,3 @@ def _read_line(s: socket.socket) -> bytes:
         raise OSError(0, "the resolver closed the connection without a reply")
     return bytes(buf.split(b"\n", 1)[0])
 
-
-def format_table(endpoints: list[dict[str, Any]], now: float | None = None) -> str:
-    """`autosp list` output: one row per endpoint, aligned columns."""
-    now = time.time() if now is None else now
-    header = ("NAME", "ADDRESSES", "KEY", "DNSSEC", "TUNNEL", "NEXT REFRESH")
-    rows = [header]
-    for e in endpoints:
-        nxt = e.get("next_refresh")
-        when = "-" if nxt is None else f"in {max(0, round(float(nxt) - now))} s"
-        key = f"{e.get('algorithm') or '-'} {e.get('fingerprint') or ''}".strip()
-        rows.append((str(e.get("name", "?")), ",".join(e.get("addresses") or []) or "-", key,
-                     str(e.get("security") or "-"), str(e.get("tunnel") or "-"), when))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
-
-
-_TIMES = ("next_refresh", "last_refresh", "added")  # POSIX seconds in the protocol
-
-
-def format_status(e: dict[str, Any], now: float | None = None) -> str:
-    """`autosp status NAME` output: every known field, one per line, failure reason last.
-
-    Times are shown as UTC and relative to now ("2026-11-23 10:05:00 UTC (in 40 s)"), not as
-    the raw POSIX seconds the protocol carries.
-    """
-    now = time.time() if now is None else now
-    lines = [f"{k}: {_when(v, now) if k in _TIMES else v}" for k, v in e.items()
-             if k != "error"]
-    if e.get("error"):
-        lines.append(f"error: {e['error']}")
-    return "\n".join(lines)
-
-
-def _when(value: Any, now: float) -> str:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return "-" if value is None else str(value)
-    delta = round(float(value) - now)
-    rel = f"in {delta} s" if delta >= 0 else f"{-delta} s ago"
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(value)))
-    return f"{stamp} ({rel})"

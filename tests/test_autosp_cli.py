@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from autosp import addresses as ad
-from autosp import control
 from autosp.cli import main
 
 COMMANDS = ["add", "remove", "list", "status", "refresh", "stats", "keygen", "publish"]
@@ -111,25 +110,6 @@ def test_read_interface_addresses_sees_loopback() -> None:
     assert any(e.address == ipaddress.ip_address("127.0.0.1") for e in found)
     assert all(not e.address.is_loopback for e in
                [x for x in found if x.address in ad.select_published(found)])
-
-
-def test_format_table_next_refresh() -> None:
-    text = control.format_table([{"name": "a.", "next_refresh": 1030.4}], now=1000.0)
-    assert "in 30 s" in text.splitlines()[1]
-
-
-def test_status_shows_times_as_utc_and_relative() -> None:
-    from autosp.control import format_status
-
-    now = 1_800_000_000.0
-    text = format_status({"name": "bob.example.test.", "tunnel": "up", "next_refresh": now + 40,
-                          "last_refresh": now - 20, "added": None, "error": "peer timed out"},
-                         now=now)
-    lines = text.splitlines()
-    assert "next_refresh: 2027-01-15 08:00:40 UTC (in 40 s)" in lines
-    assert "last_refresh: 2027-01-15 07:59:40 UTC (20 s ago)" in lines
-    assert "added: -" in lines
-    assert lines[-1] == "error: peer timed out"
 
 
 @pytest.mark.parametrize("argv", [["status", "a..b"], ["remove", "."]])

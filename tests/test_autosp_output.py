@@ -60,6 +60,9 @@ def test_status_is_aligned_text_with_times_absolute_and_relative() -> None:
     assert lines[-1].split(None, 1) == ["error:", "peer timed out (tunnel-failed)"]
     assert not any("[" in ln or "None" in ln for ln in lines), lines
     assert colon  # labels end in ':'
+    unknown = output.endpoint({**BOB, "added": None, "last_refresh": None}, NOW).splitlines()
+    assert [ln.split() for ln in unknown if ln.startswith(("added", "last"))] == [
+        ["last", "refresh:", "-"], ["added:", "-"]]
 
 
 def test_list_fits_80_columns_with_addresses_one_per_line() -> None:
