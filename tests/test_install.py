@@ -88,6 +88,9 @@ def test_unit_asks_for_what_the_issue_lists() -> None:
     assert options["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert options["Before"] == "nss-lookup.target" and options["Wants"] == "nss-lookup.target"
     assert "strongswan.service" in options["After"]
+    # Ordering only: the daemon starts without charon and connects when it appears.
+    assert not any("strongswan" in options.get(k, "")
+                   for k in ("Wants", "Requires", "Requisite", "BindsTo", "PartOf"))
     assert options["User"] == "ipseckey-resolver"
     assert set(options["CapabilityBoundingSet"].split()) == {"CAP_NET_BIND_SERVICE",
                                                              "CAP_NET_ADMIN"}
