@@ -115,8 +115,9 @@ def state_directories(pcfg: ProvisionConfig | None, control: ControlConfig | Non
                       ) -> tuple[Path, ...]:
     """The directories of the state files the daemon writes: the ones it locks (step 3).
 
-    With provisioning but no state file at all, the default state directory is locked all the
-    same: the lock is what keeps a second daemon off our tunnels.
+    A configuration read from a file always has a [provision] state file (by default in
+    /var/lib/ipseckey-resolver); one built in code without any state file still locks the
+    default state directory: the lock is what keeps a second daemon off our tunnels.
     """
     if pcfg is None:
         return ()

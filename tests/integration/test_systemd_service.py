@@ -57,7 +57,6 @@ private_key = "/etc/ipseckey-resolver/host.pem"
 addresses = ["{lab.addr('alice')}", "{lab.addr('alice', 6)}"]
 [provision]
 vici_socket = "unix:///run/charon.vici"
-state_file = "/var/lib/ipseckey-resolver/state.json"
 [policy]
 default = "private"
 [metrics]
@@ -178,7 +177,8 @@ def test_lookup_tunnel_and_drop_shunt_work_inside_the_sandbox(service: Service) 
     assert lab.addr("plain") in shunted(lab)  # XFRM over netlink with CAP_NET_ADMIN
     added = service.control("add", "carol.example.test.")
     assert added["tunnel"] == "up", added
-    state = service.sh("ls", "-l", "/var/lib/ipseckey-resolver")  # ReadWritePaths
+    # ReadWritePaths; both state files by default (the config names neither)
+    state = service.sh("ls", "-l", "/var/lib/ipseckey-resolver")
     assert "endpoints.json" in state and "state.json" in state
 
 
