@@ -17,6 +17,7 @@ from typing import Any
 
 from autosp.errors import OperationFailed, ResolverUnreachable
 from resolver.endpoints import protocol
+from resolver.endpoints.core import parse_group
 from resolver.endpoints.protocol import DEFAULT_SOCKET, EndpointError, Request
 from resolver.errors import ConfigError
 
@@ -30,9 +31,12 @@ def make_request(op: str, name: str | None = None, group: str | None = None) -> 
         ConfigError: the daemon would refuse it as "bad-request" (not a DNS name, ...).
     """
     try:
-        return protocol.check_request(op, name, group)
+        req = protocol.check_request(op, name, group)
+        if op == "add":
+            parse_group(group)  # the daemon's own check of --group (clear and block refused)
     except EndpointError as exc:
         raise ConfigError(str(exc)) from None
+    return req
 
 
 def request(path: Path, op: str, timeout: float = 30.0, *, name: str | None = None,
@@ -58,7 +62,7 @@ def send(path: Path, req: Request, timeout: float = 30.0) -> Any:
             data = _read_line(s)
     except FileNotFoundError:
         raise ResolverUnreachable(f"no control socket at {path}: is ipseckey-resolver running "
-                                  "(with [control] enabled)? The endpoint commands need the "
+                                  f"(with [control] enabled)? `autosp {req.op}` needs the "
                                   "resolver's control socket") from None
     except PermissionError:
         # Not "unreachable" (exit 3 means "resolver not running"): it may well be running.
