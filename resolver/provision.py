@@ -13,7 +13,9 @@ keeps the books:
   Rule 3: every tunnel and shunt has a lease. Each answer extends it (`ensure`); `expire(now)`
           tears down what has been unused for lease + grace. A failed setup is remembered for
           `failure_hold` seconds so that a dead peer costs one timeout, not one per query.
-          Pinned tunnels (autosp endpoints) have no lease end: only `release` removes them.
+          Pinned tunnels (autosp endpoints) have no lease end: only `release` removes them. A
+          pinned tunnel whose setup failed keeps its conn loaded and is DOWN (Rule 6): the peer
+          may initiate to us through it (issue 11: two hosts that pin each other).
   Rule 4: a destination whose published key (or gateway) changed gets its tunnel replaced,
           make before break, inside the same in-flight slot: InstallTunnel(new) while the old
           one carries traffic, then RemoveTunnel(old) (or the connection is replaced in place

@@ -28,7 +28,7 @@ from resolver.tunnels.backend import CompositeBackend, make_daemon_backend
 from resolver.tunnels.config import Identity, ProvisionConfig
 from resolver.tunnels.events import BackendEvent, DaemonDisconnected
 from resolver.tunnels.intents import InstallTunnel, PolicyKey, RemoveTunnel, tunnel_spec
-from resolver.tunnels.process import ProcessBackend
+from resolver.tunnels.process import ProcessBackend, RemoteVici
 from resolver.tunnels.vici import ViciBackend
 from tests.helpers import aio
 
@@ -117,7 +117,7 @@ async def test_a_dead_worker_is_a_lost_daemon_and_is_replaced(tmp_path: Path) ->
 PARENT = textwrap.dedent("""
     import asyncio, sys
     from resolver.tunnels.config import ProvisionConfig
-    from resolver.tunnels.process import ProcessBackend
+    from resolver.tunnels.process import ProcessBackend, RemoteVici
 from resolver.tunnels.vici import ViciBackend
 
     async def main():
@@ -147,10 +147,15 @@ def test_the_worker_ends_with_the_daemon_even_on_sigkill() -> None:
 
 def test_the_daemon_checks_the_key_itself_and_builds_a_worker(tmp_path: Path) -> None:
     ident = identity(tmp_path)
-    assert isinstance(make_daemon_backend(ProvisionConfig(shunts="none"), ident), ProcessBackend)
-    in_threads = make_daemon_backend(ProvisionConfig(shunts="none", worker_process=False), ident)
-    assert isinstance(in_threads, CompositeBackend) and isinstance(in_threads.tunnels, ViciBackend)
-    in_threads.tunnels.close()
+    process, remote = make_daemon_backend(ProvisionConfig(shunts="none"), ident)
+    assert isinstance(process, ProcessBackend) and isinstance(remote, RemoteVici)
+    assert remote.identity == ident and remote.own_spki.startswith("-----BEGIN PUBLIC KEY")
+    in_threads, vici = make_daemon_backend(ProvisionConfig(shunts="none", worker_process=False),
+                                           ident)
+    assert isinstance(in_threads, CompositeBackend) and in_threads.tunnels is vici
+    assert isinstance(vici, ViciBackend)
+    vici.close()
+    assert make_daemon_backend(ProvisionConfig(backend="dryrun", shunts="none"), None)[1] is None
     ident.private_key.chmod(0o644)
     with pytest.raises(ConfigError, match="too open"):  # at start-up, in the daemon
         make_daemon_backend(ProvisionConfig(shunts="none"), ident)

@@ -16,7 +16,7 @@ from resolver.tunnels.config import Identity, ProvisionConfig
 from resolver.tunnels.dryrun import DryRunBackend
 from resolver.tunnels.events import BackendEvent, HeldSa
 from resolver.tunnels.intents import InstallTunnel, Intent, ItemKind, PolicyKey, RemoveTunnel
-from resolver.tunnels.process import ProcessBackend
+from resolver.tunnels.process import ProcessBackend, RemoteVici
 from resolver.tunnels.vici import ViciBackend
 from resolver.tunnels.xfrm import XfrmBackend
 
@@ -96,18 +96,24 @@ def make_backend(config: ProvisionConfig, identity: Identity | None, *,
 
 
 def make_daemon_backend(config: ProvisionConfig, identity: Identity | None, *,
-                        source: str = "config") -> ProvisioningBackend:
-    """The daemon's backend: `make_backend`'s, run in the tunnel worker process
-    (resolver/tunnels/process.py), or in the daemon's own threads with `worker_process =
-    false`. The checks `make_backend` makes (the key file) run here, in the daemon, so a bad
-    key still stops the start with one line.
+                        source: str = "config"
+                        ) -> tuple[ProvisioningBackend, ViciBackend | RemoteVici | None]:
+    """The daemon's backend, and the responder's access to VICI (None: no VICI, the dry run).
+
+    `make_backend`'s backends, run in the tunnel worker process (resolver/tunnels/process.py),
+    or in the daemon's own threads with `worker_process = false`. The checks `make_backend`
+    makes (the key file) run here, in the daemon, so a bad key still stops the start with one
+    line.
 
     Raises:
         ConfigError: as `make_backend`.
     """
     backend = make_backend(config, identity, source=source)
+    vici = backend.tunnels if isinstance(backend.tunnels, ViciBackend) else None
     if not config.worker_process:
-        return backend
-    if isinstance(backend.tunnels, ViciBackend):
-        backend.tunnels.close()  # built to check the key; the worker builds its own
-    return ProcessBackend(config, identity, log_level=logging.getLogger().getEffectiveLevel())
+        return backend, vici
+    process = ProcessBackend(config, identity, log_level=logging.getLogger().getEffectiveLevel())
+    if vici is not None and identity is not None:
+        process.vici = RemoteVici(process, identity, vici.own_spki)
+        vici.close()  # built to check the key; the worker builds its own
+    return process, process.vici

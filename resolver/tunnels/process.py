@@ -7,6 +7,12 @@ result comes back; charon's events come back the same way and go to the watch's 
 event loop never runs VICI parsing, netlink or their threads: per intent it pickles one frame
 and unpickles one (measured in bench/bench_scale.py, beside the same work in threads).
 
+The responder (resolver/responder/) needs VICI beyond intents: `vici` is a `RemoteVici` with the
+part of ViciBackend's interface it uses. Its calls go to the worker's ViciBackend (functions of
+resolver/responder/charon.py travel by name), its log feed is sent to the worker, which runs
+it on the worker's log listener thread (the filtering that keeps ~20 log lines per IKE_SA off
+any event loop) and sends back only what the feed returns.
+
 Failure: the worker exiting (a bug, an OOM kill) fails every call in flight with
 IkeDaemonUnreachable and is reported to the watch as `DaemonDisconnected` (every tunnel then
 counts as lost: we can no longer see charon, so we fail closed, as for charon itself); a new
@@ -24,7 +30,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from resolver.errors import IkeDaemonUnreachable, ProvisioningError
 from resolver.tunnels.config import Identity, ProvisionConfig
@@ -33,6 +39,8 @@ from resolver.tunnels.intents import Intent, PolicyKey
 from resolver.tunnels.pipe import receive, send
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 START_TIMEOUT: Final = 20.0  # seconds for the worker to import and build its backends
 REVIVE_FIRST: Final = 0.5
@@ -63,6 +71,8 @@ class ProcessBackend:
         self._sink: Callable[[BackendEvent], None] | None = None
         self._closing = False
         self._revive_delay = REVIVE_FIRST
+        self._feeds: dict[int, tuple[Any, Callable[[Any], None]]] = {}  # log subscriptions
+        self.vici: RemoteVici | None = None  # set by `make_daemon_backend` for VICI
 
     # -- ProvisioningBackend / WatchableBackend --------------------------------------------
 
@@ -105,7 +115,7 @@ class ProcessBackend:
 
     # -- calls -----------------------------------------------------------------------------
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def _call(self, method: str, *args: Any, kind: str = "call") -> Any:
         if self._writer is None:
             await self._start()
         writer = self._writer
@@ -116,10 +126,20 @@ class ProcessBackend:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[ident] = fut
         try:
-            send(writer, ("call", ident, method, args))
+            send(writer, (kind, ident, method, args))
             return await fut
         finally:
             self._calls.pop(ident, None)
+
+    def subscribe_log(self, feed: Any, sink: Callable[[Any], None]) -> None:
+        """Run `feed` (picklable: its state travels with it) on the worker's log listener
+        thread; what it returns comes to `sink` on the loop."""
+        self._next_id += 1
+        self._feeds[self._next_id] = (feed, sink)
+        if self._writer is not None:
+            send(self._writer, ("subscribe_log", self._next_id, feed))
+        else:
+            self._start_soon()
 
     async def _start(self) -> None:
         if self._closing:
@@ -168,6 +188,8 @@ class ProcessBackend:
         self._reader_task = asyncio.create_task(self._read(reader, writer))
         if self._sink is not None:
             send(writer, ("watch",))
+        for ident, (feed, _) in self._feeds.items():  # a new worker: a fresh copy of each feed
+            send(writer, ("subscribe_log", ident, feed))
         log.debug("tunnel worker %d started", self.pid)
 
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -177,6 +199,10 @@ class ProcessBackend:
                 kind = message[0]
                 if kind == "event" and self._sink is not None:
                     self._sink(message[1])
+                elif kind == "log_value" and message[1] in self._feeds:
+                    self._feeds[message[1]][1](message[2])
+                elif kind == "keys_left" and self.vici is not None:
+                    self.vici.keys_left = bool(message[1])
                 elif kind in ("result", "error"):
                     fut = self._calls.get(message[1])
                     if fut is None or fut.done():
@@ -232,6 +258,60 @@ class ProcessBackend:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(1.0)
         self._proc = None
+
+
+class RemoteLog:
+    """`ViciBackend.log` as the responder sees it: `subscribe` only."""
+
+    def __init__(self, process: ProcessBackend) -> None:
+        self._process = process
+
+    def subscribe(self, loop: asyncio.AbstractEventLoop,
+                  feed: Callable[[str, dict[str, Any]], Any],
+                  sink: Callable[[Any], None]) -> None:
+        """`feed` (a bound method of a picklable object) runs in the worker; `sink` here, on
+        `loop` (the running one: the worker's frames are read there)."""
+        self._process.subscribe_log(feed, sink)
+
+
+class RemoteVici:
+    """The worker's ViciBackend, as far as the responder uses it (resolver/responder/manager.py).
+
+    `call(fn, *args)`: `fn(session, *args)` in the worker; `fn` is a function of
+    resolver/responder/charon.py (sent by name) or this object's `load_conn`/`unload_conn`
+    (the worker's own, which remember conns for credential reloads).
+    """
+
+    def __init__(self, process: ProcessBackend, identity: Identity, own_spki: str) -> None:
+        self._process = process
+        self.identity = identity
+        self.own_spki = own_spki
+        self.keys_left = False  # mirrored from the worker after each call that changes it
+        self.log = RemoteLog(process)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        if fn == self.load_conn:
+            result: T = await self._process._call("load_conn", *args, kind="vici")
+        elif fn == self.unload_conn:
+            result = await self._process._call("unload_conn", *args, kind="vici")
+        else:
+            result = await self._process._call(fn, *args, kind="vici_call")  # type: ignore[arg-type]
+        return result
+
+    def load_conn(self, s: Any, payload: dict[str, Any]) -> None:
+        """A marker for `call` (load-conn runs in the worker)."""
+        raise NotImplementedError("RemoteVici.load_conn runs in the tunnel worker")
+
+    def unload_conn(self, s: Any, name: str) -> None:
+        """A marker for `call` (unload-conn runs in the worker)."""
+        raise NotImplementedError("RemoteVici.unload_conn runs in the tunnel worker")
+
+    async def ensure_key(self) -> None:
+        await self._process._call("ensure_key", kind="vici")
+
+    async def reload_credentials(self) -> int:
+        result: int = await self._process._call("reload_credentials", kind="vici")
+        return result
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

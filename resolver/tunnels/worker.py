@@ -20,11 +20,13 @@ worker dying first would make the daemon count every tunnel as lost while it shu
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from resolver.errors import ConfigError, ProvisioningError
@@ -32,10 +34,16 @@ from resolver.logsetup import setup_logging
 from resolver.tunnels.backend import CompositeBackend, make_backend
 from resolver.tunnels.events import BackendEvent
 from resolver.tunnels.pipe import frame, receive, send
+from resolver.tunnels.vici import ViciBackend
 
 log = logging.getLogger(__name__)
 
 METHODS: Final = frozenset({"apply", "installed", "live"})
+# The responder's (resolver/tunnels/process.py RemoteVici): ViciBackend methods run by name,
+# and the module whose functions `call` may run in a VICI session.
+VICI_METHODS: Final = frozenset({"ensure_key", "reload_credentials"})
+VICI_CONN_METHODS: Final = frozenset({"load_conn", "unload_conn"})
+VICI_CALLABLE_MODULE: Final = "resolver.responder.charon"
 
 
 async def serve(fd: int) -> int:
@@ -57,12 +65,18 @@ async def serve(fd: int) -> int:
     tasks: set[asyncio.Task[None]] = set()
     try:
         while (message := await receive(reader)) is not None:
-            if message[0] == "call" and message[2] in METHODS:
-                task = asyncio.create_task(_call(backend, writer, *message[1:]))
+            job = _job(backend, message)
+            if job is not None:
+                task = asyncio.create_task(_call(backend, writer, message[1], message[2], job))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             elif message[0] == "watch":
                 backend.watch(lambda event: _event(writer, event))
+            elif message[0] == "subscribe_log" and isinstance(backend.tunnels, ViciBackend):
+                # the feed runs on the log listener's thread, here; its values go back
+                ident, feed = message[1], message[2]
+                backend.tunnels.log.subscribe(asyncio.get_running_loop(), feed,
+                                              functools.partial(_log_value, writer, ident))
             else:
                 log.error("bug: tunnel worker got %r", message[:2])
     except (ValueError, OSError) as exc:
@@ -73,10 +87,33 @@ async def serve(fd: int) -> int:
     return 0
 
 
+def _job(backend: CompositeBackend, message: tuple[Any, ...]
+         ) -> Callable[[], Awaitable[Any]] | None:
+    """What a "call", "vici" or "vici_call" message asks for (None: not one of those, or not
+    allowed: only the methods and the module named above run)."""
+    kind = message[0]
+    if kind not in ("call", "vici", "vici_call") or len(message) != 4:
+        return None
+    _, _, what, args = message
+    if kind == "call" and what in METHODS:
+        return lambda: getattr(backend, what)(*args)
+    vici = backend.tunnels
+    if not isinstance(vici, ViciBackend):
+        return None
+    if kind == "vici" and what in VICI_METHODS:
+        return lambda: getattr(vici, what)(*args)
+    if kind == "vici" and what in VICI_CONN_METHODS:
+        return lambda: vici.call(getattr(vici, what), *args)
+    if kind == "vici_call" and getattr(what, "__module__", None) == VICI_CALLABLE_MODULE:
+        return lambda: vici.call(what, *args)
+    return None
+
+
 async def _call(backend: CompositeBackend, writer: asyncio.StreamWriter, ident: int,
-                method: str, args: tuple[Any, ...]) -> None:
+                method: object, job: Callable[[], Awaitable[Any]]) -> None:
+    keys_left = _keys_left(backend)
     try:
-        value = await getattr(backend, method)(*args)
+        value = await job()
     except ProvisioningError as exc:
         reply: tuple[Any, ...] = ("error", ident, exc)
     except Exception as exc:  # a bug in a backend: the daemon gets a ProvisioningError
@@ -84,11 +121,23 @@ async def _call(backend: CompositeBackend, writer: asyncio.StreamWriter, ident: 
         reply = ("error", ident, ProvisioningError(f"tunnel worker: {method}: {exc!r}"))
     else:
         reply = ("result", ident, value)
+    if _keys_left(backend) != keys_left:  # before the result: the caller may read it next
+        send(writer, ("keys_left", not keys_left))
     try:
         data = frame(reply)
     except Exception as exc:  # an error that does not pickle: its text does
         data = frame(("error", ident, ProvisioningError(str(reply[2]) or repr(exc))))
     writer.write(data)
+
+
+def _keys_left(backend: CompositeBackend) -> bool:
+    """ViciBackend.keys_left (a key left charon with a conn: the responder sweeps)."""
+    return isinstance(backend.tunnels, ViciBackend) and backend.tunnels.keys_left
+
+
+def _log_value(writer: asyncio.StreamWriter, ident: int, value: Any) -> None:
+    if not writer.is_closing():
+        send(writer, ("log_value", ident, value))
 
 
 def _event(writer: asyncio.StreamWriter, event: BackendEvent) -> None:
