@@ -117,8 +117,7 @@ async def test_a_dead_worker_is_a_lost_daemon_and_is_replaced(tmp_path: Path) ->
 PARENT = textwrap.dedent("""
     import asyncio, sys
     from resolver.tunnels.config import ProvisionConfig
-    from resolver.tunnels.process import ProcessBackend, RemoteVici
-from resolver.tunnels.vici import ViciBackend
+    from resolver.tunnels.process import ProcessBackend
 
     async def main():
         b = ProcessBackend(ProvisionConfig(backend="dryrun", shunts="none"), None)
