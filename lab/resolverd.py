@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import dns.exception
@@ -110,6 +111,31 @@ class ResolverDaemon:
 
         if not poll(answers, timeout, 0.1):
             raise LabError(f"resolver did not answer within {timeout:g} s:\n{self.tail()}")
+        control = self.tables.get("control")
+        if control is not None and control.get("enabled", True) and "socket" in control:
+            self._wait_started(proc, timeout)
+
+    def _wait_started(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        """Wait for the end of start-up step 5: other than A/AAAA queries are answered from
+        step 4 on, but reconcile (the tunnel worker's start, charon, XFRM) comes after, and
+        the control socket only then (a stale socket file of a killed run refuses)."""
+        from autosp.control import request
+        from autosp.errors import ResolverUnreachable
+
+        def started() -> bool:
+            if proc.poll() is not None:
+                raise LabError(f"resolver exited {proc.returncode}:\n{self.tail()}")
+            try:
+                request(Path(self.tables["control"]["socket"]), "list", 1.0)
+            except ResolverUnreachable:
+                return False
+            except Exception:  # it answered (a refusal is an answer): started
+                return True
+            return True
+
+        if not poll(started, timeout, 0.05):
+            raise LabError(f"resolver did not finish starting within {timeout:g} s:\n"
+                           f"{self.tail()}")
 
     def query(self, qname: str, rdtype: str = "A", *, timeout: float = 8.0,
               dnssec: bool = False) -> dns.message.Message:
