@@ -98,6 +98,11 @@ T = TypeVar("T")
 _TERMINATE_MS: Final = 1000
 _FIRST_POLL: Final = 0.025  # safety-net poll of list-sas, doubling to _LAST_POLL
 _LAST_POLL: Final = 0.25
+# With the event listener registered, its child-updown is how a setup ends; the poll only
+# catches a missed event or an IKE_SA that failed before it was ever up. Measured (issue 13):
+# starting it at 25 ms, most of 32 setups in flight under load polled 2-4 times, each poll 3
+# round trips: more VICI traffic than the setups themselves, on charon's CPU and ours.
+_EVENT_POLL: Final = 0.25
 # CHILD_SA states that carry traffic (REKEYING/UPDATING: still installed while it changes),
 # and IKE_SA states whose CHILD_SAs no longer count (being deleted).
 _HELD_CHILD: Final = frozenset({"INSTALLED", "REKEYING", "UPDATING"})
@@ -158,6 +163,10 @@ class ViciBackend:
         self.keys_left = False  # a conn with a key was unloaded since the last reload
         self._key_lock = threading.Lock()
         self._charon_since: str | None = None  # charon's start time when we loaded the key
+        # The names of our conns charon held when `installed` listed them (None: not listed
+        # yet). A conn neither in it nor loaded since has no SA: its first setup skips the
+        # look for one (3 VICI round trips, `_fresh`).
+        self._listed: frozenset[str] | None = None
         # (load-conn ms, initiate -> INSTALLED ms) of recent setups, for the benchmark/report.
         self.timings: deque[tuple[float, float]] = deque(maxlen=1000)
 
@@ -175,6 +184,7 @@ class ViciBackend:
     async def installed(self) -> frozenset[PolicyKey]:
         """Our connections loaded in charon (by the "isk-" prefix)."""
         names = await self._run(self._conn_names)
+        self._listed = frozenset(names)
         return frozenset(PolicyKey.tunnel(n) for n in names if n.startswith(CONN_PREFIX))
 
     def watch(self, sink: Callable[[BackendEvent], None]) -> bool:
@@ -386,8 +396,9 @@ class ViciBackend:
         # The IKE_SAs of this name now: with `replaces`, they are the old ones, ended only
         # once a new CHILD_SA (in a new IKE_SA) is INSTALLED: make before break.
         old_ids = _ike_ids(s, spec.name) if replaces else set()
+        fresh = self._fresh(spec.name)
         self.load_conn(s, self.connection(spec))  # always: it may restore an older one
-        if not replaces and _installed_child(s, spec.name):
+        if not replaces and not fresh and _installed_child(s, spec.name):
             return old_ids, None
         self._events.ready.wait(min(1.0, max(0.0, deadline - time.monotonic())))
         waiter = self._events.expect(spec.name, old_ids)  # before initiate: no event missed
@@ -397,6 +408,13 @@ class ViciBackend:
             self._events.discard(spec.name, waiter)
             raise
         return old_ids, waiter
+
+    def _fresh(self, name: str) -> bool:
+        """Whether conn `name` cannot have an SA: charon did not hold it when `installed`
+        listed our conns (reconcile does, before any setup) and we have not loaded it since
+        (`_remove` forgets what it unloads). A charon restart only removes conns, so a stale
+        list errs on the side of looking."""
+        return self._listed is not None and name not in self._listed and name not in self._loaded
 
     def _terminate_ids(self, ike_ids: set[str]) -> None:
         s = self._session()
@@ -418,9 +436,11 @@ class ViciBackend:
         if deadline - time.monotonic() <= 0:
             raise TunnelTimeout(f"{spec.name}: no time left to initiate")
         try:
-            for _ in s.initiate({"child": spec.name, "ike": spec.name, "timeout": -1,
-                                 "init-limits": "no"}):
-                pass  # nothing is streamed without waiting; iterating sends the command
+            # A plain request, not the package's streamed `initiate`: without waiting nothing
+            # is streamed, and registering and unregistering for control-log made it three
+            # round trips instead of one.
+            s.request("initiate", {"child": spec.name, "ike": spec.name, "timeout": -1,
+                                   "init-limits": "no"})
         except vici.exception.CommandException as exc:
             raise TunnelRejected(f"tunnel to {spec.destination} via {spec.remote_addr} "
                                  f"({spec.remote_id}): {exc}") from None
@@ -436,7 +456,7 @@ class ViciBackend:
         said no): a rejection, reported at once rather than at the deadline.
         """
         done = asyncio.wrap_future(waiter)
-        seen, pause = False, _FIRST_POLL
+        seen, pause = False, _EVENT_POLL if self._events.ready.is_set() else _FIRST_POLL
         try:
             while True:
                 left = deadline - time.monotonic()
@@ -501,14 +521,22 @@ class ViciBackend:
                 if name.startswith(CONN_PREFIX)}
 
     def _ensure_key(self, s: vici.Session) -> None:
-        """load-key once per charon lifetime (a restarted charon forgot it)."""
+        """load-key once per charon lifetime (a restarted charon forgot it).
+
+        Charon's start time (`stats`) is asked once per session, not per setup: a restarted
+        charon closes every session, and a session is only opened anew after an error or in
+        a new worker thread, so a session that has been checked talks to the charon that has
+        our key (unless `_charon_since` was reset by an error).
+        """
+        if getattr(self._local, "checked", False) and self._charon_since is not None:
+            return
         since = text(s.stats().get("uptime", {}).get("since", b""))
         with self._key_lock:
-            if since and since == self._charon_since:
-                return
-            s.load_key({"type": "any", "data": self._private_der})
-            self._charon_since = since
-            log.info("loaded our private key into charon (%s)", self.uri)
+            if not (since and since == self._charon_since):
+                s.load_key({"type": "any", "data": self._private_der})
+                self._charon_since = since
+                log.info("loaded our private key into charon (%s)", self.uri)
+        self._local.checked = True
 
     def _session(self) -> vici.Session:
         """This worker's open session (connected on first use, again after an error)."""
@@ -517,6 +545,7 @@ class ViciBackend:
             sock = connect(self.uri, self.connect_timeout)
             session = vici.Session(sock)
             self._local.session, self._local.sock = session, sock
+            self._local.checked = False  # maybe another charon: `_ensure_key` asks
         return session
 
     def _drop_session(self) -> None:
