@@ -7,7 +7,9 @@ keeps the books:
 
   Rule 1: one setup in flight per destination. Concurrent lookups of the same name (or of
           names sharing an address) await the same task; fifty lookups make one tunnel. At most
-          `max_setups` setups run at once; the wait for a slot counts against the timeout.
+          `max_setups` setups run at once; the others wait their turn (at most
+          `queue_timeout`), and the setup `timeout` starts with the turn: a burst is answered
+          as fast as charon can make it, never refused for our own queue (issue 13).
   Rule 2: success means the backend said so: `apply(InstallTunnel)` returns only once the IKE
           daemon reports the CHILD_SA INSTALLED, and the provisioner bounds it with `timeout`.
   Rule 3: every tunnel and shunt has a lease. Each answer extends it (`ensure`); `expire(now)`

@@ -333,7 +333,7 @@ class ProvisionerBooks:
         self._epoch = 0  # IKE daemon connections lost so far (a setup spanning one fails)
         # Measured: 200 setups at once overran charon (IKE_SAs failing within ~1 s) once our
         # own loop stopped being the bottleneck. A bounded number in flight keeps each within
-        # its timeout; the wait for a slot counts against that timeout (fail closed).
+        # its timeout; the wait for a slot is bounded by queue_timeout (provision_setup.py).
         self._slots = asyncio.Semaphore(self.config.max_setups)
         path = self.config.state_file
         self._state = StateFile(path, LAYOUT, self._record) if path is not None else None

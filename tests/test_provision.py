@@ -31,6 +31,7 @@ from resolver.tunnels.dryrun import DryRunBackend
 from resolver.tunnels.intents import (
     InstallShunt,
     InstallTunnel,
+    Intent,
     ItemKind,
     PolicyKey,
     RemoveShunt,
@@ -445,12 +446,14 @@ def test_make_backend(tmp_path: Path) -> None:
 
 
 @aio
-async def test_setups_in_flight_are_bounded_and_a_slot_wait_counts_against_the_timeout() -> None:
+async def test_setups_in_flight_are_bounded_and_a_slot_wait_has_its_own_bound() -> None:
     """max_setups=2: five peers at once reach the backend at most two at a time; when the two
-    in flight hang, the others fail (closed) within the timeout instead of queueing forever."""
+    in flight hang, the others fail (closed) after queue_timeout instead of queueing forever,
+    without ever reaching the backend."""
     backend = FakeBackend()
     backend.gate = asyncio.Event()
-    prov = Provisioner(backend, ProvisionConfig(timeout=0.5, max_setups=2, failure_hold=0))
+    prov = Provisioner(backend, ProvisionConfig(timeout=0.5, max_setups=2, failure_hold=0,
+                                                queue_timeout=0.3))
     specs = [tunnel_spec(key(dns.name.from_text(f"p{i}.example.test.")),
                          IPv4Address(f"198.51.100.{20 + i}"), None) for i in range(5)]
     tasks = [asyncio.create_task(prov.ensure(s, WHEN)) for s in specs]
@@ -459,7 +462,29 @@ async def test_setups_in_flight_are_bounded_and_a_slot_wait_counts_against_the_t
     assert len(started) == 2  # the other three wait for a slot
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(r, TunnelTimeout) for r in results), results
+    assert sum("none finished within 0.3 s" in str(r) for r in results) == 3
     assert len([i for i in backend.intents if isinstance(i, InstallTunnel)]) == 2
+
+
+@aio
+async def test_a_queued_setup_gets_its_whole_timeout() -> None:
+    """The turn, not the query, starts the setup's timeout: with one slot and setups that take
+    most of the timeout each, three in a row all succeed (counted from the query, the later
+    ones would fail although the IKE daemon makes each in time)."""
+
+    class Slow(FakeBackend):
+        async def apply(self, intent: Intent) -> None:
+            if isinstance(intent, InstallTunnel):
+                await asyncio.sleep(0.2)
+            await super().apply(intent)
+
+    prov = Provisioner(Slow(), ProvisionConfig(timeout=0.3, max_setups=1, failure_hold=0))
+    specs = [tunnel_spec(key(dns.name.from_text(f"s{i}.example.test.")),
+                         IPv4Address(f"198.51.100.{60 + i}"), None) for i in range(3)]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await asyncio.gather(*(prov.ensure(s, WHEN) for s in specs))
+    assert loop.time() - t0 >= 0.6 and prov.counters.setups == 3
 
 
 @aio

@@ -38,6 +38,8 @@ class ProvisionConfig(Section):
     grace = 60                         # ...plus this, before teardown
     failure_hold = 10                  # seconds a failed setup is answered from memory
     max_setups = 32                    # IKE setups in flight at once; the rest wait their turn
+    queue_timeout = 10                 # seconds a setup may wait for its turn (not counted
+                                       # in `timeout`, which starts with the turn)
     state_file = "/var/lib/ipseckey-resolver/state.json"  # the tunnels, kept over a restart
     watch_interval = 30                # seconds between checks of charon's SAs besides its
                                        # events (0: only events and reconnects)
@@ -62,6 +64,7 @@ class ProvisionConfig(Section):
     grace: float = 60.0
     failure_hold: float = 10.0
     max_setups: int = 32
+    queue_timeout: float = 10.0
     state_file: Path | None = None
     watch_interval: float = 30.0
     worker_process: bool = True
@@ -80,6 +83,8 @@ class ProvisionConfig(Section):
             failure_hold=t.get("failure_hold", float, d.failure_hold,
                                between(0, 3600, "seconds")),
             max_setups=t.get("max_setups", int, d.max_setups, between(1, 4096)),
+            queue_timeout=t.get("queue_timeout", float, d.queue_timeout,
+                                between(0.1, 600, "seconds")),
             state_file=Path(t.get("state_file", str, str(DEFAULT_STATE_FILE), _absolute)),
             watch_interval=t.get("watch_interval", float, d.watch_interval,
                                  between(0, 3600, "seconds")),
