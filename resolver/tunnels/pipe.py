@@ -36,6 +36,33 @@ def send(writer: asyncio.StreamWriter, message: tuple[Any, ...]) -> None:
     writer.write(frame(message))
 
 
+class Outbox:
+    """Frames sent within one turn of the event loop go out in one write.
+
+    Why: each write wakes the other process, and on a busy machine the woken process often
+    takes our CPU at once (measured in the 200-peer burst: a send on the pipe cost 0.1-0.3 ms,
+    most of it waiting to be scheduled again). A burst of intents or results is one wake-up.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self._frames: list[bytes] = []
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self.put(frame(message))
+
+    def put(self, data: bytes) -> None:
+        """Queue an encoded frame."""
+        if not self._frames:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._frames.append(data)
+
+    def flush(self) -> None:
+        frames, self._frames = self._frames, []
+        if frames and not self.writer.is_closing():
+            self.writer.write(b"".join(frames))
+
+
 async def receive(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
     """The next message, or None at the end of the stream.
 

@@ -36,7 +36,7 @@ from resolver.errors import IkeDaemonUnreachable, ProvisioningError
 from resolver.tunnels.config import Identity, ProvisionConfig
 from resolver.tunnels.events import BackendEvent, DaemonDisconnected, HeldSa
 from resolver.tunnels.intents import Intent, PolicyKey
-from resolver.tunnels.pipe import receive, send
+from resolver.tunnels.pipe import Outbox, receive, send
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class ProcessBackend:
         self.pid: int | None = None  # the worker's, while it runs (tests, the benchmark)
         self._proc: subprocess.Popen[bytes] | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._outbox: Outbox | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._starting: asyncio.Task[None] | None = None
         self._calls: dict[int, asyncio.Future[Any]] = {}
@@ -126,7 +127,8 @@ class ProcessBackend:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[ident] = fut
         try:
-            send(writer, (kind, ident, method, args))
+            assert self._outbox is not None
+            self._outbox.send((kind, ident, method, args))
             return await fut
         finally:
             self._calls.pop(ident, None)
@@ -184,6 +186,7 @@ class ProcessBackend:
             why = "exited" if reply is None else reply[1]
             raise IkeDaemonUnreachable(f"tunnel worker did not start: {why}")
         self._writer = writer
+        self._outbox = Outbox(writer)
         self._revive_delay = REVIVE_FIRST
         self._reader_task = asyncio.create_task(self._read(reader, writer))
         if self._sink is not None:

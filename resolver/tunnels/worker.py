@@ -32,8 +32,7 @@ from typing import Any, Final
 from resolver.errors import ConfigError, ProvisioningError
 from resolver.logsetup import setup_logging
 from resolver.tunnels.backend import CompositeBackend, make_backend
-from resolver.tunnels.events import BackendEvent
-from resolver.tunnels.pipe import frame, receive, send
+from resolver.tunnels.pipe import Outbox, frame, receive, send
 from resolver.tunnels.vici import ViciBackend
 
 log = logging.getLogger(__name__)
@@ -62,21 +61,22 @@ async def serve(fd: int) -> int:
         await writer.drain()
         return 2
     send(writer, ("ready", config.backend == "vici"))
+    out = Outbox(writer)  # results and events of one loop turn: one write
     tasks: set[asyncio.Task[None]] = set()
     try:
         while (message := await receive(reader)) is not None:
             job = _job(backend, message)
             if job is not None:
-                task = asyncio.create_task(_call(backend, writer, message[1], message[2], job))
+                task = asyncio.create_task(_call(backend, out, message[1], message[2], job))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             elif message[0] == "watch":
-                backend.watch(lambda event: _event(writer, event))
+                backend.watch(lambda event: out.send(("event", event)))
             elif message[0] == "subscribe_log" and isinstance(backend.tunnels, ViciBackend):
                 # the feed runs on the log listener's thread, here; its values go back
                 ident, feed = message[1], message[2]
                 backend.tunnels.log.subscribe(asyncio.get_running_loop(), feed,
-                                              functools.partial(_log_value, writer, ident))
+                                              functools.partial(_log_value, out, ident))
             else:
                 log.error("bug: tunnel worker got %r", message[:2])
     except (ValueError, OSError) as exc:
@@ -109,7 +109,7 @@ def _job(backend: CompositeBackend, message: tuple[Any, ...]
     return None
 
 
-async def _call(backend: CompositeBackend, writer: asyncio.StreamWriter, ident: int,
+async def _call(backend: CompositeBackend, out: Outbox, ident: int,
                 method: object, job: Callable[[], Awaitable[Any]]) -> None:
     keys_left = _keys_left(backend)
     try:
@@ -122,12 +122,12 @@ async def _call(backend: CompositeBackend, writer: asyncio.StreamWriter, ident: 
     else:
         reply = ("result", ident, value)
     if _keys_left(backend) != keys_left:  # before the result: the caller may read it next
-        send(writer, ("keys_left", not keys_left))
+        out.send(("keys_left", not keys_left))
     try:
         data = frame(reply)
     except Exception as exc:  # an error that does not pickle: its text does
         data = frame(("error", ident, ProvisioningError(str(reply[2]) or repr(exc))))
-    writer.write(data)
+    out.put(data)
 
 
 def _keys_left(backend: CompositeBackend) -> bool:
@@ -135,14 +135,8 @@ def _keys_left(backend: CompositeBackend) -> bool:
     return isinstance(backend.tunnels, ViciBackend) and backend.tunnels.keys_left
 
 
-def _log_value(writer: asyncio.StreamWriter, ident: int, value: Any) -> None:
-    if not writer.is_closing():
-        send(writer, ("log_value", ident, value))
-
-
-def _event(writer: asyncio.StreamWriter, event: BackendEvent) -> None:
-    if not writer.is_closing():
-        send(writer, ("event", event))
+def _log_value(out: Outbox, ident: int, value: Any) -> None:
+    out.send(("log_value", ident, value))
 
 
 async def _close(backend: CompositeBackend) -> None:
