@@ -8,7 +8,11 @@ nothing and makes lookups fail fast until it appears).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ipaddress
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, TypeVar
 
 from resolver.errors import IkeDaemonUnreachable, ProvisioningError, StateCorrupt
 from resolver.provision_books import (
@@ -27,8 +31,27 @@ from resolver.tunnels.intents import (
     PolicyKey,
     RemoveShunt,
     RemoveTunnel,
+    TunnelSpec,
 )
 from resolver.tunnels.statedoc import parse
+
+T = TypeVar("T")
+
+BATCH: Final = 256  # shunts and strays handled at once (the XFRM backend batches them)
+
+
+async def _each(items: Sequence[T], fn: Callable[..., Awaitable[None]], limit: int) -> None:
+    """`fn(*item)` (or `fn(item)`) for every item, at most `limit` at a time, in order of
+    start. Thousands of entries at start-up: one after the other, each waiting for its own
+    state write, 10,000 tunnels took minutes; all at once, they would queue for the setup
+    slots and time out."""
+    it = iter(items)
+
+    async def runner() -> None:
+        for item in it:
+            await (fn(*item) if isinstance(item, tuple) else fn(item))
+
+    await asyncio.gather(*(runner() for _ in range(min(limit, len(items)))))
 
 
 class ProvisionerReconcile(ProvisionerSetups):
@@ -67,18 +90,20 @@ class ProvisionerReconcile(ProvisionerSetups):
         wanted = {PolicyKey.tunnel(s.name) for s, _ in tunnels}
         wanted |= {PolicyKey.tunnel(n) for n in self._b.adopted}
         wanted |= {PolicyKey.shunt(d) for d in shunts}
-        for stray in sorted(installed - wanted, key=lambda k: (k.kind.value, k.ident)):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        strays = sorted(installed - wanted, key=lambda k: (k.kind.value, k.ident))
+        for stray in strays:
             log.info("reconcile: removing stray %s %s", stray.kind.value, stray.ident)
-            if stray.kind is ItemKind.TUNNEL:
-                await self._quietly(RemoveTunnel(stray.ident))
-            else:
-                await self._quietly(RemoveShunt(ipaddress.ip_address(stray.ident)))
+        await _each(strays, self._remove_stray, BATCH)
+        restore = []
         for dest, until in shunts.items():
             t = self._b.tunnels.get(dest)
             if t is not None and t.state is TunnelState.INSTALLED:
                 continue  # up since (a late reconcile, Rule 8): see `shunt`
-            await self._quietly(InstallShunt(dest))
-            self._b.shunts[dest] = until
+            restore.append((dest, until))
+        await _each(restore, self._restore_shunt, BATCH)
+        wanted_tunnels = []
         for spec, until in tunnels:
             t = self._b.tunnels.get(spec.destination)
             if t is not None and not (t.state is TunnelState.DOWN and t.spec == spec):
@@ -86,18 +111,38 @@ class ProvisionerReconcile(ProvisionerSetups):
             # DOWN until charon says otherwise: a failure keeps it wanted (Rule 6)
             self._b.tunnels[spec.destination] = Tunnel(
                 spec, TunnelState.DOWN, until, private=self._must_drop(spec))
-            try:
-                await self.ensure(spec, now)
-            except ProvisioningError as exc:
-                log.warning("reconcile: tunnel %s to %s not restored (kept as down, retried): "
-                            "%s", spec.name, spec.destination, exc)
-                continue
-            t = self._b.tunnels[spec.destination]
-            t.expires_at = until  # the lease it had, not a fresh one
-            self._b.touch(spec.destination)
+            wanted_tunnels.append((spec, until))
+        # max_setups at a time, each with its whole timeout: none waits in the setup queue
+        await _each(wanted_tunnels, functools.partial(self._restore, now),
+                    self.config.max_setups)
+        log.info("reconcile: %d of %d tunnel(s) up, %d drop shunt(s), %d stray(s) removed, "
+                 "in %.2f s", self.counters.active, len(wanted_tunnels), len(restore),
+                 len(strays), loop.time() - started)
         if self._state is not None:  # what the file held and the books no longer do
             self._state.mark_loaded(self._b.holds)
         await self._persist()
+
+    async def _remove_stray(self, stray: PolicyKey) -> None:
+        if stray.kind is ItemKind.TUNNEL:
+            await self._quietly(RemoveTunnel(stray.ident))
+        else:
+            await self._quietly(RemoveShunt(ipaddress.ip_address(stray.ident)))
+
+    async def _restore_shunt(self, dest: Address, until: float) -> None:
+        await self._quietly(InstallShunt(dest))
+        self._b.shunts[dest] = until
+
+    async def _restore(self, now: float, spec: TunnelSpec, until: float) -> None:
+        """Set a tunnel of the state file up again (it is DOWN in the books until then)."""
+        try:
+            await self.ensure(spec, now)
+        except ProvisioningError as exc:
+            log.warning("reconcile: tunnel %s to %s not restored (kept as down, retried): "
+                        "%s", spec.name, spec.destination, exc)
+            return
+        t = self._b.tunnels[spec.destination]
+        t.expires_at = until  # the lease it had, not a fresh one
+        self._b.touch(spec.destination)
 
     def _adopt(self, installed: frozenset[PolicyKey], shunts: dict[Address, float],
                now: float) -> None:
