@@ -1,4 +1,4 @@
-"""What processes cost while a benchmark runs: CPU seconds, resident memory, and the machine's noise.
+"""What processes cost while a benchmark runs: CPU seconds, resident memory, the noise.
 
 Read from /proc (no dependency): `cpu_seconds(pid)` is user + system time of every thread of
 the process; `machine_busy()` is the whole machine's busy CPU seconds (other helpers' work
