@@ -93,6 +93,8 @@ class Lab(Probes):
             preload = os.environ.get("LAB_PRELOAD", "1") not in ("0", "no", "false")
         # Hosts whose charon gets only its own key (see the module docstring).
         self._bare: set[str] = set() if preload else set(PEERS)
+        # Extra `charon { }` settings per host, for benchmarks (see ike.strongswan_conf).
+        self.charon_settings: dict[str, dict[str, str]] = {}
 
     # --- names and paths ---------------------------------------------------------------
 
@@ -488,7 +490,8 @@ class Lab(Probes):
     def _spawn_charon(self, host: str) -> None:
         cdir = self.charon_dir(host)
         (cdir / "run").mkdir(parents=True, exist_ok=True)
-        (cdir / "strongswan.conf").write_text(ike.strongswan_conf(cdir, self.esp))
+        (cdir / "strongswan.conf").write_text(
+            ike.strongswan_conf(cdir, self.esp, self.charon_settings.get(host, {})))
         self.vici_path(host).unlink(missing_ok=True)
         self._spawn(f"charon-{host}", None, ike.charon_argv(self.ns(host), cdir),
                     cdir / "charon.out")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -51,11 +51,17 @@ def plugins(esp: str) -> str:
     raise LabError(f"ESP data path must be one of {', '.join(ESP_MODES)}, got {esp!r}")
 
 
-def strongswan_conf(cdir: Path, esp: str = ESP_LIBIPSEC) -> str:
-    """strongswan.conf for one charon (comments in it say why each setting is there)."""
+def strongswan_conf(cdir: Path, esp: str = ESP_LIBIPSEC,
+                    extra: Mapping[str, str] | None = None) -> str:
+    """strongswan.conf for one charon (comments in it say why each setting is there).
+
+    `extra`: more `charon { }` settings (`Lab.charon_settings`), e.g. a benchmark's bob that
+    plays 200 responders raises the per-initiator DoS limits one responder has.
+    """
+    more = "".join(f"    {k} = {v}\n" for k, v in (extra or {}).items())
     return f"""# Written by lab/ike.py at `lab up` (ESP data path: {esp}).
 charon {{
-    load = {plugins(esp)}
+{more}    load = {plugins(esp)}
     retransmit_tries = 2
     retransmit_timeout = 1.0
     retransmit_base = 1.4
