@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -125,6 +126,7 @@ def part_a(lab: Lab, runs: list[tuple[str, str]]) -> list[tuple[float, float, fl
 def burst_through(lab: Lab, peers: list[tuple[str, str]], rows: Rows, tag: str,
                   worker: bool, runs: list[tuple[str, str]]) -> None:
     """(a) on `runs` (if any), then (b)+(c) on `peers`, through a fresh daemon."""
+    shutil.rmtree(lab.run_dir / f"scale-{tag}", ignore_errors=True)  # no state of a last run
     d = ResolverDaemon(lab, "alice", name=f"scale-{tag}", sections={
         "policy": {"default": "private-or-clear", "private": [f"{bp.PREFIX}0/112"]},
         "provision": {"worker_process": worker}, "log": {"level": "warning"}})

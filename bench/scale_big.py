@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -96,6 +97,7 @@ def new_tunnels(lab: Lab, names: list[str]) -> list[float]:
 def daemon_with(lab: Lab, n: int, peers: list[str], private: str, tag: str) -> dict[str, Any]:
     """Start a dry-run daemon holding `n` tunnels; measure; stop. `peers`: names in DNS with
     a secure IPSECKEY, not held yet, looked up to make new tunnels."""
+    shutil.rmtree(lab.run_dir / f"scale-{tag}-{n}", ignore_errors=True)
     d = ResolverDaemon(lab, "alice", name=f"scale-{tag}-{n}", sections={
         "provision": {"backend": "dryrun", "max_setups": 64},
         "policy": {"default": "private-or-clear", "private": [private, f"{SEED_PREFIX}0/112"]},

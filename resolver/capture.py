@@ -31,6 +31,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import dns.message
 import dns.name
@@ -65,6 +66,14 @@ from resolver.validator.response import Security, ValidatedAnswer, Verdict
 
 log = logging.getLogger(__name__)
 
+# A/AAAA lookups resolving (address + IPSECKEY, validated) at once; the rest wait their turn,
+# parked. Why: a burst of new peers (200 at once) started 400 resolutions in the same turns of
+# the event loop; measured, eight turns in a row of 20-37 ms of CPU each (657-911 callbacks),
+# and every cached answer waited for them. In turns, each carries a few lookups' work, cached
+# answers are sent between them, and the first peers resolved go to charon first (the setups
+# then overlap the later lookups instead of all starting at the end).
+LOOKUPS_AT_ONCE: Final = 8
+
 
 @dataclass(slots=True)
 class CaptureCounters:
@@ -87,6 +96,7 @@ class CaptureHandler:
         self.provisioner = provisioner
         self.payload = payload
         self.counters = CaptureCounters()
+        self._turns = asyncio.Semaphore(LOOKUPS_AT_ONCE)
 
     async def handle(self, query: dns.message.Message, now: float) -> dns.message.Message:
         """Answer one query (already checked by the server: opcode QUERY, one question)."""
@@ -94,30 +104,38 @@ class CaptureHandler:
         if q.rdclass != dns.rdataclass.IN or q.rdtype not in ADDRESS_TYPES:
             return await self.plain.handle(query, now)
         self.counters.queries += 1
-        qtype = dns.rdatatype.RdataType(q.rdtype)
-        addr_task = asyncio.create_task(self.resolution.resolve(q.name, qtype, now))
+        async with self._turns:  # the lookup's turn; provisioning (long waits) is outside it
+            addr, decision, evidence = await self._lookup(q.name, q.rdtype, now)
+        return await self._act(query, addr, decision, evidence, now)
+
+    async def _lookup(self, name: dns.name.Name, rdtype: int, now: float
+                      ) -> tuple[ValidatedAnswer, Decision, KeyEvidence | None]:
+        """The address and the IPSECKEY of `name` (in parallel), and the policy's decision."""
+        q_name = name
+        qtype = dns.rdatatype.RdataType(rdtype)
+        addr_task = asyncio.create_task(self.resolution.resolve(q_name, qtype, now))
         key_task = asyncio.create_task(
-            self.resolution.resolve(q.name, dns.rdatatype.IPSECKEY, now))
+            self.resolution.resolve(q_name, dns.rdatatype.IPSECKEY, now))
         try:
             addr = await addr_task
         except BaseException:
             key_task.cancel()
             raise
-        owner = chain_end(addr.answer, q.name)
+        owner = chain_end(addr.answer, q_name)
         addresses = addresses_of(addr.answer, owner, qtype)
         group = self.policy.group_for(owner, addresses)
         evidence: KeyEvidence | None = None
         if (addr.verdict.security in (Security.SECURE, Security.INSECURE) and addresses
                 and group.wants_keys):
             keys = await key_task
-            if chain_end(keys.answer, q.name) != owner:
+            if chain_end(keys.answer, q_name) != owner:
                 keys = await self.resolution.resolve(owner, dns.rdatatype.IPSECKEY, now)
             evidence = key_evidence(keys, addr.verdict.security, owner=owner)
         else:
             key_task.add_done_callback(_ignore_result)  # fills the cache; nobody waits for it
         decision = self.policy.decide(owner, addresses, addr.verdict, evidence)
-        log.debug("%s %s -> %s", q.name, dns.rdatatype.to_text(qtype), decision)
-        return await self._act(query, addr, decision, evidence, now)
+        log.debug("%s %s -> %s", q_name, dns.rdatatype.to_text(qtype), decision)
+        return addr, decision, evidence
 
     async def _act(self, query: dns.message.Message, addr: ValidatedAnswer, decision: Decision,
                    evidence: KeyEvidence | None, now: float) -> dns.message.Message:
