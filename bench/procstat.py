@@ -74,6 +74,12 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def steal() -> float:
+    """CPU seconds the hypervisor took from this machine since boot (all CPUs)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    return int(fields[7]) / _TICK if len(fields) > 7 else 0.0
+
+
 def machine_busy() -> float:
     """Busy CPU seconds of the whole machine since boot (all CPUs, not idle or iowait)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -92,6 +98,7 @@ class CpuMeter:
     def _now(self) -> dict[str, float]:
         now = {name: sum(cpu_seconds(p) for p in ps) for name, ps in self.pids.items()}
         now["machine"] = machine_busy()
+        now["steal"] = steal()
         now["wall"] = time.monotonic()
         return now
 
