@@ -10,6 +10,7 @@ down at the end, also on error or Ctrl-C):
              average, and the share of the machine's busy CPU that was not ours or charon's;
   charon     200 CHILD_SAs driven directly over VICI (bench/charon_direct.py; the daemon's
              own conns, at most max_setups in flight): seconds to the last, how many came up;
+             and with 16, 64 and 200 in flight (the choice of max_setups);
   (a)        bench_provision.py's first lookup of a fresh peer: daemon vs upstream + IKE;
   (b)        200 distinct peers at once through the daemon: time to the 200th answer, its
              ratio to charon's, NOERROR answers;
@@ -57,6 +58,7 @@ from resolver.tunnels.vici import ViciBackend  # noqa: E402
 from resolver.tunnels.xfrm import XfrmPolicies  # noqa: E402
 
 MAX_SETUPS = ProvisionConfig().max_setups
+WINDOWS = (16, 64, 200)  # charon alone with other numbers in flight than max_setups
 RESPONDER_LIMITS = {"block_threshold": "1000", "cookie_threshold": "1000"}
 Rows = dict[str, list[float]]
 
@@ -175,10 +177,17 @@ def one_round(lab: Lab, args: argparse.Namespace, peers: list[tuple[str, str]],
     record(rows, "noise.load", procstat.load_average())
 
     conns = direct_conns(lab, peers)
+    names = [next(iter(c)) for c in conns]
+    for window in WINDOWS if "windows" not in args.skip else ():
+        w = charon_direct.establish(lab.vici_path("alice"), conns, window=window)
+        record(rows, f"charon.w{window}", w.seconds)
+        record(rows, f"charon.w{window}.installed", w.installed)
+        charon_direct.remove(lab.vici_path("alice"), names)
+        settle(lab)
     o = charon_direct.establish(lab.vici_path("alice"), conns, window=MAX_SETUPS)
     record(rows, "charon.seconds", o.seconds)
     record(rows, "charon.installed", o.installed)
-    charon_direct.remove(lab.vici_path("alice"), [next(iter(c)) for c in conns])
+    charon_direct.remove(lab.vici_path("alice"), names)
     settle(lab)
 
     burst_through(lab, peers, rows, "process", True, runs)
@@ -228,6 +237,10 @@ def report(rows: Rows, args: argparse.Namespace) -> None:
     print(f"\n(b) {args.peers} peers at once: time to the last answer (s)")
     print(f"  charon alone, over VICI          {cell(g('charon.seconds'))}"
           f"   CHILD_SAs {cell(g('charon.installed'), '{:.0f}')}")
+    for window in WINDOWS:
+        if g(f"charon.w{window}"):
+            print(f"  charon alone, {window:3} in flight      {cell(g(f'charon.w{window}'))}"
+                  f"   CHILD_SAs {cell(g(f'charon.w{window}.installed'), '{:.0f}')}")
     for tag in ("process", "threads"):
         if g(f"{tag}.total_s"):
             print(f"  daemon ({tag:7})                {cell(g(f'{tag}.total_s'))}"
@@ -281,7 +294,8 @@ def main() -> int:
     ap.add_argument("--peers", type=int, default=200)
     ap.add_argument("--runs", type=int, default=10, help="fresh peers per round for (a)")
     ap.add_argument("--big", type=int, default=10_000)
-    ap.add_argument("--skip", default="", help="comma-separated: threads, big, store")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated: windows, threads, big, store")
     args = ap.parse_args()
     args.skip = set(filter(None, args.skip.split(",")))
     lab = Lab(lab_id=os.environ.get("LAB_ID", "bnch"))
