@@ -54,6 +54,15 @@ keeps the books:
           (Rule 6: wanted, shunted if private, kept in the file), and `reconcile` runs again
           when the watch sees charon (`connect_later` retries besides, for a backend without
           a watch).
+  Rule 9: a private destination's tunnel has a floor (InstallFloor, once it is up, before its
+          negotiating shunt goes): the kernel drops the destination's packets the instant the
+          tunnel's own path is gone, before the watch (Rule 6) has heard of it; with
+          kernel-libipsec the TUN route vanishes with charon, a few ms before the shunt lands.
+          The floor never blocks the tunnel (the backend puts it below charon's route or
+          policies) and lives as long as the tunnel is wanted: kept while it is DOWN, removed
+          after the tunnel at its lease end or release (then nothing is wanted, as before),
+          and reconcile removes floors no tunnel of the state file wants (all kept when the
+          state is not trusted, Rule 8).
 
 Time: every entry point takes `now` (POSIX seconds, the same clock as RRSIG validity) because
 leases must survive a restart in the state file. Real waiting (the setup timeout) uses asyncio.
@@ -87,11 +96,13 @@ from resolver.statefile import Encode, StateFile
 from resolver.tunnels.backend import ProvisioningBackend
 from resolver.tunnels.config import ProvisionConfig
 from resolver.tunnels.intents import (
+    InstallFloor,
     InstallShunt,
     InstallTunnel,
     Intent,
     ItemKind,
     PolicyKey,
+    RemoveFloor,
     RemoveShunt,
     RemoveTunnel,
     TunnelSpec,
@@ -237,6 +248,9 @@ class Provisioner:
             # join it rather than answer over a tunnel that may yet be undone.
             if t is not None and t.state is TunnelState.INSTALLED and t.spec == spec \
                     and (running is None or running[0] != spec):
+                if shunt and not self._private(t):  # private from now on: floor it (Rule 9)
+                    t.private = True
+                    await self._quietly(InstallFloor(dest))
                 t.private = t.private or shunt
                 return self._extend(t, now)
             failed = self._b.failed.get(dest)
@@ -302,6 +316,8 @@ class Provisioner:
                 del self._b.tunnels[dest]
                 self.counters.teardowns += 1
                 await self._quietly(RemoveTunnel(t.spec.name))
+                if self._private(t):  # after the tunnel: no gap in between (Rule 9)
+                    await self._quietly(RemoveFloor(dest))
         for dest, until in list(self._b.shunts.items()):
             if until + grace <= now:
                 changed = True
@@ -347,6 +363,8 @@ class Provisioner:
             log.info("releasing tunnel %s to %s at %.0f", t.spec.name, destination, now)
             self.counters.teardowns += 1
             await self._quietly(RemoveTunnel(t.spec.name))
+            if self._private(t):
+                await self._quietly(RemoveFloor(destination))  # Rule 9
         self._count()
         await self._persist()
 
@@ -382,10 +400,15 @@ class Provisioner:
         wanted = {PolicyKey.tunnel(s.name) for s, _ in tunnels}
         wanted |= {PolicyKey.tunnel(n) for n in self._b.adopted}
         wanted |= {PolicyKey.shunt(d) for d in shunts}
+        wanted |= {PolicyKey.floor(s.destination) for s, _ in tunnels if self._must_drop(s)}
+        if not loaded.trusted:  # Rule 9: which adopted conn a floor is for is unknown
+            wanted |= {k for k in installed if k.kind is ItemKind.FLOOR}
         for stray in sorted(installed - wanted, key=lambda k: (k.kind.value, k.ident)):
             log.info("reconcile: removing stray %s %s", stray.kind.value, stray.ident)
             if stray.kind is ItemKind.TUNNEL:
                 await self._quietly(RemoveTunnel(stray.ident))
+            elif stray.kind is ItemKind.FLOOR:
+                await self._quietly(RemoveFloor(ipaddress.ip_address(stray.ident)))
             else:
                 await self._quietly(RemoveShunt(ipaddress.ip_address(stray.ident)))
         for dest, until in shunts.items():
@@ -674,6 +697,8 @@ class Provisioner:
             log.info("tunnel to %s (%s) is back", spec.key.owner.to_text(omit_final_dot=True),
                      dest)
         self.counters.setups += 1
+        if self._private(self._b.tunnels[dest]):  # Rule 9, before the shunt goes
+            await self._quietly(InstallFloor(dest))
         if shunted is not None:
             await self._quietly(RemoveShunt(dest))
         self._b.failed.pop(dest, None)

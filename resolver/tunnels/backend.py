@@ -42,7 +42,8 @@ class WatchableBackend(Protocol):
 
 
 class CompositeBackend:
-    """Tunnels to one backend (VICI), shunts to another (XFRM); `None` drops shunt intents."""
+    """Tunnels to one backend (VICI), shunts and floors to another (XFRM); `None` drops
+    those intents."""
 
     def __init__(self, tunnels: ProvisioningBackend, shunts: ProvisioningBackend | None) -> None:
         self.tunnels = tunnels
@@ -57,7 +58,8 @@ class CompositeBackend:
     async def installed(self) -> frozenset[PolicyKey]:
         found = {k for k in await self.tunnels.installed() if k.kind is ItemKind.TUNNEL}
         if self.shunts is not None:
-            found |= {k for k in await self.shunts.installed() if k.kind is ItemKind.SHUNT}
+            found |= {k for k in await self.shunts.installed()
+                      if k.kind in (ItemKind.SHUNT, ItemKind.FLOOR)}
         return frozenset(found)
 
     def watch(self, sink: Callable[[BackendEvent], None]) -> bool:

@@ -1,4 +1,5 @@
-"""Kernel drop shunts as XFRM policies over netlink, for InstallShunt / RemoveShunt.
+"""Kernel drop shunts as XFRM policies over netlink, for InstallShunt / RemoveShunt, and the
+floors under private tunnels, for InstallFloor / RemoveFloor.
 
 Theory of operation. A shunt for destination D is a small set of outbound XFRM policies:
 
@@ -11,8 +12,17 @@ The ALLOW entries exist because a BLOCK for D also catches the IKE daemon's own 
 (measured: with kernel-libipsec charon sets no per-socket bypass, and initiate then times out);
 lower priority numbers win in XFRM. The applications' packets get EPERM on send/connect.
 
-Ownership: we only ever touch policies whose priority is ALLOW_PRIORITY or BLOCK_PRIORITY and
-whose selector is a single host, so dump/flush never disturb charon's or anyone else's policies.
+The floor under a private destination's tunnel (Rule 9 of resolver/provision.py) drops D's
+packets the instant the tunnel's own path is gone, without waiting for the watch to install a
+shunt. Its mechanism follows the data path, which `_floor_routes` reads from the kernel's route
+to D once the tunnel is up: through a TUN device (kernel-libipsec), the tunnel is a route and
+so is the floor (resolver/tunnels/routefloor.py); otherwise (kernel ESP) the tunnel is charon's
+IPsec policy and the floor is the shunt's policies at FLOOR_* priorities, below all of
+charon's (`floor_rules`), tagged in the selector so that a shunt and a floor for the same D
+are separate policies.
+
+Ownership: we only ever touch policies whose priority is one of OUR_PRIORITIES and whose
+selector is a single host, so dump/flush never disturb charon's or anyone else's policies.
 
 One encoder. pyroute2 0.9.7 has the NETLINK_XFRM socket but no XFRM message classes, and its
 synchronous API runs a private event loop per request (measured ~0.6 ms per message, 3 ms to
@@ -32,39 +42,45 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final, TypeVar, TypeVarTuple
 
-from pyroute2 import netns as pyroute2_netns
-
 from resolver.errors import ProvisioningError
 from resolver.tunnels.intents import (
+    InstallFloor,
     InstallShunt,
     InstallTunnel,
     Intent,
     PolicyKey,
+    RemoveFloor,
     RemoveShunt,
     RemoveTunnel,
 )
+from resolver.tunnels.netlink import (
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    open_socket,
+)
+from resolver.tunnels.netlink import NLMSGHDR as _NLMSGHDR
+from resolver.tunnels.netlink import message as _message
+from resolver.tunnels.netlink import messages as _messages
+from resolver.tunnels.routefloor import RouteFloor
 
 Address = IPv4Address | IPv6Address
 T = TypeVar("T")
 Args = TypeVarTuple("Args")
 
 NETLINK_XFRM: Final = 6
-NLM_F_REQUEST: Final = 0x1
-NLM_F_ACK: Final = 0x4
-NLM_F_DUMP: Final = 0x300
-NLMSG_ERROR: Final = 2
-NLMSG_DONE: Final = 3
-SOL_NETLINK: Final = 270
-NETLINK_CAP_ACK: Final = 10
 XFRM_MSG_NEWPOLICY: Final = 0x13
 XFRM_MSG_DELPOLICY: Final = 0x14
 XFRM_MSG_GETPOLICY: Final = 0x15
@@ -78,7 +94,18 @@ XFRM_INF: Final = 0xFFFF_FFFF_FFFF_FFFF
 # values), so while a shunt is in place nothing leaves for D but IKE.
 ALLOW_PRIORITY: Final = 0x15C0
 BLOCK_PRIORITY: Final = 0x15C1
-OUR_PRIORITIES: Final = frozenset((ALLOW_PRIORITY, BLOCK_PRIORITY))
+# The floor under a tunnel (kernel ESP; see `floor_rules`): *below* every policy charon's
+# kernel-netlink installs. strongSwan 5.9 computes its priorities from PRIO_BASE 200,000:
+# passthrough < 200,000, IPsec and trap < 400,000, fallback drop < 600,000 (lower wins), so
+# charon's policies for D always win over these, and ours only act when charon has none.
+FLOOR_ALLOW_PRIORITY: Final = 0x000F_15C0  # 988,608
+FLOOR_BLOCK_PRIORITY: Final = 0x000F_15C1
+# The floor's selectors carry this in xfrm_selector.user (never matched against packets), so
+# that they are policies of their own, not the shunt's: XFRM tells policies apart by selector,
+# not by priority, and an update of one would otherwise replace the other.
+FLOOR_TAG: Final = 0x15C0
+OUR_PRIORITIES: Final = frozenset((ALLOW_PRIORITY, BLOCK_PRIORITY, FLOOR_ALLOW_PRIORITY,
+                                   FLOOR_BLOCK_PRIORITY))
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,20 +118,33 @@ class Rule:
     proto: int = 0
     sport: int = 0  # for ICMP: the type
     dport: int = 0
+    tag: int = 0  # xfrm_selector.user: FLOOR_TAG for the floor's policies
 
 
-def shunt_rules(destination: Address) -> list[Rule]:
-    """The policies of one shunt, ALLOWs first (so IKE is never blocked in between)."""
-    rules = [Rule(destination, XFRM_POLICY_ALLOW, ALLOW_PRIORITY, socket.IPPROTO_UDP, 0, port)
+def shunt_rules(destination: Address, *, floor: bool = False) -> list[Rule]:
+    """The policies of one shunt, ALLOWs first (so IKE is never blocked in between); with
+    `floor`, the same policies as the floor under a tunnel (`floor_rules`)."""
+    allow, block, tag = ((FLOOR_ALLOW_PRIORITY, FLOOR_BLOCK_PRIORITY, FLOOR_TAG) if floor
+                         else (ALLOW_PRIORITY, BLOCK_PRIORITY, 0))
+    rules = [Rule(destination, XFRM_POLICY_ALLOW, allow, socket.IPPROTO_UDP, 0, port, tag)
              for port in (500, 4500)]
     if destination.version == 6:
-        rules += [Rule(destination, XFRM_POLICY_ALLOW, ALLOW_PRIORITY, socket.IPPROTO_ICMPV6,
-                       icmp_type, 0) for icmp_type in (135, 136)]
-    rules.append(Rule(destination, XFRM_POLICY_BLOCK, BLOCK_PRIORITY))
+        rules += [Rule(destination, XFRM_POLICY_ALLOW, allow, socket.IPPROTO_ICMPV6,
+                       icmp_type, 0, tag) for icmp_type in (135, 136)]
+    rules.append(Rule(destination, XFRM_POLICY_BLOCK, block, tag=tag))
     return rules
 
 
-_NLMSGHDR: Final = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+def floor_rules(destination: Address) -> list[Rule]:
+    """The floor under a private destination's tunnel when the kernel carries ESP: the shunt's
+    policies at FLOOR_* priorities, below charon's. While charon holds the tunnel its IPsec
+    policy for D wins and the packets are encrypted; when charon removes it (the SA deleted,
+    charon stopped), D's packets fall onto the BLOCK (EPERM) instead of leaving in clear. With
+    kernel-libipsec the tunnel is a route, not a policy, and the floor is a route too
+    (resolver/tunnels/routefloor.py): a BLOCK here would catch the tunnel's own traffic."""
+    return shunt_rules(destination, floor=True)
+
+
 _PORTS: Final = struct.Struct(">HHHH")  # dport, dport_mask, sport, sport_mask (network order)
 _SEL_TAIL: Final = struct.Struct("=HBBB3xiI")  # family, prefixlen_d/s, proto, pad, ifindex, user
 _SELECTOR_SIZE: Final = 32 + _PORTS.size + _SEL_TAIL.size  # struct xfrm_selector: 56
@@ -121,11 +161,7 @@ def _packed_selector(rule: Rule) -> bytes:
             + _PORTS.pack(rule.dport, 0xFFFF if rule.dport else 0,
                           rule.sport, 0xFFFF if rule.sport else 0)
             + _SEL_TAIL.pack(socket.AF_INET if d.version == 4 else socket.AF_INET6,
-                             d.max_prefixlen, 0, rule.proto, 0, 0))
-
-
-def _message(msg_type: int, flags: int, seq: int, body: bytes) -> bytes:
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body
+                             d.max_prefixlen, 0, rule.proto, 0, rule.tag))
 
 
 def encode_update(rule: Rule, seq: int) -> bytes:
@@ -152,7 +188,7 @@ def decode_policy(body: bytes) -> Rule | None:
     if len(body) < _INFO_SIZE:
         return None
     dport, dport_mask, sport, sport_mask = _PORTS.unpack_from(body, 32)
-    family, plen_d, _, proto, _, _ = _SEL_TAIL.unpack_from(body, 32 + _PORTS.size)
+    family, plen_d, _, proto, _, tag = _SEL_TAIL.unpack_from(body, 32 + _PORTS.size)
     priority, _, direction, action, _, _ = _INFO_TAIL.unpack_from(
         body, _SELECTOR_SIZE + _LIFETIMES.size)
     if priority not in OUR_PRIORITIES or direction != XFRM_POLICY_OUT:
@@ -164,18 +200,7 @@ def decode_policy(body: bytes) -> Rule | None:
     else:
         return None
     return Rule(dest, action, priority, proto, sport if sport_mask else 0,
-                dport if dport_mask else 0)
-
-
-def _messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """(type, seq, body) of each netlink message in a datagram."""
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, mtype, _, seq, _ = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size:
-            return  # malformed: never loop on it
-        yield mtype, seq, data[offset + _NLMSGHDR.size:offset + length]
-        offset += (length + 3) & ~3
+                dport if dport_mask else 0, tag)
 
 
 class XfrmPolicies:
@@ -187,18 +212,19 @@ class XfrmPolicies:
     CHUNK: Final = 100
 
     def __init__(self, netns: str | None = None) -> None:
-        # flags=0: never create the namespace (pyroute2's default would).
-        self.sock = pyroute2_netns.create_socket(netns=netns, family=socket.AF_NETLINK,
-                                                 socket_type=socket.SOCK_DGRAM,
-                                                 proto=NETLINK_XFRM, flags=0)
-        self.sock.bind((0, 0))
-        # ACKs without a copy of the request (NETLINK_CAP_ACK): 36 bytes each, not ~200.
-        self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-        self.sock.settimeout(5.0)  # the kernel answers at once; this only bounds a bug
+        self.netns = netns
+        self.sock = open_socket(netns, NETLINK_XFRM)
         self.seq = 0
+
+    @functools.cached_property
+    def routes(self) -> RouteFloor:
+        """The route floors of the same namespace (opened on first use, on this thread)."""
+        return RouteFloor(self.netns)
 
     def close(self) -> None:
         self.sock.close()
+        if "routes" in self.__dict__:
+            self.routes.close()
 
     def next_seq(self) -> int:
         self.seq = (self.seq + 1) & 0xFFFF_FFFF or 1
@@ -254,7 +280,8 @@ class XfrmPolicies:
 
 
 class XfrmBackend:
-    """ProvisioningBackend for shunts. All netlink work on one thread, on one socket."""
+    """ProvisioningBackend for shunts and floors. All netlink work on one thread, on one
+    socket per protocol (XFRM, and routes for the floors)."""
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
@@ -297,14 +324,13 @@ class XfrmBackend:
                     fut.set_exception(err)
 
     async def installed(self) -> frozenset[PolicyKey]:
-        """A destination counts as shunted when our BLOCK policy for it is there."""
-        rules = await self._run(XfrmPolicies.ours)
-        return frozenset(PolicyKey.shunt(r.destination) for r in rules
-                         if r.action == XFRM_POLICY_BLOCK)
+        """A destination counts as shunted when our BLOCK policy for it is there, and as
+        floored when its floor (route or BLOCK) is."""
+        return await self._run(_installed)
 
     async def flush(self) -> int:
-        """Remove every policy of ours (tests, shutdown)."""
-        return await self._run(XfrmPolicies.flush_ours)
+        """Remove every policy and floor of ours (tests); returns how many there were."""
+        return await self._run(_flush)
 
     async def aclose(self) -> None:
         def close() -> None:
@@ -334,29 +360,81 @@ class XfrmBackend:
             raise
 
 
+def _installed(sock: XfrmPolicies) -> frozenset[PolicyKey]:
+    keys = {PolicyKey.shunt(r.destination) if r.priority == BLOCK_PRIORITY
+            else PolicyKey.floor(r.destination)
+            for r in sock.ours() if r.action == XFRM_POLICY_BLOCK}
+    return frozenset(keys | {PolicyKey.floor(d) for d in sock.routes.ours()})
+
+
+def _flush(sock: XfrmPolicies) -> int:
+    return sock.flush_ours() + sock.routes.flush()
+
+
+def _floor_routes(sock: XfrmPolicies, intents: list[Intent]
+                  ) -> tuple[dict[Address, str], set[Address]]:
+    """The route part of the floor intents in a batch: (destination -> why its floor failed,
+    the destinations whose floor is an XFRM policy). Each destination ends as its last floor
+    intent in the batch says. A failure here fails only the floors, never a shunt of the same
+    batch."""
+    final = {i.destination: isinstance(i, InstallFloor) for i in intents
+             if isinstance(i, InstallFloor | RemoveFloor)}
+    errors: dict[Address, str] = {}
+    by_policy: set[Address] = set()
+    if not final:
+        return errors, by_policy
+    try:
+        gone = [d for d, wanted in final.items() if not wanted]
+        for dest, err in (sock.routes.remove(gone) if gone else {}).items():
+            if err:
+                errors[dest] = f"floor route removal: {os.strerror(err)}"
+        by_route: dict[Address, int] = {}
+        for dest, path in sock.routes.paths(d for d, wanted in final.items() if wanted).items():
+            if isinstance(path, int):
+                errors[dest] = f"no route to it to put a floor under ({os.strerror(path)})"
+            elif path.tun:  # kernel-libipsec: the tunnel is the TUN route
+                by_route[dest] = path.table
+            else:  # kernel ESP: the tunnel is charon's IPsec policy
+                by_policy.add(dest)
+        errors |= {d: why for d, why in sock.routes.install(by_route).items() if why}
+    except OSError as exc:
+        sock.routes.close()
+        del sock.routes  # unread replies may be queued on it: the next use opens anew
+        errors |= {d: f"routes: {exc}" for d in final if d not in errors}
+    return errors, by_policy
+
+
 def _apply_batch(sock: XfrmPolicies, intents: list[Intent]) -> list[ProvisioningError | None]:
-    """One send for all `intents`; the error of each (None: done). On the xfrm thread."""
+    """One send for all `intents`' policies (the floors' routes first: `_floor_routes`); the
+    error of each (None: done). On the xfrm thread."""
+    floor_errors, by_policy = _floor_routes(sock, intents)
     messages: list[bytes] = []
     seqs: list[list[tuple[int, bool]]] = []  # per intent: (seq, ENOENT is fine)
     for intent in intents:
         mine: list[tuple[int, bool]] = []
-        if isinstance(intent, InstallShunt):
-            for rule in shunt_rules(intent.destination):  # ALLOWs first, BLOCK last
-                seq = sock.next_seq()
-                messages.append(encode_update(rule, seq))
-                mine.append((seq, False))
-        elif isinstance(intent, RemoveShunt):
-            for rule in reversed(shunt_rules(intent.destination)):  # BLOCK first
-                seq = sock.next_seq()
-                messages.append(encode_delete(rule, seq))
-                mine.append((seq, True))
+        rules: list[Rule] = []
+        remove = isinstance(intent, RemoveShunt | RemoveFloor)
+        if isinstance(intent, InstallShunt | RemoveShunt):
+            rules = shunt_rules(intent.destination)
+        elif isinstance(intent, RemoveFloor) or (
+                isinstance(intent, InstallFloor) and intent.destination in by_policy):
+            rules = floor_rules(intent.destination)
+        # Installs: ALLOWs first, BLOCK last; removals: BLOCK first (IKE never blocked).
+        for rule in reversed(rules) if remove else rules:
+            seq = sock.next_seq()
+            messages.append(encode_delete(rule, seq) if remove else encode_update(rule, seq))
+            mine.append((seq, remove))
         seqs.append(mine)
     acks = sock.send(messages) if messages else {}
     out: list[ProvisioningError | None] = []
     for intent, mine in zip(intents, seqs, strict=True):
+        dest = intent.destination  # type: ignore[union-attr]
         bad = [acks.get(seq, errno.EIO) for seq, enoent_ok in mine
                if acks.get(seq, errno.EIO) not in ((0, errno.ENOENT) if enoent_ok else (0,))]
-        out.append(None if not bad else ProvisioningError(
-            f"XFRM netlink: {type(intent).__name__} {intent.destination}: "  # type: ignore[union-attr]
-            f"{errno.errorcode.get(bad[0], bad[0])}"))
+        why = (floor_errors.get(dest) if isinstance(intent, InstallFloor | RemoveFloor)
+               else None)
+        if bad:
+            why = f"{errno.errorcode.get(bad[0], bad[0])}"
+        out.append(None if why is None else ProvisioningError(
+            f"XFRM netlink: {type(intent).__name__} {dest}: {why}"))
     return out
