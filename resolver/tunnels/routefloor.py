@@ -134,9 +134,11 @@ def _table_fields(table: int) -> tuple[int, bytes]:
 
 def encode_route_get(dest: Address, seq: int) -> bytes:
     """RTM_GETROUTE for one destination, as an unmarked local packet would be routed; the
-    reply names the table the route came from (RTM_F_LOOKUP_TABLE)."""
+    reply names the table the route came from (IPv4 only with RTM_F_LOOKUP_TABLE, which
+    IPv6 refuses under strict checking: it always names the table)."""
     body = _RTMSG.pack(_family(dest), dest.max_prefixlen, 0, 0, 0, 0, 0, 0,
-                       RTM_F_LOOKUP_TABLE) + attr(RTA_DST, dest.packed)
+                       RTM_F_LOOKUP_TABLE if dest.version == 4 else 0) + attr(RTA_DST,
+                                                                                dest.packed)
     return message(RTM_GETROUTE, NLM_F_REQUEST, seq, body)
 
 
