@@ -14,6 +14,9 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, nlmsg
 from resolver.tunnels.xfrm import (
     ALLOW_PRIORITY,
     BLOCK_PRIORITY,
+    FLOOR_ALLOW_PRIORITY,
+    FLOOR_BLOCK_PRIORITY,
+    FLOOR_TAG,
     XFRM_INF,
     XFRM_MSG_DELPOLICY,
     XFRM_MSG_GETPOLICY,
@@ -26,6 +29,7 @@ from resolver.tunnels.xfrm import (
     encode_delete,
     encode_dump,
     encode_update,
+    floor_rules,
     shunt_rules,
 )
 
@@ -61,7 +65,7 @@ def selector(rule: Rule) -> dict[str, Any]:
             "sport": rule.sport, "sport_mask": 0xFFFF if rule.sport else 0,
             "family": socket.AF_INET if d.version == 4 else socket.AF_INET6,
             "prefixlen_d": d.max_prefixlen, "prefixlen_s": 0, "proto": rule.proto,
-            "ifindex": 0, "user": 0}
+            "ifindex": 0, "user": rule.tag}
 
 
 def oracle(msg_class: type, values: dict[str, Any], msg_type: int, flags: int, seq: int
@@ -85,7 +89,8 @@ def dumped(rule: Rule, **over: Any) -> bytes:
     return oracle(xfrm_userpolicy_info, info(rule, **over), XFRM_MSG_NEWPOLICY, 2, 1)[16:]
 
 
-RULES = [*shunt_rules(IPv4Address("192.0.2.2")), *shunt_rules(IPv6Address("2001:db8::2"))]
+RULES = [*shunt_rules(IPv4Address("192.0.2.2")), *shunt_rules(IPv6Address("2001:db8::2")),
+         *floor_rules(IPv4Address("192.0.2.2")), *floor_rules(IPv6Address("2001:db8::2"))]
 
 
 # --- the tests ---------------------------------------------------------------------------------
@@ -139,3 +144,20 @@ def test_shunt_rules() -> None:
     assert [(r.proto, r.sport) for r in v6 if r.proto == socket.IPPROTO_ICMPV6] == [
         (socket.IPPROTO_ICMPV6, 135), (socket.IPPROTO_ICMPV6, 136)]
     assert v6[-1].action == XFRM_POLICY_BLOCK  # BLOCK last: IKE is never blocked in between
+
+
+def test_floor_rules_sit_below_charons_policies_and_apart_from_the_shunt() -> None:
+    dest = IPv6Address("2001:db8::2")
+    floor, shunt = floor_rules(dest), shunt_rules(dest)
+    # strongSwan 5.9 kernel-netlink: passthrough < 200,000 <= IPsec and trap < 400,000 <=
+    # fallback drop < 600,000; lower wins, so every policy of charon's wins over the floor
+    assert 600_000 < FLOOR_ALLOW_PRIORITY < FLOOR_BLOCK_PRIORITY
+    assert ALLOW_PRIORITY < BLOCK_PRIORITY < 68_541  # the shunt: above all of charon's
+    assert [(r.proto, r.sport, r.dport, r.action) for r in floor] == [
+        (r.proto, r.sport, r.dport, r.action) for r in shunt]  # IKE and ND pass, BLOCK last
+    assert {r.tag for r in floor} == {FLOOR_TAG} and {r.tag for r in shunt} == {0}
+    # XFRM tells policies apart by selector: the tag (xfrm_selector.user) keeps them apart
+    for f, sh in zip(floor, shunt, strict=True):
+        assert encode_delete(f, 1) != encode_delete(sh, 1)
+    assert decode_policy(dumped(floor[-1])) == Rule(dest, XFRM_POLICY_BLOCK,
+                                                    FLOOR_BLOCK_PRIORITY, tag=FLOOR_TAG)
