@@ -130,6 +130,11 @@ def _endpoint_commands(sub: Any) -> None:
          "validation outcomes, upstream round trips and failures, tunnels, setups, pinned "
          "endpoints), one `name{labels} value` line each, the same numbers its Prometheus "
          "listener ([metrics] listen) serves. " + needs)
+    _sub(sub, "upstream", "where the resolver's answers come from, and why",
+         "The resolver's upstream: its mode (auto, forward, iterate), the path in use "
+         "(forwarding to which servers, or iterating from the root), the reason (e.g. which "
+         "forwarder failed the DNSSEC probe, and how), since when, and the last probe's "
+         "results. " + needs)
 
 
 def _keygen_command(sub: Any) -> None:
@@ -290,6 +295,8 @@ def _endpoint(args: argparse.Namespace) -> int:
         print(output.table(list((result or {}).get("endpoints", [])), now))
     elif cmd == "status":
         print(output.endpoint(result or {}, now))
+    elif cmd == "upstream":
+        print(output.upstream(result or {}, now))
     else:
         print(f"refreshed {name or 'all endpoints'}")
     return EXIT_OK

@@ -4,8 +4,9 @@ Theory of operation. `ServiceRuntime` is created by cli.serve() once the parts a
 the listeners are bound. `start()` then:
 
   1. starts the optional Prometheus listener ([metrics] listen);
-  2. installs SIGHUP: configuration reload belongs to another issue, so for now it only logs
-     that nothing was reloaded (the daemon must not die on `systemctl reload`);
+  2. installs SIGHUP: `reload` (resolver/reload.py's Reloader.request, set by cli.serve) if
+     there is one, else one log line that nothing was reloaded (the daemon must never die
+     on `systemctl reload`);
   3. tells systemd READY=1 and starts the watchdog task (WATCHDOG=1 from the event loop);
 
 `control_ops()` gives the control socket its extra operations: `stats` always, `debug-hang`
@@ -50,6 +51,7 @@ class ServiceRuntime:
         self.listener: MetricsListener | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.reloads = 0
+        self.reload: Callable[[], None] | None = None  # SIGHUP's work (resolver/reload.py)
 
     def control_ops(self) -> dict[str, Op]:
         """Extra control-socket operations: name -> async fn(now) returning the result."""
@@ -86,6 +88,9 @@ class ServiceRuntime:
 
     def _sighup(self) -> None:
         self.reloads += 1
+        if self.reload is not None:
+            self.reload()
+            return
         log_event(log, logging.WARNING, "reload-ignored",
                   reason="configuration reload is not implemented yet; restart to apply "
                          "changes")

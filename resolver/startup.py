@@ -38,9 +38,10 @@ from resolver.endpoints.config import DEFAULT_STATE_FILE, ControlConfig
 from resolver.errors import ConfigError
 from resolver.instancelock import LOCK_NAME, InstanceLock
 from resolver.keyfile import load_private_key
-from resolver.policy import Group, PolicyConfig
+from resolver.policy import Group, Policy, PolicyConfig
 from resolver.provision import IKE_RETRY
 from resolver.resolve import QueryHandler
+from resolver.responder.core import ResponderConfig
 from resolver.rrsets import ADDRESS_TYPES
 from resolver.serviceconfig import DebugConfig, MetricsConfig
 from resolver.tunnels.config import Identity, ProvisionConfig
@@ -86,6 +87,8 @@ def check(cfg: Config) -> Checked:
             _check_key(ident, source)
     checked = Checked(source, anchors, pcfg, ident, policy, control,
                       state_directories(pcfg, control))
+    if policy is not None:
+        checked.warnings.extend(Policy(policy).warnings())  # strict = false
     for directory in checked.state_dirs:
         _check_writable(directory)
     InstanceLock(checked.state_dirs).probe()
@@ -154,6 +157,10 @@ def check_sections(cfg: Config) -> None:
     if "identity" in cfg.sections:
         Identity.from_section(cfg.sections["identity"], source)
     ControlConfig.from_section(cfg.sections.get("control", {}), source)
+    ResponderConfig.from_section(cfg.sections.get("responder", {}), source)
+    if "responder" in cfg.sections and "identity" not in cfg.sections:
+        raise ConfigError(f"{source}: [responder] needs [identity] (and [provision]): the "
+                          "responder answers as this host's identity")
     MetricsConfig.from_section(cfg.sections.get("metrics", {}), source)
     DebugConfig.from_section(cfg.sections.get("debug", {}), source)
     if "policy" in cfg.sections and "identity" not in cfg.sections:

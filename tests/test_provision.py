@@ -221,6 +221,28 @@ async def test_pin_and_release(tmp_path: Path) -> None:
 
 
 @aio
+async def test_pinned_failure_keeps_the_conn_until_released() -> None:
+    """A pinned peer whose setup fails keeps its conn (the peer may initiate to us through it);
+    an unpinned one is removed; `release` removes the kept one."""
+    fb = FakeBackend(TunnelRejected("bob refused"))
+    p = prov(fb, failure_hold=0)
+    with pytest.raises(TunnelRejected):
+        await p.ensure(tunnel_spec(KEY1, CAROL, None), WHEN)
+    assert fb.intents[-1] == RemoveTunnel(tunnel_spec(KEY1, CAROL, None).name)
+    p.pin(BOB)
+    with pytest.raises(TunnelRejected):
+        await p.ensure(SPEC, WHEN)
+    assert fb.intents[-1] == RemoveTunnel(SPEC.name, keep_conn=True)
+    assert p.tunnels() == {} and p.counters.active == 0  # not up: never answered from
+    assert await p.expire(WHEN + 10_000) is None and fb.intents[-1].keep_conn  # type: ignore[union-attr]
+    fb.fail = None  # bob is back: the same conn comes up
+    assert await p.ensure(SPEC, WHEN + 1) == WHEN + 601
+    fb.fail = TunnelRejected("again")
+    await p.release(BOB, WHEN + 2)
+    assert fb.intents[-1] == RemoveTunnel(SPEC.name)
+
+
+@aio
 async def test_lease_end_tears_down() -> None:
     fb = FakeBackend()
     p = prov(fb, lease=100, grace=10)
