@@ -244,7 +244,9 @@ def test_xfrm_floor_loses_to_charons_policy_and_keeps_ike(pair: tuple[str, str])
             await x.apply(RemoveFloor(B4))
             await x.apply(RemoveFloor(B4))  # idempotent
             assert send(a, B4) == "sent" and send(a, B6) == "EPERM"
-            assert await x.flush() == 5  # B6's floor: udp 500, 4500, icmpv6 135/136, block
+            # B6's floor, as a shunt's: udp 500, 4500, icmpv6 135/136 out and in; block out,
+            # in and fwd
+            assert await x.flush() == 11
             assert send(a, B6) == "sent"
         finally:
             await x.aclose()
