@@ -281,10 +281,11 @@ class RouteFloor:
         replies = self._replies([encode_route_get(d, s) for d, s in seq_of.items()])
         routes: dict[Address, Path | int] = {}
         for dest, seq in seq_of.items():
-            mtype, body = replies.get(seq, (NLMSG_ERROR, struct.pack("=i", -errno.EIO)))
-            found = decode_route(body) if mtype == RTM_NEWROUTE else None
-            routes[dest] = found[0] if found is not None else (
-                error_of(body) if mtype == NLMSG_ERROR else errno.EIO) or errno.EIO
+            mtype, body = replies[seq]
+            if mtype == RTM_NEWROUTE and (found := decode_route(body)) is not None:
+                routes[dest] = found[0]
+            else:
+                routes[dest] = (error_of(body) if mtype == NLMSG_ERROR else 0) or errno.EIO
         kinds = self._link_kinds({p.oif for p in routes.values() if isinstance(p, Path)})
         return {d: Path(p.table, p.oif, kinds.get(p.oif) == "tun") if isinstance(p, Path) else p
                 for d, p in routes.items()}

@@ -436,8 +436,9 @@ def _floor_routes(sock: XfrmPolicies, intents: list[Intent]
                 by_policy.add(dest)
         errors |= {d: why for d, why in sock.routes.install(by_route).items() if why}
     except OSError as exc:
-        sock.routes.close()
-        del sock.routes  # unread replies may be queued on it: the next use opens anew
+        routes = sock.__dict__.pop("routes", None)  # unread replies may be queued on it:
+        if routes is not None:  # the next use opens anew
+            routes.close()
         errors |= {d: f"routes: {exc}" for d in final if d not in errors}
     return errors, by_policy
 
