@@ -45,7 +45,6 @@ EXAMPLES: Final[dict[str, dict[str, Any]]] = {
     "dnssec": {"negative_trust_anchors": ["corp.example."]},
     "identity": {"fqdn": "alice.example.com", "private_key": "/etc/ipseckey-resolver/key.pem",
                  "addresses": ["198.51.100.10", "2001:db8::10"]},
-    "provision": {"state_file": "/var/lib/ipseckey-resolver/state.json"},
     "policy": {"private": ["198.51.100.0/24", "corp.example."], "block": ["ads.example."]},
     "metrics": {"listen": "127.0.0.1:9153"},
 }
@@ -66,7 +65,7 @@ NOTES: Final[dict[tuple[str, str], str]] = {
     ("identity", "addresses"): "the host's own are read too",
     ("provision", "backend"): "or \"dryrun\" (logs only)",
     ("provision", "shunts"): "or \"none\"",
-    ("provision", "state_file"): "unset: no record kept over a restart",
+    ("provision", "state_file"): "the tunnels, so a restart keeps them",
     ("provision", "watch_interval"): "s between checks of charon's SAs (besides its events)",
     ("policy", "default"): "group of what no rule matches",
     ("control", "state_file"): "the endpoints autosp pinned",

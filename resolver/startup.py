@@ -13,7 +13,8 @@ fails stops with one line (exit 2) before the step that could do harm:
   5. reconcile  the provisioner's state with charon and XFRM (resolver/provision.py): the
                 first step that touches either, so steps 1-4 failing has touched nothing;
   6. serve      `StartupGate` opens: address queries waited for step 5 (other queries were
-                answered from step 4 on).
+                answered from step 4 on). SIGHUP gets its handler only here; one that came
+                earlier was held (resolver/sighup.py) and is applied now.
 
 What cannot be reached yet is a warning, not a refusal: an IKE daemon that is not running
 is waited for (the provisioner's `connect_later`), because a laptop's DNS must not depend on
@@ -118,8 +119,9 @@ def state_directories(pcfg: ProvisionConfig | None, control: ControlConfig | Non
                       ) -> tuple[Path, ...]:
     """The directories of the state files the daemon writes: the ones it locks (step 3).
 
-    With provisioning but no state file at all, the default state directory is locked all the
-    same: the lock is what keeps a second daemon off our tunnels.
+    A configuration read from a file always has a [provision] state file (by default in
+    /var/lib/ipseckey-resolver); one built in code without any state file still locks the
+    default state directory: the lock is what keeps a second daemon off our tunnels.
     """
     if pcfg is None:
         return ()

@@ -355,7 +355,12 @@ def test_provision_config() -> None:
                                       "state_file": "/tmp/x.json", "shunts": "none"})
     assert (c.backend, c.timeout, c.lease, c.state_file, c.shunts) == (
         "dryrun", 2.0, 60.0, Path("/tmp/x.json"), "none")
-    assert ProvisionConfig.from_section({}) == ProvisionConfig()
+    # A file's [provision] keeps the tunnels by default (a restart must not remove them as
+    # strays); only a config built in code (these tests) keeps nothing.
+    default = ProvisionConfig.from_section({})
+    assert default.state_file == Path("/var/lib/ipseckey-resolver/state.json")
+    assert default == ProvisionConfig(state_file=default.state_file)
+    assert ProvisionConfig().state_file is None
 
 
 @pytest.mark.parametrize(("section", "message"), [
@@ -364,6 +369,7 @@ def test_provision_config() -> None:
     ({"lease": "long"}, "key 'lease'"),
     ({"vici_socket": "/run/charon.vici"}, "key 'vici_socket': must be a unix://"),
     ({"lease_time": 1}, "key 'lease_time': unknown key"),
+    ({"state_file": "state.json"}, "key 'state_file': 'state.json' is not an absolute path"),
 ])
 def test_provision_config_errors(section: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(f"f.toml: [provision] {message}")):
