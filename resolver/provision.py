@@ -62,9 +62,11 @@ keeps the books:
           kernel-libipsec the TUN route vanishes with charon, a few ms before the shunt lands.
           The floor never blocks the tunnel (the backend puts it below charon's route or
           policies) and lives as long as the tunnel is wanted: kept while it is DOWN, removed
-          after the tunnel at its lease end or release (then nothing is wanted, as before),
-          and reconcile removes floors no tunnel of the state file wants (all kept when the
-          state is not trusted, Rule 8).
+          after the tunnel at its lease end or release (then nothing is wanted, as before;
+          also when a reload has moved the destination out of `private` meanwhile), and
+          reconcile removes floors no tunnel of the state file wants (all kept when the state
+          is not trusted, Rule 8). A tunnel that becomes private while up (a reload, or a
+          private name for the same address) is floored on its next lookup.
 
 Time: every entry point takes `now` (POSIX seconds, the same clock as RRSIG validity) because
 leases must survive a restart in the state file. Real waiting (the setup timeout) uses asyncio.
@@ -134,6 +136,7 @@ class _Tunnel:
     expires_at: float  # lease end; teardown at expires_at + grace
     saved_expires_at: float = 0.0  # the lease end in the last snapshot given to the state file
     private: bool = False  # dropped (shunt) whenever it is not up: ensured with shunt=True
+    floored: bool = False  # a floor was put under it (Rule 9): it goes with the tunnel
 
 
 @dataclass(slots=True)
@@ -250,10 +253,10 @@ class Provisioner:
             # join it rather than answer over a tunnel that may yet be undone.
             if t is not None and t.state is TunnelState.INSTALLED and t.spec == spec \
                     and (running is None or running[0] != spec):
-                if shunt and not self._private(t):  # private from now on: floor it (Rule 9)
-                    t.private = True
-                    await self._quietly(InstallFloor(dest))
                 t.private = t.private or shunt
+                if self._private(t) and not t.floored:  # private since it came up (Rule 9)
+                    t.floored = True
+                    await self._quietly(InstallFloor(dest))
                 return self._extend(t, now)
             failed = self._b.failed.get(dest)
             if failed is not None and failed.until > now:
@@ -318,7 +321,7 @@ class Provisioner:
                 del self._b.tunnels[dest]
                 self.counters.teardowns += 1
                 await self._quietly(RemoveTunnel(t.spec.name))
-                if self._private(t):  # after the tunnel: no gap in between (Rule 9)
+                if t.floored or self._private(t):  # after the tunnel: no gap (Rule 9)
                     await self._quietly(RemoveFloor(dest))
         for dest, until in list(self._b.shunts.items()):
             if until + grace <= now:
@@ -365,7 +368,7 @@ class Provisioner:
             log.info("releasing tunnel %s to %s at %.0f", t.spec.name, destination, now)
             self.counters.teardowns += 1
             await self._quietly(RemoveTunnel(t.spec.name))
-            if self._private(t):
+            if t.floored or self._private(t):
                 await self._quietly(RemoveFloor(destination))  # Rule 9
         self._count()
         await self._persist()
@@ -425,7 +428,8 @@ class Provisioner:
                 continue  # a lookup was quicker (a late reconcile, Rule 8): it has the newer key
             # DOWN until charon says otherwise: a failure keeps it wanted (Rule 6)
             self._b.tunnels[spec.destination] = _Tunnel(
-                spec, TunnelState.DOWN, until, private=self._must_drop(spec))
+                spec, TunnelState.DOWN, until, private=self._must_drop(spec),
+                floored=PolicyKey.floor(spec.destination) in installed)
             try:
                 await self.ensure(spec, now)
             except ProvisioningError as exc:
@@ -683,7 +687,8 @@ class Provisioner:
             return await self._failed(spec, now, exc, down)
         expires = max(now + cfg.lease, old.expires_at if old is not None else 0.0)
         self._b.tunnels[dest] = _Tunnel(spec, TunnelState.INSTALLED, expires,
-                                        private=private or (old is not None and old.private))
+                                        private=private or (old is not None and old.private),
+                                        floored=any(t.floored for t in (old, down) if t))
         shunted = self._b.shunts.pop(dest, None)  # out of the books; in the kernel until saved
         try:
             await self._persist()  # on disk before anyone is told the tunnel is up
@@ -699,7 +704,8 @@ class Provisioner:
             log.info("tunnel to %s (%s) is back", spec.key.owner.to_text(omit_final_dot=True),
                      dest)
         self.counters.setups += 1
-        if self._private(self._b.tunnels[dest]):  # Rule 9, before the shunt goes
+        if self._private(t := self._b.tunnels[dest]):  # Rule 9, before the shunt goes
+            t.floored = True
             await self._quietly(InstallFloor(dest))
         if shunted is not None:
             await self._quietly(RemoveShunt(dest))

@@ -176,3 +176,31 @@ async def test_untrusted_state_keeps_every_floor(tmp_path: Path) -> None:
     p = prov(fb, tmp_path, private=frozenset({BOB}))
     await p.reconcile(WHEN)
     assert floors(fb) == [] and fb.items >= {PolicyKey.floor(BOB), PolicyKey.floor(CAROL)}
+
+
+@aio
+async def test_a_floor_goes_with_its_tunnel_even_if_the_policy_changed_meanwhile() -> None:
+    """A reload (SIGHUP) can move a destination out of `private` while its tunnel is up: its
+    floor still goes at the lease end, never left behind to block it in clear."""
+    private = {BOB}
+    fb = FakeBackend()
+    p = Provisioner(fb, ProvisionConfig(lease=100, grace=10),
+                    must_drop=lambda s: s.destination in private)
+    await p.ensure(BOB_SPEC, WHEN)
+    assert floors(fb) == [InstallFloor(BOB)]
+    private.clear()
+    await p.expire(WHEN + 110)
+    assert floors(fb) == [InstallFloor(BOB), RemoveFloor(BOB)] and fb.items == set()
+
+
+@aio
+async def test_a_tunnel_the_policy_makes_private_while_it_is_up_is_floored_on_its_next_lookup(
+        ) -> None:
+    private: set[IPv4Address] = set()
+    fb = FakeBackend()
+    p = Provisioner(fb, ProvisionConfig(), must_drop=lambda s: s.destination in private)
+    await p.ensure(BOB_SPEC, WHEN)
+    private.add(BOB)  # a reload
+    await p.ensure(BOB_SPEC, WHEN + 1)
+    await p.ensure(BOB_SPEC, WHEN + 2)
+    assert floors(fb) == [InstallFloor(BOB)]
