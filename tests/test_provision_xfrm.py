@@ -70,7 +70,7 @@ def selector(rule: Rule) -> dict[str, Any]:
             "family": socket.AF_INET if d.version == 4 else socket.AF_INET6,
             "prefixlen_d": d.max_prefixlen if out else 0,
             "prefixlen_s": 0 if out else d.max_prefixlen, "proto": rule.proto,
-            "ifindex": 0, "user": rule.tag}
+            "ifindex": rule.ifindex, "user": rule.tag}
 
 
 def oracle(msg_class: type, values: dict[str, Any], msg_type: int, flags: int, seq: int
@@ -95,7 +95,8 @@ def dumped(rule: Rule, **over: Any) -> bytes:
 
 
 RULES = [*shunt_rules(IPv4Address("192.0.2.2")), *shunt_rules(IPv6Address("2001:db8::2")),
-         *floor_rules(IPv4Address("192.0.2.2")), *floor_rules(IPv6Address("2001:db8::2"))]
+         *floor_rules(IPv4Address("192.0.2.2")), *floor_rules(IPv6Address("2001:db8::2")),
+         *floor_rules(IPv4Address("192.0.2.2"), tun_ifindex=7)]
 
 
 # --- the tests ---------------------------------------------------------------------------------
@@ -183,3 +184,17 @@ def test_floor_rules_sit_below_charons_policies_and_apart_from_the_shunt() -> No
     assert decode_policy(dumped(floor[-1])) == Rule(dest, XFRM_POLICY_BLOCK,
                                                     FLOOR_BLOCK_PRIORITY,
                                                     direction=XFRM_POLICY_FWD, tag=FLOOR_TAG)
+
+
+def test_the_ipv4_floor_over_a_tun_lets_only_the_tun_through() -> None:
+    """Kernel-libipsec, IPv4: outbound only (inbound BLOCKs would catch what the TUN
+    delivers), an ALLOW scoped to the TUN device ahead of IKE's and the BLOCK."""
+    dest = IPv4Address("192.0.2.2")
+    rules = floor_rules(dest, tun_ifindex=7)
+    assert {r.direction for r in rules} == {XFRM_POLICY_OUT} and {r.tag for r in rules} == {
+        FLOOR_TAG}
+    assert [(r.action, r.ifindex, r.proto, r.dport) for r in rules] == [
+        (0, 7, 0, 0), (0, 0, socket.IPPROTO_UDP, 500), (0, 0, socket.IPPROTO_UDP, 4500),
+        (XFRM_POLICY_BLOCK, 0, 0, 0)]
+    body = encode_update(rules[0], 1)[16:]
+    assert struct.unpack_from("=i", body, 48) == (7,)  # xfrm_selector.ifindex

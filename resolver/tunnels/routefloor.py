@@ -1,4 +1,4 @@
-"""The floor under a private destination's tunnel when ESP runs in charon (kernel-libipsec).
+"""The floor under a private IPv6 destination's tunnel when ESP runs in charon (kernel-libipsec).
 
 Theory of operation. With kernel-libipsec what sends a destination D's packets into the tunnel
 is a route: charon puts `D dev ipsec0` (its TUN device) in its routing table (220), which its
@@ -7,7 +7,7 @@ ESP-in-UDP that carries the tunnel leave from its sockets, which carry the mark)
 loses the tunnel (the peer deletes it, charon stops or dies: the TUN device goes with the
 process) that route goes at once and the next packet falls through to the main table, in clear,
 until the watch's XFRM shunt lands 1-20 ms later (measured: 0-4 datagrams of a 3,000/s blaster).
-The floor closes that gap where it opens, for every private destination with a tunnel:
+For IPv6 the floor closes that gap where it opens, for every private destination with a tunnel:
 
     rule   <charon's priority + 1>  <charon's mark selector>  lookup FLOOR_TABLE
     route  prohibit D  table FLOOR_TABLE   proto static
@@ -19,13 +19,16 @@ mark selector is copied from its rule, so IKE to D and the ESP-in-UDP of the tun
 port exceptions. The rule and the table are ours: charon deleting its rule on a graceful stop,
 or coming back with a new TUN device, leaves the floor as it was.
 
-Why routes and not an XFRM BLOCK scoped to the physical device (the selector's ifindex)? For
-IPv4 the kernel fills the flow's output device before the policy lookup, but for IPv6 it does
-not (measured, kernel 6.18: a v6 BLOCK with `dev eth0` never matched a socket's packets), and a
-device list would have to follow devices as they come and go. A route floor covers both
-families and every device. It applies only where D's route goes through a TUN device
-(`paths`); with kernel ESP, charon's XFRM policies carry the tunnel and the floor is an XFRM
-policy below them (resolver/tunnels/xfrm.py, `floor_rules`).
+Why routes for IPv6: an XFRM policy can tell the tunnel's packets from the others only by the
+output device (the selector's ifindex), and the kernel fills it in before the policy lookup for
+IPv4 but not for IPv6 (measured, kernel 6.18: a v6 BLOCK with `dev eth0` never matched a
+socket's packets). Why not routes for IPv4 too: the kernel's IPv4 reverse-path filter (even
+loose, rp_filter = 2, a common default) looks the *source* of incoming packets up in the same
+tables, unmarked, finds the prohibit route while the TUN route is gone, and drops everything
+from D, the IKE that would bring the tunnel back included (measured). IPv6 has no such filter
+in the kernel; netfilter's `rpfilter` (loose or strict) would do the same, and a strict one
+already drops a libipsec peer's IKE while its tunnel is up. So IPv4 is floored by XFRM
+(resolver/tunnels/xfrm.py, `floor_rules`), and so is everything with kernel ESP.
 
 Refused (no floor; the caller logs why): a TUN route in a table that no rule with a mark
 selector consults, since charon's own packets could not be told apart (such a kernel-libipsec

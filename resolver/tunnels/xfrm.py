@@ -23,13 +23,10 @@ NAT gave the peer. Once the tunnel is up the shunt is removed (the Provisioner n
 destination with an INSTALLED tunnel), so decrypted traffic from D is never caught by it.
 
 The floor under a private destination's tunnel (Rule 9 of resolver/provision.py) drops D's
-packets the instant the tunnel's own path is gone, without waiting for the watch to install a
-shunt. Its mechanism follows the data path, which `_floor_routes` reads from the kernel's route
-to D once the tunnel is up: through a TUN device (kernel-libipsec), the tunnel is a route and
-so is the floor (resolver/tunnels/routefloor.py); otherwise (kernel ESP) the tunnel is charon's
-IPsec policies and the floor is the shunt's policies at FLOOR_* priorities, below all of
-charon's (`floor_rules`), tagged in the selector so that a shunt and a floor for the same D
-are separate policies.
+packets the instant the tunnel's own path is gone, before the watch installs a shunt. It
+follows the data path, read from the kernel's route to D once the tunnel is up (`_floor_plan`):
+XFRM policies below charon's (`floor_rules`), or for IPv6 through a TUN device a prohibit route
+(resolver/tunnels/routefloor.py).
 
 Ownership: we only ever touch policies whose priority is one of OUR_PRIORITIES and whose
 selector is a single host (destination out, source in/fwd), so dump/flush never disturb
@@ -59,7 +56,7 @@ import socket
 import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final, TypeVar, TypeVarTuple
 
@@ -138,6 +135,7 @@ class Rule:
     dport: int = 0
     direction: int = XFRM_POLICY_OUT
     tag: int = 0  # xfrm_selector.user: FLOOR_TAG for the floor's policies
+    ifindex: int = 0  # only packets routed out through this device (0: any)
 
 
 def shunt_rules(destination: Address, *, floor: bool = False) -> list[Rule]:
@@ -157,14 +155,20 @@ def shunt_rules(destination: Address, *, floor: bool = False) -> list[Rule]:
     return rules
 
 
-def floor_rules(destination: Address) -> list[Rule]:
-    """The floor under a private destination's tunnel when the kernel carries ESP: the shunt's
-    policies at FLOOR_* priorities, below charon's. While charon holds the tunnel its IPsec
-    policy for D wins and the packets are encrypted; when charon removes it (the SA deleted,
-    charon stopped), D's packets fall onto the BLOCK (EPERM) instead of leaving in clear. With
-    kernel-libipsec the tunnel is a route, not a policy, and the floor is a route too
-    (resolver/tunnels/routefloor.py): a BLOCK here would catch the tunnel's own traffic."""
-    return shunt_rules(destination, floor=True)
+def floor_rules(destination: Address, tun_ifindex: int = 0) -> list[Rule]:
+    """The floor under a private destination's tunnel, as XFRM policies at FLOOR_* priorities.
+
+    Kernel ESP (`tun_ifindex` 0): the shunt's policies, both ways; charon's IPsec policies for
+    D win while it holds them, and once it removes them D's packets fall onto the BLOCK (EPERM).
+    Kernel-libipsec, IPv4 (`tun_ifindex`: charon's TUN device): outbound only, plus an ALLOW
+    for the packets routed into the TUN (an IPv4 flow's output device is known at the policy
+    lookup), so D's packets routed anywhere else (the TUN route gone with charon) are blocked.
+    IPv6 flows carry no output device there: resolver/tunnels/routefloor.py."""
+    if not tun_ifindex:
+        return shunt_rules(destination, floor=True)
+    return [Rule(destination, XFRM_POLICY_ALLOW, FLOOR_ALLOW_PRIORITY, tag=FLOOR_TAG,
+                 ifindex=tun_ifindex),
+            *(r for r in shunt_rules(destination, floor=True) if r.direction == XFRM_POLICY_OUT)]
 
 
 _PORTS: Final = struct.Struct(">HHHH")  # dport, dport_mask, sport, sport_mask (network order)
@@ -190,7 +194,7 @@ def _packed_selector(rule: Rule) -> bytes:
             + _PORTS.pack(rule.dport, 0xFFFF if rule.dport else 0,
                           rule.sport, 0xFFFF if rule.sport else 0)
             + _SEL_TAIL.pack(socket.AF_INET if d.version == 4 else socket.AF_INET6,
-                             plen_d, plen_s, rule.proto, 0, rule.tag))
+                             plen_d, plen_s, rule.proto, rule.ifindex, rule.tag))
 
 
 def encode_update(rule: Rule, seq: int) -> bytes:
@@ -217,7 +221,8 @@ def decode_policy(body: bytes) -> Rule | None:
     if len(body) < _INFO_SIZE:
         return None
     dport, dport_mask, sport, sport_mask = _PORTS.unpack_from(body, 32)
-    family, plen_d, plen_s, proto, _, tag = _SEL_TAIL.unpack_from(body, 32 + _PORTS.size)
+    family, plen_d, plen_s, proto, ifindex, tag = _SEL_TAIL.unpack_from(body,
+                                                                         32 + _PORTS.size)
     priority, _, direction, action, _, _ = _INFO_TAIL.unpack_from(
         body, _SELECTOR_SIZE + _LIFETIMES.size)
     if priority not in OUR_PRIORITIES:
@@ -237,7 +242,7 @@ def decode_policy(body: bytes) -> Rule | None:
     else:
         return None
     return Rule(dest, action, priority, proto, sport if sport_mask else 0,
-                dport if dport_mask else 0, direction, tag)
+                dport if dport_mask else 0, direction, tag, ifindex)
 
 
 class XfrmPolicies:
@@ -409,57 +414,77 @@ def _flush(sock: XfrmPolicies) -> int:
     return sock.flush_ours() + sock.routes.flush()
 
 
-def _floor_routes(sock: XfrmPolicies, intents: list[Intent]
-                  ) -> tuple[dict[Address, str], set[Address]]:
-    """The route part of the floor intents in a batch: (destination -> why its floor failed,
-    the destinations whose floor is an XFRM policy). Each destination ends as its last floor
-    intent in the batch says. A failure here fails only the floors, never a shunt of the same
-    batch."""
+@dataclass(slots=True)
+class _FloorPlan:
+    """What the floor intents of a batch come to (`_floor_plan`)."""
+
+    errors: dict[Address, str] = field(default_factory=dict)  # why a floor failed
+    put: dict[Address, list[Rule]] = field(default_factory=dict)  # XFRM rules to put in
+    stale: dict[Address, list[Rule]] = field(default_factory=dict)  # ours to take out after
+
+
+def _floor_plan(sock: XfrmPolicies, intents: list[Intent]) -> _FloorPlan:
+    """Do the route part of a batch's floor intents and plan the XFRM part. Each destination
+    ends as its last floor intent in the batch says; its floor follows the tunnel's path (the
+    route to it, read now): no TUN device (kernel ESP) -> `floor_rules(D)`; TUN, IPv4 ->
+    `floor_rules(D, TUN)`; TUN, IPv6 -> a route floor. XFRM floor policies of ours for D that
+    the new floor does not have (another TUN device since charon restarted, another data path,
+    the floor removed) are stale. A failure here fails only floors, never a shunt."""
     final = {i.destination: isinstance(i, InstallFloor) for i in intents
              if isinstance(i, InstallFloor | RemoveFloor)}
-    errors: dict[Address, str] = {}
-    by_policy: set[Address] = set()
+    plan = _FloorPlan()
     if not final:
-        return errors, by_policy
+        return plan
     try:
         gone = [d for d, wanted in final.items() if not wanted]
         for dest, err in (sock.routes.remove(gone) if gone else {}).items():
             if err:
-                errors[dest] = f"floor route removal: {os.strerror(err)}"
+                plan.errors[dest] = f"floor route removal: {os.strerror(err)}"
         by_route: dict[Address, int] = {}
         for dest, path in sock.routes.paths(d for d, wanted in final.items() if wanted).items():
             if isinstance(path, int):
-                errors[dest] = f"no route to it to put a floor under ({os.strerror(path)})"
-            elif path.tun:  # kernel-libipsec: the tunnel is the TUN route
+                plan.errors[dest] = f"no route to it to put a floor under ({os.strerror(path)})"
+            elif path.tun and dest.version == 6:
                 by_route[dest] = path.table
-            else:  # kernel ESP: the tunnel is charon's IPsec policy
-                by_policy.add(dest)
-        errors |= {d: why for d, why in sock.routes.install(by_route).items() if why}
+            else:
+                plan.put[dest] = floor_rules(dest, path.oif if path.tun else 0)
+        plan.errors |= {d: why for d, why in sock.routes.install(by_route).items() if why}
     except OSError as exc:
         routes = sock.__dict__.pop("routes", None)  # unread replies may be queued on it:
         if routes is not None:  # the next use opens anew
             routes.close()
-        errors |= {d: f"routes: {exc}" for d in final if d not in errors}
-    return errors, by_policy
+        plan.errors |= {d: f"routes: {exc}" for d in final if d not in plan.errors}
+    try:
+        for rule in sock.ours():
+            if rule.tag == FLOOR_TAG and rule.destination in final \
+                    and rule not in plan.put.get(rule.destination, ()):
+                plan.stale.setdefault(rule.destination, []).append(rule)
+    except OSError as exc:
+        plan.errors |= {d: f"XFRM policy dump: {exc}" for d in final if d not in plan.errors}
+    for rules in plan.stale.values():
+        rules.sort(key=lambda r: r.action != XFRM_POLICY_BLOCK)  # BLOCKs out first
+    return plan
 
 
 def _apply_batch(sock: XfrmPolicies, intents: list[Intent]) -> list[ProvisioningError | None]:
-    """One send for all `intents`' policies (the floors' routes first: `_floor_routes`); the
+    """One send for all `intents`' policies (the floors' routes first: `_floor_plan`); the
     error of each (None: done). On the xfrm thread."""
-    floor_errors, by_policy = _floor_routes(sock, intents)
+    plan = _floor_plan(sock, intents)
     messages: list[bytes] = []
     seqs: list[list[tuple[int, bool]]] = []  # per intent: (seq, ENOENT is fine)
     for intent in intents:
+        put: list[Rule] = []
+        drop: list[Rule] = []
+        if isinstance(intent, InstallShunt):
+            put = shunt_rules(intent.destination)  # ALLOWs first: IKE is never blocked
+        elif isinstance(intent, RemoveShunt):
+            drop = shunt_rules(intent.destination)[::-1]  # BLOCKs first
+        elif isinstance(intent, InstallFloor | RemoveFloor):
+            if isinstance(intent, InstallFloor):
+                put = plan.put.get(intent.destination, [])
+            drop = plan.stale.pop(intent.destination, [])
         mine: list[tuple[int, bool]] = []
-        rules: list[Rule] = []
-        remove = isinstance(intent, RemoveShunt | RemoveFloor)
-        if isinstance(intent, InstallShunt | RemoveShunt):
-            rules = shunt_rules(intent.destination)
-        elif isinstance(intent, RemoveFloor) or (
-                isinstance(intent, InstallFloor) and intent.destination in by_policy):
-            rules = floor_rules(intent.destination)
-        # Installs: ALLOWs first, BLOCK last; removals: BLOCK first (IKE never blocked).
-        for rule in reversed(rules) if remove else rules:
+        for rule, remove in [(r, False) for r in put] + [(r, True) for r in drop]:
             seq = sock.next_seq()
             messages.append(encode_delete(rule, seq) if remove else encode_update(rule, seq))
             mine.append((seq, remove))
@@ -470,7 +495,7 @@ def _apply_batch(sock: XfrmPolicies, intents: list[Intent]) -> list[Provisioning
         dest = intent.destination  # type: ignore[union-attr]
         bad = [acks.get(seq, errno.EIO) for seq, enoent_ok in mine
                if acks.get(seq, errno.EIO) not in ((0, errno.ENOENT) if enoent_ok else (0,))]
-        why = (floor_errors.get(dest) if isinstance(intent, InstallFloor | RemoveFloor)
+        why = (plan.errors.get(dest) if isinstance(intent, InstallFloor | RemoveFloor)
                else None)
         if bad:
             why = f"{errno.errorcode.get(bad[0], bad[0])}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address
 
@@ -146,21 +147,50 @@ def send(ns: str, dest: object, port: int = 9, mark: int = 0) -> str:
                           timeout=10).stdout.strip()
 
 
-def charon_leftovers(ns: str, *, mark: bool = True) -> None:
+def charon_leftovers(ns: str, *, mark: bool = True, rules: bool = True) -> None:
     """What charon with kernel-libipsec sets up in `ns` for a tunnel to B (v4 and v6)."""
     ip("-n", ns, "tuntap", "add", "dev", "ipsec0", "mode", "tun")
     ip("-n", ns, "link", "set", "ipsec0", "up")
-    for fam in ("-4", "-6"):
+    for fam in ("-4", "-6") if rules else ():
         ip("-n", ns, fam, "rule", "add", "priority", "220",
            *(["not", "fwmark", "0x42"] if mark else []), "lookup", "220")
     ip("-n", ns, "route", "add", f"{B4}/32", "dev", "ipsec0", "table", "220")
     ip("-n", ns, "-6", "route", "add", f"{B6}/128", "dev", "ipsec0", "table", "220")
 
 
-def test_route_floor_lets_the_tun_route_win_and_catches_what_falls_through(
+RECEIVE = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(float(sys.argv[2]))
+try:
+    print(s.recvfrom(100)[0].decode())
+except OSError as e:
+    print("nothing:", e)
+"""
+
+
+def received_from_b(a: str, b: str, port: int) -> str:
+    """B sends one datagram to A's `port` (IPv4); what A's socket got."""
+    rx = subprocess.Popen(["ip", "netns", "exec", a, "python3", "-c", RECEIVE, str(port), "2"],
+                          stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    subprocess.run(["ip", "netns", "exec", b, "python3", "-c",
+                    f"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+                    f".sendto(b'ike', ('192.0.2.1', {port}))"], check=True, timeout=10)
+    out, _ = rx.communicate(timeout=10)
+    return out.strip()
+
+
+def test_floor_lets_the_tun_route_win_and_catches_what_falls_through(
         pair: tuple[str, str]) -> None:
-    a, _ = pair
+    """Kernel-libipsec: IPv4 gets an XFRM floor (ALLOW for the TUN device, IKE, BLOCK), IPv6 a
+    route floor behind charon's table; neither touches the peer's IKE to us, even under a
+    loose reverse-path filter (which a prohibit route for IPv4 would trip)."""
+    a, b = pair
     charon_leftovers(a)
+    subprocess.run(["ip", "netns", "exec", a, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=2",
+                    "net.ipv4.conf.va.rp_filter=2"], check=True, timeout=10)
 
     async def scenario() -> None:
         x = XfrmBackend(a)
@@ -170,24 +200,31 @@ def test_route_floor_lets_the_tun_route_win_and_catches_what_falls_through(
                 await x.apply(InstallFloor(dest))
                 await x.apply(InstallFloor(dest))  # idempotent
             assert await x.installed() == {PolicyKey.floor(B4), PolicyKey.floor(B6)}
-            for fam in ("-4", "-6"):  # right after charon's, with its mark selector
-                assert f"221:\tnot from all fwmark 0x42 lookup {FLOOR_TABLE}" in ip(
-                    "-n", a, fam, "rule"), ip("-n", a, fam, "rule")
-            assert "ipsec" not in ip("-n", a, "xfrm", "policy")  # not a policy: a route
+            rules6 = ip("-n", a, "-6", "rule")  # right after charon's, with its mark selector
+            assert f"221:\tnot from all fwmark 0x42 lookup {FLOOR_TABLE}" in rules6, rules6
+            assert f"lookup {FLOOR_TABLE}" not in ip("-n", a, "-4", "rule")
+            policies = ip("-n", a, "xfrm", "policy")
+            assert f"dst {B4}/32 dev ipsec0" in policies and str(B6) not in policies, policies
             for dest in (B4, B6):
                 assert send(a, dest) == "sent"  # charon's route still wins
             # charon goes: its TUN device and the routes through it with it
             ip("-n", a, "link", "del", "ipsec0")
+            assert send(a, B4) == "EPERM" and send(a, B6) == "EACCES"  # nothing for the wire
             for dest in (B4, B6):
-                assert send(a, dest) == "EACCES"  # the floor: nothing for the wire
                 assert send(a, dest, port=4500, mark=0x42) == "sent"  # charon's IKE passes
+            assert received_from_b(a, b, 500) == "ike"  # the peer's IKE still reaches us
+            # charon is back with a new TUN device (another ifindex): the floor follows it
+            charon_leftovers(a, rules=False)
+            assert send(a, B4) == "EPERM"  # the old ALLOW was for the old device
+            await x.apply(InstallFloor(B4))
+            assert send(a, B4) == "sent"
+            assert ip("-n", a, "xfrm", "policy").count(f"dst {B4}/32 dev") == 1  # stale gone
             await x.apply(RemoveFloor(B4))
-            assert send(a, B4) == "sent" and send(a, B6) == "EACCES"
+            assert ip("-n", a, "xfrm", "policy").strip() == ""  # the whole v4 floor went
             assert f"lookup {FLOOR_TABLE}" in ip("-n", a, "-6", "rule")
-            assert f"lookup {FLOOR_TABLE}" not in ip("-n", a, "-4", "rule")  # none left
-            assert await x.flush() == 1
-            assert send(a, B6) == "sent" and await x.installed() == frozenset()
-            assert f"lookup {FLOOR_TABLE}" not in ip("-n", a, "-6", "rule")
+            await x.apply(RemoveFloor(B6))
+            assert f"lookup {FLOOR_TABLE}" not in ip("-n", a, "-6", "rule")  # none left
+            assert await x.installed() == frozenset()
             assert "lookup 220" in ip("-n", a, "-6", "rule")  # charon's: not ours, kept
         finally:
             await x.aclose()
@@ -204,9 +241,9 @@ def test_no_route_floor_when_charons_packets_cannot_be_told_apart(
         x = XfrmBackend(a)
         try:
             with pytest.raises(ProvisioningError, match="no fwmark"):
-                await x.apply(InstallFloor(B4))
+                await x.apply(InstallFloor(B6))
             assert await x.installed() == frozenset()
-            assert send(a, B4) == "sent"
+            assert send(a, B6) == "sent"
         finally:
             await x.aclose()
 
