@@ -12,6 +12,7 @@ demos print), except where a probe cannot have worked at all (dig got no reply w
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -37,6 +38,36 @@ from lab.topology import HOSTS, ZONES
 from lab.wire import Capture, WirePing
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A UDP blaster for `Probes.blast`: argv PORT SECONDS TARGET...; prints "blasting" once the
+# first round is out, then one JSON line: per target the datagrams sendto() took ("sent"), the
+# refusals by errno name, and the CLOCK_MONOTONIC times of the last datagram taken and the
+# first one refused (the clock is the host's, shared by every namespace).
+BLASTER = r"""
+import errno, json, socket, sys, time
+port, seconds, targets = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+socks = [(t, socket.socket(socket.AF_INET6 if ":" in t else socket.AF_INET, socket.SOCK_DGRAM))
+         for t in targets]
+out = {t: {"sent": 0, "last_sent": None, "first_refused": None, "refused": {}} for t in targets}
+end, first = time.monotonic() + seconds, True
+while time.monotonic() < end:
+    for t, s in socks:
+        try:
+            s.sendto(b"ipseckey-resolver blaster", (t, port))
+        except OSError as e:
+            r = out[t]
+            name = errno.errorcode.get(e.errno or 0, str(e.errno))
+            r["refused"][name] = r["refused"].get(name, 0) + 1
+            if r["first_refused"] is None:
+                r["first_refused"] = time.monotonic()
+        else:
+            out[t]["sent"] += 1
+            out[t]["last_sent"] = time.monotonic()
+    if first:
+        print("blasting", flush=True)
+        first = False
+print(json.dumps(out), flush=True)
+"""
 
 # dig's options for a probe: DO set, answer section and header only, bounded retries.
 DIG_OPTIONS = ("+dnssec", "+time=2", "+tries=2", "+nocmd", "+noall", "+comments", "+answer")
@@ -84,6 +115,21 @@ class Dig:
         return out
 
 
+@dataclass
+class Blast:
+    """A running `Probes.blast`; `wait()` returns what it reported per target."""
+
+    proc: subprocess.Popen[str]
+
+    def wait(self, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
+        out, err = self.proc.communicate(timeout=timeout)
+        lines = out.strip().splitlines()
+        if self.proc.returncode != 0 or not lines:
+            raise LabError(f"blaster exited {self.proc.returncode}: {err.strip()}")
+        result: dict[str, dict[str, Any]] = json.loads(lines[-1])
+        return result
+
+
 class Probes:
     """Lab operations for tests, demos and benchmarks (see the module docstring)."""
 
@@ -95,6 +141,9 @@ class Probes:
         def exec(self, host: str, argv: Sequence[str], *, timeout: float = 30,
                  check: bool = True, input: str | None = None
                  ) -> subprocess.CompletedProcess[str]: ...
+
+        def popen(self, host: str, argv: Sequence[str], **kw: Any
+                  ) -> subprocess.Popen[Any]: ...
 
         def call_in(self, host: str, fn: Callable[[], Any], timeout: float = 60.0) -> Any: ...
 
@@ -152,6 +201,25 @@ class Probes:
         with self.capture(port or host, *(watch or (src, dst))) as cap:
             rc, out = self.ping(host, target, family=family, count=count, wait=wait)
         return WirePing(rc, out, src, dst, count, cap)
+
+    def blast(self, host: str, targets: Sequence[str], *, port: int = 9,
+              seconds: float = 1.0) -> Blast:
+        """Start a UDP blaster inside `host`: datagrams to `port` of each target in turn, as
+        fast as one Python loop sends them, for `seconds`. Returns once the first round is
+        out; `Blast.wait()` gives the counts (BLASTER says which).
+
+        Raises:
+            LabError: the blaster did not start.
+        """
+        proc: subprocess.Popen[str] = self.popen(
+            host, python_argv("-c", BLASTER, str(port), f"{seconds:g}", *targets),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "blasting":
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+            raise LabError(f"blaster did not start: {err.strip()}")
+        return Blast(proc)
 
     # --- DNS -----------------------------------------------------------------------------
 

@@ -269,8 +269,10 @@ def _parse_rule(text: str) -> Network | dns.name.Name:
 # --- evidence ----------------------------------------------------------------------------
 
 
-class AnswerLike(Protocol):
-    """What we read of validator.response.ValidatedAnswer (structural: policy needs no more)."""
+class RRsetAnswer(Protocol):
+    """What a pure decision reads of validator.response.ValidatedAnswer: verdict, rcode and the
+    answer section (structural, so the cores need no more and unit tests pass plain records).
+    The responder's `judge` reads this much; the key evidence below also wants the TTL."""
 
     @property
     def verdict(self) -> Verdict: ...
@@ -278,6 +280,11 @@ class AnswerLike(Protocol):
     def rcode(self) -> int: ...
     @property
     def answer(self) -> list[dns.rrset.RRset]: ...
+
+
+class AnswerLike(RRsetAnswer, Protocol):
+    """An `RRsetAnswer` with its TTL (how long the evidence drawn from it holds)."""
+
     @property
     def ttl(self) -> int: ...
 

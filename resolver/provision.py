@@ -58,6 +58,17 @@ keeps the books:
           (Rule 6: wanted, shunted if private, kept in the file), and `reconcile` runs again
           when the watch sees charon (`connect_later` retries besides, for a backend without
           a watch).
+  Rule 9: a private destination's tunnel has a floor (InstallFloor, once it is up, before its
+          negotiating shunt goes): the kernel drops the destination's packets the instant the
+          tunnel's own path is gone, before the watch (Rule 6) has heard of it; with
+          kernel-libipsec the TUN route vanishes with charon, a few ms before the shunt lands.
+          The floor never blocks the tunnel (the backend puts it below charon's route or
+          policies) and lives as long as the tunnel is wanted: kept while it is DOWN, removed
+          after the tunnel at its lease end or release (then nothing is wanted, as before;
+          also when a reload has moved the destination out of `private` meanwhile), and
+          reconcile removes floors no tunnel of the state file wants (all kept when the state
+          is not trusted, Rule 8). A tunnel that becomes private while up (a reload, or a
+          private name for the same address) is floored on its next lookup.
 
 Time: every entry point takes `now` (POSIX seconds, the same clock as RRSIG validity) because
 leases must survive a restart in the state file. Real waiting (the setup timeout) uses asyncio.
@@ -88,7 +99,7 @@ from resolver.provision_books import (
 )
 from resolver.provision_reconcile import ProvisionerReconcile
 from resolver.provision_watch import ProvisionerWatch
-from resolver.tunnels.intents import RemoveShunt, RemoveTunnel
+from resolver.tunnels.intents import RemoveFloor, RemoveShunt, RemoveTunnel
 
 __all__ = ["ADOPTED_LEASE", "IKE_RETRY", "Address", "Counters", "Provisioner", "TunnelState"]
 
@@ -121,6 +132,8 @@ class Provisioner(ProvisionerWatch, ProvisionerReconcile):
                     del b.tunnels[key]
                     self.counters.teardowns += 1
                     await self._quietly(RemoveTunnel(t.spec.name))
+                    if t.floored or self._private(t):  # after the tunnel: no gap (Rule 9)
+                        await self._quietly(RemoveFloor(key))
             elif kind is Kind.SHUNT:
                 assert not isinstance(key, str)
                 until = b.shunts.get(key)
@@ -171,6 +184,8 @@ class Provisioner(ProvisionerWatch, ProvisionerReconcile):
             log.info("releasing tunnel %s to %s at %.0f", t.spec.name, destination, now)
             self.counters.teardowns += 1
             await self._quietly(RemoveTunnel(t.spec.name))
+            if t.floored or self._private(t):
+                await self._quietly(RemoveFloor(destination))  # Rule 9
         await self._persist()
 
     async def connect_later(self, clock: Callable[[], float]) -> None:

@@ -67,6 +67,7 @@ class Tunnel:
     saved_expires_at: float = 0.0  # the lease end in the last record given to the state file
     private: bool = False  # dropped (shunt) whenever it is not up: ensured with shunt=True
     was_down: bool = False  # PENDING: a repair of a DOWN tunnel (still counts as down)
+    floored: bool = False  # a floor was put under it (Rule 9): it goes with the tunnel
 
 
 class Marked(MutableMapping[K, V], Generic[K, V]):

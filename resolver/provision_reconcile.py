@@ -29,6 +29,7 @@ from resolver.tunnels.intents import (
     InstallShunt,
     ItemKind,
     PolicyKey,
+    RemoveFloor,
     RemoveShunt,
     RemoveTunnel,
     TunnelSpec,
@@ -90,6 +91,9 @@ class ProvisionerReconcile(ProvisionerSetups):
         wanted = {PolicyKey.tunnel(s.name) for s, _ in tunnels}
         wanted |= {PolicyKey.tunnel(n) for n in self._b.adopted}
         wanted |= {PolicyKey.shunt(d) for d in shunts}
+        wanted |= {PolicyKey.floor(s.destination) for s, _ in tunnels if self._must_drop(s)}
+        if not loaded.trusted:  # Rule 9: which adopted conn a floor is for is unknown
+            wanted |= {k for k in installed if k.kind is ItemKind.FLOOR}
         loop = asyncio.get_running_loop()
         started = loop.time()
         strays = sorted(installed - wanted, key=lambda k: (k.kind.value, k.ident))
@@ -110,7 +114,8 @@ class ProvisionerReconcile(ProvisionerSetups):
                 continue  # a lookup was quicker (a late reconcile, Rule 8): it has the newer key
             # DOWN until charon says otherwise: a failure keeps it wanted (Rule 6)
             self._b.tunnels[spec.destination] = Tunnel(
-                spec, TunnelState.DOWN, until, private=self._must_drop(spec))
+                spec, TunnelState.DOWN, until, private=self._must_drop(spec),
+                floored=PolicyKey.floor(spec.destination) in installed)
             wanted_tunnels.append((spec, until))
         # max_setups at a time, each with its whole timeout: none waits in the setup queue
         await _each(wanted_tunnels, functools.partial(self._restore, now),
@@ -125,6 +130,8 @@ class ProvisionerReconcile(ProvisionerSetups):
     async def _remove_stray(self, stray: PolicyKey) -> None:
         if stray.kind is ItemKind.TUNNEL:
             await self._quietly(RemoveTunnel(stray.ident))
+        elif stray.kind is ItemKind.FLOOR:
+            await self._quietly(RemoveFloor(ipaddress.ip_address(stray.ident)))
         else:
             await self._quietly(RemoveShunt(ipaddress.ip_address(stray.ident)))
 

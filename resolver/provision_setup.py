@@ -32,7 +32,13 @@ from resolver.provision_books import (
     TunnelState,
     log,
 )
-from resolver.tunnels.intents import InstallTunnel, RemoveShunt, RemoveTunnel, TunnelSpec
+from resolver.tunnels.intents import (
+    InstallFloor,
+    InstallTunnel,
+    RemoveShunt,
+    RemoveTunnel,
+    TunnelSpec,
+)
 
 
 class ProvisionerSetups(ProvisionerBooks):
@@ -64,6 +70,9 @@ class ProvisionerSetups(ProvisionerBooks):
             if t is not None and t.state is TunnelState.INSTALLED and t.spec == spec \
                     and (running is None or running[0] != spec):
                 t.private = t.private or shunt
+                if self._private(t) and not t.floored:  # private since it came up (Rule 9)
+                    t.floored = True
+                    await self._quietly(InstallFloor(dest))
                 return self._extend(t, now)
             failed = self._b.failed.get(dest)
             if failed is not None and failed.until > now:
@@ -159,7 +168,8 @@ class ProvisionerSetups(ProvisionerBooks):
             return await self._failed(spec, now, exc, down)
         expires = max(now + cfg.lease, old.expires_at if old is not None else 0.0)
         self._b.tunnels[dest] = Tunnel(spec, TunnelState.INSTALLED, expires,
-                                        private=private or (old is not None and old.private))
+                                        private=private or (old is not None and old.private),
+                                        floored=any(t.floored for t in (old, down) if t))
         shunted = self._b.shunts.pop(dest, None)  # out of the books; in the kernel until saved
         try:
             await self._persist()  # on disk before anyone is told the tunnel is up
@@ -175,6 +185,9 @@ class ProvisionerSetups(ProvisionerBooks):
             log.info("tunnel to %s (%s) is back", spec.key.owner.to_text(omit_final_dot=True),
                      dest)
         self.counters.setups += 1
+        if self._private(t := self._b.tunnels[dest]):  # Rule 9, before the shunt goes
+            t.floored = True
+            await self._quietly(InstallFloor(dest))
         if shunted is not None:
             await self._quietly(RemoveShunt(dest))
         self._b.failed.pop(dest, None)

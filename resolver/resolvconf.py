@@ -24,7 +24,6 @@ do not trigger anything).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Final
 
 from resolver.config import HostPort, nameservers_in
+from resolver.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,7 @@ class ResolvConfWatch:
     async def close(self) -> None:
         """Stop polling."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def run(self) -> None:

@@ -33,6 +33,7 @@ from resolver.metered import DaemonMetrics
 from resolver.metrics_http import MetricsListener
 from resolver.sdnotify import Notifier
 from resolver.serviceconfig import DebugConfig, MetricsConfig
+from resolver.tasks import cancel_and_wait
 
 log = logging.getLogger("resolver")
 
@@ -86,9 +87,7 @@ class ServiceRuntime:
     async def close(self) -> None:
         self.notifier.stopping()
         if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+            await cancel_and_wait(self._watchdog)
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         sighup.hold()  # removing the handler restored SIGHUP's default: ending the process

@@ -55,6 +55,7 @@ from resolver.errors import ConfigError, UpstreamError
 from resolver.iterate import Iterator
 from resolver.logevent import log_event
 from resolver.resolve import Upstream
+from resolver.tasks import cancel_and_wait
 from resolver.upstream import EDNS_PAYLOAD, Forwarder, current_budget
 from resolver.upstream_probe import MakeValidator, ProbeResult, probe
 from resolver.upstream_tls import client_context
@@ -250,9 +251,7 @@ class UpstreamSelector:
     async def close(self) -> None:
         """Stop the task."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def run(self) -> None:

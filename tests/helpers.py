@@ -25,7 +25,12 @@ from resolver.tunnels.backend import CompositeBackend
 from resolver.tunnels.config import Identity, ProvisionConfig
 from resolver.tunnels.intents import RemoveTunnel
 from resolver.tunnels.vici import ViciBackend
-from resolver.tunnels.xfrm import XFRM_POLICY_BLOCK, XfrmBackend, XfrmPolicies
+from resolver.tunnels.xfrm import (
+    FLOOR_BLOCK_PRIORITY,
+    XFRM_POLICY_BLOCK,
+    XfrmBackend,
+    XfrmPolicies,
+)
 
 if TYPE_CHECKING:
     from lab import Lab
@@ -50,6 +55,19 @@ def aio(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
         run(fn(*args, **kwargs))
 
     return runner
+
+
+# --- config files -----------------------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, text: str,
+                 resolv: str = "nameserver 192.0.2.53\n") -> tuple[Path, Path]:
+    """A resolver.toml holding `text` and the resolv.conf it reads, both under `tmp_path`."""
+    cfg = tmp_path / "resolver.toml"
+    cfg.write_text(text)
+    rc = tmp_path / "resolv.conf"
+    rc.write_text(resolv)
+    return cfg, rc
 
 
 # --- DNS replies ------------------------------------------------------------------------------
@@ -111,13 +129,14 @@ def children(lab: Lab, prefix: str = "isk-") -> dict[str, str]:
 
 def clean_alice(lab: Lab, extra: Iterable[str] = ()) -> None:
     """Take the resolver's traces out of alice: its ("isk-") conns and `extra` ones terminated
-    and unloaded, its XFRM policies removed (foreign ones are left)."""
+    and unloaded, its XFRM policies and its floors removed (foreign ones are left)."""
     extra = set(extra)
     lab.close_conns("alice", [n for n in lab.conns("alice")
                               if n.startswith("isk-") or n in extra])
     x = XfrmPolicies(lab.ns("alice"))
     try:
         x.flush_ours()
+        x.routes.flush()
     finally:
         x.close()
 
@@ -132,7 +151,20 @@ def shunted(lab: Lab) -> set[str]:
     """Destinations with one of the resolver's XFRM BLOCK (drop shunt) policies in alice."""
     x = XfrmPolicies(lab.ns("alice"))
     try:
-        return {str(r.destination) for r in x.ours() if r.action == XFRM_POLICY_BLOCK}
+        return {str(r.destination) for r in x.ours()
+                if r.action == XFRM_POLICY_BLOCK and r.priority != FLOOR_BLOCK_PRIORITY}
+    finally:
+        x.close()
+
+
+def floored(lab: Lab) -> set[str]:
+    """Destinations with a floor of the resolver's in alice (a route floor with
+    kernel-libipsec, an XFRM floor with kernel ESP)."""
+    x = XfrmPolicies(lab.ns("alice"))
+    try:
+        return ({str(r.destination) for r in x.ours()
+                 if r.action == XFRM_POLICY_BLOCK and r.priority == FLOOR_BLOCK_PRIORITY}
+                | {str(d) for d in x.routes.ours()})
     finally:
         x.close()
 

@@ -30,6 +30,7 @@ from resolver.policy import Policy, PolicyConfig
 from resolver.provision import Provisioner
 from resolver.tunnels.config import ProvisionConfig
 from resolver.tunnels.intents import (
+    InstallFloor,
     InstallShunt,
     InstallTunnel,
     RemoveShunt,
@@ -129,8 +130,9 @@ async def test_private_secure_key_tunnel_then_answer() -> None:
     assert reply.rcode() == dns.rcode.NOERROR and reply.flags & dns.flags.AD
     assert [str(rd) for rd in reply.answer[0]] == ["198.51.100.11"]
     assert reply.answer[0].ttl == 120  # min(address 300, IPSECKEY 120, max_ttl 300, lease 600)
-    # a negotiating shunt, the tunnel, the shunt removed once the tunnel is up
-    assert [type(i) for i in fb.intents] == [InstallShunt, InstallTunnel, RemoveShunt]
+    # a negotiating shunt, the tunnel, its floor, the shunt removed once the tunnel is up
+    assert [type(i) for i in fb.intents] == [InstallShunt, InstallTunnel, InstallFloor,
+                                             RemoveShunt]
     spec = fb.of(InstallTunnel)[0].spec  # type: ignore[attr-defined]
     assert (str(spec.destination), spec.remote_id) == ("198.51.100.11", "bob.example.test")
     assert h.counters.tunnelled == 1

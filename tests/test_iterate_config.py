@@ -12,22 +12,15 @@ from resolver.errors import ConfigError
 from resolver.iterate import Iterator
 from resolver.iterate_hints import ROOT_SERVERS
 from resolver.resolve import Fetch, Validating
+from tests.helpers import write_config
 
 
 def no_validator(fetch: Fetch) -> Validating:
     raise AssertionError("no probe runs in these tests")
 
 
-def write(tmp_path: Path, text: str, resolv: str = "nameserver 192.0.2.53\n") -> tuple[Path, Path]:
-    cfg = tmp_path / "resolver.toml"
-    cfg.write_text(text)
-    rc = tmp_path / "resolv.conf"
-    rc.write_text(resolv)
-    return cfg, rc
-
-
 def test_auto_is_the_default(tmp_path: Path) -> None:
-    cfg, rc = write(tmp_path, "")
+    cfg, rc = write_config(tmp_path, "")
     c = load(cfg, resolv_conf=rc)
     assert c.upstream.mode == "auto" and c.upstream.root_hints == ()
     selector = build_upstream(c, no_validator)
@@ -36,7 +29,7 @@ def test_auto_is_the_default(tmp_path: Path) -> None:
 
 
 def test_iterate_needs_no_forwarder_and_takes_root_hints(tmp_path: Path) -> None:
-    cfg, rc = write(tmp_path, '[upstream]\nmode = "iterate"\n'
+    cfg, rc = write_config(tmp_path, '[upstream]\nmode = "iterate"\n'
                               'root_hints = ["198.51.100.2", "[2001:db8:100::2]:5353"]\n',
                     resolv="nameserver 127.0.0.1\n")  # only ourselves: fine when iterating
     c = load(cfg, resolv_conf=rc)
@@ -49,7 +42,7 @@ def test_iterate_needs_no_forwarder_and_takes_root_hints(tmp_path: Path) -> None
 
 
 def test_builtin_root_hints_are_the_iana_servers(tmp_path: Path) -> None:
-    cfg, rc = write(tmp_path, '[upstream]\nmode = "iterate"\n')
+    cfg, rc = write_config(tmp_path, '[upstream]\nmode = "iterate"\n')
     it = build_upstream(load(cfg, resolv_conf=rc), no_validator).iterator()
     assert isinstance(it, Iterator)
     assert len(it.hints.ns) == 13 and len(ROOT_SERVERS) == 13
@@ -64,13 +57,13 @@ def test_builtin_root_hints_are_the_iana_servers(tmp_path: Path) -> None:
     ('[upstream]\nmode = "forward"\nservers = []\n', r"no upstream resolver"),
 ])
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
-    cfg, rc = write(tmp_path, text)
+    cfg, rc = write_config(tmp_path, text)
     with pytest.raises(ConfigError, match=message):
         load(cfg, resolv_conf=rc)
 
 
 def test_check_config_shows_the_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                      ) -> None:
-    cfg, _rc = write(tmp_path, '[upstream]\nmode = "iterate"\n')
+    cfg, _rc = write_config(tmp_path, '[upstream]\nmode = "iterate"\n')
     assert main(["--config", str(cfg), "--check-config"]) == 0
     assert "upstream: iterate from the root, hints: built-in (IANA)" in capsys.readouterr().out

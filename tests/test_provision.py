@@ -29,6 +29,7 @@ from resolver.tunnels.backend import CompositeBackend
 from resolver.tunnels.config import Identity, ProvisionConfig
 from resolver.tunnels.dryrun import DryRunBackend
 from resolver.tunnels.intents import (
+    InstallFloor,
     InstallShunt,
     InstallTunnel,
     Intent,
@@ -136,8 +137,10 @@ async def test_shunt_while_negotiating_removed_on_success() -> None:
     assert p.shunted() == {BOB}
     fb.gate.set()
     await task
-    assert fb.kinds() == ["InstallShunt", "InstallTunnel", "RemoveShunt"]
-    assert p.shunted() == frozenset() and fb.items == {PolicyKey.tunnel(SPEC.name)}
+    # the floor goes in before the shunt comes out: never a moment without either (Rule 9)
+    assert fb.kinds() == ["InstallShunt", "InstallTunnel", "InstallFloor", "RemoveShunt"]
+    assert p.shunted() == frozenset()
+    assert fb.items == {PolicyKey.tunnel(SPEC.name), PolicyKey.floor(BOB)}
 
 
 @aio
@@ -165,7 +168,7 @@ async def test_key_replacement_make_before_break() -> None:
     fb.intents.clear()
     await p.ensure(new, WHEN + 1, shunt=True)
     # no shunt (it would block the working tunnel), no RemoveTunnel before the new SA is up
-    assert fb.intents == [InstallTunnel(new, 3.0, replaces=True)]
+    assert fb.intents == [InstallTunnel(new, 3.0, replaces=True), InstallFloor(BOB)]
     assert p.counters.replacements == 1 and p.tunnels() == {BOB: new}
 
 

@@ -35,6 +35,7 @@ from resolver.provision import ADOPTED_LEASE, Provisioner
 from resolver.tunnels.config import ProvisionConfig
 from resolver.tunnels.events import BackendEvent, DaemonConnected, HeldSa
 from resolver.tunnels.intents import (
+    InstallFloor,
     InstallShunt,
     InstallTunnel,
     Intent,
@@ -151,7 +152,7 @@ async def test_a_lookup_sets_an_adopted_tunnel_up_again_under_the_dns_key(
     lease_end = await p.ensure(BOB_SPEC, WHEN + 1, shunt=True)
     # not taken as it is (its key is unknown): dropped meanwhile, removed, set up afresh
     assert fb.intents == [InstallShunt(BOB), RemoveTunnel(BOB_SPEC.name),
-                          InstallTunnel(BOB_SPEC, 3.0), RemoveShunt(BOB)]
+                          InstallTunnel(BOB_SPEC, 3.0), InstallFloor(BOB), RemoveShunt(BOB)]
     assert lease_end == WHEN + 601 and p.tunnels() == {BOB: BOB_SPEC}
     assert p.counters.adopted == 1
     fb.intents.clear()
@@ -229,7 +230,8 @@ async def test_unrecorded_tunnel_is_undone_and_its_shunt_stays(
     assert fb.items == {PolicyKey.shunt(BOB)}
     switch[0] = False  # space again
     await p.ensure(BOB_SPEC, WHEN + 2, shunt=True)
-    assert fb.items == {PolicyKey.tunnel(BOB_SPEC.name)} and p.tunnels() == {BOB: BOB_SPEC}
+    assert fb.items == {PolicyKey.tunnel(BOB_SPEC.name), PolicyKey.floor(BOB)}
+    assert p.tunnels() == {BOB: BOB_SPEC}
     doc = json.loads((tmp_path / "state.json").read_text())
     assert [e["name"] for e in doc["tunnels"]] == [BOB_SPEC.name] and doc["shunts"] == []
 

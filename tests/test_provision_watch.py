@@ -41,9 +41,11 @@ from resolver.tunnels.events import (
     HeldSa,
 )
 from resolver.tunnels.intents import (
+    InstallFloor,
     InstallShunt,
     InstallTunnel,
     Intent,
+    RemoveFloor,
     RemoveShunt,
     RemoveTunnel,
     TunnelSpec,
@@ -187,13 +189,13 @@ async def test_rekey_replacement_and_own_teardown_are_not_losses() -> None:
     # shunted while charon was asked (fail closed), then the shunt was taken out again
     assert p.counters.lost == 0 and cleared == [] and p.shunted() == frozenset()
     assert p.tunnels() == {BOB: SPEC}
-    assert [type(i) for i in charon.intents] == [InstallShunt, InstallTunnel, RemoveShunt,
-                                                 InstallShunt, RemoveShunt]
+    assert [type(i) for i in charon.intents] == [InstallShunt, InstallTunnel, InstallFloor,
+                                                 RemoveShunt, InstallShunt, RemoveShunt]
     await p.release(BOB, WHEN)  # our own teardown reports a down too
     charon.report(ChildSaWentDown(SPEC.name, "terminated by us"))
     await asyncio.sleep(0.05)
     assert p.counters.lost == 0 and cleared == [] and p.shunted() == frozenset()
-    assert [type(i) for i in charon.intents][5:] == [RemoveTunnel]
+    assert [type(i) for i in charon.intents][6:] == [RemoveTunnel, RemoveFloor]
     await w.close()
 
 

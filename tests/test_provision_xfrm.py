@@ -14,6 +14,9 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, nlmsg
 from resolver.tunnels.xfrm import (
     ALLOW_PRIORITY,
     BLOCK_PRIORITY,
+    FLOOR_ALLOW_PRIORITY,
+    FLOOR_BLOCK_PRIORITY,
+    FLOOR_TAG,
     XFRM_INF,
     XFRM_MSG_DELPOLICY,
     XFRM_MSG_GETPOLICY,
@@ -28,6 +31,7 @@ from resolver.tunnels.xfrm import (
     encode_delete,
     encode_dump,
     encode_update,
+    floor_rules,
     shunt_rules,
 )
 
@@ -66,7 +70,7 @@ def selector(rule: Rule) -> dict[str, Any]:
             "family": socket.AF_INET if d.version == 4 else socket.AF_INET6,
             "prefixlen_d": d.max_prefixlen if out else 0,
             "prefixlen_s": 0 if out else d.max_prefixlen, "proto": rule.proto,
-            "ifindex": 0, "user": 0}
+            "ifindex": rule.ifindex, "user": rule.tag}
 
 
 def oracle(msg_class: type, values: dict[str, Any], msg_type: int, flags: int, seq: int
@@ -90,7 +94,9 @@ def dumped(rule: Rule, **over: Any) -> bytes:
     return oracle(xfrm_userpolicy_info, info(rule, **over), XFRM_MSG_NEWPOLICY, 2, 1)[16:]
 
 
-RULES = [*shunt_rules(IPv4Address("192.0.2.2")), *shunt_rules(IPv6Address("2001:db8::2"))]
+RULES = [*shunt_rules(IPv4Address("192.0.2.2")), *shunt_rules(IPv6Address("2001:db8::2")),
+         *floor_rules(IPv4Address("192.0.2.2")), *floor_rules(IPv6Address("2001:db8::2")),
+         *floor_rules(IPv4Address("192.0.2.2"), tun_ifindex=7)]
 
 
 # --- the tests ---------------------------------------------------------------------------------
@@ -160,3 +166,35 @@ def test_shunt_rules() -> None:
     # BLOCKs last: IKE is never blocked in between, in either direction
     assert {r.action for r in v6[-3:]} == {XFRM_POLICY_BLOCK}
     assert {r.action for r in v6[:-3]} == {0}
+
+
+def test_floor_rules_sit_below_charons_policies_and_apart_from_the_shunt() -> None:
+    dest = IPv6Address("2001:db8::2")
+    floor, shunt = floor_rules(dest), shunt_rules(dest)
+    # strongSwan 5.9 kernel-netlink: passthrough < 200,000 <= IPsec and trap < 400,000 <=
+    # fallback drop < 600,000; lower wins, so every policy of charon's wins over the floor
+    assert 600_000 < FLOOR_ALLOW_PRIORITY < FLOOR_BLOCK_PRIORITY
+    assert ALLOW_PRIORITY < BLOCK_PRIORITY < 68_541  # the shunt: above all of charon's
+    same = [(r.direction, r.proto, r.sport, r.dport, r.action) for r in floor]
+    assert same == [(r.direction, r.proto, r.sport, r.dport, r.action) for r in shunt]
+    assert {r.tag for r in floor} == {FLOOR_TAG} and {r.tag for r in shunt} == {0}
+    # XFRM tells policies apart by selector: the tag (xfrm_selector.user) keeps them apart
+    for f, sh in zip(floor, shunt, strict=True):
+        assert encode_delete(f, 1) != encode_delete(sh, 1)
+    assert decode_policy(dumped(floor[-1])) == Rule(dest, XFRM_POLICY_BLOCK,
+                                                    FLOOR_BLOCK_PRIORITY,
+                                                    direction=XFRM_POLICY_FWD, tag=FLOOR_TAG)
+
+
+def test_the_ipv4_floor_over_a_tun_lets_only_the_tun_through() -> None:
+    """Kernel-libipsec, IPv4: outbound only (inbound BLOCKs would catch what the TUN
+    delivers), an ALLOW scoped to the TUN device ahead of IKE's and the BLOCK."""
+    dest = IPv4Address("192.0.2.2")
+    rules = floor_rules(dest, tun_ifindex=7)
+    assert {r.direction for r in rules} == {XFRM_POLICY_OUT} and {r.tag for r in rules} == {
+        FLOOR_TAG}
+    assert [(r.action, r.ifindex, r.proto, r.dport) for r in rules] == [
+        (0, 7, 0, 0), (0, 0, socket.IPPROTO_UDP, 500), (0, 0, socket.IPPROTO_UDP, 4500),
+        (XFRM_POLICY_BLOCK, 0, 0, 0)]
+    body = encode_update(rules[0], 1)[16:]
+    assert struct.unpack_from("=i", body, 48) == (7,)  # xfrm_selector.ifindex

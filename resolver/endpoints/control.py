@@ -57,6 +57,7 @@ from resolver.endpoints.protocol import (
 from resolver.errors import ConfigError
 from resolver.policy import Policy
 from resolver.resolve import Resolver
+from resolver.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -327,9 +328,7 @@ class ControlService:
 
     async def close(self) -> None:
         """Stop the timer and the socket (tunnels stay up; the state file stays)."""
-        self.timer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.timer
+        await cancel_and_wait(self.timer)
         await self.server.close()
 
 

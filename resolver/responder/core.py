@@ -37,7 +37,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
-from typing import Any, ClassVar, Final, Protocol
+from typing import Any, ClassVar, Final
 
 import dns.exception
 import dns.name
@@ -47,7 +47,8 @@ import dns.rrset
 
 from resolver.configtable import Section, Table, between, one_of
 from resolver.ipseckey import NO_GATEWAY, IpsecKey, keys_from_rrset
-from resolver.validator.response import Security, Verdict
+from resolver.policy import RRsetAnswer
+from resolver.validator.response import Security
 
 Address = IPv4Address | IPv6Address
 
@@ -312,17 +313,6 @@ class Gate:
 # --- step 2: the lookups decide ------------------------------------------------------------
 
 
-class AnswerLike(Protocol):
-    """What we read of validator.response.ValidatedAnswer."""
-
-    @property
-    def verdict(self) -> Verdict: ...
-    @property
-    def rcode(self) -> int: ...
-    @property
-    def answer(self) -> list[dns.rrset.RRset]: ...
-
-
 @dataclass(frozen=True, slots=True)
 class Admit:
     """Yes: load a conn for `identity` with `keys`, traffic selectors `addresses`."""
@@ -338,8 +328,8 @@ class Admit:
 
 
 def judge(config: ResponderConfig, identity: dns.name.Name, address: Address,
-          ipseckey: AnswerLike | BaseException, a: AnswerLike | BaseException,
-          aaaa: AnswerLike | BaseException) -> Admit | Refused:
+          ipseckey: RRsetAnswer | BaseException, a: RRsetAnswer | BaseException,
+          aaaa: RRsetAnswer | BaseException) -> Admit | Refused:
     """Step 2 (see the module docstring). Each answer is the validated answer of the identity's
     IPSECKEY, A and AAAA lookups, or the error its lookup raised."""
     name = _text(identity)
@@ -381,7 +371,7 @@ def judge(config: ResponderConfig, identity: dns.name.Name, address: Address,
     return Admit(identity, keys, tuple(addresses), ())
 
 
-def _secure_keys(name: str, identity: dns.name.Name, ans: AnswerLike | BaseException
+def _secure_keys(name: str, identity: dns.name.Name, ans: RRsetAnswer | BaseException
                  ) -> tuple[IpsecKey, ...] | Refused:
     if isinstance(ans, BaseException):
         return Refused(f"the IPSECKEY lookup of {name} failed: {ans}", lookup=True)

@@ -43,7 +43,8 @@ class WatchableBackend(Protocol):
 
 
 class CompositeBackend:
-    """Tunnels to one backend (VICI), shunts to another (XFRM); `None` drops shunt intents."""
+    """Tunnels to one backend (VICI), shunts and floors to another (XFRM); `None` drops
+    those intents."""
 
     def __init__(self, tunnels: ProvisioningBackend, shunts: ProvisioningBackend | None) -> None:
         self.tunnels = tunnels
@@ -58,7 +59,8 @@ class CompositeBackend:
     async def installed(self) -> frozenset[PolicyKey]:
         found = {k for k in await self.tunnels.installed() if k.kind is ItemKind.TUNNEL}
         if self.shunts is not None:
-            found |= {k for k in await self.shunts.installed() if k.kind is ItemKind.SHUNT}
+            found |= {k for k in await self.shunts.installed()
+                      if k.kind in (ItemKind.SHUNT, ItemKind.FLOOR)}
         return frozenset(found)
 
     def watch(self, sink: Callable[[BackendEvent], None]) -> bool:
@@ -108,11 +110,13 @@ def make_daemon_backend(config: ProvisionConfig, identity: Identity | None, *,
     Raises:
         ConfigError: as `make_backend`.
     """
+    process = ProcessBackend(config, identity, log_level=logging.getLogger().getEffectiveLevel())
+    if config.worker_process and config.backend == "dryrun":
+        return process, None  # nothing to check here (the worker says it is a dry run)
     backend = make_backend(config, identity, source=source)
     vici = backend.tunnels if isinstance(backend.tunnels, ViciBackend) else None
     if not config.worker_process:
         return backend, vici
-    process = ProcessBackend(config, identity, log_level=logging.getLogger().getEffectiveLevel())
     if vici is not None and identity is not None:
         process.vici = RemoteVici(process, identity, vici.own_spki)
         vici.close()  # built to check the key; the worker builds its own

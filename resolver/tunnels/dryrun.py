@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import logging
 
-from resolver.tunnels.intents import InstallShunt, InstallTunnel, Intent, PolicyKey, RemoveTunnel
+from resolver.tunnels.intents import (
+    InstallFloor,
+    InstallShunt,
+    InstallTunnel,
+    Intent,
+    PolicyKey,
+    RemoveFloor,
+    RemoveTunnel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,10 @@ class DryRunBackend:
                 self.items.discard(PolicyKey.tunnel(intent.name))
         elif isinstance(intent, InstallShunt):
             self.items.add(PolicyKey.shunt(intent.destination))
+        elif isinstance(intent, InstallFloor):
+            self.items.add(PolicyKey.floor(intent.destination))
+        elif isinstance(intent, RemoveFloor):
+            self.items.discard(PolicyKey.floor(intent.destination))
         else:
             self.items.discard(PolicyKey.shunt(intent.destination))
 

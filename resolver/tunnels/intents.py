@@ -107,17 +107,37 @@ class RemoveShunt:
     destination: Address
 
 
-Intent = InstallTunnel | RemoveTunnel | InstallShunt | RemoveShunt
+@dataclass(frozen=True, slots=True)
+class InstallFloor:
+    """Put a floor under the tunnel to `destination`: for as long as it stays, the
+    destination's packets are dropped whenever the tunnel's own path is not there (charon lost
+    the SA, stopped or died), from that instant, not when the watch has acted. It never
+    blocks the tunnel itself, so it is applied once the tunnel is up (the backend looks at the
+    tunnel's path to choose the mechanism). Idempotent."""
+
+    destination: Address
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveFloor:
+    """Remove the floor under the tunnel to `destination`. Idempotent."""
+
+    destination: Address
+
+
+Intent = InstallTunnel | RemoveTunnel | InstallShunt | RemoveShunt | InstallFloor | RemoveFloor
 
 
 class ItemKind(enum.Enum):
     TUNNEL = "tunnel"
     SHUNT = "shunt"
+    FLOOR = "floor"
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyKey:
-    """One thing a backend has installed: a tunnel by connection name, a shunt by address."""
+    """One thing a backend has installed: a tunnel by connection name, a shunt or a floor by
+    address."""
 
     kind: ItemKind
     ident: str
@@ -129,6 +149,10 @@ class PolicyKey:
     @classmethod
     def shunt(cls, destination: Address) -> PolicyKey:
         return cls(ItemKind.SHUNT, str(destination))
+
+    @classmethod
+    def floor(cls, destination: Address) -> PolicyKey:
+        return cls(ItemKind.FLOOR, str(destination))
 
 
 _UNSAFE = re.compile(r"[^a-z0-9-]")

@@ -74,10 +74,12 @@ from resolver.tunnels.config import Identity
 from resolver.tunnels.events import BackendEvent, HeldSa
 from resolver.tunnels.intents import (
     CONN_PREFIX,
+    InstallFloor,
     InstallShunt,
     InstallTunnel,
     Intent,
     PolicyKey,
+    RemoveFloor,
     RemoveShunt,
     RemoveTunnel,
     TunnelSpec,
@@ -178,7 +180,7 @@ class ViciBackend:
             await self._install_retrying(intent.spec, intent.timeout, intent.replaces)
         elif isinstance(intent, RemoveTunnel):
             await self._run(self._remove, intent.name, intent.keep_conn)
-        elif isinstance(intent, InstallShunt | RemoveShunt):
+        elif isinstance(intent, InstallShunt | RemoveShunt | InstallFloor | RemoveFloor):
             raise TunnelRejected(f"{type(intent).__name__} is not a VICI intent")
 
     async def installed(self) -> frozenset[PolicyKey]:

@@ -1,4 +1,5 @@
-"""Kernel drop shunts as XFRM policies over netlink, for InstallShunt / RemoveShunt.
+"""Kernel drop shunts as XFRM policies over netlink, for InstallShunt / RemoveShunt, and the
+floors under private tunnels, for InstallFloor / RemoveFloor.
 
 Theory of operation. A shunt for destination D is a small set of XFRM policies, both ways:
 
@@ -21,8 +22,14 @@ XfrmInPolBlock in /proc/net/xfrm_stat). The in ALLOWs match our port (dport), wh
 NAT gave the peer. Once the tunnel is up the shunt is removed (the Provisioner never shunts a
 destination with an INSTALLED tunnel), so decrypted traffic from D is never caught by it.
 
-Ownership: we only ever touch policies whose priority is ALLOW_PRIORITY or BLOCK_PRIORITY and
-whose selector is a single host (destination out, source in/fwd), so dump/flush never disturb
+The floor under a private destination's tunnel (Rule 9 of resolver/provision.py) drops D's
+packets the instant the tunnel's own path is gone, before the watch installs a shunt. It
+follows the data path, read from the kernel's route to D once the tunnel is up (`_floor_plan`):
+XFRM policies below charon's (`floor_rules`), or for IPv6 through a TUN device a prohibit route
+(resolver/tunnels/routefloor.py).
+
+Ownership: we only ever touch policies whose priority is one of OUR_PRIORITIES and whose
+selector is a single host (destination out, source in/fwd), so dump/flush never disturb
 charon's or anyone else's policies.
 
 One encoder. pyroute2 0.9.7 has the NETLINK_XFRM socket but no XFRM message classes, and its
@@ -43,39 +50,45 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final, TypeVar, TypeVarTuple
 
-from pyroute2 import netns as pyroute2_netns
-
 from resolver.errors import ProvisioningError
 from resolver.tunnels.intents import (
+    InstallFloor,
     InstallShunt,
     InstallTunnel,
     Intent,
     PolicyKey,
+    RemoveFloor,
     RemoveShunt,
     RemoveTunnel,
 )
+from resolver.tunnels.netlink import (
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    open_socket,
+)
+from resolver.tunnels.netlink import NLMSGHDR as _NLMSGHDR
+from resolver.tunnels.netlink import message as _message
+from resolver.tunnels.netlink import messages as _messages
+from resolver.tunnels.routefloor import RouteFloor
 
 Address = IPv4Address | IPv6Address
 T = TypeVar("T")
 Args = TypeVarTuple("Args")
 
 NETLINK_XFRM: Final = 6
-NLM_F_REQUEST: Final = 0x1
-NLM_F_ACK: Final = 0x4
-NLM_F_DUMP: Final = 0x300
-NLMSG_ERROR: Final = 2
-NLMSG_DONE: Final = 3
-SOL_NETLINK: Final = 270
-NETLINK_CAP_ACK: Final = 10
 XFRM_MSG_NEWPOLICY: Final = 0x13
 XFRM_MSG_DELPOLICY: Final = 0x14
 XFRM_MSG_GETPOLICY: Final = 0x15
@@ -91,7 +104,18 @@ XFRM_INF: Final = 0xFFFF_FFFF_FFFF_FFFF
 # values), so while a shunt is in place nothing leaves for D but IKE.
 ALLOW_PRIORITY: Final = 0x15C0
 BLOCK_PRIORITY: Final = 0x15C1
-OUR_PRIORITIES: Final = frozenset((ALLOW_PRIORITY, BLOCK_PRIORITY))
+# The floor under a tunnel (kernel ESP; see `floor_rules`): *below* every policy charon's
+# kernel-netlink installs. strongSwan 5.9 computes its priorities from PRIO_BASE 200,000:
+# passthrough < 200,000, IPsec and trap < 400,000, fallback drop < 600,000 (lower wins), so
+# charon's policies for D always win over these, and ours only act when charon has none.
+FLOOR_ALLOW_PRIORITY: Final = 0x000F_15C0  # 988,608
+FLOOR_BLOCK_PRIORITY: Final = 0x000F_15C1
+# The floor's selectors carry this in xfrm_selector.user (never matched against packets), so
+# that they are policies of their own, not the shunt's: XFRM tells policies apart by selector,
+# not by priority, and an update of one would otherwise replace the other.
+FLOOR_TAG: Final = 0x15C0
+OUR_PRIORITIES: Final = frozenset((ALLOW_PRIORITY, BLOCK_PRIORITY, FLOOR_ALLOW_PRIORITY,
+                                   FLOOR_BLOCK_PRIORITY))
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,23 +134,43 @@ class Rule:
     sport: int = 0  # for ICMP: the type
     dport: int = 0
     direction: int = XFRM_POLICY_OUT
+    tag: int = 0  # xfrm_selector.user: FLOOR_TAG for the floor's policies
+    ifindex: int = 0  # only packets routed out through this device (0: any)
 
 
-def shunt_rules(destination: Address) -> list[Rule]:
-    """The policies of one shunt, ALLOWs first (so IKE is never blocked in between), each way."""
+def shunt_rules(destination: Address, *, floor: bool = False) -> list[Rule]:
+    """The policies of one shunt, ALLOWs first (so IKE is never blocked in between), each way;
+    with `floor`, the same policies as the floor under a tunnel (`floor_rules`)."""
+    allow, block, tag = ((FLOOR_ALLOW_PRIORITY, FLOOR_BLOCK_PRIORITY, FLOOR_TAG) if floor
+                         else (ALLOW_PRIORITY, BLOCK_PRIORITY, 0))
     rules: list[Rule] = []
     for direction in (XFRM_POLICY_OUT, XFRM_POLICY_IN):
-        rules += [Rule(destination, XFRM_POLICY_ALLOW, ALLOW_PRIORITY, socket.IPPROTO_UDP, 0,
-                       port, direction) for port in (500, 4500)]
+        rules += [Rule(destination, XFRM_POLICY_ALLOW, allow, socket.IPPROTO_UDP, 0,
+                       port, direction, tag) for port in (500, 4500)]
         if destination.version == 6:
-            rules += [Rule(destination, XFRM_POLICY_ALLOW, ALLOW_PRIORITY, socket.IPPROTO_ICMPV6,
-                           icmp_type, 0, direction) for icmp_type in (135, 136)]
-    rules += [Rule(destination, XFRM_POLICY_BLOCK, BLOCK_PRIORITY, direction=direction)
+            rules += [Rule(destination, XFRM_POLICY_ALLOW, allow, socket.IPPROTO_ICMPV6,
+                           icmp_type, 0, direction, tag) for icmp_type in (135, 136)]
+    rules += [Rule(destination, XFRM_POLICY_BLOCK, block, direction=direction, tag=tag)
               for direction in (XFRM_POLICY_OUT, XFRM_POLICY_IN, XFRM_POLICY_FWD)]
     return rules
 
 
-_NLMSGHDR: Final = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+def floor_rules(destination: Address, tun_ifindex: int = 0) -> list[Rule]:
+    """The floor under a private destination's tunnel, as XFRM policies at FLOOR_* priorities.
+
+    Kernel ESP (`tun_ifindex` 0): the shunt's policies, both ways; charon's IPsec policies for
+    D win while it holds them, and once it removes them D's packets fall onto the BLOCK (EPERM).
+    Kernel-libipsec, IPv4 (`tun_ifindex`: charon's TUN device): outbound only, plus an ALLOW
+    for the packets routed into the TUN (an IPv4 flow's output device is known at the policy
+    lookup), so D's packets routed anywhere else (the TUN route gone with charon) are blocked.
+    IPv6 flows carry no output device there: resolver/tunnels/routefloor.py."""
+    if not tun_ifindex:
+        return shunt_rules(destination, floor=True)
+    return [Rule(destination, XFRM_POLICY_ALLOW, FLOOR_ALLOW_PRIORITY, tag=FLOOR_TAG,
+                 ifindex=tun_ifindex),
+            *(r for r in shunt_rules(destination, floor=True) if r.direction == XFRM_POLICY_OUT)]
+
+
 _PORTS: Final = struct.Struct(">HHHH")  # dport, dport_mask, sport, sport_mask (network order)
 _SEL_TAIL: Final = struct.Struct("=HBBB3xiI")  # family, prefixlen_d/s, proto, pad, ifindex, user
 _SELECTOR_SIZE: Final = 32 + _PORTS.size + _SEL_TAIL.size  # struct xfrm_selector: 56
@@ -150,11 +194,7 @@ def _packed_selector(rule: Rule) -> bytes:
             + _PORTS.pack(rule.dport, 0xFFFF if rule.dport else 0,
                           rule.sport, 0xFFFF if rule.sport else 0)
             + _SEL_TAIL.pack(socket.AF_INET if d.version == 4 else socket.AF_INET6,
-                             plen_d, plen_s, rule.proto, 0, 0))
-
-
-def _message(msg_type: int, flags: int, seq: int, body: bytes) -> bytes:
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body
+                             plen_d, plen_s, rule.proto, rule.ifindex, rule.tag))
 
 
 def encode_update(rule: Rule, seq: int) -> bytes:
@@ -181,7 +221,8 @@ def decode_policy(body: bytes) -> Rule | None:
     if len(body) < _INFO_SIZE:
         return None
     dport, dport_mask, sport, sport_mask = _PORTS.unpack_from(body, 32)
-    family, plen_d, plen_s, proto, _, _ = _SEL_TAIL.unpack_from(body, 32 + _PORTS.size)
+    family, plen_d, plen_s, proto, ifindex, tag = _SEL_TAIL.unpack_from(body,
+                                                                         32 + _PORTS.size)
     priority, _, direction, action, _, _ = _INFO_TAIL.unpack_from(
         body, _SELECTOR_SIZE + _LIFETIMES.size)
     if priority not in OUR_PRIORITIES:
@@ -201,18 +242,7 @@ def decode_policy(body: bytes) -> Rule | None:
     else:
         return None
     return Rule(dest, action, priority, proto, sport if sport_mask else 0,
-                dport if dport_mask else 0, direction)
-
-
-def _messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """(type, seq, body) of each netlink message in a datagram."""
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, mtype, _, seq, _ = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size:
-            return  # malformed: never loop on it
-        yield mtype, seq, data[offset + _NLMSGHDR.size:offset + length]
-        offset += (length + 3) & ~3
+                dport if dport_mask else 0, direction, tag, ifindex)
 
 
 class XfrmPolicies:
@@ -224,18 +254,19 @@ class XfrmPolicies:
     CHUNK: Final = 100
 
     def __init__(self, netns: str | None = None) -> None:
-        # flags=0: never create the namespace (pyroute2's default would).
-        self.sock = pyroute2_netns.create_socket(netns=netns, family=socket.AF_NETLINK,
-                                                 socket_type=socket.SOCK_DGRAM,
-                                                 proto=NETLINK_XFRM, flags=0)
-        self.sock.bind((0, 0))
-        # ACKs without a copy of the request (NETLINK_CAP_ACK): 36 bytes each, not ~200.
-        self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-        self.sock.settimeout(5.0)  # the kernel answers at once; this only bounds a bug
+        self.netns = netns
+        self.sock = open_socket(netns, NETLINK_XFRM)
         self.seq = 0
+
+    @functools.cached_property
+    def routes(self) -> RouteFloor:
+        """The route floors of the same namespace (opened on first use, on this thread)."""
+        return RouteFloor(self.netns)
 
     def close(self) -> None:
         self.sock.close()
+        if "routes" in self.__dict__:
+            self.routes.close()
 
     def next_seq(self) -> int:
         self.seq = (self.seq + 1) & 0xFFFF_FFFF or 1
@@ -291,7 +322,8 @@ class XfrmPolicies:
 
 
 class XfrmBackend:
-    """ProvisioningBackend for shunts. All netlink work on one thread, on one socket."""
+    """ProvisioningBackend for shunts and floors. All netlink work on one thread, on one
+    socket per protocol (XFRM, and routes for the floors)."""
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
@@ -335,14 +367,13 @@ class XfrmBackend:
 
     async def installed(self) -> frozenset[PolicyKey]:
         """A destination counts as shunted when one of our BLOCK policies for it is there
-        (any direction: a half-removed shunt is still ours to remove)."""
-        rules = await self._run(XfrmPolicies.ours)
-        return frozenset(PolicyKey.shunt(r.destination) for r in rules
-                         if r.action == XFRM_POLICY_BLOCK)
+        (any direction: a half-removed shunt is still ours to remove), and as floored when its
+        floor (route or BLOCK) is."""
+        return await self._run(_installed)
 
     async def flush(self) -> int:
-        """Remove every policy of ours (tests, shutdown)."""
-        return await self._run(XfrmPolicies.flush_ours)
+        """Remove every policy and floor of ours (tests); returns how many there were."""
+        return await self._run(_flush)
 
     async def aclose(self) -> None:
         def close() -> None:
@@ -372,29 +403,102 @@ class XfrmBackend:
             raise
 
 
+def _installed(sock: XfrmPolicies) -> frozenset[PolicyKey]:
+    keys = {PolicyKey.shunt(r.destination) if r.priority == BLOCK_PRIORITY
+            else PolicyKey.floor(r.destination)
+            for r in sock.ours() if r.action == XFRM_POLICY_BLOCK}
+    return frozenset(keys | {PolicyKey.floor(d) for d in sock.routes.ours()})
+
+
+def _flush(sock: XfrmPolicies) -> int:
+    return sock.flush_ours() + sock.routes.flush()
+
+
+@dataclass(slots=True)
+class _FloorPlan:
+    """What the floor intents of a batch come to (`_floor_plan`)."""
+
+    errors: dict[Address, str] = field(default_factory=dict)  # why a floor failed
+    put: dict[Address, list[Rule]] = field(default_factory=dict)  # XFRM rules to put in
+    stale: dict[Address, list[Rule]] = field(default_factory=dict)  # ours to take out after
+
+
+def _floor_plan(sock: XfrmPolicies, intents: list[Intent]) -> _FloorPlan:
+    """Do the route part of a batch's floor intents and plan the XFRM part. Each destination
+    ends as its last floor intent in the batch says; its floor follows the tunnel's path (the
+    route to it, read now): no TUN device (kernel ESP) -> `floor_rules(D)`; TUN, IPv4 ->
+    `floor_rules(D, TUN)`; TUN, IPv6 -> a route floor. XFRM floor policies of ours for D that
+    the new floor does not have (another TUN device since charon restarted, another data path,
+    the floor removed) are stale. A failure here fails only floors, never a shunt."""
+    final = {i.destination: isinstance(i, InstallFloor) for i in intents
+             if isinstance(i, InstallFloor | RemoveFloor)}
+    plan = _FloorPlan()
+    if not final:
+        return plan
+    try:
+        gone = [d for d, wanted in final.items() if not wanted]
+        for dest, err in (sock.routes.remove(gone) if gone else {}).items():
+            if err:
+                plan.errors[dest] = f"floor route removal: {os.strerror(err)}"
+        by_route: dict[Address, int] = {}
+        for dest, path in sock.routes.paths(d for d, wanted in final.items() if wanted).items():
+            if isinstance(path, int):
+                plan.errors[dest] = f"no route to it to put a floor under ({os.strerror(path)})"
+            elif path.tun and dest.version == 6:
+                by_route[dest] = path.table
+            else:
+                plan.put[dest] = floor_rules(dest, path.oif if path.tun else 0)
+        plan.errors |= {d: why for d, why in sock.routes.install(by_route).items() if why}
+    except OSError as exc:
+        routes = sock.__dict__.pop("routes", None)  # unread replies may be queued on it:
+        if routes is not None:  # the next use opens anew
+            routes.close()
+        plan.errors |= {d: f"routes: {exc}" for d in final if d not in plan.errors}
+    try:
+        for rule in sock.ours():
+            if rule.tag == FLOOR_TAG and rule.destination in final \
+                    and rule not in plan.put.get(rule.destination, ()):
+                plan.stale.setdefault(rule.destination, []).append(rule)
+    except OSError as exc:
+        plan.errors |= {d: f"XFRM policy dump: {exc}" for d in final if d not in plan.errors}
+    for rules in plan.stale.values():
+        rules.sort(key=lambda r: r.action != XFRM_POLICY_BLOCK)  # BLOCKs out first
+    return plan
+
+
 def _apply_batch(sock: XfrmPolicies, intents: list[Intent]) -> list[ProvisioningError | None]:
-    """One send for all `intents`; the error of each (None: done). On the xfrm thread."""
+    """One send for all `intents`' policies (the floors' routes first: `_floor_plan`); the
+    error of each (None: done). On the xfrm thread."""
+    plan = _floor_plan(sock, intents)
     messages: list[bytes] = []
     seqs: list[list[tuple[int, bool]]] = []  # per intent: (seq, ENOENT is fine)
     for intent in intents:
-        mine: list[tuple[int, bool]] = []
+        put: list[Rule] = []
+        drop: list[Rule] = []
         if isinstance(intent, InstallShunt):
-            for rule in shunt_rules(intent.destination):  # ALLOWs first, BLOCK last
-                seq = sock.next_seq()
-                messages.append(encode_update(rule, seq))
-                mine.append((seq, False))
+            put = shunt_rules(intent.destination)  # ALLOWs first: IKE is never blocked
         elif isinstance(intent, RemoveShunt):
-            for rule in reversed(shunt_rules(intent.destination)):  # BLOCK first
-                seq = sock.next_seq()
-                messages.append(encode_delete(rule, seq))
-                mine.append((seq, True))
+            drop = shunt_rules(intent.destination)[::-1]  # BLOCKs first
+        elif isinstance(intent, InstallFloor | RemoveFloor):
+            if isinstance(intent, InstallFloor):
+                put = plan.put.get(intent.destination, [])
+            drop = plan.stale.pop(intent.destination, [])
+        mine: list[tuple[int, bool]] = []
+        for rule, remove in [(r, False) for r in put] + [(r, True) for r in drop]:
+            seq = sock.next_seq()
+            messages.append(encode_delete(rule, seq) if remove else encode_update(rule, seq))
+            mine.append((seq, remove))
         seqs.append(mine)
     acks = sock.send(messages) if messages else {}
     out: list[ProvisioningError | None] = []
     for intent, mine in zip(intents, seqs, strict=True):
+        dest = intent.destination  # type: ignore[union-attr]
         bad = [acks.get(seq, errno.EIO) for seq, enoent_ok in mine
                if acks.get(seq, errno.EIO) not in ((0, errno.ENOENT) if enoent_ok else (0,))]
-        out.append(None if not bad else ProvisioningError(
-            f"XFRM netlink: {type(intent).__name__} {intent.destination}: "  # type: ignore[union-attr]
-            f"{errno.errorcode.get(bad[0], bad[0])}"))
+        why = (plan.errors.get(dest) if isinstance(intent, InstallFloor | RemoveFloor)
+               else None)
+        if bad:
+            why = f"{errno.errorcode.get(bad[0], bad[0])}"
+        out.append(None if why is None else ProvisioningError(
+            f"XFRM netlink: {type(intent).__name__} {dest}: {why}"))
     return out

@@ -40,6 +40,7 @@ from tests.helpers import (
     clean_alice,
     ede,
     esp_ping,
+    floored,
     our_conns,
     shunted,
 )
@@ -285,13 +286,18 @@ def test_lease_end_tears_the_tunnel_down(lab: Lab, daemons: Daemons) -> None:
     assert reply.rcode() == dns.rcode.NOERROR
     assert 0 < address_ttl(reply) <= lease  # the TTL cap by the lease left
     assert list(children(lab).values()) == ["INSTALLED"]
+    assert floored(lab) == {lab.addr("bob")}  # private: the floor under the tunnel
     time.sleep(max(0.0, 2.0 - (time.monotonic() - t0)))
     assert list(children(lab).values()) == ["INSTALLED"]  # still leased
-    poll(lambda: not children(lab) and not our_conns(lab),
+    poll(lambda: not children(lab) and not our_conns(lab) and not floored(lab),
          t0 + lease + grace + 2.5 - time.monotonic(), 0.2)
     gone_after = time.monotonic() - t0
     assert children(lab) == {}, "CHILD_SA still there after lease + grace"
     assert our_conns(lab) == [], "conn still loaded after lease + grace"
+    assert floored(lab) == set(), "floor still there after the tunnel's lease + grace"
+    # nothing wanted any more: bob is reached in clear again, as before the lookup
+    rc, out = lab.ping("alice", lab.addr("bob"))
+    assert rc == 0, out
     assert gone_after >= lease - 0.5, f"torn down after {gone_after:.1f} s, before the lease end"
     sas = lab.exec("alice", ["swanctl", "--list-sas", "--uri", lab.vici_socket("alice")]).stdout
     assert "isk-" not in sas

@@ -32,7 +32,13 @@ import pytest
 from lab import Lab
 from resolver.errors import TunnelTimeout
 from resolver.ipseckey import IpsecKey, keys_from_rrset
-from resolver.tunnels.intents import InstallTunnel, RemoveTunnel, TunnelSpec, tunnel_spec
+from resolver.tunnels.intents import (
+    InstallTunnel,
+    PolicyKey,
+    RemoveTunnel,
+    TunnelSpec,
+    tunnel_spec,
+)
 from tests.helpers import AliceTunnels, blocked_ping, esp_ping
 
 pytestmark = pytest.mark.integration
@@ -84,7 +90,8 @@ def test_bob_tunnel_from_validated_key(lab: Lab, alice: Alice) -> None:
     assert asyncio.run(up()) == NOW + 600
     states = asyncio.run(alice.vici.child_states())
     assert states == {spec.name: "INSTALLED"}
-    assert asyncio.run(alice.xfrm.installed()) == frozenset()  # negotiating shunt removed
+    # the negotiating shunt removed; the floor under the private tunnel in its place
+    assert asyncio.run(alice.xfrm.installed()) == {PolicyKey.floor(spec.destination)}
     esp_ping(lab, lab.addr("bob"), port="bob")
 
 

@@ -5,6 +5,12 @@ A shunt for B's address in A makes `ping` from A fail with EPERM, drops B's pack
 as XfrmInPolBlock) and shows up in `ip xfrm policy` as block policies of ours; removing it makes
 ping work again; dump/flush leave a foreign policy alone. Nothing here touches the lab or the
 host namespace's policies.
+
+The floor (Rule 9 of resolver/provision.py), the kernel's part of it, without charon: A gets
+what kernel-libipsec's charon leaves in a namespace (a TUN device, a route to B through it in
+table 220, the rule `not fwmark 0x42 lookup 220`) or, for kernel ESP, charon's IPsec policy for
+B (a template with no SA: the kernel holds such packets for an SA, and never refuses them);
+datagrams are sent from A with and without charon's mark and their errno looked at.
 """
 
 from __future__ import annotations
@@ -12,13 +18,22 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from resolver.tunnels.intents import InstallShunt, PolicyKey, RemoveShunt
-from resolver.tunnels.xfrm import BLOCK_PRIORITY, XfrmBackend
+from resolver.errors import ProvisioningError
+from resolver.tunnels.intents import (
+    InstallFloor,
+    InstallShunt,
+    PolicyKey,
+    RemoveFloor,
+    RemoveShunt,
+)
+from resolver.tunnels.routefloor import FLOOR_TABLE
+from resolver.tunnels.xfrm import BLOCK_PRIORITY, FLOOR_BLOCK_PRIORITY, XfrmBackend
 
 pytestmark = pytest.mark.integration
 
@@ -103,6 +118,173 @@ def test_block_shunt_blocks_and_unblocks(pair: tuple[str, str]) -> None:
             assert ping(a, B6).returncode == 0
             assert await x.installed() == frozenset()
             assert "198.51.100.77/32" in ip("-n", a, "xfrm", "policy")  # not ours: kept
+        finally:
+            await x.aclose()
+
+    asyncio.run(scenario())
+
+
+# --- the floor -----------------------------------------------------------------------------
+
+SEND = """
+import errno, socket, sys
+addr, port, mark = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
+if mark:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+try:
+    s.sendto(b"x", (addr, port))
+    print("sent")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"""
+
+
+def send(ns: str, dest: object, port: int = 9, mark: int = 0) -> str:
+    """One UDP datagram from `ns` (with socket mark `mark`): "sent" or the errno's name."""
+    return subprocess.run(["ip", "netns", "exec", ns, "python3", "-c", SEND, str(dest),
+                           str(port), str(mark)], capture_output=True, text=True,
+                          timeout=10).stdout.strip()
+
+
+def charon_leftovers(ns: str, *, mark: bool = True, rules: bool = True) -> None:
+    """What charon with kernel-libipsec sets up in `ns` for a tunnel to B (v4 and v6)."""
+    ip("-n", ns, "tuntap", "add", "dev", "ipsec0", "mode", "tun")
+    ip("-n", ns, "link", "set", "ipsec0", "up")
+    for fam in ("-4", "-6") if rules else ():
+        ip("-n", ns, fam, "rule", "add", "priority", "220",
+           *(["not", "fwmark", "0x42"] if mark else []), "lookup", "220")
+    ip("-n", ns, "route", "add", f"{B4}/32", "dev", "ipsec0", "table", "220")
+    ip("-n", ns, "-6", "route", "add", f"{B6}/128", "dev", "ipsec0", "table", "220")
+
+
+RECEIVE = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(float(sys.argv[2]))
+try:
+    print(s.recvfrom(100)[0].decode())
+except OSError as e:
+    print("nothing:", e)
+"""
+
+
+def received_from_b(a: str, b: str, port: int) -> str:
+    """B sends one datagram to A's `port` (IPv4); what A's socket got."""
+    rx = subprocess.Popen(["ip", "netns", "exec", a, "python3", "-c", RECEIVE, str(port), "2"],
+                          stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    subprocess.run(["ip", "netns", "exec", b, "python3", "-c",
+                    f"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+                    f".sendto(b'ike', ('192.0.2.1', {port}))"], check=True, timeout=10)
+    out, _ = rx.communicate(timeout=10)
+    return out.strip()
+
+
+def test_floor_lets_the_tun_route_win_and_catches_what_falls_through(
+        pair: tuple[str, str]) -> None:
+    """Kernel-libipsec: IPv4 gets an XFRM floor (ALLOW for the TUN device, IKE, BLOCK), IPv6 a
+    route floor behind charon's table; neither touches the peer's IKE to us, even under a
+    loose reverse-path filter (which a prohibit route for IPv4 would trip)."""
+    a, b = pair
+    charon_leftovers(a)
+    subprocess.run(["ip", "netns", "exec", a, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=2",
+                    "net.ipv4.conf.va.rp_filter=2"], check=True, timeout=10)
+
+    async def scenario() -> None:
+        x = XfrmBackend(a)
+        try:
+            for dest in (B4, B6):
+                assert send(a, dest) == "sent"  # into the TUN (no reader: dropped, not clear)
+                await x.apply(InstallFloor(dest))
+                await x.apply(InstallFloor(dest))  # idempotent
+            assert await x.installed() == {PolicyKey.floor(B4), PolicyKey.floor(B6)}
+            rules6 = ip("-n", a, "-6", "rule")  # right after charon's, with its mark selector
+            assert f"221:\tnot from all fwmark 0x42 lookup {FLOOR_TABLE}" in rules6, rules6
+            assert f"lookup {FLOOR_TABLE}" not in ip("-n", a, "-4", "rule")
+            policies = ip("-n", a, "xfrm", "policy")
+            assert f"dst {B4}/32 dev ipsec0" in policies and str(B6) not in policies, policies
+            for dest in (B4, B6):
+                assert send(a, dest) == "sent"  # charon's route still wins
+            # charon goes: its TUN device and the routes through it with it
+            ip("-n", a, "link", "del", "ipsec0")
+            assert send(a, B4) == "EPERM" and send(a, B6) == "EACCES"  # nothing for the wire
+            for dest in (B4, B6):
+                assert send(a, dest, port=4500, mark=0x42) == "sent"  # charon's IKE passes
+            assert received_from_b(a, b, 500) == "ike"  # the peer's IKE still reaches us
+            # charon is back with a new TUN device (another ifindex): the floor follows it
+            charon_leftovers(a, rules=False)
+            assert send(a, B4) == "EPERM"  # the old ALLOW was for the old device
+            await x.apply(InstallFloor(B4))
+            assert send(a, B4) == "sent"
+            assert ip("-n", a, "xfrm", "policy").count(f"dst {B4}/32 dev") == 1  # stale gone
+            await x.apply(RemoveFloor(B4))
+            assert ip("-n", a, "xfrm", "policy").strip() == ""  # the whole v4 floor went
+            assert f"lookup {FLOOR_TABLE}" in ip("-n", a, "-6", "rule")
+            await x.apply(RemoveFloor(B6))
+            assert f"lookup {FLOOR_TABLE}" not in ip("-n", a, "-6", "rule")  # none left
+            assert await x.installed() == frozenset()
+            assert "lookup 220" in ip("-n", a, "-6", "rule")  # charon's: not ours, kept
+        finally:
+            await x.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_no_route_floor_when_charons_packets_cannot_be_told_apart(
+        pair: tuple[str, str]) -> None:
+    a, _ = pair
+    charon_leftovers(a, mark=False)
+
+    async def scenario() -> None:
+        x = XfrmBackend(a)
+        try:
+            with pytest.raises(ProvisioningError, match="no fwmark"):
+                await x.apply(InstallFloor(B6))
+            assert await x.installed() == frozenset()
+            assert send(a, B6) == "sent"
+        finally:
+            await x.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_xfrm_floor_loses_to_charons_policy_and_keeps_ike(pair: tuple[str, str]) -> None:
+    """Kernel ESP: B's route is the veth's (no TUN), so the floor is an XFRM BLOCK below
+    charon's policies (strongSwan's lowest, a fallback drop, is < 600,000)."""
+    a, _ = pair
+
+    async def scenario() -> None:
+        x = XfrmBackend(a)
+        try:
+            for dest in (B4, B6):
+                await x.apply(InstallFloor(dest))
+                assert send(a, dest) == "EPERM"  # no IPsec policy: dropped, never clear
+                assert send(a, dest, port=500) == "sent"  # IKE to the peer still flows
+            shown = ip("-n", a, "xfrm", "policy")
+            assert f"action block priority {FLOOR_BLOCK_PRIORITY}" in shown
+            assert await x.installed() == {PolicyKey.floor(B4), PolicyKey.floor(B6)}
+            # a shunt for the same destination is a policy of its own (selector tag)
+            await x.apply(InstallShunt(B4))
+            assert await x.installed() == {PolicyKey.floor(B4), PolicyKey.floor(B6),
+                                           PolicyKey.shunt(B4)}
+            await x.apply(RemoveShunt(B4))
+            assert await x.installed() == {PolicyKey.floor(B4), PolicyKey.floor(B6)}
+            # charon's IPsec policy for B (what kernel-netlink installs for a tunnel)
+            ip("-n", a, "xfrm", "policy", "add", "dst", f"{B4}/32", "dir", "out",
+               "priority", "399999", "tmpl", "src", "192.0.2.1", "dst", str(B4), "proto",
+               "esp", "mode", "tunnel")
+            assert send(a, B4) != "EPERM"  # charon's policy won: held for its SA
+            ip("-n", a, "xfrm", "policy", "del", "dst", f"{B4}/32", "dir", "out")
+            assert send(a, B4) == "EPERM"
+            await x.apply(RemoveFloor(B4))
+            await x.apply(RemoveFloor(B4))  # idempotent
+            assert send(a, B4) == "sent" and send(a, B6) == "EPERM"
+            # B6's floor, as a shunt's: udp 500, 4500, icmpv6 135/136 out and in; block out,
+            # in and fwd
+            assert await x.flush() == 11
+            assert send(a, B6) == "sent"
         finally:
             await x.aclose()
 
