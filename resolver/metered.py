@@ -41,7 +41,7 @@ from resolver.server import Server
 from resolver.tunnels.backend import WatchableBackend
 from resolver.tunnels.events import BackendEvent, HeldSa
 from resolver.tunnels.intents import InstallTunnel, Intent, PolicyKey
-from resolver.upstream import Forwarder
+from resolver.upstream import Forwarder, OutgoingQuery
 from resolver.validator.response import ValidatedAnswer
 
 PREFIX: Final = "ipseckey_resolver_"
@@ -260,11 +260,11 @@ class MeteredForwarder(Forwarder):
             metrics.upstream_queries.declare(str(server), "udp")
         return self
 
-    async def _udp(self, server: HostPort, q: dns.message.Message, qname: dns.name.Name,
+    async def _udp(self, server: HostPort, q: OutgoingQuery, qname: dns.name.Name,
                    qtype: dns.rdatatype.RdataType) -> dns.message.Message:
         return await self._timed("udp", super()._udp, server, q, qname, qtype)
 
-    async def _tcp(self, server: HostPort, q: dns.message.Message, qname: dns.name.Name,
+    async def _tcp(self, server: HostPort, q: OutgoingQuery, qname: dns.name.Name,
                    qtype: dns.rdatatype.RdataType) -> dns.message.Message:
         return await self._timed("tcp", super()._tcp, server, q, qname, qtype)
 

@@ -126,8 +126,10 @@ class Server:
             return replies.to_wire(local, self._limit(query, udp))
         generation = self.cache.generation if self.cache is not None else 0
         try:
-            reply = await asyncio.wait_for(self.handler.handle(query, now),
-                                           self.config.query_timeout)
+            # asyncio.timeout, not wait_for: wait_for runs the handler in a task of its own
+            # (5 us more per cold query), and the slow path is a task already.
+            async with asyncio.timeout(self.config.query_timeout):
+                reply = await self.handler.handle(query, now)
         except TimeoutError:
             verdict = Verdict(Security.INDETERMINATE, "resolution timed out",
                               dns.edns.EDECode.NO_REACHABLE_AUTHORITY)

@@ -48,6 +48,7 @@ import dns.name
 import dns.rdatatype
 import dns.rrset
 from cryptography.exceptions import InvalidSignature
+from dns.dnssecalgs.base import GenericPublicKey
 from dns.dnssectypes import Algorithm
 from dns.rdtypes.ANY.DNSKEY import DNSKEY
 from dns.rdtypes.ANY.RRSIG import RRSIG
@@ -141,13 +142,41 @@ def signed_data(rrset: dns.rrset.RRset, rrsig: RRSIG) -> bytes:
     return b"".join(parts)
 
 
-def crypto_verify(key: DNSKEY, signature: bytes, data: bytes) -> bool:
-    """One public-key operation. Tests count calls to this function."""
+_PublicKey = GenericPublicKey
+# Public keys loaded from DNSKEY rdata, by (algorithm, key bytes): loading one (DER or point
+# decoding in `cryptography`) costs about a sixth of an ECDSA P-256 verification, and the
+# same few zone keys sign almost everything. An invalid key is remembered as None, so it
+# fails again at the same price. Keyed on the key's own bytes, so a cached entry can never
+# stand for another key; bounded, oldest first out.
+_KEY_CACHE_MAX = 1024
+_keys: dict[tuple[int, bytes], _PublicKey | None] = {}
+
+
+def _public_key(key: DNSKEY) -> _PublicKey | None:
+    ident = (int(key.algorithm), key.key)
+    try:
+        return _keys[ident]
+    except KeyError:
+        pass
+    public: _PublicKey | None
     try:
         public = dns.dnssecalgs.get_algorithm_cls_from_dnskey(key).public_cls.from_dnskey(key)
+    except (ValueError, TypeError, dns.exception.DNSException):
+        public = None
+    if len(_keys) >= _KEY_CACHE_MAX:
+        del _keys[next(iter(_keys))]
+    _keys[ident] = public
+    return public
+
+
+def crypto_verify(key: DNSKEY, signature: bytes, data: bytes) -> bool:
+    """One public-key operation. Tests count calls to this function."""
+    public = _public_key(key)
+    if public is None:
+        return False  # an invalid public key encoding: counted as a failed attempt
+    try:
         public.verify(signature, data)
     except (InvalidSignature, ValueError, TypeError, dns.exception.DNSException):
-        # ValueError/TypeError: invalid public key encoding (counted as a failed attempt).
         return False
     return True
 
