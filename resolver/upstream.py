@@ -43,6 +43,7 @@ import dns.rdatatype
 
 from resolver.config import HostPort
 from resolver.errors import UpstreamError
+from resolver.wireparse import parse_response
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class _UdpWaiter:
             self.stats.ignored += 1
             return
         try:
-            reply = dns.message.from_wire(data, ignore_trailing=True)
+            reply = parse_response(data)  # from_wire's message, the additional section left out
         except (dns.exception.DNSException, ValueError, UnicodeError, IndexError, struct.error):
             # Bytes carrying our ID but not DNS: possibly a spoofing attempt; keep waiting.
             self.stats.ignored += 1
