@@ -33,6 +33,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
+from resolver.render import render
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
 
 # Flag bits of the wire-cache key: every client property that changes the reply's bytes.
@@ -264,6 +265,12 @@ def _for_client(rrsets: Iterable[dns.rrset.RRset], dnssec: bool, ttl: int
     for rrset in rrsets:
         if not dnssec and rrset.rdtype in _DNSSEC_TYPES:
             continue
+        if rrset.ttl <= ttl:
+            # Served as it is: the reply shares the cached RRset (a reply's RRsets are
+            # rendered, never changed). The common case of a fresh answer, whose TTL is
+            # its RRsets' own; a copy costs a hash of every rdata.
+            out.append(rrset)
+            continue
         # A new RRset sharing the rdatas (rrset.copy() and update() are untyped in dnspython
         # 2.9); the cached one must keep its TTL for the next client.
         copy = dns.rrset.RRset(rrset.name, rrset.rdclass, rrset.rdtype, rrset.covers)
@@ -319,6 +326,13 @@ def unvalidated_reply(query: dns.message.Message, upstream: dns.message.Message,
 
 
 def to_wire(reply: dns.message.Message, max_size: int) -> bytes:
-    """Render reply in at most max_size bytes, setting TC and dropping records if needed."""
+    """Render reply in at most max_size bytes, setting TC and dropping records if needed.
+
+    resolver.render writes dnspython's bytes at a fraction of the cost; what it does not
+    render (other record types, truncation) dnspython renders.
+    """
+    wire = render(reply, max_size)
+    if wire is not None:
+        return wire
     return reply.to_wire(max_size=max_size, prefer_truncation=True)
 

@@ -51,6 +51,7 @@ from resolver.errors import ConfigError
 from resolver.resolve import QueryHandler
 from resolver.server_tcp import TcpConnection
 from resolver.validator.response import Security, Verdict
+from resolver.wireparse import parse_response
 
 log = logging.getLogger(__name__)
 trace = logging.getLogger("resolver.trace")
@@ -106,8 +107,12 @@ class Server:
         opcode = (wire[2] >> 3) & 0x0F
         if opcode != dns.opcode.QUERY:
             return replies.header_error(wire, dns.rcode.NOTIMP)
+        peek = replies.peek_query(wire)
         try:
-            query = dns.message.from_wire(wire)
+            # A plain query (what peek_query accepts: one question, at most an OPT, nothing
+            # after it) is read by wireparse, which gives from_wire's message for a third
+            # of the cost; anything else by dnspython, whose errors decide FORMERR.
+            query = parse_response(wire) if peek is not None else dns.message.from_wire(wire)
         except dns.message.UnknownTSIGKey:
             return replies.header_error(wire, dns.rcode.REFUSED)
         except Exception:  # dnspython raises a dozen exception types on bad input
@@ -122,7 +127,7 @@ class Server:
             trace.debug("%s: answered locally, %s", query.question[0],
                         dns.rcode.to_text(local.rcode()))
             full = replies.to_wire(local, MAX_TCP_MESSAGE)
-            self._store(wire, query, local, full, now)
+            self._store(peek, local, full, now)
             return replies.to_wire(local, self._limit(query, udp))
         generation = self.cache.generation if self.cache is not None else 0
         try:
@@ -139,7 +144,7 @@ class Server:
             verdict = Verdict(Security.INDETERMINATE, "internal error", dns.edns.EDECode.OTHER)
             reply = replies.servfail(query, verdict, self.payload)
         full = replies.to_wire(reply, MAX_TCP_MESSAGE)
-        self._store(wire, query, reply, full, now, generation)
+        self._store(peek, reply, full, now, generation)
         limit = self._limit(query, udp)
         if len(full) <= limit:
             return full
@@ -153,15 +158,15 @@ class Server:
             return 512
         return min(max(512, query.payload), self.payload)
 
-    def _store(self, wire: bytes, query: dns.message.Message, reply: dns.message.Message,
-               full: bytes, now: float, generation: int | None = None) -> None:
-        if self.cache is None or reply.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+    def _store(self, peek: replies.QueryPeek | None, reply: dns.message.Message, full: bytes,
+               now: float, generation: int | None = None) -> None:
+        if self.cache is None or peek is None or \
+                reply.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
             return
         if full[2] & 0x02:  # TC even over TCP (> 64 KiB): never cache a partial answer
             return
         ttl = replies.min_ttl(reply)
-        peek = replies.peek_query(wire)
-        if ttl is None or ttl <= 0 or peek is None:
+        if ttl is None or ttl <= 0:
             return
         entry = WireEntry(full, now, replies.ttl_offsets(full), peek.qname_len)
         self.cache.put(peek.key, entry, now + ttl, generation)
