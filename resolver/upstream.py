@@ -189,7 +189,7 @@ class Forwarder:
         self.tcp_timeout = tcp_timeout
         self.payload = payload
         self.stats = UpstreamStats()
-        self._inflight: dict[tuple[dns.name.Name, int, bool, bool],
+        self._inflight: dict[tuple[bytes, int, bool, bool],
                              asyncio.Task[dns.message.Message]]
         self._inflight = {}
 
@@ -206,7 +206,9 @@ class Forwarder:
         budget = current_budget.get()
         if budget is not None:
             budget.charge(qname, qtype)
-        key = (qname.canonicalize(), int(qtype), cd, recheck)
+        name = qname.to_wire()
+        assert name is not None  # bytes when no file is given
+        key = (name.lower(), int(qtype), cd, recheck)  # cheaper than a canonical Name
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(

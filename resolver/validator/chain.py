@@ -279,7 +279,8 @@ class TrustChain:
     async def fetch_counted(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType,
                      budget: Budget) -> dns.message.Message | Verdict:
         budget.charge_fetch()
-        log.debug("fetch %s/%s", name, dns.rdatatype.to_text(rdtype))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("fetch %s/%s", name, dns.rdatatype.to_text(rdtype))
         try:
             async with budget.released():
                 return await self.fetch(name, rdtype)
