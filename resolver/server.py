@@ -83,11 +83,16 @@ class Server:
         self._servers: list[asyncio.base_events.Server] = []
         self._udp: list[_UdpListener] = []
         self.bound: list[tuple[str, int]] = []  # actual addresses (port 0 resolved)
+        self.fast_counts: dict[tuple[int, int], int] | None = None  # see fast_reply
 
     # --- bytes in, bytes out ---------------------------------------------------------------
 
     def fast_reply(self, wire: bytes, now: float, udp: bool) -> bytes | None:
-        """The cached reply for this query, or None (then the slow path runs)."""
+        """The cached reply for this query, or None (then the slow path runs).
+
+        Counts the reply in `fast_counts` by (qtype, rcode) when that is a dict (the metered
+        server's; a dict update here is cheaper than a metering wrapper around the call).
+        """
         if self.cache is None:
             return None
         peek = replies.peek_query(wire)
@@ -98,7 +103,12 @@ class Server:
             return None
         if udp and len(entry.wire) > min(peek.udp_size, self.payload):
             return None  # the slow path truncates properly
-        return entry.render(wire, now)
+        reply = entry.render(wire, now)
+        counts = self.fast_counts
+        if counts is not None:
+            key = (peek.key[1], reply[3] & 0x0F)
+            counts[key] = counts.get(key, 0) + 1
+        return reply
 
     async def slow_reply(self, wire: bytes, now: float, udp: bool) -> bytes | None:
         """Parse, check, handle and render one query; None means drop it."""
@@ -286,7 +296,7 @@ class _UdpListener:
 
     def _readable(self) -> None:
         server = self.server
-        recvfrom = self.sock.recvfrom
+        recvfrom, sendto = self.sock.recvfrom, self.sock.sendto
         for _ in range(self.BATCH):
             try:
                 data, addr = recvfrom(65535)
@@ -295,9 +305,12 @@ class _UdpListener:
             except OSError:
                 continue  # e.g. ICMP errors reported for earlier replies
             now = server.clock()
-            reply = server.fast_reply(data, now, udp=True)
+            reply = server.fast_reply(data, now, True)
             if reply is not None:
-                self.send(reply, addr)
+                try:
+                    sendto(reply, addr)
+                except OSError:
+                    pass  # as in send(): buffer full or client gone
             elif len(server.udp_tasks) < MAX_UDP_TASKS:
                 task = self.loop.create_task(self._answer(data, addr, now))
                 server.udp_tasks.add(task)
