@@ -45,7 +45,7 @@ def main() -> int:
             b.wait_ready(b.AUTH, b.ZONE)
             argv, env = b.start_ours(b.ours_config(work, anchor, b.OURS, "ours"), b.ROOT,
                                      wrapper)
-            with b.process(argv, work / "ours.log", env) as proc:
+            with b.process(argv, work / "ours.log", env, cwd=b.ROOT) as proc:
                 b.wait_ready(b.OURS, b.ZONE)
                 # Warm-up with other names: the first queries import dnspython's rdata modules.
                 warm = b.names_file(work, args.names, 50, "warm")

@@ -42,6 +42,9 @@ KEY_AD: Final = 4  # client set AD: it wants the AD bit even without DO (RFC 684
 KEY_EDNS: Final = 8  # client sent OPT: the reply carries one
 
 _OPT: Final = int(dns.rdatatype.OPT)
+_QR_RA: Final = int(dns.flags.QR | dns.flags.RA)
+_RD: Final = int(dns.flags.RD)
+_DO: Final = int(dns.flags.DO)
 _DNSSEC_TYPES: Final = frozenset({dns.rdatatype.RRSIG, dns.rdatatype.NSEC, dns.rdatatype.NSEC3})
 MAX_EDE_TEXT: Final = 120
 # EDNS options a fast-path query may carry: none of them changes the reply, and the only one
@@ -201,9 +204,26 @@ def header_error(wire: bytes, rcode: dns.rcode.Rcode) -> bytes | None:
 
 
 def _reply(query: dns.message.Message, payload: int) -> dns.message.Message:
-    reply = dns.message.make_response(query, recursion_available=True, our_payload=payload)
-    if query.edns >= 0 and query.ednsflags & dns.flags.DO:
-        reply.ednsflags |= dns.flags.DO
+    """make_response(query, recursion_available=True, our_payload=payload), DO echoed.
+
+    Built directly for the usual query (opcode QUERY, no TSIG, no padding option): the same
+    message (tests/test_answer_reply.py compares them) without make_response's flag enum
+    arithmetic, which was 7 % of a cold lookup. Anything else goes through make_response.
+    """
+    flags = int(query.flags)
+    opt = query.opt
+    if flags & 0xF800 or query.tsig is not None or (
+            opt and any(o.otype == dns.edns.OptionType.PADDING for o in query.options)):
+        reply = dns.message.make_response(query, recursion_available=True,
+                                          our_payload=payload)
+        if query.edns >= 0 and query.ednsflags & dns.flags.DO:
+            reply.ednsflags |= dns.flags.DO
+        return reply
+    reply = dns.message.QueryMessage(id=query.id)
+    reply.flags = dns.flags.Flag(_QR_RA | (flags & _RD))
+    reply.question = list(query.question)
+    if opt:
+        reply.use_edns(0, opt.ttl & _DO, payload, query.payload)
     return reply
 
 
