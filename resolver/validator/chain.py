@@ -51,6 +51,7 @@ from dns.rdtypes.ANY.DS import DS
 from resolver.errors import ResolverError
 from resolver.validator.anchors import Anchor, TrustAnchors
 from resolver.validator.denial import collect, find, prove_negative, rrsigs_for
+from resolver.validator.names import same_name
 from resolver.validator.sig import ZoneKeys, algorithm_supported, index_keys, verify_rrset
 from resolver.validator.types import Budget, Limits, Security, Verdict, bogus, insecure
 
@@ -95,7 +96,7 @@ class TrustChain:
                        ) -> ZoneKeys | Verdict:
         """The validated keys of zone ``signer``, or the verdict that replaces them."""
         state = await self._walk(signer, now, budget)
-        if isinstance(state, ZoneKeys) and state.zone != signer:
+        if isinstance(state, ZoneKeys) and not same_name(state.zone, signer):
             return bogus(f"signer {signer} is not a zone apex (no DS at it)",
                          _EDE.DNSKEY_MISSING)
         return state

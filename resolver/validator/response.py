@@ -58,6 +58,7 @@ from resolver.validator.denial import (
     rrsig_rrset,
     rrsigs_for,
 )
+from resolver.validator.names import is_below, same_name
 from resolver.validator.sig import ZoneKeys, verify_rrset
 from resolver.validator.types import (
     SECURE,
@@ -270,8 +271,14 @@ class Validator:
     async def _positive(self, rrset: dns.rrset.RRset, response: dns.message.Message,
                         now: float, budget: Budget) -> _Part:
         sigs = rrsigs_for(response.answer, rrset.name, rrset.rdtype)
-        signers = sorted({s.signer for s in sigs if rrset.name.is_subdomain(s.signer)},
-                         key=len, reverse=True)
+        # Distinct signers above the owner, deepest first (a list, not a set of Names:
+        # hashing a Name walks its every character in Python).
+        signers: list[dns.name.Name] = []
+        for s in sigs:
+            if is_below(rrset.name, s.signer) and \
+                    not any(same_name(s.signer, seen) for seen in signers):
+                signers.append(s.signer)
+        signers.sort(key=len, reverse=True)
         if not signers:
             return await self._unsigned(rrset.name, rrset.rdtype, rrset.ttl, _what(rrset),
                                         bool(sigs), now, budget)

@@ -54,6 +54,7 @@ from dns.rdtypes.ANY.DNSKEY import DNSKEY
 from dns.rdtypes.ANY.RRSIG import RRSIG
 from dns.rdtypes.dnskeybase import Flag
 
+from resolver.validator.names import is_below, same_name
 from resolver.validator.types import Budget, BudgetExhausted, Security, Verdict, bogus
 
 log = logging.getLogger("resolver.validator")
@@ -199,9 +200,9 @@ def _precheck(rrset: dns.rrset.RRset, rrsig: RRSIG, zone: dns.name.Name) -> tupl
     owner = rrset.name
     if rrsig.type_covered != rrset.rdtype or rrsig.rdclass != rrset.rdclass:
         return "signer", "RRSIG does not cover the RRset type"
-    if rrsig.signer != zone:
+    if not same_name(rrsig.signer, zone):
         return "signer", f"RRSIG signer {rrsig.signer} is not the zone {zone}"
-    if not owner.is_subdomain(rrsig.signer):
+    if not is_below(owner, rrsig.signer):
         return "signer", f"RRSIG signer {rrsig.signer} is not an ancestor of {owner}"
     if rrsig.labels > owner_labels(owner):
         return "labels", f"RRSIG labels {rrsig.labels} exceed the owner's"
