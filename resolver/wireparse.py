@@ -21,8 +21,9 @@ lab zones' real responses and on mutated and random bytes):
 * rdata: A, AAAA and RRSIG, the types every positive answer carries, are read here into
   the same objects (same classes, same attribute values: the test compares every slot)
   without dnspython's per-field validation, whose checks cannot fail on values read from
-  fixed-width fields; every other type goes through `dns.rdata.from_wire_parser` itself,
-  on the same bytes;
+  fixed-width fields; SOA, NSEC, NSEC3, DNSKEY, DS, CNAME, DNAME, NS and PTR are read here
+  and built with their classes' own constructors (so their checks run); every other type
+  goes through `dns.rdata.from_wire_parser` itself, on the same bytes;
 * records are grouped into RRsets as dnspython groups them (owner name compared without
   case, class, type, covered type; the TTL of an RRset is its smallest, a TTL above 2^31-1
   counts as 0; singleton types keep their last record), through `Rdataset.add` itself;
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any, Final
 
 import dns.dnssectypes
@@ -58,10 +60,21 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import dns.wire
+from dns.rdtypes.ANY.CNAME import CNAME
+from dns.rdtypes.ANY.DNAME import DNAME
+from dns.rdtypes.ANY.DNSKEY import DNSKEY
+from dns.rdtypes.ANY.DS import DS
+from dns.rdtypes.ANY.NS import NS
+from dns.rdtypes.ANY.NSEC import NSEC
+from dns.rdtypes.ANY.NSEC3 import NSEC3
 from dns.rdtypes.ANY.OPT import OPT
+from dns.rdtypes.ANY.PTR import PTR
 from dns.rdtypes.ANY.RRSIG import RRSIG
+from dns.rdtypes.ANY.SOA import SOA
 from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
+
+import resolver.dnspatch  # noqa: F401  # rdata hashing without a Name per suffix
 
 _MAX_HOPS: Final = dns.name.MAX_COMPRESSION_POINTER_CHAIN
 _RR: Final = struct.Struct("!HHIH")
@@ -199,6 +212,93 @@ def _rrsig(wire: bytes, pos: int, end: int, rdclass: int, rdtype: int) -> dns.rd
     return rd
 
 
+def _counted(wire: bytes, pos: int, end: int) -> tuple[bytes, int]:
+    """A length byte and that many bytes (wirebase.Parser.get_counted_bytes)."""
+    if pos >= end:
+        raise dns.exception.FormError
+    nxt = pos + 1 + wire[pos]
+    if nxt > end:
+        raise dns.exception.FormError
+    return wire[pos + 1:nxt], nxt
+
+
+def _windows(wire: bytes, pos: int, end: int) -> list[tuple[int, bytes]]:
+    """An NSEC/NSEC3 type bitmap (util.Bitmap.from_wire_parser; its constructor checks it)."""
+    windows = []
+    while pos < end:
+        window = wire[pos]
+        bitmap, pos = _counted(wire, pos + 1, end)
+        windows.append((window, bitmap))
+    return windows
+
+
+def _fixed(wire: bytes, pos: int, end: int, fmt: struct.Struct) -> tuple[Any, ...]:
+    if pos + fmt.size > end:
+        raise dns.exception.FormError
+    return fmt.unpack_from(wire, pos)
+
+
+def _done(pos: int, end: int) -> None:
+    if pos != end:  # restrict_to: the rdata must be read to its last byte
+        raise dns.exception.FormError
+
+
+# The types of every negative answer, referral and DNSKEY/DS fetch. Each is read here and
+# built with its own class's constructor (whose checks, such as a DS digest's length or an
+# NSEC bitmap's window order, run as they do under from_wire), as the class's
+# from_wire_parser would build it. These classes are dnspython's for every rdata class.
+def _soa(wire: bytes, pos: int, end: int, c: Any, t: Any) -> dns.rdata.Rdata:
+    mname, _, pos = _name(wire, pos, end)
+    rname, _, pos = _name(wire, pos, end)
+    ints = _fixed(wire, pos, end, _SOA_INTS)
+    _done(pos + _SOA_INTS.size, end)
+    return SOA(c, t, mname, rname, *ints)  # type: ignore[no-untyped-call]
+
+
+def _nsec(wire: bytes, pos: int, end: int, c: Any, t: Any) -> dns.rdata.Rdata:
+    nxt, _, pos = _name(wire, pos, end, decompress=False)
+    return NSEC(c, t, nxt, _windows(wire, pos, end))  # type: ignore[no-untyped-call]
+
+
+def _nsec3(wire: bytes, pos: int, end: int, c: Any, t: Any) -> dns.rdata.Rdata:
+    alg, flags, iterations = _fixed(wire, pos, end, _NSEC3_HEAD)
+    salt, pos = _counted(wire, pos + _NSEC3_HEAD.size, end)
+    nxt, pos = _counted(wire, pos, end)
+    return NSEC3(c, t, alg, flags, iterations, salt, nxt,  # type: ignore[no-untyped-call]
+                 _windows(wire, pos, end))
+
+
+def _target(wire: bytes, pos: int, end: int, c: Any, t: Any) -> dns.rdata.Rdata:
+    cls = _TARGET_TYPES[int(t)]
+    target, _, pos = _name(wire, pos, end, decompress=cls is not DNAME)
+    _done(pos, end)
+    rd: dns.rdata.Rdata = cls(c, t, target)
+    return rd
+
+
+def _dnskey(wire: bytes, pos: int, end: int, c: Any, t: Any) -> dns.rdata.Rdata:
+    flags, protocol, alg = _fixed(wire, pos, end, _KEY_HEAD)
+    return DNSKEY(c, t, flags, protocol, alg, wire[pos + 4:end])  # type: ignore[no-untyped-call]
+
+
+def _ds(wire: bytes, pos: int, end: int, c: Any, t: Any) -> dns.rdata.Rdata:
+    tag, alg, digest_type = _fixed(wire, pos, end, _KEY_HEAD)
+    return DS(c, t, tag, alg, digest_type, wire[pos + 4:end])  # type: ignore[no-untyped-call]
+
+
+_SOA_INTS: Final = struct.Struct("!IIIII")
+_NSEC3_HEAD: Final = struct.Struct("!BBH")
+_KEY_HEAD: Final = struct.Struct("!HBB")
+_TARGET_TYPES: Final[dict[int, Any]] = {int(dns.rdatatype.CNAME): CNAME,
+                                        int(dns.rdatatype.NS): NS,
+                                        int(dns.rdatatype.PTR): PTR,
+                                        int(dns.rdatatype.DNAME): DNAME}
+_READERS: Final[dict[int, Callable[[bytes, int, int, Any, Any], dns.rdata.Rdata]]] = {
+    int(dns.rdatatype.SOA): _soa, int(dns.rdatatype.NSEC): _nsec,
+    int(dns.rdatatype.NSEC3): _nsec3, int(dns.rdatatype.DNSKEY): _dnskey,
+    int(dns.rdatatype.DS): _ds, **dict.fromkeys(_TARGET_TYPES, _target)}
+
+
 def _rdata(wire: bytes, pos: int, end: int, rdclass: int, rdtype: int,
            parser: dns.wire.Parser) -> dns.rdata.Rdata:
     """The rdata in wire[pos:end], as dns.rdata.from_wire_parser reads it."""
@@ -212,6 +312,14 @@ def _rdata(wire: bytes, pos: int, end: int, rdclass: int, rdtype: int,
         if end - pos != 16:
             raise dns.exception.FormError
         return _a(rdclass, rdtype, dns.ipv6.inet_ntoa(wire[pos:end]), AAAA)
+    reader = _READERS.get(rdtype)
+    if reader is not None:
+        try:
+            return reader(wire, pos, end, _rdclass(rdclass), _rdtype(rdtype))
+        except dns.exception.DNSException:
+            raise
+        except Exception as e:  # as dnspython's ExceptionWrapper(FormError) does
+            raise dns.exception.FormError from e
     parser.seek(pos)
     with parser.restrict_to(end - pos):
         return dns.rdata.from_wire_parser(_rdclass(rdclass), _rdtype(rdtype), parser, None)
