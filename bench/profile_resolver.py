@@ -1,7 +1,7 @@
 """Profile our resolver on the benchmark's workload: the cold path or the cached path.
 
 Usage: .venv/bin/python bench/profile_resolver.py cold|cached [--names 3000] [--seconds 8]
-           [--cprofile] [--top 25] [--port-base 5401] [--keep DIR]
+           [--cprofile] [--top 25] [--port-base 5401] [--keep FILE] [--tree DIR]
 
 Sets up what bench_resolver.py sets up (named serving the signed zone on CPU 1), runs only our
 resolver, on CPU 0, under bench/sampler.py (or cProfile with --cprofile), drives it with
@@ -33,6 +33,8 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--port-base", type=int, default=5401)
     ap.add_argument("--keep", type=Path, help="copy the raw profile here")
+    ap.add_argument("--tree", type=Path, default=b.ROOT,
+                    help="profile the resolver of another tree (e.g. a checkout of main)")
     args = ap.parse_args()
     b.set_ports(args.port_base)
     with tempfile.TemporaryDirectory(prefix="isk-prof-") as tmp:
@@ -43,9 +45,10 @@ def main() -> int:
         anchor = b.make_zone(work, args.names + 50)
         with b.process(b.start_named(work), work / "named.log"):
             b.wait_ready(b.AUTH, b.ZONE)
-            argv, env = b.start_ours(b.ours_config(work, anchor, b.OURS, "ours"), b.ROOT,
+            tree = args.tree.resolve()
+            argv, env = b.start_ours(b.ours_config(work, anchor, b.OURS, "ours"), tree,
                                      wrapper)
-            with b.process(argv, work / "ours.log", env, cwd=b.ROOT) as proc:
+            with b.process(argv, work / "ours.log", env, cwd=tree) as proc:
                 b.wait_ready(b.OURS, b.ZONE)
                 # Warm-up with other names: the first queries import dnspython's rdata modules.
                 warm = b.names_file(work, args.names, 50, "warm")
