@@ -90,9 +90,9 @@ install-files: man
 	    (cd $$pkg && find . -name __pycache__ -prune -o -type f \( -name '*.py' -o -name py.typed \) \
 	        -print | while read -r f; do install -D -m 0644 "$$f" "$(DESTDIR)$(pkglibdir)/$$pkg/$$f"; done); \
 	done
-	for prog in ipseckey-resolver:resolver autosp:autosp; do \
+	for prog in ipseckey-resolver:resolver.__main__ autosp:autosp.cli; do \
 	    name=$${prog%%:*}; mod=$${prog#*:}; \
-	    printf '#!%s -I\nimport sys\nsys.path.insert(0, "%s")\nfrom %s.cli import main\nsys.exit(main())\n' \
+	    printf '#!%s -I\nimport sys\nsys.path.insert(0, "%s")\nfrom %s import main\nsys.exit(main())\n' \
 	        "$(INSTALL_PYTHON)" "$(pkglibdir)" "$$mod" > $(DESTDIR)$(sbindir)/$$name; \
 	    chmod 0755 $(DESTDIR)$(sbindir)/$$name; \
 	done

@@ -2,9 +2,9 @@
 
 Exit statuses: 0 done; 1 the operation failed (refused, timed out, raced; also permission
 denied on the control socket); 2 bad input or configuration; 3 the resolver is not running (no
-control socket, or nothing answers on it; endpoint commands and `stats` only). Errors are one
-line on stderr, never a traceback (set AUTOSP_DEBUG=1 to get one). What the daemon answers is
-printed as aligned text by autosp.output, or as JSON with --json.
+control socket, or nothing answers on it; endpoint commands, `stats` and `upstream` only).
+Errors are one line on stderr, never a traceback (set AUTOSP_DEBUG=1 to get one). What the
+daemon answers is printed as aligned text by autosp.output, or as JSON with --json.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import dns.name
 from autosp import control, keygen, output, records
 from autosp.errors import OperationFailed, ResolverUnreachable
 from autosp.plan import ROLLOVER_STEPS
+from resolver.endpoints.core import PINNED_GROUPS
 from resolver.errors import ConfigError
 from resolver.metrics import flat_lines
 from resolver.policy import Group
@@ -81,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the resolver's control socket (default: $AUTOSP_CONTROL or "
                         f"{control.DEFAULT_SOCKET})")
     p.add_argument("--json", action="store_true",
-                   help="print the resolver's answer as JSON, for scripts (endpoint commands "
-                        "and stats; times as POSIX seconds)")
+                   help="print the resolver's answer as JSON, for scripts (endpoint commands, "
+                        "stats and upstream; times as POSIX seconds)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _endpoint_commands(sub)
     _keygen_command(sub)
@@ -108,9 +109,12 @@ def _endpoint_commands(sub: Any) -> None:
                "key is followed. " + needs)
     add.add_argument("name", help="the endpoint's DNS name, e.g. vpn.example.com")
     groups = [g.value for g in Group]
+    pinned = [g.value for g in PINNED_GROUPS]
+    refused = ", ".join(g for g in groups if g not in pinned)
     add.add_argument("--group", choices=groups, metavar="GROUP",
-                     help="policy group for it: " + ", ".join(groups) + " (default: the group "
-                          "the resolver's [policy] gives the name or its addresses)")
+                     help=f"policy group for it: {' or '.join(pinned)} ({refused} make no "
+                          "tunnel and are refused; default: the group the resolver's [policy] "
+                          "gives the name or its addresses)")
     rm = _sub(sub, "remove", "stop keeping an endpoint and tear its tunnel down",
               "Forget an endpoint added with `autosp add` and tear its tunnel down. " + needs)
     rm.add_argument("name", help="the endpoint's DNS name, as given to `autosp add`")
@@ -130,6 +134,11 @@ def _endpoint_commands(sub: Any) -> None:
          "validation outcomes, upstream round trips and failures, tunnels, setups, pinned "
          "endpoints), one `name{labels} value` line each, the same numbers its Prometheus "
          "listener ([metrics] listen) serves. " + needs)
+    _sub(sub, "upstream", "where the resolver's answers come from, and why",
+         "The resolver's upstream: its mode (auto, forward, iterate), the path in use "
+         "(forwarding to which servers, or iterating from the root), the reason (e.g. which "
+         "forwarder failed the DNSSEC probe, and how), since when, and the last probe's "
+         "results. " + needs)
 
 
 def _keygen_command(sub: Any) -> None:
@@ -290,6 +299,8 @@ def _endpoint(args: argparse.Namespace) -> int:
         print(output.table(list((result or {}).get("endpoints", [])), now))
     elif cmd == "status":
         print(output.endpoint(result or {}, now))
+    elif cmd == "upstream":
+        print(output.upstream(result or {}, now))
     else:
         print(f"refreshed {name or 'all endpoints'}")
     return EXIT_OK

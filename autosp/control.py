@@ -6,22 +6,22 @@ reads the bounded reply, and maps its outcome onto autosp's errors (and so exit 
 a "bad-request" reply or a request that `check_request` refuses is ConfigError (exit 2), any
 other failure reply OperationFailed (exit 1), as is a socket this user may not open (the same
 sentence as the daemon's "forbidden" reply); no daemon listening (or none answering) is
-ResolverUnreachable (exit 3).
+ResolverUnreachable (exit 3). What autosp prints of a reply is autosp/output.py.
 """
 
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
 from autosp.errors import OperationFailed, ResolverUnreachable
 from resolver.endpoints import protocol
+from resolver.endpoints.core import parse_group
 from resolver.endpoints.protocol import DEFAULT_SOCKET, EndpointError, Request
 from resolver.errors import ConfigError
 
-__all__ = ["DEFAULT_SOCKET", "format_status", "format_table", "make_request", "request", "send"]
+__all__ = ["DEFAULT_SOCKET", "make_request", "request", "send"]
 
 
 def make_request(op: str, name: str | None = None, group: str | None = None) -> Request:
@@ -31,9 +31,12 @@ def make_request(op: str, name: str | None = None, group: str | None = None) -> 
         ConfigError: the daemon would refuse it as "bad-request" (not a DNS name, ...).
     """
     try:
-        return protocol.check_request(op, name, group)
+        req = protocol.check_request(op, name, group)
+        if op == "add":
+            parse_group(group)  # the daemon's own check of --group (clear and block refused)
     except EndpointError as exc:
         raise ConfigError(str(exc)) from None
+    return req
 
 
 def request(path: Path, op: str, timeout: float = 30.0, *, name: str | None = None,
@@ -59,7 +62,7 @@ def send(path: Path, req: Request, timeout: float = 30.0) -> Any:
             data = _read_line(s)
     except FileNotFoundError:
         raise ResolverUnreachable(f"no control socket at {path}: is ipseckey-resolver running "
-                                  "(with [control] enabled)? The endpoint commands need the "
+                                  f"(with [control] enabled)? `autosp {req.op}` needs the "
                                   "resolver's control socket") from None
     except PermissionError:
         # Not "unreachable" (exit 3 means "resolver not running"): it may well be running.
@@ -93,44 +96,3 @@ def _read_line(s: socket.socket) -> bytes:
         raise OSError(0, "the resolver closed the connection without a reply")
     return bytes(buf.split(b"\n", 1)[0])
 
-
-def format_table(endpoints: list[dict[str, Any]], now: float | None = None) -> str:
-    """`autosp list` output: one row per endpoint, aligned columns."""
-    now = time.time() if now is None else now
-    header = ("NAME", "ADDRESSES", "KEY", "DNSSEC", "TUNNEL", "NEXT REFRESH")
-    rows = [header]
-    for e in endpoints:
-        nxt = e.get("next_refresh")
-        when = "-" if nxt is None else f"in {max(0, round(float(nxt) - now))} s"
-        key = f"{e.get('algorithm') or '-'} {e.get('fingerprint') or ''}".strip()
-        rows.append((str(e.get("name", "?")), ",".join(e.get("addresses") or []) or "-", key,
-                     str(e.get("security") or "-"), str(e.get("tunnel") or "-"), when))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
-
-
-_TIMES = ("next_refresh", "last_refresh", "added")  # POSIX seconds in the protocol
-
-
-def format_status(e: dict[str, Any], now: float | None = None) -> str:
-    """`autosp status NAME` output: every known field, one per line, failure reason last.
-
-    Times are shown as UTC and relative to now ("2026-11-23 10:05:00 UTC (in 40 s)"), not as
-    the raw POSIX seconds the protocol carries.
-    """
-    now = time.time() if now is None else now
-    lines = [f"{k}: {_when(v, now) if k in _TIMES else v}" for k, v in e.items()
-             if k != "error"]
-    if e.get("error"):
-        lines.append(f"error: {e['error']}")
-    return "\n".join(lines)
-
-
-def _when(value: Any, now: float) -> str:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return "-" if value is None else str(value)
-    delta = round(float(value) - now)
-    rel = f"in {delta} s" if delta >= 0 else f"{-delta} s ago"
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(value)))
-    return f"{stamp} ({rel})"

@@ -27,15 +27,13 @@ from collections.abc import Callable
 import dns.dnssec
 import dns.exception
 import dns.flags
-import dns.message
 import dns.name
-import dns.query
 import dns.rcode
 import dns.rdata
 import dns.rdatatype
 import dns.rrset
 
-from autosp.publish import CheckResult, Server, check_secure
+from autosp.publish import CheckResult, Server, ask, check_secure, poll_check
 
 Final = dict[dns.rdatatype.RdataType, frozenset[dns.rdata.Rdata]]
 
@@ -52,36 +50,12 @@ def check_fresh(name: dns.name.Name, zone: dns.name.Name, final: Final, primary:
     """Poll until the published RRsets validate along the authoritative path (see above)."""
     start = clock()
     per_query = max(0.5, min(2.0, timeout))
-    while True:
-        try:
-            why = _once(name, zone, final, primary, resolver, per_query, wall())
-        except _Unsigned:
-            left = max(0.0, timeout - (clock() - start))
-            return check_secure(name, final, resolver, left, clock=clock, sleep=sleep)
-        now = clock()
-        if not why:
-            return CheckResult(True, "", now - start)
-        if now - start >= timeout:
-            return CheckResult(False, why, now - start)
-        sleep(0.02)
-
-
-def _ask(server: Server, name: dns.name.Name, rdtype: dns.rdatatype.RdataType,
-         timeout: float, tcp: bool = False) -> dns.message.Message | str:
-    """One query with DO and AD; TCP for the primary (as the update and the read before it)."""
-    q = dns.message.make_query(name, rdtype, want_dnssec=True, use_edns=0)
-    q.flags |= dns.flags.AD
     try:
-        if tcp:
-            r = dns.query.tcp(q, server.address, port=server.port, timeout=timeout)
-        else:
-            r, _ = dns.query.udp_with_fallback(q, server.address, port=server.port,
-                                               timeout=timeout)
-    except dns.exception.Timeout:
-        return f"{server} did not answer within {timeout:g} s"
-    except (OSError, dns.exception.DNSException) as exc:
-        return f"cannot ask {server}: {exc}"
-    return r
+        return poll_check(lambda: _once(name, zone, final, primary, resolver, per_query, wall()),
+                          start, timeout, clock=clock, sleep=sleep)
+    except _Unsigned:
+        left = max(0.0, timeout - (clock() - start))
+        return check_secure(name, final, resolver, left, clock=clock, sleep=sleep)
 
 
 def _once(name: dns.name.Name, zone: dns.name.Name, final: Final, primary: Server,
@@ -90,7 +64,7 @@ def _once(name: dns.name.Name, zone: dns.name.Name, final: Final, primary: Serve
     fresh: list[tuple[str, dns.rrset.RRset, dns.rrset.RRset | None]] = []
     for rdtype, want in sorted(final.items()):
         what = f"{name} {dns.rdatatype.to_text(rdtype)}"
-        r = _ask(primary, name, rdtype, timeout, tcp=True)
+        r = ask(primary, name, rdtype, timeout, tcp=True)
         if isinstance(r, str):
             return r
         got = r.get_rrset(r.answer, name, dns.rdataclass.IN, rdtype)
@@ -107,7 +81,7 @@ def _once(name: dns.name.Name, zone: dns.name.Name, final: Final, primary: Serve
     unsigned = [what for what, _, sigs in fresh if sigs is None]
     if unsigned:
         return f"the primary {primary} serves {', '.join(unsigned)} without a signature yet"
-    keys = _ask(resolver, zone, dns.rdatatype.DNSKEY, timeout)
+    keys = ask(resolver, zone, dns.rdatatype.DNSKEY, timeout)
     if isinstance(keys, str):
         return keys
     if keys.rcode() != dns.rcode.NOERROR:

@@ -99,3 +99,20 @@ def table(endpoints: Sequence[dict[str, Any]], now: float) -> str:
 def as_json(value: Any) -> str:
     """The daemon's result for scripts: JSON, keys sorted, times as POSIX seconds."""
     return json.dumps(value, indent=2, sort_keys=True)
+
+
+def upstream(s: dict[str, Any], now: float) -> str:
+    """`autosp upstream`: mode, the path in use and why, since when, the last probe."""
+    path = plain(s.get("path"))
+    if path == "forward" and s.get("using"):
+        path += " to " + plain(s.get("using"))
+    rows = [("mode", plain(s.get("mode"))), ("path", path), ("reason", plain(s.get("reason"))),
+            ("since", when(s.get("since"), now)),
+            ("forwarders", f"{plain(s.get('forwarders'))} (from {plain(s.get('source'))})")]
+    probes = [p for p in s.get("probes") or [] if isinstance(p, dict)]
+    if probes:
+        rows.append(("last probe", when(s.get("last_probe"), now)))
+    lines = [key_values(rows)]
+    lines += [f"  {plain(p.get('server'))}: {plain(p.get('status'))}"
+              + (f": {p['reason']}" if p.get("reason") else "") for p in probes]
+    return "\n".join(lines)

@@ -205,10 +205,17 @@ def check_secure(name: dns.name.Name,
     Polls every 20 ms (the primary signs within milliseconds, but a resolver that still caches
     the old data only lets go after its TTL) until `timeout` seconds have passed.
     """
-    start = clock()
-    why = "no answer yet"
+    per_query = max(0.5, min(2.0, timeout))
+    return poll_check(lambda: _check_once(name, final, resolver, per_query), clock(), timeout,
+                      clock=clock, sleep=sleep)
+
+
+def poll_check(once: Callable[[], str], start: float, timeout: float, *,
+               clock: Callable[[], float], sleep: Callable[[float], None]) -> CheckResult:
+    """Run `once` (it returns '' when secure, else why not) every 20 ms until it says secure or
+    `timeout` seconds from `start` have passed; the last reason is the result's `why`."""
     while True:
-        why = _check_once(name, final, resolver, max(0.5, min(2.0, timeout)))
+        why = once()
         now = clock()
         if not why:
             return CheckResult(True, "", now - start)
@@ -217,21 +224,32 @@ def check_secure(name: dns.name.Name,
         sleep(0.02)
 
 
+def ask(server: Server, name: dns.name.Name, rdtype: dns.rdatatype.RdataType, timeout: float,
+        *, tcp: bool = False, role: str = "") -> dns.message.Message | str:
+    """One query with DO and AD set (UDP with TCP fallback, or TCP only); the reply, or why
+    there is none in words. `role` ("the resolver ") goes before the server in those words."""
+    q = dns.message.make_query(name, rdtype, want_dnssec=True, use_edns=0)
+    q.flags |= dns.flags.AD
+    try:
+        if tcp:
+            return dns.query.tcp(q, server.address, port=server.port, timeout=timeout)
+        r, _ = dns.query.udp_with_fallback(q, server.address, port=server.port, timeout=timeout)
+    except dns.exception.Timeout:
+        return f"{role}{server} did not answer within {timeout:g} s"
+    except (OSError, dns.exception.DNSException) as exc:
+        return f"cannot ask {role}{server}: {exc}"
+    return r
+
+
 def _check_once(name: dns.name.Name,
                 final: dict[dns.rdatatype.RdataType, frozenset[dns.rdata.Rdata]],
                 resolver: Server, timeout: float) -> str:
     """'' if every RRset is as published and AD is set; otherwise the reason why not."""
     for rdtype, want in sorted(final.items()):
         tname = f"{name} {dns.rdatatype.to_text(rdtype)}"
-        q = dns.message.make_query(name, rdtype, want_dnssec=True, use_edns=0)
-        q.flags |= dns.flags.AD
-        try:
-            r, _ = dns.query.udp_with_fallback(q, resolver.address, port=resolver.port,
-                                               timeout=timeout)
-        except dns.exception.Timeout:
-            return f"the resolver {resolver} did not answer within {timeout:g} s"
-        except (OSError, dns.exception.DNSException) as exc:
-            return f"cannot ask the resolver {resolver}: {exc}"
+        r = ask(resolver, name, rdtype, timeout, role="the resolver ")
+        if isinstance(r, str):
+            return r
         if r.rcode() == dns.rcode.SERVFAIL:
             ede = "; ".join(f"EDE {e.code}: {e.text or dns.edns.EDECode.to_text(e.code)}"
                             for e in r.extended_errors())

@@ -10,6 +10,15 @@ The ESP data path is LAB_ESP (env) or the `esp` argument: "libipsec" (default; u
 charon, works on kernels without ESP) or "kernel" (kernel ESP; `up` refuses it with a clear
 message when the kernel cannot hold an ESP SA).
 
+Preloaded peers or bare charons. By default every charon gets its host key and one responder
+conn per other lab peer (the lab configures every responder by hand, so that tests of the
+initiator need no daemon on the far end). With `preload=False` (env LAB_PRELOAD=0) the charons
+get only their own key and settings, as on hosts that run nothing but ipseckey-resolver: a peer
+that should accept a tunnel runs the daemon (lab/resolverd.py), whose responder learns the
+initiator from DNS. `bare(*hosts)` switches a running lab's hosts to that mode for a block (what
+the responder tests use); it also drops every credential charon holds (`clear-creds`), because
+a key loaded once stays trusted after its conn is unloaded (lab-notes, "Careful 1").
+
 `up` = down if stale, host keys, namespaces + blackholes, sign zones, start every daemon at
 once, then wait for each to be ready (bounded). `down` kills the processes it recorded and any
 process still living in one of the instance's namespaces, deletes the namespaces and the
@@ -56,6 +65,9 @@ class CommandFailed(subprocess.CalledProcessError):
                 f"stderr: {(self.stderr or '').strip()}")
 
 
+# Machine-wide record of which process owns a lab prefix (namespaces are machine-wide).
+OWNERS_DIR = Path("/run/ipseckey-lab")
+
 class Lab(Probes):
     """One lab instance. See the module docstring; all methods need root.
 
@@ -64,7 +76,7 @@ class Lab(Probes):
     """
 
     def __init__(self, lab_id: str | None = None, state_dir: Path | None = None,
-                 esp: str | None = None) -> None:
+                 esp: str | None = None, preload: bool | None = None) -> None:
         self.lab_id = os.environ.get("LAB_ID", "") if lab_id is None else lab_id
         if not _LAB_ID_RE.match(self.lab_id):
             raise LabError(f"LAB_ID must be 0-4 lowercase letters/digits, got {self.lab_id!r}")
@@ -77,6 +89,10 @@ class Lab(Probes):
         self.keys_dir = self.state_dir / "keys"
         self.run_dir = self.state_dir / "run"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        if preload is None:
+            preload = os.environ.get("LAB_PRELOAD", "1") not in ("0", "no", "false")
+        # Hosts whose charon gets only its own key (see the module docstring).
+        self._bare: set[str] = set() if preload else set(PEERS)
 
     # --- names and paths ---------------------------------------------------------------
 
@@ -339,14 +355,19 @@ class Lab(Probes):
         session keeps running, and pulling the lab from under it would fail its tests in
         confusing ways. `down` is not guarded: an explicit down is always obeyed.
         """
-        state = self._state()
-        owner, argv = state.get("owner"), state.get("owner_argv")
-        if (isinstance(owner, int) and owner != os.getpid() and argv
-                and net.cmdline(owner) == argv and not net.is_zombie(owner)):
-            raise LabError(
-                f"lab instance {self.prefix}* is in use by pid {owner} ({' '.join(argv)[:80]}); "
-                "set LAB_ID to a short tag (e.g. LAB_ID=p) for a private instance, "
-                "or run `python -m lab down` first")
+        # Namespaces are machine-wide, state dirs are per checkout: a second checkout (a git
+        # worktree) with the same LAB_ID would otherwise find "our" namespaces and take them
+        # down from under the first one's tests. So the owner is also recorded by prefix.
+        for state in (self._state(), self._global_owner()):
+            owner, argv = state.get("owner"), state.get("owner_argv")
+            if (isinstance(owner, int) and owner != os.getpid() and argv
+                    and net.cmdline(owner) == argv and not net.is_zombie(owner)):
+                where = state.get("state_dir", str(self.state_dir))
+                raise LabError(
+                    f"lab instance {self.prefix}* is in use by pid {owner} "
+                    f"({' '.join(argv)[:80]}; state {where}); "
+                    "set LAB_ID to a short tag (e.g. LAB_ID=p) for a private instance, "
+                    "or run `python -m lab down` first")
 
     def down(self) -> float:
         """Remove everything this instance made (except the key cache); returns seconds taken."""
@@ -367,6 +388,8 @@ class Lab(Probes):
         if not net.other_instances_up(self.switch_ns):
             net.remove_blackholes()
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self._global_owner().get("state_dir") == str(self.state_dir):
+            (OWNERS_DIR / f"{self.prefix}owner.json").unlink(missing_ok=True)
         return time.monotonic() - t0
 
     def status(self) -> str:
@@ -422,6 +445,46 @@ class Lab(Probes):
         """A context manager giving a VICI session to the host's charon."""
         return ike.session(self.vici_path(host), timeout)
 
+    def is_bare(self, host: str) -> bool:
+        """Whether `host`'s charon holds only its own key (no preloaded peers)."""
+        return host in self._bare
+
+    @contextmanager
+    def bare(self, *hosts: str) -> Iterator[None]:
+        """`hosts`' charons (default: every peer) hold only their own key inside the block: every
+        conn and SA gone, every credential dropped (`clear-creds`), the key loaded again. On
+        the way out they are wiped the same way and get their preloaded peers back (unless the
+        lab was brought up bare)."""
+        hosts = hosts or PEERS
+        was = {h for h in hosts if h in self._bare}
+        for h in hosts:
+            self._bare.add(h)
+            self._reload_charon(h)
+        try:
+            yield
+        finally:
+            for h in hosts:
+                if h not in was:
+                    self._bare.discard(h)
+                self._reload_charon(h)
+
+    def wipe_charon(self, host: str) -> None:
+        """Every SA, conn and credential of `host`'s charon gone, then its key (and, unless
+        bare, its preloaded peers) loaded again: a clean slate between tests, without a
+        restart."""
+        self._reload_charon(host)
+
+    def _reload_charon(self, host: str) -> None:
+        """Wipe a running charon (SAs, conns, credentials) and load it as `_load_charon` would."""
+        with ike.session(self.vici_path(host), READY_TIMEOUT) as s:
+            for name in ike.conn_names(s):
+                ike.close(s, name)
+            for sa in ike.list_sas(s):  # SAs of conns unloaded by someone else
+                for ike_sa in sa.values():
+                    ike.terminate_id(s, str(ike_sa.get("uniqueid")))
+            s.clear_creds()
+        self._load_charon(host)
+
     def _spawn_charon(self, host: str) -> None:
         cdir = self.charon_dir(host)
         (cdir / "run").mkdir(parents=True, exist_ok=True)
@@ -438,7 +501,10 @@ class Lab(Probes):
                     or self.vici_path(host).exists(), READY_TIMEOUT, 0.01):
             raise LabError(f"charon-{host}: no VICI socket after {READY_TIMEOUT} s")
         with ike.session(self.vici_path(host), READY_TIMEOUT) as s:
-            ike.load_host(s, HOSTS[host], der, spkis)
+            if host in self._bare:
+                s.load_key({"type": "any", "data": der})
+            else:
+                ike.load_host(s, HOSTS[host], der, spkis)
 
     # --- internals ---------------------------------------------------------------------
 
@@ -507,6 +573,18 @@ class Lab(Probes):
 
     def _save_state(self, state: dict[str, Any]) -> None:
         (self.run_dir / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+        if "owner" in state:
+            owner = {k: state[k] for k in ("owner", "owner_argv")} | {
+                "state_dir": str(self.state_dir)}
+            OWNERS_DIR.mkdir(parents=True, exist_ok=True)
+            (OWNERS_DIR / f"{self.prefix}owner.json").write_text(json.dumps(owner) + "\n")
+
+    def _global_owner(self) -> dict[str, Any]:
+        """Who brought this prefix's namespaces up, whatever checkout it ran from."""
+        try:
+            return dict(json.loads((OWNERS_DIR / f"{self.prefix}owner.json").read_text()))
+        except (OSError, ValueError):
+            return {}
 
     def _log_tails(self) -> str:
         out = []

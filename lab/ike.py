@@ -260,6 +260,15 @@ def close(s: vici.Session, name: str) -> None:
         pass  # never loaded
 
 
+def terminate_id(s: vici.Session, ike_id: str) -> None:
+    """Terminate one IKE_SA by its unique id (gone already: fine)."""
+    try:
+        for _ in s.terminate({"ike-id": ike_id, "force": "yes", "timeout": 2000}):
+            pass
+    except vici.exception.CommandException:
+        pass
+
+
 def list_sas(s: vici.Session, ike: str | None = None) -> list[dict[str, Any]]:
     """All IKE_SAs (or those of conn `ike`) with their CHILD_SAs, fully iterated."""
     return [{k: _decode(v) for k, v in sa.items()}

@@ -28,9 +28,12 @@ from resolver.configtable import toml_value
 class ResolverDaemon:
     """`ipseckey-resolver` in lab host `host`, listening on 127.0.0.1:`port` there.
 
-    `sections` overrides or adds configuration tables ({"policy": {"default": "private"}}).
-    With `tunnels=False` it is a plain validating resolver: only [server], [upstream] and
-    [dnssec] (no identity, no provisioning, no policy, no control socket).
+    `sections` overrides or adds configuration tables ({"policy": {"default": "private"}}); a
+    key set to None is left out (`{"upstream": {"servers": None}}`: follow resolv_conf).
+    With `tunnels=False` it is a plain validating resolver: only [server], [upstream],
+    [dnssec] and [control] (its socket answers `autosp upstream` only: no identity, no
+    provisioning, no policy). `[upstream] mode` is the daemon's default (auto), its probe
+    asks for the lab's `test.` DS.
     """
 
     def __init__(self, lab: Lab, host: str = "alice", *, port: int = 53,
@@ -45,9 +48,10 @@ class ResolverDaemon:
         self.proc: subprocess.Popen[bytes] | None = None
         tables: dict[str, dict[str, Any]] = {
             "server": {"listen": [f"127.0.0.1:{port}"]},
-            "upstream": {"servers": [lab.unbound_addr]},
+            "upstream": {"servers": [lab.unbound_addr], "probe_ds": "test."},
             "dnssec": {"builtin_root_anchors": False,
                        "trust_anchor_files": [str(lab.root_anchor_file)]},
+            "control": {"socket": str(self.control)},
         }
         if tunnels:
             tables.update({
@@ -62,12 +66,30 @@ class ResolverDaemon:
             })
         for table, values in (sections or {}).items():
             tables.setdefault(table, {}).update(values)
+        self.tables = tables
+        self.write_config()
+
+    def write_config(self, tables: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """(Re)write the configuration file from `tables` (default: this daemon's)."""
         lines: list[str] = []
-        for table, values in tables.items():
+        for table, values in (tables or self.tables).items():
             lines.append(f"[{table}]")
-            lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
+            lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None)
             lines.append("")
         self.config.write_text("\n".join(lines))
+
+    def hup(self) -> None:
+        """SIGHUP: the daemon reloads its configuration file."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise LabError("resolver not running")
+        os.kill(self.proc.pid, signal.SIGHUP)
+
+    def upstream(self) -> dict[str, Any]:
+        """`autosp upstream`'s data: the daemon's upstream mode, path and reason."""
+        from autosp.control import request
+
+        result: dict[str, Any] = request(self.control, "upstream", 5.0)
+        return result
 
     def start(self, timeout: float = 20.0) -> None:
         """Start the daemon and wait until it answers (raises LabError with its log if not)."""

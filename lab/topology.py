@@ -312,6 +312,10 @@ ZONES: Final[dict[str, Zone]] = {
                 IpseckeyRecord("multi", "bob", precedence=10),
                 IpseckeyRecord("multi", "carol", precedence=20),
                 IpseckeyRecord("multi", "dave", precedence=30),
+                # alice's key under a name whose address is carol's: an initiator that holds
+                # the key but comes from elsewhere ([responder] match_address, issue 11)
+                AddressRecords("elsewhere", "carol"),
+                IpseckeyRecord("elsewhere", "alice"),
             ),
         ),
         Zone(

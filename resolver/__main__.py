@@ -1,7 +1,23 @@
-"""`python -m resolver`: the same as the `ipseckey-resolver` console script."""
+"""The `ipseckey-resolver` program (the console script, the installed wrapper, `python -m
+resolver`): SIGHUP is held before anything else is imported (resolver/sighup.py), then the
+command line runs (resolver/cli.py). Importing the daemon's modules takes about 0.3 s; a
+SIGHUP in that time must not end the process."""
+
+from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
-from resolver.cli import main
+from resolver import sighup
 
-sys.exit(main())
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The program's entry point: hold SIGHUP, then hand over to resolver.cli.main."""
+    sighup.hold()
+    from resolver.cli import main as cli_main  # late on purpose: after the hold
+
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -46,7 +46,8 @@ _QR_RA: Final = int(dns.flags.QR | dns.flags.RA)
 _RD: Final = int(dns.flags.RD)
 _DO: Final = int(dns.flags.DO)
 _DNSSEC_TYPES: Final = frozenset({dns.rdatatype.RRSIG, dns.rdatatype.NSEC, dns.rdatatype.NSEC3})
-MAX_EDE_TEXT: Final = 120
+MAX_EDE_TEXT: Final = 120  # characters of EXTRA-TEXT; the log has the whole reason
+ELLIPSIS: Final = " ..."
 # EDNS options a fast-path query may carry: none of them changes the reply, and the only one
 # with a shape to check (COOKIE) is checked in peek_query. Any other option: the slow path.
 _FAST_OPTIONS: Final = frozenset({dns.edns.OptionType.NSID, dns.edns.OptionType.COOKIE,
@@ -235,12 +236,34 @@ def error_reply(query: dns.message.Message, rcode: dns.rcode.Rcode, payload: int
     return reply
 
 
+def ede_text(reason: str, limit: int = MAX_EDE_TEXT) -> str:
+    """`reason` in at most `limit` characters, cut between items, never inside one.
+
+    A reason lists items ("A: REFUSED; B: timeout"); cutting at a fixed length once left half
+    an address ("... REFUSED; 198.51.100.4:5"), which reads as a different server. So a long
+    reason is cut after its last whole item ("; " or ", ") that fits, else after its last
+    whole word, and ends with " ..." to say that it was cut. A single word longer than the
+    limit is the one thing cut inside (there is no boundary to cut at).
+    """
+    reason = " ".join(reason.split())
+    if len(reason) <= limit:
+        return reason
+    room = limit - len(ELLIPSIS)
+    head = reason[:room + 1]  # +1: a separator right after `room` characters still counts
+    for sep in ("; ", ", ", " "):
+        cut = head.rfind(sep)
+        # An item boundary is worth it only if it keeps most of the text; words always are.
+        if cut > 0 and (sep == " " or cut >= room // 2):
+            return reason[:cut].rstrip(" ;,:") + ELLIPSIS
+    return reason[:room] + ELLIPSIS
+
+
 def _attach_ede(query: dns.message.Message, reply: dns.message.Message, verdict: Verdict,
                 payload: int) -> None:
     if query.edns >= 0:
         code = dns.edns.EDECode.make(verdict.ede if verdict.ede is not None
                                      else dns.edns.EDECode.OTHER)
-        text = verdict.reason[:MAX_EDE_TEXT] or None
+        text = ede_text(verdict.reason) or None
         reply.use_edns(0, reply.ednsflags, payload, options=[dns.edns.EDEOption(code, text)])
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -74,6 +74,13 @@ class LruCache(Generic[K, V]):
     def clear(self) -> None:
         """Forget everything (e.g. when trust anchors or policy change)."""
         self._data.clear()
+
+    def discard_if(self, doomed: Callable[[V], bool]) -> int:
+        """Forget every entry whose value `doomed` picks; returns how many (O(n), rare)."""
+        keys = [k for k, (_exp, v) in self._data.items() if doomed(v)]
+        for k in keys:
+            del self._data[k]
+        return len(keys)
 
 
 @dataclass(slots=True)

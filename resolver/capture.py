@@ -128,6 +128,10 @@ class CaptureHandler:
             cap = min(cap, evidence.ttl)
         if isinstance(decision, AnswerClear):
             self.counters.clear += 1
+            if decision.after_failure:
+                # `strict = false` asked for this; it is still worth a line every time.
+                log.warning("%s answered in clear after its tunnel failed: %s",
+                            query.question[0].name, decision.reason)
             return replies.build_reply(query, addr, max_ttl=cap, payload=self.payload)
         return await self._tunnel(query, addr, decision, evidence, cap, now)
 

@@ -5,7 +5,10 @@ a named function here: parse (`load_config`), check (`startup.check`, also `--ch
 lock (`InstanceLock`), bind (`Server.start`), reconcile (`reconcile`), serve
 (`run_until_stopped`). A step that fails prints one line and exits 2, having touched nothing
 that a later step would. SIGTERM or SIGINT close the listeners and cancel queries in progress
-(`shut_down`) before the process exits 0.
+(`shut_down`) before the process exits 0. The upstream (forwarders or iteration) is chosen by
+resolver/upstream_select.py and kept current by resolver/network.py from the bind on; SIGHUP
+reloads the configuration (resolver/reload.py): what can change is swapped in place, a bad
+file changes nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -28,11 +31,15 @@ from resolver.cache import WireCache
 from resolver.capture import CaptureHandler
 from resolver.config import Config
 from resolver.confighelp import config_help
-from resolver.endpoints.control import ControlService, start_control
+from resolver.endpoints.control import (
+    ControlServer,
+    ControlService,
+    start_control,
+    start_status_socket,
+)
 from resolver.errors import ConfigError
 from resolver.hostaddr import read_interface_addresses
 from resolver.instancelock import InstanceLock
-from resolver.iterate import Iterator
 from resolver.logsetup import setup_logging
 from resolver.metered import (
     DaemonMetrics,
@@ -41,13 +48,19 @@ from resolver.metered import (
     MeteredResolution,
     MeteredServer,
 )
+from resolver.network import Network, start_network
 from resolver.policy import Group, Policy
 from resolver.provision import Provisioner
-from resolver.resolve import Fetch, PlainHandler, QueryHandler, Resolver, Upstream, Validating
+from resolver.reload import Reloader, Running
+from resolver.resolve import Fetch, PlainHandler, QueryHandler, Validating
+from resolver.responder.manager import Responder, start_responder
 from resolver.server import Server
 from resolver.service import ServiceRuntime
 from resolver.startup import StartupGate, build_anchors, check_sections
 from resolver.tunnels.backend import make_backend
+from resolver.upstream import Forwarder
+from resolver.upstream_probe import MakeValidator
+from resolver.upstream_select import UpstreamSelector
 from resolver.watch import TunnelWatch
 
 __all__ = ["build_anchors", "check_sections", "main", "serve"]  # the first two: moved, kept
@@ -83,16 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="listen on this address instead of [server] listen; repeat for more "
                         "(IPv6 with a port as [ADDR]:PORT)")
     p.add_argument("--upstream", action="append", default=[], metavar="ADDR[:PORT]",
-                   help="forward to this resolver instead of [upstream] servers; repeatable")
+                   help="forward to this resolver instead of [upstream] servers; repeatable "
+                        "(tls://ADDR[:PORT]#NAME: DNS over TLS)")
     return p
 
 
 def _override(args: argparse.Namespace, flag: str, values: list[str]
               ) -> tuple[configuration.HostPort, ...]:
+    parse = (configuration.parse_upstream_server if flag == "--upstream"
+             else configuration.parse_hostport)
     out = []
     for v in values:
         try:
-            out.append(configuration.parse_hostport(v))
+            out.append(parse(v))
         except ValueError as e:
             raise ConfigError(f"{flag}: {e}") from None
     return tuple(out)
@@ -111,17 +127,24 @@ def load_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def build_upstream(cfg: Config, metrics: DaemonMetrics | None = None) -> Upstream:
-    """The forwarder (metered per server when `metrics` is given), or the iterator for
-    `[upstream] mode = "iterate"` (not metered per server yet)."""
-    up = cfg.upstream
-    if up.mode == "iterate":
-        return Iterator(up.root_hints, limits=cfg.limits, timeout=up.timeout,
-                        attempts=up.attempts, tcp_timeout=up.tcp_timeout,
-                        payload=cfg.server.edns_payload)
-    forwarder = MeteredForwarder(up.servers, timeout=up.timeout, attempts=up.attempts,
-                                 tcp_timeout=up.tcp_timeout, payload=cfg.server.edns_payload)
-    return forwarder if metrics is None else forwarder.meter(metrics)
+def build_upstream(cfg: Config, make_validator: MakeValidator,
+                   metrics: DaemonMetrics | None = None) -> UpstreamSelector:
+    """The upstream of `[upstream] mode` (auto, forward, iterate; resolver/upstream_select.py),
+    its forwarders metered per server when `metrics` is given (the iterator is not, yet).
+
+    Raises:
+        ConfigError: `tls_ca_file` is unusable.
+    """
+    selector: UpstreamSelector
+
+    def metered(servers: Sequence[configuration.HostPort], attempts: int) -> Forwarder:
+        # The selector's current settings (a reload changes them), counted per server.
+        forwarder = MeteredForwarder(servers, **selector.forwarder_options(attempts))
+        return forwarder if metrics is None else forwarder.meter(metrics)
+
+    selector = UpstreamSelector(cfg.upstream, make_validator, limits=cfg.limits,
+                                payload=cfg.server.edns_payload, make_forwarder=metered)
+    return selector
 
 
 def host_addresses() -> tuple[IPv4Address | IPv6Address, ...]:
@@ -155,19 +178,27 @@ class Daemon:
     gate: StartupGate
     metrics: DaemonMetrics
     runtime: ServiceRuntime
-    resolution: Resolver
+    resolution: MeteredResolution
+    selector: UpstreamSelector
+    plain: PlainHandler
+    wire_cache: WireCache
     provisioner: Provisioner | None = None
     policy: Policy | None = None
     watch: TunnelWatch | None = None
     control: ControlService | None = None
+    network: Network | None = None
+    status_socket: ControlServer | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    tunnels: object = None  # the tunnel backend (ViciBackend, or the dry run): the responder's
+    responder: Responder | None = None
 
 
-async def serve(cfg: Config) -> int:
+async def serve(cfg: Config, load: Callable[[], Config] | None = None) -> int:
     """Run the resolver until SIGTERM/SIGINT. Returns the exit status.
 
     The start-up steps of resolver/startup.py, in order; 1 (parse) was `load_config`. A step
     that fails raises ConfigError: one line, exit 2, and nothing after it was touched.
+    `load` reads the configuration again for SIGHUP (default: cfg's file, no overrides).
     """
     checked = startup.check(cfg)  # 2: the same function as --check-config
     for warning in checked.warnings:
@@ -177,6 +208,9 @@ async def serve(cfg: Config) -> int:
     try:
         daemon = await build(cfg, checked)
         await daemon.server.start(cfg.server.listen)  # 4: bind
+        # The upstream's first probe (auto) runs while step 5 does.
+        daemon.network = start_network(cfg, daemon.selector, daemon.resolution)
+        daemon.runtime.reload = reloader(cfg, daemon, load).request
         try:
             await reconcile(cfg, daemon)  # 5: the first step that touches charon or XFRM
             daemon.gate.open()  # 6: serve
@@ -201,22 +235,25 @@ async def build(cfg: Config, checked: startup.Checked) -> Daemon:
         return Validator(anchors, fetch, cfg.limits)
 
     metrics = DaemonMetrics()
-    forwarder = build_upstream(cfg, metrics)
-    resolution = MeteredResolution(forwarder, make_validator, cache=cfg.cache,
+    selector = build_upstream(cfg, make_validator, metrics)
+    resolution = MeteredResolution(selector, make_validator, cache=cfg.cache,
                                    max_upstream_queries=cfg.limits.max_fetches).meter(metrics)
     plain = PlainHandler(resolution, max_ttl=cfg.cache.max_ttl,
                          payload=cfg.server.edns_payload)
     handler: QueryHandler = plain
     provisioner: Provisioner | None = None
     policy: Policy | None = None
+    tunnels: object = None
     wire_cache = WireCache(cfg.cache.max_entries)
     pcfg, ident = checked.provision, checked.identity
     if pcfg is not None and checked.policy is not None:
         # pyroute2 0.9 runs its own event loop: its sync API must be called off ours.
         own = (*await asyncio.to_thread(host_addresses), *(ident.addresses if ident else ()))
         policy = the_policy = Policy(checked.policy, own_addresses=own)
+        backend = make_backend(pcfg, ident, source=checked.source)
+        tunnels = backend.tunnels
         provisioner = Provisioner(
-            MeteredBackend(make_backend(pcfg, ident, source=checked.source), metrics), pcfg,
+            MeteredBackend(backend, metrics), pcfg,
             must_drop=lambda s: the_policy.group_for(s.key.owner, (s.destination,))
             is Group.PRIVATE)
         provisioner.on_lost.append(wire_cache.clear)  # answers given for a lost tunnel
@@ -228,14 +265,34 @@ async def build(cfg: Config, checked: startup.Checked) -> Daemon:
     gate = StartupGate(handler, plain)
     server = MeteredServer(gate, cfg.server, cache=wire_cache).meter(metrics)
     return Daemon(server, gate, metrics, ServiceRuntime(metrics, cfg.sections, checked.source),
-                  resolution, provisioner, policy)
+                  resolution, selector, plain, wire_cache, provisioner, policy,
+                  tunnels=tunnels)
+
+
+def reloader(cfg: Config, daemon: Daemon, load: Callable[[], Config] | None) -> Reloader:
+    """SIGHUP's reloader over the daemon's swappable parts (resolver/reload.py)."""
+    from resolver.validator.response import Validator  # late: the validator's part
+
+    network = daemon.network
+    return Reloader(cfg, load or (lambda: configuration.load(cfg.path)),
+                    Running(daemon.resolution, daemon.selector, daemon.wire_cache,
+                            network.watch if network else None, daemon.policy, daemon.plain),
+                    build_anchors=build_anchors, check=check_sections,
+                    new_validator=lambda anchors, limits, fetch: Validator(anchors, fetch,
+                                                                           limits),
+                    make_watch=network.make_watch if network else lambda _c: None)
 
 
 async def reconcile(cfg: Config, daemon: Daemon) -> None:
     """Step 5: the provisioner's state with charon and XFRM (an IKE daemon that is not there
     yet is retried in the background), then the pinned endpoints and the lease timer."""
     provisioner, policy = daemon.provisioner, daemon.policy
+    extra = daemon.runtime.control_ops() | (daemon.network.ops if daemon.network else {})
     if provisioner is None or policy is None:
+        try:  # `autosp upstream`/`stats` of a plain resolver: not worth refusing DNS over
+            daemon.status_socket = await start_status_socket(cfg, extra)
+        except ConfigError as e:
+            log.warning("no control socket: %s", e)
         return
     await provisioner.reconcile(time.time())
     if not provisioner.ike_ready:
@@ -244,8 +301,15 @@ async def reconcile(cfg: Config, daemon: Daemon) -> None:
     daemon.watch = TunnelWatch(provisioner, time.time, interval=pcfg.watch_interval)
     daemon.watch.start()  # charon's events; the dry run has none
     daemon.tasks.append(asyncio.create_task(_expire_loop(provisioner)))
+    # Unknown initiators in, through DNS (issue 11): after reconcile, before serving.
+    source = str(cfg.path) if cfg.path is not None else "config"
+    daemon.responder = await start_responder(cfg.sections, source, daemon.tunnels,
+                                             daemon.resolution)
+    if daemon.responder is not None:
+        daemon.tasks.append(asyncio.create_task(daemon.responder.run()))
+        daemon.metrics.watch_responder(daemon.responder)
     daemon.control = await start_control(cfg, daemon.resolution, provisioner, clock=time.time,
-                                         policy=policy, extra=daemon.runtime.control_ops())
+                                         policy=policy, extra=extra)
     if daemon.control is not None:
         daemon.metrics.watch_endpoints(daemon.control.manager.list)
     log.info("capture on: policy default %s, backend %s, shunts %s",
@@ -264,8 +328,8 @@ async def run_until_stopped(cfg: Config, daemon: Daemon) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    upstreams = ("iterative from the root" if cfg.upstream.mode == "iterate"
-                 else ", ".join(map(str, cfg.upstream.servers)))
+    upstreams = (f"mode {cfg.upstream.mode}, forwarders "
+                 f"{', '.join(map(str, cfg.upstream.servers)) or 'none'}")
     # the metrics listener, SIGHUP, READY=1 (now: READY means serving), the watchdog
     await daemon.runtime.start(f"serving on {', '.join(map(str, cfg.server.listen))}; "
                                f"upstream {upstreams}")
@@ -280,8 +344,14 @@ async def shut_down(daemon: Daemon) -> None:
     await daemon.runtime.close()
     for task in daemon.tasks:
         task.cancel()
+    if daemon.responder is not None:
+        await daemon.responder.close()
     if daemon.control is not None:
         await daemon.control.close()
+    if daemon.status_socket is not None:
+        await daemon.status_socket.close()
+    if daemon.network is not None:
+        await daemon.network.close()
     if daemon.watch is not None:
         await daemon.watch.close()
     await daemon.server.stop()
@@ -316,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if debug else getattr(logging, cfg.log.level.upper())
     setup_logging(level)
     try:
-        return asyncio.run(serve(cfg))
+        return asyncio.run(serve(cfg, lambda: load_config(args)))
     except ConfigError as e:
         print(f"ipseckey-resolver: {e}", file=sys.stderr)
         return 2

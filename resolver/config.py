@@ -10,8 +10,10 @@ key, a wrong type or range) is a `ConfigError` whose message names the file, the
 and the problem, so an operator never has to guess. `--help` prints every key with its default
 by running these same parsers (confighelp.py).
 
-Nothing here opens sockets. The one piece of the environment we read is /etc/resolv.conf, for
-the default upstream list (the system's nameservers minus this resolver's own addresses).
+Nothing here opens sockets. The one piece of the environment we read is /etc/resolv.conf (or
+`[upstream] resolv_conf`), for the default forwarder list (the system's nameservers minus this
+resolver's own addresses); resolver/resolvconf.py watches the same file and re-reads it with
+`nameservers_in` when the network changes it.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from resolver.configtable import Table, at_least, between, one_of, positive
+from resolver.configtable import Table, at_least, between, non_empty, one_of, positive
 from resolver.errors import ConfigError
 from resolver.validator.types import Limits
 
 DNS_PORT: Final = 53
+DOT_PORT: Final = 853  # DNS over TLS, RFC 7858
+TLS_SCHEME: Final = "tls://"
 RESOLV_CONF: Final = Path("/etc/resolv.conf")
-PASSTHROUGH_TABLES: Final = ("policy", "provision", "control", "identity", "metrics", "debug")
+PASSTHROUGH_TABLES: Final = ("policy", "provision", "control", "identity", "metrics", "debug",
+                             "responder")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
@@ -43,9 +48,13 @@ class HostPort:
 
     host: str
     port: int = DNS_PORT
+    # A forwarder asked over TLS (RFC 7858) whose certificate must carry this name; "" = plain
+    # DNS. Only `[upstream] servers` (and --upstream) accept it: `tls://ADDR[:PORT]#NAME`.
+    tls_name: str = ""
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        text = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"{TLS_SCHEME}{text}#{self.tls_name}" if self.tls_name else text
 
     @property
     def family(self) -> int:
@@ -71,23 +80,28 @@ class ServerConfig:
     tcp_max_buffered: int = 131072
 
 
-# "forward": to `servers` (DO=1, CD=1); "iterate": from the root (resolver/iterate.py).
-# "auto" (forward while the forwarders pass a DNSSEC probe, else iterate) will join the list.
-UPSTREAM_MODES: Final = ("forward", "iterate")
+# "auto": forward while the forwarders pass a DNSSEC probe, else iterate
+# (resolver/upstream_select.py); "forward": to `servers` (DO=1, CD=1) whatever they do;
+# "iterate": from the root (resolver/iterate.py).
+UPSTREAM_MODES: Final = ("auto", "forward", "iterate")
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     """[upstream]: where answers come from: forwarders, or iteration from the root."""
 
-    mode: str = "forward"  # one of UPSTREAM_MODES
+    mode: str = "auto"  # one of UPSTREAM_MODES
     root_hints: tuple[HostPort, ...] = ()  # iterate: root server addresses; () = IANA's
     servers: tuple[HostPort, ...] = ()
     timeout: float = 1.5  # per attempt on one server
     attempts: int = 2  # rounds over the whole server list
     tcp_timeout: float = 3.0
-    # Filled in from /etc/resolv.conf when `servers` is not set in the file.
+    # Filled in from `resolv_conf` when `servers` is not set; then that file is watched.
     from_resolv_conf: bool = False
+    resolv_conf: Path = RESOLV_CONF
+    probe_interval: float = 60.0  # auto: seconds between probes of failed forwarders
+    probe_ds: str = "com."  # auto: the DS the probe asks for (besides the root DNSKEY)
+    tls_ca_file: Path | None = None  # tls:// forwarders: CA bundle; None: the system's
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,8 +161,10 @@ class Config:
         """A few human-readable lines for --check-config."""
         up = ", ".join(map(str, self.upstream.servers)) or "(none)"
         if self.upstream.from_resolv_conf:
-            up += " (from /etc/resolv.conf)"
-        if self.upstream.mode == "iterate":
+            up += f" (from {self.upstream.resolv_conf}, followed)"
+        if self.upstream.mode == "auto":
+            up = f"auto: forward to {up} while they pass the DNSSEC probe, else iterate"
+        elif self.upstream.mode == "iterate":
             up = "iterate from the root, hints: " + (
                 ", ".join(map(str, self.upstream.root_hints)) or "built-in (IANA)")
         anchors = ["builtin root"] if self.dnssec.builtin_root_anchors else []
@@ -174,6 +190,8 @@ def parse_hostport(text: str, default_port: int = DNS_PORT) -> HostPort:
         ValueError: with a short sentence saying what is wrong.
     """
     host, port = text.strip(), default_port
+    if host.startswith(TLS_SCHEME):
+        raise ValueError(f"{text!r}: tls:// is for forwarders only ([upstream] servers)")
     if host.startswith("["):
         close = host.find("]")
         if close < 0:
@@ -192,6 +210,26 @@ def parse_hostport(text: str, default_port: int = DNS_PORT) -> HostPort:
     except ValueError:
         raise ValueError(f"{text!r}: not an IP address (names are not allowed here)") from None
     return HostPort(str(addr), port)
+
+
+def parse_upstream_server(text: str) -> HostPort:
+    """A forwarder: what parse_hostport takes, or `tls://ADDR[:PORT]#NAME` (DNS over TLS,
+    port 853 by default, NAME the name the server's certificate must carry).
+
+    Raises:
+        ValueError: with a short sentence saying what is wrong.
+    """
+    if not text.startswith(TLS_SCHEME):
+        return parse_hostport(text)
+    where, sep, name = text[len(TLS_SCHEME):].partition("#")
+    name = name.strip().rstrip(".")
+    if not sep or not name:
+        raise ValueError(f"{text!r}: a tls:// server needs '#NAME', the name its "
+                         "certificate carries (e.g. tls://9.9.9.9#dns.quad9.net)")
+    if any(c.isspace() or c in "/:[]@" for c in name):
+        raise ValueError(f"{text!r}: {name!r} is not a host name")
+    hp = parse_hostport(where, DOT_PORT)
+    return HostPort(hp.host, hp.port, name)
 
 
 def _port(text: str, whole: str) -> int:
@@ -224,30 +262,53 @@ def parse_server(t: Table) -> ServerConfig:
 
 
 def parse_upstream(t: Table, listen: tuple[HostPort, ...], resolv_conf: Path,
-                   override: tuple[HostPort, ...]) -> UpstreamConfig:
+                   override: tuple[HostPort, ...], base: Path | None = None) -> UpstreamConfig:
     """[upstream]. `override` (--upstream) replaces servers; without either, the
-    nameservers of `resolv_conf` that are not one of `listen` (see default_upstreams)."""
+    nameservers of the `resolv_conf` key's file (default: the `resolv_conf` argument) that
+    are not one of `listen` (see default_upstreams). `base`: where relative file names start.
+
+    A file with no usable nameserver is not an error: the file is followed (resolvconf.py), so
+    a network that fills it in later (DHCP after boot) is used then; until then `auto`
+    iterates and `forward` answers SERVFAIL. Only `forward` with an explicit empty list fails.
+    """
     d = UpstreamConfig()
-    servers = override or t.each("servers", parse_hostport, d.servers)
+    folder = base or Path.cwd()
+    mode = t.get("mode", str, d.mode, one_of(*UPSTREAM_MODES))
+    servers = override or t.each("servers", parse_upstream_server, d.servers)
     t.defaults.setdefault("servers", d.servers)  # a known key even when --upstream replaces it
     from_file = "servers" not in t.raw and not override
+    follow = folder / t.get("resolv_conf", str, str(resolv_conf), non_empty)
     if from_file:
-        servers = default_upstreams(listen, resolv_conf)
+        servers = default_upstreams(listen, follow)
+    probe_ds = t.get("probe_ds", str, d.probe_ds, _domain_name)
+    # "" (the default): the system's CA store.
+    ca_file = t.get("tls_ca_file", str, "", lambda v: None if not v or (folder / v).is_file()
+                    else f"{folder / v}: no such file")
     cfg = UpstreamConfig(
-        mode=t.get("mode", str, d.mode, one_of(*UPSTREAM_MODES)),
+        mode=mode,
         root_hints=t.each("root_hints", parse_hostport, d.root_hints),
         servers=servers,
         timeout=t.get("timeout", float, d.timeout, positive),
         attempts=t.get("attempts", int, d.attempts, at_least(1)),
         tcp_timeout=t.get("tcp_timeout", float, d.tcp_timeout, positive),
         from_resolv_conf=from_file,
+        resolv_conf=follow,
+        probe_interval=t.get("probe_interval", float, d.probe_interval, between(1, 86400)),
+        probe_ds=probe_ds if probe_ds.endswith(".") else probe_ds + ".",
+        tls_ca_file=folder / ca_file if ca_file else None,
     )
     t.done()
-    if not cfg.servers and cfg.mode == "forward":
-        where = (f"no usable nameserver in {resolv_conf} (ours excluded)" if from_file
-                 else "empty list")
-        raise t.fail("servers", f"no upstream resolver: {where}; set [upstream] servers")
+    if not cfg.servers and cfg.mode == "forward" and not from_file:
+        raise t.fail("servers", "no upstream resolver: empty list; list one, or leave the key "
+                                "out to follow resolv_conf")
     return cfg
+
+
+def _domain_name(name: str) -> str | None:
+    """A configtable check: None if `name` looks like a domain name, else the problem."""
+    if not name or any(c.isspace() for c in name) or ".." in name:
+        return f"{name!r} is not a domain name"
+    return None
 
 
 def parse_dnssec(t: Table, base: Path) -> DnssecConfig:
@@ -326,6 +387,11 @@ def default_upstreams(listen: tuple[HostPort, ...], resolv_conf: Path = RESOLV_C
         text = resolv_conf.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return ()
+    return nameservers_in(text, listen)
+
+
+def nameservers_in(text: str, listen: tuple[HostPort, ...]) -> tuple[HostPort, ...]:
+    """The `nameserver` lines of resolv.conf text, without this resolver (default_upstreams)."""
     ours = {(ipaddress.ip_address(e.host), e.port) for e in listen}
     wildcard = any(ipaddress.ip_address(e.host).is_unspecified and e.port == DNS_PORT
                    for e in listen)
@@ -392,7 +458,8 @@ def load(path: Path | None, *, listen_override: tuple[HostPort, ...] = (),
     return Config(
         path=path,
         server=server,
-        upstream=parse_upstream(table("upstream"), server.listen, resolv_conf, upstream_override),
+        upstream=parse_upstream(table("upstream"), server.listen, resolv_conf, upstream_override,
+                                base),
         dnssec=parse_dnssec(table("dnssec"), base),
         cache=cache,
         limits=parse_limits(table("limits"), cache),

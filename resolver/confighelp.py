@@ -17,6 +17,7 @@ from resolver import config
 from resolver.configtable import REQUIRED, Table, toml_value
 from resolver.endpoints.config import ControlConfig
 from resolver.policy import PolicyConfig
+from resolver.responder.core import ResponderConfig
 from resolver.serviceconfig import DebugConfig, MetricsConfig
 from resolver.tunnels.config import Identity, ProvisionConfig
 
@@ -33,6 +34,7 @@ SECTIONS: Final[tuple[tuple[str, Callable[[Table], object]], ...]] = (
     ("provision", ProvisionConfig.from_table),
     ("policy", PolicyConfig.from_table),
     ("control", ControlConfig.from_table),
+    ("responder", ResponderConfig.from_table),
     ("metrics", MetricsConfig.from_table),
     ("debug", DebugConfig.from_table),
 )
@@ -43,15 +45,18 @@ EXAMPLES: Final[dict[str, dict[str, Any]]] = {
     "dnssec": {"negative_trust_anchors": ["corp.example."]},
     "identity": {"fqdn": "alice.example.com", "private_key": "/etc/ipseckey-resolver/key.pem",
                  "addresses": ["198.51.100.10", "2001:db8::10"]},
-    "provision": {"state_file": "/var/lib/ipseckey-resolver/state.json"},
     "policy": {"private": ["198.51.100.0/24", "corp.example."], "block": ["ads.example."]},
     "metrics": {"listen": "127.0.0.1:9153"},
 }
 
 # What the value alone does not say.
 NOTES: Final[dict[tuple[str, str], str]] = {
-    ("upstream", "servers"): "unset: /etc/resolv.conf's, except us",
-    ("upstream", "mode"): "or \"iterate\": from the root, no servers",
+    ("upstream", "servers"): "unset: resolv_conf's, except us; tls://ADDR#NAME: DoT",
+    ("upstream", "mode"): "forwarders passing a DNSSEC probe, else iterate; or forward, iterate",
+    ("upstream", "resolv_conf"): "followed when servers is unset",
+    ("upstream", "probe_ds"): "auto: the probe's DS (besides . DNSKEY)",
+    ("upstream", "tls_ca_file"): "tls:// servers; \"\": the system's CAs",
+    ("upstream", "probe_interval"): "auto: s between probes of failed forwarders",
     ("upstream", "root_hints"): "iterate; unset: the 13 IANA root servers",
     ("dnssec", "trust_anchor_files"): "DS/DNSKEY lines or BIND trust-anchors blocks",
     ("dnssec", "negative_trust_anchors"): "names not validated (RFC 7646)",
@@ -60,10 +65,13 @@ NOTES: Final[dict[tuple[str, str], str]] = {
     ("identity", "addresses"): "the host's own are read too",
     ("provision", "backend"): "or \"dryrun\" (logs only)",
     ("provision", "shunts"): "or \"none\"",
-    ("provision", "state_file"): "unset: no record kept over a restart",
+    ("provision", "state_file"): "the tunnels, so a restart keeps them",
     ("provision", "watch_interval"): "s between checks of charon's SAs (besides its events)",
     ("policy", "default"): "group of what no rule matches",
     ("control", "state_file"): "the endpoints autosp pinned",
+    ("responder", "accept"): "\"any\", \"none\", or name suffixes",
+    ("responder", "allow_keys"): "fingerprints, as `autosp list` shows them",
+    ("responder", "match_address"): "source among the name's secure A/AAAA",
     ("metrics", "listen"): "unset: no listener (autosp stats still works)",
     ("debug", "allow_hang"): "true: debug-hang blocks the loop (watchdog test)",
 }

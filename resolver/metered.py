@@ -106,19 +106,25 @@ class DaemonMetrics:
             ("outcome",))
         self.endpoints = r.gauge(
             "endpoints", "Pinned endpoints (autosp add), by tunnel state.", ("state",))
-        # Placeholders: the responder side (peers that start a tunnel to us) is another
-        # issue's; the series exist now so dashboards and alerts need no change later.
+        # The responder (resolver/responder/): unknown initiators we looked up, and why not.
         self.responder_admissions = r.counter(
             "responder_admissions_total", "Peers admitted as IKE responder (by DNS key).")
         self.responder_refusals = r.counter(
             "responder_refusals_total", "Peers refused as IKE responder, by reason.",
             ("reason",))
+        self.responder_lookups = r.counter(
+            "responder_lookups_total", "Unknown initiators looked up in DNS (each bounded by "
+            "the [responder] rates).")
+        self.responder_conns = r.gauge(
+            "responder_conns", "Conns loaded for initiators learned from DNS.")
         self.start_time = r.gauge("start_time_seconds", "When the daemon started (POSIX).")
         self.start_time.set(clock())
         self.cache_hits.declare()
         self.cache_misses.declare()
         self.validations.declare()
         self.responder_admissions.declare()
+        self.responder_lookups.declare()
+        self.responder_conns.set(0)
         for reason in SetupFailure:
             self.setup_failures.declare(reason.value)
         for outcome in ("tunnelled", "clear", "refused"):
@@ -148,6 +154,23 @@ class DaemonMetrics:
             c = handler.counters
             for outcome in ("tunnelled", "clear", "refused"):
                 self.captured.values[(outcome,)] = float(getattr(c, outcome))
+        self.registry.collectors.append(collect)
+
+    def watch_responder(self, responder: Any) -> None:
+        """`responder.gate.counters` (resolver.responder.core.GateCounters), `learned`."""
+        reasons = {"not-a-name": "not_a_name", "not-accepted": "not_accepted",
+                   "refused-recently": "negative_hits", "rate-limited": "rate_limited",
+                   "busy": "busy", "full": "full", "after-lookup": "refused_after_lookup"}
+        for reason in reasons:
+            self.responder_refusals.declare(reason)
+
+        def collect() -> None:
+            c = responder.gate.counters
+            self.responder_admissions.values[()] = float(c.admitted)
+            self.responder_lookups.values[()] = float(c.lookups)
+            for reason, field in reasons.items():
+                self.responder_refusals.values[(reason,)] = float(getattr(c, field))
+            self.responder_conns.set(len(responder.learned))
         self.registry.collectors.append(collect)
 
     def watch_endpoints(self, listing: Callable[[float], Mapping[str, Any]],

@@ -9,8 +9,12 @@ Groups (Libreswan's names):
 
     block             SERVFAIL (EDE Blocked), drop shunt; nothing else is looked at
     private           tunnel, or SERVFAIL (+ drop shunt). Never an answer in clear.
-    private-or-clear  tunnel if the peer publishes a secure key, else clear
-                      (`strict = true`: a tunnel that fails to come up is SERVFAIL, not clear)
+    private-or-clear  tunnel if the peer publishes a secure key, else clear. A tunnel that fails
+                      to come up is SERVFAIL (the default, `strict = true`): a destination that
+                      publishes a secure key is never answered in clear. `strict = false` is
+                      the explicit opt-in to answering it in clear after a failed setup; it is
+                      warned about at start-up (`Policy.warnings`) and on every such answer
+                      (`AnswerClear.after_failure`, logged by resolver/capture.py).
     clear-or-private  answer in clear; tunnels the peer starts are accepted (charon's business)
     clear             answer in clear; the IPSECKEY is not even waited for
 
@@ -133,10 +137,15 @@ class SetupFailure(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class AnswerClear:
-    """Answer with the addresses; no tunnel is set up by us."""
+    """Answer with the addresses; no tunnel is set up by us.
+
+    `after_failure`: the destination publishes a secure key and its tunnel failed; answering
+    anyway is what `strict = false` asked for, and each such answer is logged as a warning.
+    """
 
     group: Group
     reason: str
+    after_failure: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +153,8 @@ class Tunnel:
     """Bring a tunnel up to each destination, then answer.
 
     `drop_while_negotiating`: install a drop shunt for the destinations until the tunnel is up
-    (group private). `fail_closed`: a failed setup is SERVFAIL (private, or strict
-    private-or-clear); otherwise the answer goes out in clear.
+    (group private). `fail_closed`: a failed setup is SERVFAIL (private, and private-or-clear
+    unless `strict = false`); otherwise the answer goes out in clear.
     """
 
     group: Group
@@ -205,7 +214,8 @@ class PolicyConfig(Section):
     ```toml
     [policy]
     default = "private-or-clear"      # group for everything no rule matches
-    strict = false                    # private-or-clear: SERVFAIL when the tunnel fails
+    strict = true                     # false: private-or-clear answers in clear when the
+                                      # tunnel of a destination with a secure key fails
     max_ttl = 300                     # cap on answer TTLs (re-query before leases end)
     private = ["198.51.100.0/24", "corp.example."]
     private-or-clear = []
@@ -218,7 +228,7 @@ class PolicyConfig(Section):
     TABLE: ClassVar[str] = "policy"
 
     default: Group = DEFAULT_GROUP
-    strict: bool = False
+    strict: bool = True
     max_ttl: int = 300
     networks: tuple[tuple[Network, Group], ...] = ()
     suffixes: tuple[tuple[dns.name.Name, Group], ...] = ()
@@ -259,8 +269,10 @@ def _parse_rule(text: str) -> Network | dns.name.Name:
 # --- evidence ----------------------------------------------------------------------------
 
 
-class AnswerLike(Protocol):
-    """What we read of validator.response.ValidatedAnswer (structural: policy needs no more)."""
+class RRsetAnswer(Protocol):
+    """What a pure decision reads of validator.response.ValidatedAnswer: verdict, rcode and the
+    answer section (structural, so the cores need no more and unit tests pass plain records).
+    The responder's `judge` reads this much; the key evidence below also wants the TTL."""
 
     @property
     def verdict(self) -> Verdict: ...
@@ -268,6 +280,11 @@ class AnswerLike(Protocol):
     def rcode(self) -> int: ...
     @property
     def answer(self) -> list[dns.rrset.RRset]: ...
+
+
+class AnswerLike(RRsetAnswer, Protocol):
+    """An `RRsetAnswer` with its TTL (how long the evidence drawn from it holds)."""
+
     @property
     def ttl(self) -> int: ...
 
@@ -325,14 +342,33 @@ def key_evidence(
 
 
 class Policy:
-    """Groups plus the decision table. Immutable after construction."""
+    """Groups plus the decision table.
+
+    The groups change only as a whole, by `reconfigure` (SIGHUP, resolver/reload.py): the
+    capture handler, the provisioner and the endpoint manager hold this one object, so all of
+    them see the new groups at once, and since every method here is synchronous a decision
+    never mixes the old and the new configuration.
+    """
 
     def __init__(self, config: PolicyConfig, own_addresses: Iterable[Address] = ()) -> None:
-        self.config = config
         self.own_addresses = frozenset(own_addresses)
+        self.reconfigure(config)
+
+    def reconfigure(self, config: PolicyConfig) -> None:
+        """Replace the groups and settings (the own addresses stay)."""
+        self.config = config
         # Longest prefix first, so the first match is the longest.
         self._networks = sorted(config.networks, key=lambda ng: -ng[0].prefixlen)
         self._suffixes = sorted(config.suffixes, key=lambda sg: -len(sg[0]))
+
+    def warnings(self) -> list[str]:
+        """What the daemon warns about at start-up: settings that let traffic go in clear to a
+        destination that publishes a secure key (today only `strict = false`)."""
+        if self.config.strict:
+            return []
+        return ["[policy] strict = false: a private-or-clear destination that publishes a "
+                "secure IPSECKEY is answered in clear when its tunnel cannot be set up "
+                "(each such answer is logged)"]
 
     def is_exempt(self, address: Address) -> bool:
         """Rule 3: own addresses, loopback and the unspecified address are never tunnelled."""
@@ -433,7 +469,8 @@ class Policy:
         if tunnel.fail_closed:
             drop = tunnel.destinations if tunnel.group is Group.PRIVATE else ()
             return Refuse(tunnel.group, _FAILURE_EDE[failure], text, drop=drop)
-        return AnswerClear(tunnel.group, f"{text}: clear (private-or-clear)")
+        return AnswerClear(tunnel.group, f"{text}: answered in clear (strict = false)",
+                           after_failure=True)
 
 
 def classify(exc: ProvisioningError) -> SetupFailure:

@@ -13,7 +13,9 @@ keeps the books:
   Rule 3: every tunnel and shunt has a lease. Each answer extends it (`ensure`); `expire(now)`
           tears down what has been unused for lease + grace. A failed setup is remembered for
           `failure_hold` seconds so that a dead peer costs one timeout, not one per query.
-          Pinned tunnels (autosp endpoints) have no lease end: only `release` removes them.
+          Pinned tunnels (autosp endpoints) have no lease end: only `release` removes them. A
+          pinned tunnel whose setup failed keeps its conn loaded and is DOWN (Rule 6): the peer
+          may initiate to us through it (issue 11: two hosts that pin each other).
   Rule 4: a destination whose published key (or gateway) changed gets its tunnel replaced,
           make before break, inside the same in-flight slot: InstallTunnel(new) while the old
           one carries traffic, then RemoveTunnel(old) (or the connection is replaced in place
@@ -730,7 +732,7 @@ class Provisioner:
     async def _failed(self, spec: TunnelSpec, now: float,
                       exc: ProvisioningError | TimeoutError, down: _Tunnel | None = None) -> float:
         dest = spec.destination
-        self._b.tunnels.pop(dest, None)
+        pending = self._b.tunnels.pop(dest, None)
         if down is not None:  # lost earlier and still wanted: stays DOWN for the watch (Rule 6)
             self._b.tunnels[dest] = down
         error = exc if isinstance(exc, ProvisioningError) else TunnelTimeout(
@@ -738,7 +740,17 @@ class Provisioner:
         self.counters.failures += 1
         log_event(log, logging.WARNING, "tunnel-failed", name=spec.name, peer=dest,
                   reason=str(error))
-        await self._quietly(RemoveTunnel(spec.name))  # terminate the half-open IKE_SA too
+        if dest in self._b.pinned and (down is None or down.spec.name == spec.name):
+            # Pinned (autosp): the half-open IKE_SA goes, the conn stays loaded (trap) and the
+            # tunnel is DOWN, so the watch repairs it, at once when charon reports it up. The
+            # conn is what lets the peer initiate to us meanwhile: two hosts that pin each
+            # other come up whichever starts first. `release` removes it.
+            await self._quietly(RemoveTunnel(spec.name, keep_conn=True))
+            self._b.tunnels[dest] = down or _Tunnel(
+                spec, TunnelState.DOWN, now + self.config.lease,
+                private=pending is not None and pending.private)
+        else:
+            await self._quietly(RemoveTunnel(spec.name))  # terminate the half-open IKE_SA too
         if down is not None and self._private(down):
             await self._install_shunts([dest], now)  # its conn (and trap) is gone now
         if self.config.failure_hold > 0:

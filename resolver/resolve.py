@@ -191,6 +191,23 @@ class Resolution:
         self.validations = 0  # how many times the validator ran (tests, stats)
         self.rechecks = 0  # bogus verdicts asked again (tests, stats)
         self.refuted = 0  # ... of which the second opinion was not bogus
+        # Called with every verdict kept (upstream_select.py: a bogus answer while forwarding
+        # makes the forwarder a suspect, to be probed again).
+        self.on_verdict: list[Callable[[Verdict], None]] = []
+
+    def flush_failures(self) -> int:
+        """Forget what a bad upstream may have caused; call it when the upstream changes.
+
+        Bogus and failed (indeterminate) answers go, so do the validator's bogus DS/DNSKEY
+        steps, and every raw response (a stripping forwarder's are raw responses too; the
+        rest are cheap to fetch again). Secure and insecure answers stay: they were proven,
+        whoever carried them. Returns how many answers were dropped.
+        """
+        dropped = self.answers.discard_if(
+            lambda entry: entry[1].verdict.security in (Security.BOGUS, Security.INDETERMINATE))
+        self.raw.clear()
+        self.validator.forget_bogus()
+        return dropped
 
     async def resolve(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float,
                       *, fresh: bool = False) -> ValidatedAnswer:
@@ -290,6 +307,8 @@ class Resolution:
                   ans: ValidatedAnswer) -> ValidatedAnswer:
         """Cache a verdict for as long as it holds; returns it with its TTL as served."""
         verdict = ans.verdict
+        for hook in self.on_verdict:
+            hook(verdict)
         if verdict.security is Security.BOGUS:
             # One "validation failed" line was logged (name, type, reason); the cache below
             # keeps it from being repeated for every client for bogus_ttl.

@@ -4,9 +4,12 @@ Theory of operation. `ServiceRuntime` is created by cli.serve() once the parts a
 the listeners are bound. `start()` then:
 
   1. starts the optional Prometheus listener ([metrics] listen);
-  2. installs SIGHUP: configuration reload belongs to another issue, so for now it only logs
-     that nothing was reloaded (the daemon must not die on `systemctl reload`);
+  2. installs SIGHUP: `reload` (resolver/reload.py's Reloader.request, set by cli.serve) if
+     there is one, else one log line that nothing was reloaded (the daemon must never die
+     on `systemctl reload`);
   3. tells systemd READY=1 and starts the watchdog task (WATCHDOG=1 from the event loop);
+  4. reloads once if SIGHUPs arrived before step 2 (resolver/sighup.py held them since the
+     program started: a reload during start-up is applied, not fatal, and not lost).
 
 `control_ops()` gives the control socket its extra operations: `stats` always, `debug-hang`
 only with `[debug] allow_hang = true` (it blocks the event loop on purpose, so a test can see
@@ -24,11 +27,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
+from resolver import sighup
 from resolver.logevent import log_event
 from resolver.metered import DaemonMetrics
 from resolver.metrics_http import MetricsListener
 from resolver.sdnotify import Notifier
 from resolver.serviceconfig import DebugConfig, MetricsConfig
+from resolver.tasks import cancel_and_wait
 
 log = logging.getLogger("resolver")
 
@@ -50,6 +55,7 @@ class ServiceRuntime:
         self.listener: MetricsListener | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.reloads = 0
+        self.reload: Callable[[], None] | None = None  # SIGHUP's work (resolver/reload.py)
 
     def control_ops(self) -> dict[str, Op]:
         """Extra control-socket operations: name -> async fn(now) returning the result."""
@@ -71,21 +77,29 @@ class ServiceRuntime:
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
         self.notifier.ready(status)
         self._watchdog = asyncio.create_task(self.notifier.watchdog(), name="sd-watchdog")
+        held = sighup.take()  # SIGHUPs before this point (resolver/sighup.py): apply them now
+        if held:
+            log_event(log, logging.INFO, "reload-deferred", signals=held,
+                      reason="SIGHUP received during start-up; reloading now that the daemon "
+                             "serves")
+            self._sighup()
 
     async def close(self) -> None:
         self.notifier.stopping()
         if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+            await cancel_and_wait(self._watchdog)
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        sighup.hold()  # removing the handler restored SIGHUP's default: ending the process
         if self.listener is not None:
             await self.listener.close()
         self.notifier.close()
 
     def _sighup(self) -> None:
         self.reloads += 1
+        if self.reload is not None:
+            self.reload()
+            return
         log_event(log, logging.WARNING, "reload-ignored",
                   reason="configuration reload is not implemented yet; restart to apply "
                          "changes")

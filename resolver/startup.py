@@ -13,7 +13,8 @@ fails stops with one line (exit 2) before the step that could do harm:
   5. reconcile  the provisioner's state with charon and XFRM (resolver/provision.py): the
                 first step that touches either, so steps 1-4 failing has touched nothing;
   6. serve      `StartupGate` opens: address queries waited for step 5 (other queries were
-                answered from step 4 on).
+                answered from step 4 on). SIGHUP gets its handler only here; one that came
+                earlier was held (resolver/sighup.py) and is applied now.
 
 What cannot be reached yet is a warning, not a refusal: an IKE daemon that is not running
 is waited for (the provisioner's `connect_later`), because a laptop's DNS must not depend on
@@ -38,9 +39,10 @@ from resolver.endpoints.config import DEFAULT_STATE_FILE, ControlConfig
 from resolver.errors import ConfigError
 from resolver.instancelock import LOCK_NAME, InstanceLock
 from resolver.keyfile import load_private_key
-from resolver.policy import Group, PolicyConfig
+from resolver.policy import Group, Policy, PolicyConfig
 from resolver.provision import IKE_RETRY
 from resolver.resolve import QueryHandler
+from resolver.responder.core import ResponderConfig
 from resolver.rrsets import ADDRESS_TYPES
 from resolver.serviceconfig import DebugConfig, MetricsConfig
 from resolver.tunnels.config import Identity, ProvisionConfig
@@ -86,6 +88,8 @@ def check(cfg: Config) -> Checked:
             _check_key(ident, source)
     checked = Checked(source, anchors, pcfg, ident, policy, control,
                       state_directories(pcfg, control))
+    if policy is not None:
+        checked.warnings.extend(Policy(policy).warnings())  # strict = false
     for directory in checked.state_dirs:
         _check_writable(directory)
     InstanceLock(checked.state_dirs).probe()
@@ -115,8 +119,9 @@ def state_directories(pcfg: ProvisionConfig | None, control: ControlConfig | Non
                       ) -> tuple[Path, ...]:
     """The directories of the state files the daemon writes: the ones it locks (step 3).
 
-    With provisioning but no state file at all, the default state directory is locked all the
-    same: the lock is what keeps a second daemon off our tunnels.
+    A configuration read from a file always has a [provision] state file (by default in
+    /var/lib/ipseckey-resolver); one built in code without any state file still locks the
+    default state directory: the lock is what keeps a second daemon off our tunnels.
     """
     if pcfg is None:
         return ()
@@ -154,6 +159,10 @@ def check_sections(cfg: Config) -> None:
     if "identity" in cfg.sections:
         Identity.from_section(cfg.sections["identity"], source)
     ControlConfig.from_section(cfg.sections.get("control", {}), source)
+    ResponderConfig.from_section(cfg.sections.get("responder", {}), source)
+    if "responder" in cfg.sections and "identity" not in cfg.sections:
+        raise ConfigError(f"{source}: [responder] needs [identity] (and [provision]): the "
+                          "responder answers as this host's identity")
     MetricsConfig.from_section(cfg.sections.get("metrics", {}), source)
     DebugConfig.from_section(cfg.sections.get("debug", {}), source)
     if "policy" in cfg.sections and "identity" not in cfg.sections:

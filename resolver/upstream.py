@@ -8,6 +8,8 @@ set and repeats our question exactly (name, type, class). Anything else — a sp
 packet, garbage — is ignored and we keep waiting until the attempt's timeout. A reply with TC
 is asked again over TCP. SERVFAIL, REFUSED, NOTIMP or FORMERR from one server, or a timeout,
 move on to the next server; `attempts` rounds over the list are made before `UpstreamError`.
+A `tls://` server (HostPort.tls_name set) is asked over DNS over TLS instead (upstream_tls.py),
+never over plain UDP or TCP.
 
 Identical questions in flight share one exchange (coalescing). Every call, shared or not, is
 charged to the `QueryBudget` of the client query it runs for (a context variable set by the
@@ -28,6 +30,7 @@ import contextvars
 import logging
 import secrets
 import socket
+import ssl
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +46,8 @@ import dns.rdatatype
 
 from resolver.config import HostPort
 from resolver.errors import UpstreamError
+from resolver.upstream_tls import client_context
+from resolver.upstream_tls import exchange as tls_exchange
 from resolver.wireparse import parse_response
 
 log = logging.getLogger(__name__)
@@ -180,10 +185,13 @@ class Forwarder:
     """Sends questions to upstream resolvers, with failover, TCP fallback and coalescing."""
 
     def __init__(self, servers: Sequence[HostPort], *, timeout: float = 1.5, attempts: int = 2,
-                 tcp_timeout: float = 3.0, payload: int = EDNS_PAYLOAD) -> None:
+                 tcp_timeout: float = 3.0, payload: int = EDNS_PAYLOAD,
+                 tls: ssl.SSLContext | None = None) -> None:
         if not servers:
             raise ValueError("at least one upstream server is needed")
         self.servers = tuple(servers)
+        # For tls:// servers (upstream_tls.py); made with the system's CAs when first needed.
+        self.tls = tls
         self.timeout = timeout
         self.attempts = attempts
         self.tcp_timeout = tcp_timeout
@@ -226,6 +234,17 @@ class Forwarder:
         qid = secrets.randbelow(65536)
         return OutgoingQuery(qid, query_wire(qid, qname, qtype, cd, self.payload))
 
+    def _tls_query(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, cd: bool
+                   ) -> dns.message.QueryMessage:
+        """The same query as a dnspython message, for upstream_tls (a stream: its cost is
+        not the per-datagram one query_wire saves)."""
+        q = dns.message.make_query(qname, qtype, use_edns=0, want_dnssec=True,
+                                   payload=self.payload)
+        q.id = secrets.randbelow(65536)
+        if cd:
+            q.flags |= dns.flags.CD
+        return q
+
     async def _exchange(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, cd: bool,
                         recheck: bool) -> dns.message.Message:
         problems: list[str] = []
@@ -248,7 +267,10 @@ class Forwarder:
     async def _ask(self, server: HostPort, qname: dns.name.Name,
                    qtype: dns.rdatatype.RdataType, cd: bool, *, tcp_first: bool
                    ) -> dns.message.Message:
-        """One server: UDP, then TCP if truncated; or (tcp_first) TCP, then UDP if TCP fails."""
+        """One server: UDP, then TCP if truncated; or (tcp_first) TCP, then UDP if TCP fails;
+        a tls:// server over TLS only, re-check or not (it is a stream already)."""
+        if server.tls_name:
+            return await self._tls(server, self._tls_query(qname, qtype, cd))
         if tcp_first:
             self.stats.rechecks += 1
             try:
@@ -293,6 +315,13 @@ class Forwarder:
             raise UpstreamError(f"{server}: {e.strerror or e}") from None
         finally:
             sock.close()
+
+    async def _tls(self, server: HostPort, q: dns.message.Message) -> dns.message.Message:
+        self.stats.sent_tcp += 1
+        self.stats.per_server[str(server)] = self.stats.per_server.get(str(server), 0) + 1
+        if self.tls is None:
+            self.tls = client_context()
+        return await tls_exchange(server, q, self.tls, self.tcp_timeout)
 
     async def _tcp(self, server: HostPort, q: OutgoingQuery, qname: dns.name.Name,
                    qtype: dns.rdatatype.RdataType) -> dns.message.Message:

@@ -52,6 +52,19 @@ def aio(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
     return runner
 
 
+# --- config files -----------------------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, text: str,
+                 resolv: str = "nameserver 192.0.2.53\n") -> tuple[Path, Path]:
+    """A resolver.toml holding `text` and the resolv.conf it reads, both under `tmp_path`."""
+    cfg = tmp_path / "resolver.toml"
+    cfg.write_text(text)
+    rc = tmp_path / "resolv.conf"
+    rc.write_text(resolv)
+    return cfg, rc
+
+
 # --- DNS replies ------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import json
 import socket
@@ -11,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from autosp import addresses as ad
-from autosp import control
-from autosp.cli import main
+from autosp.cli import EXIT_HELP, build_parser, main
 
 COMMANDS = ["add", "remove", "list", "status", "refresh", "stats", "keygen", "publish"]
 
@@ -45,12 +45,25 @@ def test_publish_help_documents_rollover_and_check(capsys: pytest.CaptureFixture
 
 
 @pytest.mark.parametrize("argv", [["add", "vpn.example.com"], ["list"], ["status", "x.test"],
-                                  ["remove", "x.test"], ["refresh"]])
-def test_endpoint_commands_without_daemon_exit_3(tmp_path: Path, argv: list[str],
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+                                  ["remove", "x.test"], ["refresh"], ["stats"], ["upstream"]])
+def test_commands_that_ask_the_daemon_exit_3_without_it(
+        tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--control", str(tmp_path / "none.sock"), *argv]) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "control socket" in err and "Traceback" not in err
+    assert f"`autosp {argv[0]}` needs" in err  # not "the endpoint commands" for stats
+
+
+def test_readme_exit_3_row_names_every_command_that_asks_the_daemon() -> None:
+    """README's exit table: 3 is for the commands whose --help promises it (EXIT_HELP)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    row = next(ln for ln in readme.splitlines() if ln.startswith("| 3 |"))
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    asking = [n for n, p in sub.choices.items() if p.epilog == EXIT_HELP]
+    endpoint = {"add", "remove", "list", "status", "refresh"}
+    assert endpoint <= set(asking) and "endpoint commands" in row, row
+    for cmd in set(asking) - endpoint:
+        assert f"`{cmd}`" in row, (cmd, row)
 
 
 def _serve_once(path: Path, reply: dict[str, object], seen: list[dict[str, object]]) -> None:
@@ -111,25 +124,6 @@ def test_read_interface_addresses_sees_loopback() -> None:
     assert any(e.address == ipaddress.ip_address("127.0.0.1") for e in found)
     assert all(not e.address.is_loopback for e in
                [x for x in found if x.address in ad.select_published(found)])
-
-
-def test_format_table_next_refresh() -> None:
-    text = control.format_table([{"name": "a.", "next_refresh": 1030.4}], now=1000.0)
-    assert "in 30 s" in text.splitlines()[1]
-
-
-def test_status_shows_times_as_utc_and_relative() -> None:
-    from autosp.control import format_status
-
-    now = 1_800_000_000.0
-    text = format_status({"name": "bob.example.test.", "tunnel": "up", "next_refresh": now + 40,
-                          "last_refresh": now - 20, "added": None, "error": "peer timed out"},
-                         now=now)
-    lines = text.splitlines()
-    assert "next_refresh: 2027-01-15 08:00:40 UTC (in 40 s)" in lines
-    assert "last_refresh: 2027-01-15 07:59:40 UTC (20 s ago)" in lines
-    assert "added: -" in lines
-    assert lines[-1] == "error: peer timed out"
 
 
 @pytest.mark.parametrize("argv", [["status", "a..b"], ["remove", "."]])

@@ -60,6 +60,9 @@ def test_status_is_aligned_text_with_times_absolute_and_relative() -> None:
     assert lines[-1].split(None, 1) == ["error:", "peer timed out (tunnel-failed)"]
     assert not any("[" in ln or "None" in ln for ln in lines), lines
     assert colon  # labels end in ':'
+    unknown = output.endpoint({**BOB, "added": None, "last_refresh": None}, NOW).splitlines()
+    assert [ln.split() for ln in unknown if ln.startswith(("added", "last"))] == [
+        ["last", "refresh:", "-"], ["added:", "-"]]
 
 
 def test_list_fits_80_columns_with_addresses_one_per_line() -> None:
@@ -100,8 +103,10 @@ def test_stats_prints_one_line_per_sample(tmp_path: Path,
 
 
 @pytest.mark.parametrize("argv", [["add", "bad name!!"], ["add", "a..b"],
-                                  ["status", "-bad-.example."], ["add", "ok.example.", "--group",
-                                                                  "secret"]])
+                                  ["status", "-bad-.example."],
+                                  ["add", "ok.example.", "--group", "secret"],
+                                  ["add", "ok.example.", "--group", "clear"],
+                                  ["add", "ok.example.", "--group", "block"]])
 def test_bad_input_exits_2_without_asking_the_daemon(tmp_path: Path, argv: list[str],
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:  # argparse's own errors exit 2 as well
@@ -117,8 +122,9 @@ def test_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
             main([*cmd, "--help"])
         return capsys.readouterr().out
 
-    add = re.sub(r"-\s+", "-", help_of("add"))  # argparse wraps at hyphens
-    assert "block, private, private-or-clear, clear-or-private, clear" in " ".join(add.split())
+    add = " ".join(re.sub(r"-\s+", "-", help_of("add")).split())  # argparse wraps at hyphens
+    # The groups a pinned endpoint may have, and the others named as refused (exit 2 below).
+    assert "private or private-or-clear (block, clear-or-private, clear make no tunnel" in add
     for cmd in ("status", "remove", "refresh"):
         text = help_of(cmd)
         positional = text.split("positional arguments:")[1].split("options:")[0]

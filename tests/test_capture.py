@@ -37,7 +37,7 @@ from resolver.tunnels.intents import (
 )
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
 from tests.fakes import FakeBackend
-from tests.helpers import aio, ede
+from tests.helpers import aio, ede, run
 
 WHEN = 1_800_000_000.0
 A, AAAA, IPSECKEY = dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.IPSECKEY
@@ -97,12 +97,14 @@ class Plain:
 
 
 def handler(script: Script, *, group: str = "private", backend: FakeBackend | None = None,
-            strict: bool = False, lease: float = 600, max_ttl: int = 300,
+            strict: bool | None = False, lease: float = 600, max_ttl: int = 300,
             own: tuple[IPv4Address, ...] = ()) -> tuple[CaptureHandler, FakeBackend, Plain]:
     fb = backend or FakeBackend()
     plain = Plain()
-    policy = Policy(PolicyConfig.from_section({"default": group, "strict": strict,
-                                               "max_ttl": max_ttl}), own_addresses=own)
+    section: dict[str, object] = {"default": group, "max_ttl": max_ttl}
+    if strict is not None:  # None: what a configuration without the key gets
+        section["strict"] = strict
+    policy = Policy(PolicyConfig.from_section(section), own_addresses=own)
     prov = Provisioner(fb, ProvisionConfig(lease=lease, failure_hold=0))
     return CaptureHandler(plain, script, policy, prov), fb, plain
 
@@ -222,18 +224,23 @@ async def test_daemon_unreachable_ede() -> None:
     assert ede(reply) == (14, "IKE daemon unreachable: no socket")
 
 
-@aio
-async def test_tunnel_failure_private_or_clear() -> None:
+def test_tunnel_failure_private_or_clear(caplog: pytest.LogCaptureFixture) -> None:
     script = Script({("bob.example.test.", A): answer(BOB_A),
                      ("bob.example.test.", IPSECKEY): answer(key_rrset())})
-    h, _, _ = handler(script, group="private-or-clear",
+    for strict in (None, True):  # the default is strict: SERVFAIL, never clear
+        h, _, _ = handler(script, group="private-or-clear", strict=strict,
+                          backend=FakeBackend(TunnelTimeout("x")))
+        reply = run(h.handle(query(), WHEN))
+        assert reply.rcode() == dns.rcode.SERVFAIL and ede(reply)[0] == 23
+        assert h.provisioner.shunted() == frozenset()  # private-or-clear: no drop shunt
+    assert not [r for r in caplog.records if "in clear" in r.getMessage()]
+    h, _, _ = handler(script, group="private-or-clear", strict=False,
                       backend=FakeBackend(TunnelTimeout("x")))
-    assert (await h.handle(query(), WHEN)).rcode() == dns.rcode.NOERROR
-    h, _, _ = handler(script, group="private-or-clear", strict=True,
-                      backend=FakeBackend(TunnelTimeout("x")))
-    reply = await h.handle(query(), WHEN)
-    assert reply.rcode() == dns.rcode.SERVFAIL and ede(reply)[0] == 23
-    assert h.provisioner.shunted() == frozenset()  # strict private-or-clear: no drop shunt
+    for _ in range(2):  # the explicit opt-in answers in clear, with a warning every time
+        assert run(h.handle(query(), WHEN)).rcode() == dns.rcode.NOERROR
+    warned = [r for r in caplog.records if r.levelname == "WARNING"
+              and "answered in clear after its tunnel failed" in r.getMessage()]
+    assert len(warned) == 2 and "bob.example.test" in warned[0].getMessage()
 
 
 @aio

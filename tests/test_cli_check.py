@@ -40,6 +40,8 @@ block = ["ads.example."]
 [control]
 socket = "{tmp}/control.sock"
 state_file = "{tmp}/state/endpoints.json"
+[responder]
+accept = ["example.com."]
 """
 
 
@@ -78,7 +80,7 @@ def test_good_config_passes_with_a_warning_and_the_policy(
     assert err.count("\n") == 1 and err.startswith("ipseckey-resolver: warning: IKE daemon "
                                                    f"not reachable at unix://{tmp_path}")
     assert "No such file or directory" in err and "EDE 14" in err
-    assert "policy: default private-or-clear, strict no" in out
+    assert "policy: default private-or-clear, strict yes (a failed tunnel is SERVFAIL)" in out
     assert "  private: 10.1.0.0/16, corp.example.com." in out
     assert "  block: ads.example." in out
     assert f"lock {LOCK_NAME} in {tmp_path / 'state'}" in out
@@ -100,6 +102,7 @@ def test_reachable_ike_daemon_no_warning(tmp_path: Path, good: str,
     ('backend = "vici"', 'backend = "racoon"', "[provision] key 'backend'"),
     ('fqdn = "alice.example.com"', 'fqdn = 7', "[identity] key 'fqdn'"),
     ('\nsocket = "', '\nsockt = "', "[control] key 'sockt'"),
+    ('accept = ["example.com."]', 'accept = "all"', "[responder] key 'accept'"),
 ])
 def test_bad_key_in_a_delegated_table_is_named(tmp_path: Path, good: str,
                                                capsys: pytest.CaptureFixture[str],
@@ -115,6 +118,23 @@ def test_policy_without_identity_is_refused(tmp_path: Path,
     code, _, err = check(tmp_path, '[upstream]\nservers = ["192.0.2.1"]\n[policy]\n'
                                    'default = "private"\n', capsys)
     assert code == 2 and "[policy] needs [identity]" in err
+
+
+def test_responder_without_identity_is_refused(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = check(tmp_path, '[upstream]\nservers = ["192.0.2.1"]\n[responder]\n'
+                                   'accept = "any"\n', capsys)
+    assert code == 2 and "[responder] needs [identity]" in err
+
+
+def test_answering_in_clear_after_a_failure_is_warned_about(
+        tmp_path: Path, good: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = check(tmp_path, good.replace("[policy]\n", "[policy]\nstrict = false\n"),
+                         capsys)
+    assert code == 0
+    assert "warning: [policy] strict = false: a private-or-clear destination" in err
+    code, _, err = check(tmp_path, good, capsys)
+    assert code == 0 and "strict = false" not in err
 
 
 # --- what the daemon would refuse: --check-config refuses it too, with the same line ---------

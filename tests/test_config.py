@@ -6,21 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from resolver.config import HostPort, load, parse_hostport
+from resolver.config import HostPort, load, parse_hostport, parse_upstream_server
 from resolver.errors import ConfigError
 from resolver.validator.types import Limits
-
-
-def write(tmp_path: Path, text: str, resolv: str = "nameserver 192.0.2.53\n") -> tuple[Path, Path]:
-    cfg = tmp_path / "resolver.toml"
-    cfg.write_text(text)
-    rc = tmp_path / "resolv.conf"
-    rc.write_text(resolv)
-    return cfg, rc
+from tests.helpers import write_config
 
 
 def test_defaults(tmp_path: Path) -> None:
-    cfg, rc = write(tmp_path, "")
+    cfg, rc = write_config(tmp_path, "")
     c = load(cfg, resolv_conf=rc)
     assert c.server.listen == (HostPort("127.0.0.1", 53), HostPort("::1", 53))
     assert c.server.edns_payload == 1232
@@ -32,7 +25,7 @@ def test_defaults(tmp_path: Path) -> None:
 
 
 def test_no_file_means_defaults(tmp_path: Path) -> None:
-    _, rc = write(tmp_path, "")
+    _, rc = write_config(tmp_path, "")
     assert load(None, resolv_conf=rc).server.listen[0] == HostPort("127.0.0.1")
 
 
@@ -40,7 +33,7 @@ def test_default_upstreams_exclude_ourselves(tmp_path: Path) -> None:
     resolv = ("# comment\nnameserver 127.0.0.1\nnameserver ::1\nnameserver 127.0.0.53\n"
               "nameserver 198.51.100.53 # lab\nsearch example.test\nnameserver bogus\n"
               "nameserver 198.51.100.53\n")
-    cfg, rc = write(tmp_path, "", resolv)
+    cfg, rc = write_config(tmp_path, "", resolv)
     c = load(cfg, resolv_conf=rc)
     # 127.0.0.1 and ::1 are our listen addresses; 127.0.0.53 (systemd-resolved) is not us.
     assert c.upstream.servers == (HostPort("127.0.0.53"), HostPort("198.51.100.53"))
@@ -49,10 +42,41 @@ def test_default_upstreams_exclude_ourselves(tmp_path: Path) -> None:
     assert c.upstream.servers == (HostPort("198.51.100.53"),)
 
 
-def test_only_ourselves_in_resolv_conf_is_an_error(tmp_path: Path) -> None:
-    cfg, rc = write(tmp_path, "", "nameserver 127.0.0.1\n")
-    with pytest.raises(ConfigError, match=r"\[upstream\] key 'servers': no upstream"):
-        load(cfg, resolv_conf=rc)
+def test_only_ourselves_in_resolv_conf_starts_and_follows_the_file(tmp_path: Path) -> None:
+    # The README's `echo "nameserver 127.0.0.1" > /etc/resolv.conf`: the next start must work
+    # (auto iterates; forward answers SERVFAIL until the file names a forwarder).
+    for mode in ("auto", "forward"):
+        cfg, rc = write_config(tmp_path, f'[upstream]\nmode = "{mode}"\n', "nameserver 127.0.0.1\n")
+        c = load(cfg, resolv_conf=rc)
+        assert c.upstream.servers == () and c.upstream.from_resolv_conf
+        assert c.upstream.resolv_conf == rc
+    assert load(write_config(tmp_path, "")[0], resolv_conf=rc).upstream.mode == "auto"
+
+
+def test_resolv_conf_key_names_the_file_to_follow(tmp_path: Path) -> None:
+    other = tmp_path / "nm-resolv.conf"
+    other.write_text("nameserver 198.51.100.7\n")
+    cfg, rc = write_config(tmp_path, '[upstream]\nresolv_conf = "nm-resolv.conf"\n')
+    c = load(cfg, resolv_conf=rc)
+    assert c.upstream.resolv_conf == other and c.upstream.from_resolv_conf
+    assert c.upstream.servers == (HostPort("198.51.100.7"),)
+    assert f"(from {other}, followed)" in c.summary()
+
+
+def test_tls_servers_and_probe_keys(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("x")
+    cfg, rc = write_config(tmp_path, '[upstream]\nservers = ["tls://9.9.9.9#dns.quad9.net", '
+                              '"tls://[2001:db8::9]:8853#dot.example.", "192.0.2.1"]\n'
+                              'probe_ds = "test"\nprobe_interval = 5\ntls_ca_file = "ca.pem"\n')
+    up = load(cfg, resolv_conf=rc).upstream
+    assert up.servers == (HostPort("9.9.9.9", 853, "dns.quad9.net"),
+                          HostPort("2001:db8::9", 8853, "dot.example"), HostPort("192.0.2.1"))
+    assert [str(s) for s in up.servers] == ["tls://9.9.9.9:853#dns.quad9.net",
+                                            "tls://[2001:db8::9]:8853#dot.example",
+                                            "192.0.2.1:53"]
+    assert str(parse_upstream_server(str(up.servers[1]))) == str(up.servers[1])  # round trip
+    assert up.probe_ds == "test." and up.probe_interval == 5.0
+    assert up.tls_ca_file == tmp_path / "ca.pem"
 
 
 FULL = """
@@ -84,7 +108,7 @@ socket = "/run/x.sock"
 
 
 def test_full_file(tmp_path: Path) -> None:
-    cfg, rc = write(tmp_path, FULL)
+    cfg, rc = write_config(tmp_path, FULL)
     (tmp_path / "root.key").write_text(". IN DS 1 8 2 00\n")
     c = load(cfg, resolv_conf=rc)
     assert c.server.listen == (HostPort("127.0.0.2", 5353), HostPort("::1", 5353),
@@ -117,6 +141,16 @@ def test_full_file(tmp_path: Path) -> None:
     ("[upstream]\nattempts = true",
      r"\[upstream\] key 'attempts': expected an integer, got a boolean"),
     ("[upstream]\nservers = [\"8.8.8.8:0\"]", r"\[upstream\] key 'servers': .*port"),
+    ("[upstream]\nservers = [\"tls://9.9.9.9\"]", r"key 'servers': .*needs '#NAME'"),
+    ("[upstream]\nservers = [\"tls://dns.quad9.net#x\"]", r"key 'servers': .*not an IP"),
+    ("[upstream]\nservers = [\"tls://9.9.9.9#a b\"]", r"key 'servers': .*not a host name"),
+    ("[upstream]\nmode = \"hybrid\"", r"key 'mode': must be one of auto, forward, iterate"),
+    ("[upstream]\nprobe_interval = 0", r"key 'probe_interval': must be between 1 and"),
+    ("[upstream]\nprobe_ds = \"a..b\"", r"key 'probe_ds': 'a..b' is not a domain name"),
+    ("[upstream]\ntls_ca_file = \"nope.pem\"", r"key 'tls_ca_file': .*nope.pem: no such file"),
+    ("[upstream]\nresolv_conf = \"\"", r"key 'resolv_conf': must not be empty"),
+    ("[server]\nlisten = [\"tls://127.0.0.1#x\"]",
+     r"\[server\] key 'listen': .*tls:// is for forwarders only"),
     ("[dnssec]\ntrust_anchor_files = [\"/nonexistent/root.key\"]",
      r"\[dnssec\] key 'trust_anchor_files': /nonexistent/root.key: no such file"),
     ("[dnssec]\nbuiltin_root_anchors = false",
@@ -133,7 +167,7 @@ def test_full_file(tmp_path: Path) -> None:
     ("[policy\n", r"not valid TOML"),
 ])
 def test_errors_name_file_table_and_key(tmp_path: Path, text: str, message: str) -> None:
-    cfg, rc = write(tmp_path, text)
+    cfg, rc = write_config(tmp_path, text)
     with pytest.raises(ConfigError, match=message) as info:
         load(cfg, resolv_conf=rc)
     assert str(info.value).startswith(str(cfg))

@@ -337,13 +337,34 @@ async def test_add_with_tunnel_failure_keeps_endpoint_and_retries() -> None:
     assert "retrying in 5 s" in str(e.value) and "no CHILD_SA" in str(e.value)
     st = m.status(BOB, WHEN)
     assert st["tunnel"] == "partial" and "2001:db8:100::11" in st["error"]
-    assert t.pinned == {BOB4}  # a failed destination is not left pinned
+    # the failed destination stays pinned: the Provisioner keeps its conn loaded (parked),
+    # so that bob can initiate to us while our own tries fail (issue 11)
+    assert t.pinned == {BOB4, BOB6}
     assert st["next_refresh"] == WHEN + 5.0
     assert m.next_deadline() == WHEN + 5.0
     del t.fail[BOB6]
     await m.tick(WHEN + 5.0)
     st = m.status(BOB, WHEN + 5.0)
     assert st["tunnel"] == "up" and st["error"] == "" and "code" not in st
+
+
+@aio
+async def test_failed_destination_is_released_with_the_endpoint_or_its_address() -> None:
+    m, zone, t = manager()
+    t.fail[BOB6] = TunnelTimeout("no CHILD_SA within 3 s")
+    with pytest.raises(EndpointError):
+        await m.add(BOB, None, WHEN)
+    zone.aaaa = []  # the failed address is no longer published
+    await m.refresh(BOB, WHEN + 1)
+    assert ("release", str(BOB6)) in t.events and t.pinned == {BOB4}
+    assert m.status(BOB, WHEN + 1)["tunnel"] == "up"
+    zone.aaaa = [str(BOB6)]
+    with pytest.raises(EndpointError):
+        await m.refresh(BOB, WHEN + 2)
+    t.events.clear()
+    await m.remove(BOB, WHEN + 3)
+    assert sorted(t.events) == [("release", str(BOB4)), ("release", str(BOB6))]
+    assert t.pinned == set()
 
 
 @aio

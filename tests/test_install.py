@@ -55,6 +55,7 @@ def test_install_and_uninstall_in_a_destdir(tmp_path: Path) -> None:
     wrapper = (dest / "usr/local/sbin/ipseckey-resolver").read_text()
     assert wrapper.startswith("#!/usr/bin/python3 -I\n")
     assert '"/usr/local/lib/ipseckey-resolver"' in wrapper  # the final path, not DESTDIR
+    assert "from resolver.__main__ import main\n" in wrapper  # holds SIGHUP before imports
     assert os.access(dest / "usr/local/sbin/autosp", os.X_OK)
     unit = (dest / "usr/local/lib/systemd/system/ipseckey-resolver.service").read_text()
     assert "ExecStart=/usr/local/sbin/ipseckey-resolver --config " \
@@ -87,6 +88,9 @@ def test_unit_asks_for_what_the_issue_lists() -> None:
     assert options["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert options["Before"] == "nss-lookup.target" and options["Wants"] == "nss-lookup.target"
     assert "strongswan.service" in options["After"]
+    # Ordering only: the daemon starts without charon and connects when it appears.
+    assert not any("strongswan" in options.get(k, "")
+                   for k in ("Wants", "Requires", "Requisite", "BindsTo", "PartOf"))
     assert options["User"] == "ipseckey-resolver"
     assert set(options["CapabilityBoundingSet"].split()) == {"CAP_NET_BIND_SERVICE",
                                                              "CAP_NET_ADMIN"}

@@ -88,7 +88,7 @@ TABLE: dict[tuple[Group, bool], dict[KeyStatus, tuple[object, object]]] = {
     (Group.CLEAR, False): dict.fromkeys(KeyStatus, (C, None)),
     (Group.BLOCK, False): dict.fromkeys(KeyStatus, (SF_BLOCK, None)),
 }
-# strict only changes private-or-clear; the other groups behave as without it
+# strict only changes private-or-clear; the other groups behave the same either way
 for _g in (Group.PRIVATE, Group.CLEAR_OR_PRIVATE, Group.CLEAR, Group.BLOCK):
     TABLE[(_g, True)] = TABLE[(_g, False)]
 
@@ -102,15 +102,20 @@ def shape(d: object) -> object:
     return ("servfail", d.ede, bool(d.drop))
 
 
-CELLS = list(itertools.product(Group, (False, True), KeyStatus))
+# strict: None is the configuration that does not mention it (the default, which must be the
+# strict row: a destination with a secure key is never answered in clear after a failed setup).
+CELLS = list(itertools.product(Group, (False, True, None), KeyStatus))
+_STRICT_IDS = {False: "opt-in-clear", True: "strict", None: "default"}
 
 
 @pytest.mark.parametrize(("group", "strict", "status"), CELLS,
-                         ids=[f"{g.value}-{'strict' if s else 'plain'}-{k.value}"
-                              for g, s, k in CELLS])
-def test_decision_table(group: Group, strict: bool, status: KeyStatus) -> None:
-    policy = Policy(PolicyConfig(default=group, strict=strict))
-    want_decision, want_failure = TABLE[(group, strict)][status]
+                         ids=[f"{g.value}-{_STRICT_IDS[s]}-{k.value}" for g, s, k in CELLS])
+def test_decision_table(group: Group, strict: bool | None, status: KeyStatus) -> None:
+    section: dict[str, object] = {"default": group.value}
+    if strict is not None:
+        section["strict"] = strict
+    policy = Policy(PolicyConfig.from_section(section))
+    want_decision, want_failure = TABLE[(group, strict is not False)][status]
     d = policy.decide(NAME, [BOB], SECURE, EVIDENCE[status])
     assert shape(d) == want_decision
     assert d.group is group
@@ -122,10 +127,20 @@ def test_decision_table(group: Group, strict: bool, status: KeyStatus) -> None:
         if isinstance(f, Refuse):
             assert "timed out" in f.reason and "3.0 s" in f.reason
             assert f.drop == ((BOB,) if group is Group.PRIVATE else ())
+        else:  # only the explicit opt-in answers in clear, and says so
+            assert isinstance(f, AnswerClear) and f.after_failure and strict is False
+            assert "strict = false" in f.reason
     else:
         assert want_failure is None
     if isinstance(d, Refuse) and d.drop:
         assert d.drop == (BOB,)
+
+
+def test_answering_in_clear_after_a_failure_is_warned_about() -> None:
+    assert Policy(PolicyConfig.from_section({})).warnings() == []
+    assert Policy(PolicyConfig.from_section({"strict": True})).warnings() == []
+    (warning,) = Policy(PolicyConfig.from_section({"strict": False})).warnings()
+    assert "strict = false" in warning and "in clear" in warning
 
 
 @pytest.mark.parametrize("group", list(Group))

@@ -218,6 +218,28 @@ async def test_pin_and_release(tmp_path: Path) -> None:
 
 
 @aio
+async def test_pinned_failure_keeps_the_conn_until_released() -> None:
+    """A pinned peer whose setup fails keeps its conn (the peer may initiate to us through it);
+    an unpinned one is removed; `release` removes the kept one."""
+    fb = FakeBackend(TunnelRejected("bob refused"))
+    p = prov(fb, failure_hold=0)
+    with pytest.raises(TunnelRejected):
+        await p.ensure(tunnel_spec(KEY1, CAROL, None), WHEN)
+    assert fb.intents[-1] == RemoveTunnel(tunnel_spec(KEY1, CAROL, None).name)
+    p.pin(BOB)
+    with pytest.raises(TunnelRejected):
+        await p.ensure(SPEC, WHEN)
+    assert fb.intents[-1] == RemoveTunnel(SPEC.name, keep_conn=True)
+    assert p.tunnels() == {} and p.counters.active == 0  # not up: never answered from
+    assert await p.expire(WHEN + 10_000) is None and fb.intents[-1].keep_conn  # type: ignore[union-attr]
+    fb.fail = None  # bob is back: the same conn comes up
+    assert await p.ensure(SPEC, WHEN + 1) == WHEN + 601
+    fb.fail = TunnelRejected("again")
+    await p.release(BOB, WHEN + 2)
+    assert fb.intents[-1] == RemoveTunnel(SPEC.name)
+
+
+@aio
 async def test_lease_end_tears_down() -> None:
     fb = FakeBackend()
     p = prov(fb, lease=100, grace=10)
@@ -330,7 +352,12 @@ def test_provision_config() -> None:
                                       "state_file": "/tmp/x.json", "shunts": "none"})
     assert (c.backend, c.timeout, c.lease, c.state_file, c.shunts) == (
         "dryrun", 2.0, 60.0, Path("/tmp/x.json"), "none")
-    assert ProvisionConfig.from_section({}) == ProvisionConfig()
+    # A file's [provision] keeps the tunnels by default (a restart must not remove them as
+    # strays); only a config built in code (these tests) keeps nothing.
+    default = ProvisionConfig.from_section({})
+    assert default.state_file == Path("/var/lib/ipseckey-resolver/state.json")
+    assert default == ProvisionConfig(state_file=default.state_file)
+    assert ProvisionConfig().state_file is None
 
 
 @pytest.mark.parametrize(("section", "message"), [
@@ -339,6 +366,7 @@ def test_provision_config() -> None:
     ({"lease": "long"}, "key 'lease'"),
     ({"vici_socket": "/run/charon.vici"}, "key 'vici_socket': must be a unix://"),
     ({"lease_time": 1}, "key 'lease_time': unknown key"),
+    ({"state_file": "state.json"}, "key 'state_file': 'state.json' is not an absolute path"),
 ])
 def test_provision_config_errors(section: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(f"f.toml: [provision] {message}")):

@@ -20,6 +20,8 @@ from resolver.tunnels.xfrm import (
     XFRM_MSG_NEWPOLICY,
     XFRM_MSG_UPDPOLICY,
     XFRM_POLICY_BLOCK,
+    XFRM_POLICY_FWD,
+    XFRM_POLICY_IN,
     XFRM_POLICY_OUT,
     Rule,
     decode_policy,
@@ -56,11 +58,14 @@ class xfrm_userpolicy_id(nlmsg):  # type: ignore[misc]
 
 def selector(rule: Rule) -> dict[str, Any]:
     d = rule.destination
-    return {"daddr": d.packed.ljust(16, b"\0"), "saddr": b"\0" * 16,
+    host, none = d.packed.ljust(16, b"\0"), b"\0" * 16
+    out = rule.direction == XFRM_POLICY_OUT  # out: D is the destination; in/fwd: the source
+    return {"daddr": host if out else none, "saddr": none if out else host,
             "dport": rule.dport, "dport_mask": 0xFFFF if rule.dport else 0,
             "sport": rule.sport, "sport_mask": 0xFFFF if rule.sport else 0,
             "family": socket.AF_INET if d.version == 4 else socket.AF_INET6,
-            "prefixlen_d": d.max_prefixlen, "prefixlen_s": 0, "proto": rule.proto,
+            "prefixlen_d": d.max_prefixlen if out else 0,
+            "prefixlen_s": 0 if out else d.max_prefixlen, "proto": rule.proto,
             "ifindex": 0, "user": 0}
 
 
@@ -76,7 +81,7 @@ def oracle(msg_class: type, values: dict[str, Any], msg_type: int, flags: int, s
 def info(rule: Rule, **over: Any) -> dict[str, Any]:
     values = selector(rule) | {n: XFRM_INF if n.endswith("limit") else 0
                                for n, _ in (*LIFETIME_CFG, *LIFETIME_CUR)}
-    return values | {"priority": rule.priority, "index": 0, "dir": XFRM_POLICY_OUT,
+    return values | {"priority": rule.priority, "index": 0, "dir": rule.direction,
                      "action": rule.action, "flags": 0, "share": 0} | over
 
 
@@ -95,7 +100,7 @@ def test_encoding_matches_the_oracle_byte_for_byte() -> None:
     for rule in RULES:
         assert encode_update(rule, 7) == oracle(xfrm_userpolicy_info, info(rule),
                                                 XFRM_MSG_UPDPOLICY, NLM_F_REQUEST | NLM_F_ACK, 7)
-        ident = selector(rule) | {"index": 0, "dir": XFRM_POLICY_OUT}
+        ident = selector(rule) | {"index": 0, "dir": rule.direction}
         assert encode_delete(rule, 9) == oracle(xfrm_userpolicy_id, ident, XFRM_MSG_DELPOLICY,
                                                 NLM_F_REQUEST | NLM_F_ACK, 9)
     zero = dict.fromkeys((n for n, f in SELECTOR if not n.startswith("__")), 0) | {
@@ -113,6 +118,11 @@ def test_struct_sizes_and_layout_match_linux_xfrm_h() -> None:
     assert struct.unpack_from("=HBBB", body, 40) == (socket.AF_INET, 32, 0, socket.IPPROTO_UDP)
     assert struct.unpack_from("=II", body, 152) == (ALLOW_PRIORITY, 0)  # priority, index
     assert body[160:162] == bytes([XFRM_POLICY_OUT, 0])  # dir, action allow
+    inbound = encode_update(Rule(IPv4Address("192.0.2.2"), XFRM_POLICY_BLOCK, BLOCK_PRIORITY,
+                                 direction=XFRM_POLICY_IN), 1)[16:]
+    assert inbound[0:16] == b"\0" * 16 and inbound[16:20] == bytes([192, 0, 2, 2])  # saddr
+    assert struct.unpack_from("=HBB", inbound, 40) == (socket.AF_INET, 0, 32)  # prefixlen_s
+    assert inbound[160:162] == bytes([XFRM_POLICY_IN, XFRM_POLICY_BLOCK])
 
 
 def test_decoding_the_oracles_dump_entries() -> None:
@@ -126,16 +136,27 @@ def test_only_our_policies_count() -> None:
     rule = Rule(IPv6Address("2001:db8::2"), XFRM_POLICY_BLOCK, BLOCK_PRIORITY)
     assert decode_policy(dumped(rule)) == rule
     assert decode_policy(dumped(rule, priority=100)) is None  # someone else's
-    assert decode_policy(dumped(rule, dir=0)) is None  # inbound
+    # an inbound policy whose host is the destination (traffic *to* D arriving): not ours
+    assert decode_policy(dumped(rule, dir=XFRM_POLICY_IN)) is None
     assert decode_policy(dumped(rule, prefixlen_d=64)) is None  # not a host selector
+    assert decode_policy(dumped(rule, prefixlen_s=24)) is None  # D/128 from 2001:db8::/24
     assert decode_policy(dumped(rule)[:100]) is None  # truncated
+    inbound = Rule(rule.destination, XFRM_POLICY_BLOCK, BLOCK_PRIORITY, direction=XFRM_POLICY_IN)
+    assert decode_policy(dumped(inbound)) == inbound
+    assert decode_policy(dumped(inbound, prefixlen_d=64)) is None  # only from D, to anywhere
+    assert decode_policy(dumped(inbound, dir=3)) is None  # not a direction we use
 
 
 def test_shunt_rules() -> None:
+    udp, out, inb, fwd = socket.IPPROTO_UDP, XFRM_POLICY_OUT, XFRM_POLICY_IN, XFRM_POLICY_FWD
     v4 = shunt_rules(IPv4Address("192.0.2.2"))
-    assert [(r.proto, r.dport, r.action) for r in v4] == [
-        (socket.IPPROTO_UDP, 500, 0), (socket.IPPROTO_UDP, 4500, 0), (0, 0, XFRM_POLICY_BLOCK)]
+    assert [(r.direction, r.proto, r.dport, r.action) for r in v4] == [
+        (out, udp, 500, 0), (out, udp, 4500, 0), (inb, udp, 500, 0), (inb, udp, 4500, 0),
+        (out, 0, 0, XFRM_POLICY_BLOCK), (inb, 0, 0, XFRM_POLICY_BLOCK),
+        (fwd, 0, 0, XFRM_POLICY_BLOCK)]
     v6 = shunt_rules(IPv6Address("2001:db8::2"))
-    assert [(r.proto, r.sport) for r in v6 if r.proto == socket.IPPROTO_ICMPV6] == [
-        (socket.IPPROTO_ICMPV6, 135), (socket.IPPROTO_ICMPV6, 136)]
-    assert v6[-1].action == XFRM_POLICY_BLOCK  # BLOCK last: IKE is never blocked in between
+    assert [(r.direction, r.sport) for r in v6 if r.proto == socket.IPPROTO_ICMPV6] == [
+        (out, 135), (out, 136), (inb, 135), (inb, 136)]
+    # BLOCKs last: IKE is never blocked in between, in either direction
+    assert {r.action for r in v6[-3:]} == {XFRM_POLICY_BLOCK}
+    assert {r.action for r in v6[:-3]} == {0}

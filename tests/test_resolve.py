@@ -4,6 +4,7 @@ negative and bogus TTLs, upstream failure, the per-query upstream budget, and Pl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,7 +18,7 @@ import dns.rdatatype
 import pytest
 
 from resolver.config import CacheConfig
-from resolver.resolve import PlainHandler, Resolution
+from resolver.resolve import PlainHandler, Resolution, answer_key
 from resolver.validator.response import Security, Verdict
 from tests.helpers import ede
 from tests.helpers import run as run_async
@@ -104,6 +105,27 @@ def test_bogus_is_rechecked_once_over_tcp_then_remembered_for_bogus_ttl(
                             'security=bogus reason="RRSIG over A does not verify" ede=6']
         await res.resolve(BAD, A, WHEN + 61)
         assert len(v.calls) == 4
+
+    run(body)
+
+
+def test_flush_failures_forgets_bogus_and_failed_answers_only() -> None:
+    async def body(up: ScriptedUpstream, res: Resolution, v: FakeValidator) -> None:
+        assert (await res.resolve(WWW, A, WHEN)).verdict.security is Security.SECURE
+        assert (await res.resolve(BAD, A, WHEN)).verdict.security is Security.BOGUS
+        res.answers.put(answer_key(NX, A), (WHEN + 5, dataclasses.replace(
+            await res.resolve(BAD, A, WHEN), verdict=Verdict(Security.INDETERMINATE, "t/o"))),
+            WHEN + 5)
+        assert len(res.raw) > 0
+        calls, forgot = len(v.calls), v.forgot
+        seen: list[Verdict] = []
+        res.on_verdict.append(seen.append)
+        assert res.flush_failures() == 2  # the bogus and the indeterminate answer
+        assert v.forgot == forgot + 1 and len(res.raw) == 0  # the validator's bogus steps too
+        await res.resolve(WWW, A, WHEN + 1)  # still cached: secure is secure, whoever carried it
+        assert len(v.calls) == calls and seen == []
+        await res.resolve(BAD, A, WHEN + 1)  # asked and validated again
+        assert len(v.calls) > calls and [s.security for s in seen] == [Security.BOGUS]
 
     run(body)
 

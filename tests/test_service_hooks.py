@@ -9,8 +9,12 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+from resolver import sighup
 from resolver.logevent import event_text, log_event, quote
 from resolver.logratelimit import RateLimitFilter
 from resolver.logsetup import setup_logging, under_journald
@@ -18,6 +22,8 @@ from resolver.metered import DaemonMetrics
 from resolver.sdnotify import Notifier
 from resolver.service import ServiceRuntime
 from tests.helpers import aio
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def listener(tmp_path: Path) -> tuple[socket.socket, str]:
@@ -98,6 +104,84 @@ async def test_sighup_is_logged_not_fatal(tmp_path: Path) -> None:
     await rt.close()
     assert b"STOPPING=1" in s.recv(4096)
     s.close()
+
+
+@aio
+async def test_sighup_before_the_runtime_is_held_then_reloads_once(tmp_path: Path) -> None:
+    """A SIGHUP between the program's start and step 6 (serve) is counted, not fatal
+    (resolver/sighup.py), and applied once the runtime's handler is in (one reload covers
+    any number); after close() SIGHUP is held again instead of ending the process."""
+    s, path = listener(tmp_path)
+    sighup.take()
+    sighup.hold()
+    os.kill(os.getpid(), signal.SIGHUP)  # with the default disposition this would end pytest
+    os.kill(os.getpid(), signal.SIGHUP)
+    rt = ServiceRuntime(DaemonMetrics(), {}, "t", Notifier({"NOTIFY_SOCKET": path}))
+    reloaded: list[int] = []
+    rt.reload = lambda: reloaded.append(1)
+    await rt.start("serving")
+    assert b"READY=1" in s.recv(4096)
+    assert reloaded == [1] and rt.reloads == 1
+    os.kill(os.getpid(), signal.SIGHUP)  # now the runtime's own handler
+    await asyncio.sleep(0.1)
+    assert reloaded == [1, 1]
+    await rt.close()
+    assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, None)
+    os.kill(os.getpid(), signal.SIGHUP)
+    assert sighup.take() == 1 and reloaded == [1, 1]
+    s.close()
+
+
+def test_the_daemon_survives_a_sighup_during_start_up_and_reloads_when_ready(
+        tmp_path: Path) -> None:
+    """The real program: SIGHUP sent as soon as it is held (the daemon is still importing its
+    modules, long before step 6), READY=1 follows, the reload is logged, and SIGTERM ends it
+    with 0. A plain resolver on a free loopback port, forwarding to a closed loopback port:
+    nothing leaves the host."""
+    s, path = listener(tmp_path)
+    s.settimeout(20)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    conf = tmp_path / "resolver.toml"
+    conf.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n'
+                    '[upstream]\nmode = "forward"\nservers = ["127.0.0.1:9"]\n')
+    env = {**os.environ, "NOTIFY_SOCKET": path, "PYTHONPATH": str(REPO)}
+    env.pop("JOURNAL_STREAM", None)
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "resolver", "--config", str(conf)],
+                                env=env, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 10
+        while not caught(proc.pid, signal.SIGHUP):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGHUP)
+        messages = b""
+        while b"READY=1" not in messages:
+            messages += s.recv(4096)
+        deadline = time.monotonic() + 10
+        while "event=reload " not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = log.read_text()
+        assert proc.poll() is None, text
+        assert "event=reload-deferred signals=1" in text, text  # held, not the late handler
+        assert "changes=none" in text.split("event=reload-deferred", 1)[1], text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        s.close()
+
+
+def caught(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (SigCgt in /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("SigCgt:")), 16)
+    return bool(mask & (1 << (sig - 1)))
 
 
 def test_logfmt_fields_split_back() -> None:

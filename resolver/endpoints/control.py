@@ -57,6 +57,7 @@ from resolver.endpoints.protocol import (
 from resolver.errors import ConfigError
 from resolver.policy import Policy
 from resolver.resolve import Resolver
+from resolver.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,9 @@ class ControlServer:
             return reply_error("bad-request", problem)
         try:
             req = parse_request(line)
-            log.info("control: %s %s", req.op, req.name or "")
+            # `upstream` is a status poll: not worth a line each time.
+            log.log(logging.DEBUG if req.op == "upstream" else logging.INFO, "control: %s %s",
+                    req.op, req.name or "")
             # Shielded: an operation that outlives the client's patience (or the client) is
             # finished, not cancelled half-way (a tunnel up but the endpoint not recorded).
             op = asyncio.ensure_future(self._dispatch(req, self.clock()))
@@ -325,9 +328,7 @@ class ControlService:
 
     async def close(self) -> None:
         """Stop the timer and the socket (tunnels stay up; the state file stays)."""
-        self.timer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.timer
+        await cancel_and_wait(self.timer)
         await self.server.close()
 
 
@@ -367,3 +368,50 @@ async def start_control(config: ConfigLike, resolution: Resolver, provisioner: T
     await server.start()
     timer = asyncio.create_task(manager.run(clock), name="endpoint-timer")
     return ControlService(server, manager, timer)
+
+
+class NoEndpoints:
+    """The EndpointOps of a daemon without tunnels: every endpoint request is refused."""
+
+    def _refuse(self) -> EndpointError:
+        return EndpointError("bad-request", "this resolver has no [identity]/[provision]: it "
+                                            "keeps no endpoints")
+
+    async def add(self, name: dns.name.Name, group: str | None, now: float) -> Any:
+        raise self._refuse()
+
+    async def remove(self, name: dns.name.Name, now: float) -> Any:
+        raise self._refuse()
+
+    def list(self, now: float) -> Any:
+        raise self._refuse()
+
+    def status(self, name: dns.name.Name, now: float) -> Any:
+        raise self._refuse()
+
+    async def refresh(self, name: dns.name.Name | None, now: float) -> Any:
+        raise self._refuse()
+
+
+async def start_status_socket(config: ConfigLike,
+                              extra: Mapping[str, Callable[[float], Awaitable[Any]]], *,
+                              clock: Callable[[], float] = time.time) -> ControlServer | None:
+    """The control socket of a resolver without tunnels, for `autosp upstream` (and `extra`'s
+    other requests) only.
+
+    Only when the configuration has a [control] table (enabled): without tunnels there is
+    nothing else to control, and two plain resolvers on one machine must not fight over the
+    default socket path.
+
+    Raises:
+        ConfigError: a bad [control] table, or an unusable socket path.
+    """
+    if "control" not in config.sections:
+        return None
+    source = str(config.path) if config.path is not None else "config"
+    cfg = ControlConfig.from_section(config.sections["control"], source)
+    if not cfg.enabled:
+        return None
+    server = ControlServer(cfg.socket, NoEndpoints(), clock=clock, extra=extra)
+    await server.start()
+    return server

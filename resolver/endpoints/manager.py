@@ -150,6 +150,7 @@ class EndpointManager:
                                                  "(see `autosp list`)")
             await self._save()
             await self._release(list(ep.tunnels.values()), now)
+            await self._release_failed(ep, list(ep.failures), now)
         # The lock stays: a refresh queued on it must not run beside a later `add`'s refresh.
         self._wake.set()
         return {"removed": name.to_text()}
@@ -283,8 +284,8 @@ class EndpointManager:
         if ep.key is not None and plan.key is not ep.key:
             log.info("endpoint %s: key %s no longer published, moving to %s",
                      display_name(ep.name), ep.key.fingerprint(), plan.key.fingerprint())
-        for dest in [d for d in ep.failures if d not in obs.addresses and d not in ep.tunnels]:
-            del ep.failures[dest]  # an address that is gone takes its old failure with it
+        gone = [d for d in ep.failures if d not in obs.addresses and d not in ep.tunnels]
+        await self._release_failed(ep, gone, now)  # its parked conn too
         ep.addresses, ep.published, ep.security = obs.addresses, len(obs.keys), obs.security
         ok = await self._ensure_all(ep, list(plan.up), now)
         # `key` is the key the tunnels use: a replacement that failed everywhere leaves the
@@ -334,8 +335,8 @@ class EndpointManager:
             if isinstance(res, ProvisioningError):
                 ok = False
                 ep.failures[dest] = str(res)
-                if dest not in ep.tunnels:
-                    self.tunnels.pin(dest, False)  # nothing of ours there: no pin to leak
+                # Still pinned: the Provisioner keeps this conn loaded (parked), so that the
+                # peer can initiate to us; `_release_failed` lets go of it with the address.
                 ep.code = failure_code(res)
                 log_event(log, logging.WARNING, "endpoint-tunnel-failed", name=ep.name,
                           peer=dest, reason=str(res))
@@ -345,6 +346,19 @@ class EndpointManager:
                 ep.failures.pop(dest, None)
                 ep.tunnels[dest] = spec
         return ok
+
+    async def _release_failed(self, ep: Endpoint, dests: Sequence[Address], now: float
+                              ) -> None:
+        """Forget failed addresses of `ep` that have no tunnel, and release what the
+        Provisioner keeps for them (a parked conn, the pin)."""
+        for dest in dests:
+            ep.failures.pop(dest, None)
+            if dest in ep.tunnels:
+                continue
+            try:
+                await self.tunnels.release(dest, now)
+            except ProvisioningError as exc:
+                log.warning("releasing %s of %s: %s", dest, display_name(ep.name), exc)
 
     async def _release(self, specs: Sequence[TunnelSpec], now: float) -> None:
         """Tear tunnels down now (`release` also unpins them)."""

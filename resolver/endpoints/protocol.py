@@ -11,11 +11,14 @@ autosp/control.py speaks it. No I/O here: bytes in, values out (and back).
               {"op": "remove", "name": ...}   {"op": "list"}   {"op": "status", "name": ...}
               {"op": "refresh"}   {"op": "refresh", "name": ...}
               {"op": "stats"}   {"op": "debug-hang"} (only with [debug] allow_hang = true)
+              {"op": "upstream"}   (the daemon's upstream: mode, path in use and why)
 
 `list` and `refresh` return {"endpoints": [ENDPOINT...]}, `status` and `add` return ENDPOINT,
 `remove` returns {"removed": NAME}, `stats` {"now": POSIX time, "metrics": [FAMILY...]} with
 FAMILY = {"name", "type", "help", "samples": [{"name", "labels": {..}, "value"}]} (the numbers
-of resolver/metrics.py), `debug-hang` {"hanging": SECONDS}. ENDPOINT is the dict made by
+of resolver/metrics.py), `debug-hang` {"hanging": SECONDS}, `upstream` the dict of
+resolver.upstream_select.UpstreamSelector.status ({"mode", "path", "using", "reason", "since",
+"forwarders", "source", "last_probe", "probes": [...]}). ENDPOINT is the dict made by
 resolver.endpoints.core.view:
 {"name", "addresses": [..], "algorithm", "fingerprint", "security", "tunnel",
  "next_refresh": POSIX time or null, "error": "" or why it failed}, then details for `status`.
@@ -38,8 +41,8 @@ import dns.name
 DEFAULT_SOCKET: Final = Path("/run/ipseckey-resolver/control.sock")  # where each looks first
 MAX_REQUEST: Final = 64 * 1024  # a request is a few hundred bytes; this bounds a hostile one
 MAX_REPLY: Final = 4 << 20  # `list` of many endpoints; bounds what a client reads
-OPS: Final = ("add", "remove", "list", "status", "refresh", "stats", "debug-hang")
-NO_NAME: Final = frozenset({"list", "stats", "debug-hang"})  # ops that take no name
+OPS: Final = ("add", "remove", "list", "status", "refresh", "stats", "debug-hang", "upstream")
+NO_NAME: Final = frozenset({"list", "stats", "debug-hang", "upstream"})  # ops without a name
 _FIELDS: Final = frozenset({"op", "name", "group"})
 _NEEDS_NAME: Final = frozenset({"add", "remove", "status"})
 

@@ -10,7 +10,7 @@ import ipaddress
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Final
 
 import dns.exception
 import dns.name
@@ -18,6 +18,10 @@ import dns.name
 from resolver.configtable import Section, Table, between, non_empty, one_of
 
 Address = IPv4Address | IPv6Address
+
+# Beside [control]'s endpoints.json, in the directory the unit may write (ReadWritePaths) and
+# tmpfiles.d creates.
+DEFAULT_STATE_FILE: Final = Path("/var/lib/ipseckey-resolver/state.json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +38,16 @@ class ProvisionConfig(Section):
     grace = 60                         # ...plus this, before teardown
     failure_hold = 10                  # seconds a failed setup is answered from memory
     max_setups = 32                    # IKE setups in flight at once; the rest wait their turn
-    state_file = "/var/lib/ipseckey-resolver/state.json"
+    state_file = "/var/lib/ipseckey-resolver/state.json"  # the tunnels, kept over a restart
     watch_interval = 30                # seconds between checks of charon's SAs besides its
                                        # events (0: only events and reconnects)
     ```
+
+    `state_file` is always set when parsed from a file: without it a restart (a watchdog
+    restart, an upgrade) would see our tunnels in charon as strays and remove them, and the
+    directory is the one the instance lock and [control] state_file use anyway. The
+    dataclass's own default, None (nothing kept), is for a ProvisionConfig built in code: the
+    unit tests, which must never write to /var/lib.
     """
 
     TABLE: ClassVar[str] = "provision"
@@ -67,7 +77,7 @@ class ProvisionConfig(Section):
             failure_hold=t.get("failure_hold", float, d.failure_hold,
                                between(0, 3600, "seconds")),
             max_setups=t.get("max_setups", int, d.max_setups, between(1, 4096)),
-            state_file=_optional_path(t.get("state_file", str, d.state_file, non_empty)),
+            state_file=Path(t.get("state_file", str, str(DEFAULT_STATE_FILE), _absolute)),
             watch_interval=t.get("watch_interval", float, d.watch_interval,
                                  between(0, 3600, "seconds")),
         )
@@ -75,8 +85,9 @@ class ProvisionConfig(Section):
         return cfg
 
 
-def _optional_path(value: str | Path | None) -> Path | None:
-    return None if value is None else Path(value)
+def _absolute(value: str) -> str | None:
+    # A relative path would depend on the daemon's working directory (/ under systemd).
+    return None if Path(value).is_absolute() else f"{value!r} is not an absolute path"
 
 
 def _vici_uri(value: str) -> str | None:

@@ -33,7 +33,8 @@ class DryRunBackend:
         if isinstance(intent, InstallTunnel):
             self.items.add(PolicyKey.tunnel(intent.spec.name))
         elif isinstance(intent, RemoveTunnel):
-            self.items.discard(PolicyKey.tunnel(intent.name))
+            if not intent.keep_conn:  # kept: still loaded, as charon would have it
+                self.items.discard(PolicyKey.tunnel(intent.name))
         elif isinstance(intent, InstallShunt):
             self.items.add(PolicyKey.shunt(intent.destination))
         else:

@@ -83,9 +83,14 @@ class InstallTunnel:
 
 @dataclass(frozen=True, slots=True)
 class RemoveTunnel:
-    """Terminate the SAs (IKE too) of connection `name`, then unload it. Idempotent."""
+    """Terminate the SAs (IKE too) of connection `name`, then unload it. Idempotent.
+
+    `keep_conn`: terminate only; the connection stays loaded (a pinned peer whose setup failed:
+    its conn, with a trap, is what lets the peer initiate to us meanwhile).
+    """
 
     name: str
+    keep_conn: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,15 @@ Foreign exceptions (OSError, vici.exception.*) become ProvisioningError subclass
 The watch (resolver/watch.py): `watch(sink)` starts the same listener for good and has it report
 charon's events about our SAs and the end and return of its own session (a dead charon);
 `live()` is what charon holds right now (one list-sas), against which every report is checked.
+
+Both ends run our code (issue 11). A peer whose responder did not know us yet answers
+AUTHENTICATION_FAILED and looks our key up (resolver/responder/); the initiate is then tried
+again after RETRY_DELAYS (5 ms, doubling), within the setup timeout (`_install_retrying`; the
+timing is DESIGN.md's "First contact"). What the peer answered comes from charon's log
+(resolver/tunnels/vici_log.py) and is what a failure says, in words: never "IKE_SA isk-... went
+down". Conns we load are remembered (`loaded`), so that `reload_credentials` can drop every
+credential charon holds (a key stays trusted after its conn is unloaded: lab-notes, Careful 1)
+and load ours again; `call` runs a caller's VICI function in our workers (the responder's).
 """
 
 from __future__ import annotations
@@ -57,9 +66,10 @@ import vici.exception
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from resolver.errors import IkeDaemonUnreachable, TunnelRejected, TunnelTimeout
+from resolver.errors import IkeDaemonUnreachable, ProvisioningError, TunnelRejected, TunnelTimeout
 from resolver.ipseckey import spki_pem
 from resolver.keyfile import read_private_key_file
+from resolver.responder.charonlog import Failure, Reason
 from resolver.tunnels.config import Identity
 from resolver.tunnels.events import BackendEvent, HeldSa
 from resolver.tunnels.intents import (
@@ -79,6 +89,7 @@ from resolver.tunnels.vici_listener import (
     connect,
     text,
 )
+from resolver.tunnels.vici_log import CharonLog
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +104,13 @@ _HELD_CHILD: Final = frozenset({"INSTALLED", "REKEYING", "UPDATING"})
 _DYING_IKE: Final = frozenset({"DELETING", "DESTROYING"})
 _SUPPORTED: Final = (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey,
                      ed448.Ed448PublicKey)
+# After an AUTHENTICATION_FAILED, try again after these pauses (seconds), as long as the setup
+# timeout leaves room for the pause plus RETRY_ROOM. Why these: DESIGN.md, "First contact".
+RETRY_DELAYS: Final = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+RETRY_ROOM: Final = 0.05
+# The log lines of a failure may trail its ike-updown event (two sessions, no order between
+# them; measured a few ms, more under load). Only failures wait, and only until the reason.
+_REASON_WAIT: Final = 0.2
 
 
 class ViciBackend:
@@ -134,6 +152,10 @@ class ViciBackend:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="vici")
         self._local = threading.local()  # each worker's open session
         self._events = EventListener(socket_uri, connect_timeout)
+        self.log = CharonLog(lambda: connect(socket_uri, connect_timeout))
+        self._loaded: dict[str, dict[str, Any]] = {}  # conn name -> its load-conn payload
+        self._cred_lock = threading.Lock()  # load-conn vs. clear-creds and the reload after it
+        self.keys_left = False  # a conn with a key was unloaded since the last reload
         self._key_lock = threading.Lock()
         self._charon_since: str | None = None  # charon's start time when we loaded the key
         # (load-conn ms, initiate -> INSTALLED ms) of recent setups, for the benchmark/report.
@@ -144,9 +166,9 @@ class ViciBackend:
     async def apply(self, intent: Intent) -> None:
         """Raises ProvisioningError subclasses only."""
         if isinstance(intent, InstallTunnel):
-            await self._install(intent.spec, intent.timeout, intent.replaces)
+            await self._install_retrying(intent.spec, intent.timeout, intent.replaces)
         elif isinstance(intent, RemoveTunnel):
-            await self._run(self._remove, intent.name)
+            await self._run(self._remove, intent.name, intent.keep_conn)
         elif isinstance(intent, InstallShunt | RemoveShunt):
             raise TunnelRejected(f"{type(intent).__name__} is not a VICI intent")
 
@@ -172,7 +194,143 @@ class ViciBackend:
 
     def close(self) -> None:
         self._events.close()
+        self.log.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- for the responder ---------------------------------------------------------------------
+
+    def listening(self, timeout: float = 2.0) -> bool:
+        """Start both event listeners and wait until charon confirmed their registrations
+        (blocking; for benchmarks and tests that time a first setup: the daemon starts them
+        at start-up, long before its first query)."""
+        self._events.start()
+        self.log.start()
+        return self._events.ready.wait(timeout) and self.log.ready.wait(timeout)
+
+    async def ensure_key(self) -> None:
+        """Our private key in charon (again, if charon was restarted since)."""
+        await self._run(lambda: self._ensure_key(self._session()))
+
+    @property
+    def own_spki(self) -> str:
+        """Our public key as SPKI PEM (what a conn's `local.pubkeys` takes)."""
+        return self._own_spki
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(session, *args)` in one of our workers, errors translated as for our own calls;
+        a conn `fn` loads should go through `load_conn` so that credential reloads keep it."""
+        return await self._run(lambda: fn(self._session(), *args))
+
+    def load_conn(self, s: vici.Session, payload: dict[str, Any]) -> None:
+        """load-conn, remembered for `reload_credentials` (worker thread)."""
+        with self._cred_lock:
+            self._loaded.update(payload)
+            s.load_conn(payload)
+
+    def unload_conn(self, s: vici.Session, name: str) -> None:
+        """Terminate the IKE_SAs of conn `name` and unload it (worker thread; idempotent)."""
+        self._remove(name)
+
+    async def reload_credentials(self) -> int:
+        """Drop every credential charon holds (`clear-creds`: keys of conns unloaded long ago
+        included) and load ours again: the private key, then every conn we loaded, whose
+        pubkeys come back with them. Returns how many conns were reloaded.
+
+        Conns loaded by others lose their credentials too: the caller checks there are none.
+        While this runs (about 1 ms per conn) an IKE_AUTH with one of ours may fail; the
+        initiator's retries cover that window.
+        """
+        return await self._run(self._reload_credentials)
+
+    def _reload_credentials(self) -> int:
+        s = self._session()
+        with self._cred_lock:
+            s.clear_creds()
+            with self._key_lock:
+                s.load_key({"type": "any", "data": self._private_der})
+            for name, conn in list(self._loaded.items()):
+                s.load_conn({name: conn})
+            self.keys_left = False
+            return len(self._loaded)
+
+    # -- retries and reasons (issue 11) ---------------------------------------------------------
+
+    async def _install_retrying(self, spec: TunnelSpec, timeout: float, replaces: bool) -> None:
+        """`_install`, tried again while the peer answers AUTHENTICATION_FAILED (its responder
+        is looking our key up), within `timeout`; a failure says what the peer answered."""
+        deadline = time.monotonic() + timeout
+        self.log.start()
+        if not self.log.ready.is_set():
+            await asyncio.to_thread(self.log.ready.wait, min(1.0, timeout / 2))
+        delays = iter(RETRY_DELAYS)
+        tries = 0
+        try:
+            while True:
+                tries += 1
+                self.log.begin(spec.name)
+                left = max(0.05, deadline - time.monotonic())
+                try:
+                    if tries == 1 or replaces:
+                        await self._install(spec, left, replaces)
+                    else:  # key and conn are loaded: initiate again, and wait
+                        await self._initiate_again(spec, left)
+                    if tries > 1:
+                        log.info("tunnel %s to %s up on try %d", spec.name, spec.destination,
+                                 tries)
+                    return
+                except (TunnelRejected, TunnelTimeout) as exc:
+                    reason = await self._reason(spec.name)
+                    pause = next(delays, None)
+                    if (reason is not None and reason.retry and pause is not None
+                            and deadline - time.monotonic() > pause + RETRY_ROOM):
+                        log.debug("tunnel %s: %s; trying again in %.0f ms", spec.name,
+                                  reason.failure.value, pause * 1000)
+                        await asyncio.sleep(pause)
+                        continue
+                    raise self._explained(spec, exc, reason, tries, timeout) from None
+        finally:
+            self.log.end(spec.name)
+
+    async def _initiate_again(self, spec: TunnelSpec, timeout: float) -> None:
+        """A retry: only the initiate and the wait (saves the 2-3 VICI round trips of
+        `_prepare` that a retry within milliseconds has no use for)."""
+        deadline = time.monotonic() + timeout
+
+        def again() -> concurrent.futures.Future[None]:
+            waiter = self._events.expect(spec.name, set())  # before initiate: no event missed
+            try:
+                self._initiate(self._session(), spec, timeout, deadline)
+            except BaseException:
+                self._events.discard(spec.name, waiter)
+                raise
+            return waiter
+
+        waiter = await self._run(again)
+        try:
+            await self._await_installed(spec, timeout, deadline, set(), waiter)
+        finally:
+            self._events.discard(spec.name, waiter)
+
+    async def _reason(self, name: str) -> Reason | None:
+        """The failure evidence of `name`'s attempt, waiting briefly for trailing log lines."""
+        end = time.monotonic() + _REASON_WAIT
+        while (reason := self.log.reason(name)) is None and time.monotonic() < end:
+            await asyncio.sleep(0.001)
+        return reason
+
+    def _explained(self, spec: TunnelSpec, exc: ProvisioningError, reason: Reason | None,
+                   tries: int, timeout: float) -> ProvisioningError:
+        """The error to report: what the peer answered, in words (else the original)."""
+        if reason is None:
+            return exc
+        peer = (f"{spec.remote_id} ({spec.remote_addr})"
+                if spec.remote_id != str(spec.remote_addr) else str(spec.remote_addr))
+        text = reason.words(peer, self.identity.fqdn)
+        if tries > 1:
+            text += f" ({tries} tries in {timeout:g} s)"
+        if reason.failure is Failure.NO_RESPONSE:
+            return TunnelTimeout(text)
+        return TunnelRejected(text)
 
     # -- payloads (pure) -----------------------------------------------------------------------
 
@@ -228,7 +386,7 @@ class ViciBackend:
         # The IKE_SAs of this name now: with `replaces`, they are the old ones, ended only
         # once a new CHILD_SA (in a new IKE_SA) is INSTALLED: make before break.
         old_ids = _ike_ids(s, spec.name) if replaces else set()
-        s.load_conn(self.connection(spec))  # always: it may restore an older configuration
+        self.load_conn(s, self.connection(spec))  # always: it may restore an older one
         if not replaces and _installed_child(s, spec.name):
             return old_ids, None
         self._events.ready.wait(min(1.0, max(0.0, deadline - time.monotonic())))
@@ -306,11 +464,16 @@ class ViciBackend:
         return [ike for ike in _ike_sas(self._session(), name)
                 if text(ike.get("uniqueid", b"")) not in old_ids]
 
-    def _remove(self, name: str) -> None:
+    def _remove(self, name: str, keep_conn: bool = False) -> None:
         s = self._session()
         with contextlib.suppress(vici.exception.CommandException):  # no SA: fine
             for _ in s.terminate({"ike": name, "force": "yes", "timeout": _TERMINATE_MS}):
                 pass
+        if keep_conn:
+            return  # a pinned peer's conn stays (trap): the peer may initiate to us
+        with self._cred_lock:
+            if self._loaded.pop(name, None) is not None:
+                self.keys_left = True
         with contextlib.suppress(vici.exception.CommandException):  # not loaded: fine
             s.unload_conn({"name": name})
 

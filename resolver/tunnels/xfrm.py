@@ -1,18 +1,29 @@
 """Kernel drop shunts as XFRM policies over netlink, for InstallShunt / RemoveShunt.
 
-Theory of operation. A shunt for destination D is a small set of outbound XFRM policies:
+Theory of operation. A shunt for destination D is a small set of XFRM policies, both ways:
 
-    ALLOW  udp dport 500  -> D/32     priority ALLOW_PRIORITY   (IKE must still get through)
-    ALLOW  udp dport 4500 -> D/32     priority ALLOW_PRIORITY   (IKE/NAT-T and ESP-in-UDP)
-    ALLOW  icmpv6 type 135/136 -> D   priority ALLOW_PRIORITY   (IPv6 only: neighbour discovery)
-    BLOCK  any -> D/32                priority BLOCK_PRIORITY   (everything else: EPERM)
+    out  ALLOW  udp dport 500  -> D/32     priority ALLOW_PRIORITY  (IKE must still get through)
+    out  ALLOW  udp dport 4500 -> D/32     priority ALLOW_PRIORITY  (IKE/NAT-T and ESP-in-UDP)
+    out  ALLOW  icmpv6 type 135/136 -> D   priority ALLOW_PRIORITY  (IPv6: neighbour discovery)
+    out  BLOCK  any -> D/32                priority BLOCK_PRIORITY  (everything else: EPERM)
+    in   ALLOW  udp dport 500  <- D/32     priority ALLOW_PRIORITY  (the peer's IKE to us)
+    in   ALLOW  udp dport 4500 <- D/32     priority ALLOW_PRIORITY  (its NAT-T IKE, ESP-in-UDP)
+    in   ALLOW  icmpv6 type 135/136 <- D   priority ALLOW_PRIORITY  (IPv6: neighbour discovery)
+    in   BLOCK  any <- D/32                priority BLOCK_PRIORITY  (cleartext from D: dropped)
+    fwd  BLOCK  any <- D/32                priority BLOCK_PRIORITY  (nor forwarded, on a router)
 
-The ALLOW entries exist because a BLOCK for D also catches the IKE daemon's own packets to D
-(measured: with kernel-libipsec charon sets no per-socket bypass, and initiate then times out);
-lower priority numbers win in XFRM. The applications' packets get EPERM on send/connect.
+The ALLOW entries exist because a BLOCK for D also catches the IKE daemon's own packets to and
+from D (measured: with kernel-libipsec charon sets no per-socket bypass, and initiate then times
+out); lower priority numbers win in XFRM. The applications' packets get EPERM on send/connect.
+The inbound half is there so that an on-path attacker cannot inject cleartext that appears to
+come from a private peer while its tunnel is not up (the kernel counts those drops as
+XfrmInPolBlock in /proc/net/xfrm_stat). The in ALLOWs match our port (dport), whatever port a
+NAT gave the peer. Once the tunnel is up the shunt is removed (the Provisioner never shunts a
+destination with an INSTALLED tunnel), so decrypted traffic from D is never caught by it.
 
 Ownership: we only ever touch policies whose priority is ALLOW_PRIORITY or BLOCK_PRIORITY and
-whose selector is a single host, so dump/flush never disturb charon's or anyone else's policies.
+whose selector is a single host (destination out, source in/fwd), so dump/flush never disturb
+charon's or anyone else's policies.
 
 One encoder. pyroute2 0.9.7 has the NETLINK_XFRM socket but no XFRM message classes, and its
 synchronous API runs a private event loop per request (measured ~0.6 ms per message, 3 ms to
@@ -69,7 +80,9 @@ XFRM_MSG_NEWPOLICY: Final = 0x13
 XFRM_MSG_DELPOLICY: Final = 0x14
 XFRM_MSG_GETPOLICY: Final = 0x15
 XFRM_MSG_UPDPOLICY: Final = 0x19
+XFRM_POLICY_IN: Final = 0
 XFRM_POLICY_OUT: Final = 1
+XFRM_POLICY_FWD: Final = 2
 XFRM_POLICY_ALLOW: Final = 0
 XFRM_POLICY_BLOCK: Final = 1
 XFRM_INF: Final = 0xFFFF_FFFF_FFFF_FFFF
@@ -83,7 +96,12 @@ OUR_PRIORITIES: Final = frozenset((ALLOW_PRIORITY, BLOCK_PRIORITY))
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One outbound host policy of ours (or found in a dump)."""
+    """One host policy of ours (or found in a dump).
+
+    `destination` is the shunted peer: the selector's destination address for an outbound
+    rule, its source address for an inbound or forward rule (`direction`). Ports are those of
+    the packet (`dport` is our port for an inbound rule).
+    """
 
     destination: Address
     action: int  # XFRM_POLICY_ALLOW / XFRM_POLICY_BLOCK
@@ -91,16 +109,20 @@ class Rule:
     proto: int = 0
     sport: int = 0  # for ICMP: the type
     dport: int = 0
+    direction: int = XFRM_POLICY_OUT
 
 
 def shunt_rules(destination: Address) -> list[Rule]:
-    """The policies of one shunt, ALLOWs first (so IKE is never blocked in between)."""
-    rules = [Rule(destination, XFRM_POLICY_ALLOW, ALLOW_PRIORITY, socket.IPPROTO_UDP, 0, port)
-             for port in (500, 4500)]
-    if destination.version == 6:
-        rules += [Rule(destination, XFRM_POLICY_ALLOW, ALLOW_PRIORITY, socket.IPPROTO_ICMPV6,
-                       icmp_type, 0) for icmp_type in (135, 136)]
-    rules.append(Rule(destination, XFRM_POLICY_BLOCK, BLOCK_PRIORITY))
+    """The policies of one shunt, ALLOWs first (so IKE is never blocked in between), each way."""
+    rules: list[Rule] = []
+    for direction in (XFRM_POLICY_OUT, XFRM_POLICY_IN):
+        rules += [Rule(destination, XFRM_POLICY_ALLOW, ALLOW_PRIORITY, socket.IPPROTO_UDP, 0,
+                       port, direction) for port in (500, 4500)]
+        if destination.version == 6:
+            rules += [Rule(destination, XFRM_POLICY_ALLOW, ALLOW_PRIORITY, socket.IPPROTO_ICMPV6,
+                           icmp_type, 0, direction) for icmp_type in (135, 136)]
+    rules += [Rule(destination, XFRM_POLICY_BLOCK, BLOCK_PRIORITY, direction=direction)
+              for direction in (XFRM_POLICY_OUT, XFRM_POLICY_IN, XFRM_POLICY_FWD)]
     return rules
 
 
@@ -117,11 +139,18 @@ _NO_LIMITS: Final = _LIFETIMES.pack(*([XFRM_INF] * 4 + [0] * 8))
 
 def _packed_selector(rule: Rule) -> bytes:
     d = rule.destination
-    return (d.packed.ljust(16, b"\0") + b"\0" * 16
+    host, full = d.packed.ljust(16, b"\0"), int(d.max_prefixlen)
+    plen_d: int
+    plen_s: int
+    if rule.direction == XFRM_POLICY_OUT:
+        addrs, plen_d, plen_s = host + b"\0" * 16, full, 0  # daddr D
+    else:
+        addrs, plen_d, plen_s = b"\0" * 16 + host, 0, full  # saddr D
+    return (addrs
             + _PORTS.pack(rule.dport, 0xFFFF if rule.dport else 0,
                           rule.sport, 0xFFFF if rule.sport else 0)
             + _SEL_TAIL.pack(socket.AF_INET if d.version == 4 else socket.AF_INET6,
-                             d.max_prefixlen, 0, rule.proto, 0, 0))
+                             plen_d, plen_s, rule.proto, 0, 0))
 
 
 def _message(msg_type: int, flags: int, seq: int, body: bytes) -> bytes:
@@ -129,15 +158,15 @@ def _message(msg_type: int, flags: int, seq: int, body: bytes) -> bytes:
 
 
 def encode_update(rule: Rule, seq: int) -> bytes:
-    """XFRM_MSG_UPDPOLICY (create or replace) for one outbound rule, with nlmsghdr."""
+    """XFRM_MSG_UPDPOLICY (create or replace) for one rule, with nlmsghdr."""
     body = (_packed_selector(rule) + _NO_LIMITS
-            + _INFO_TAIL.pack(rule.priority, 0, XFRM_POLICY_OUT, rule.action, 0, 0))
+            + _INFO_TAIL.pack(rule.priority, 0, rule.direction, rule.action, 0, 0))
     return _message(XFRM_MSG_UPDPOLICY, NLM_F_REQUEST | NLM_F_ACK, seq, body)
 
 
 def encode_delete(rule: Rule, seq: int) -> bytes:
-    """XFRM_MSG_DELPOLICY by selector for one outbound rule, with nlmsghdr."""
-    body = _packed_selector(rule) + _ID_TAIL.pack(0, XFRM_POLICY_OUT)
+    """XFRM_MSG_DELPOLICY by selector and direction for one rule, with nlmsghdr."""
+    body = _packed_selector(rule) + _ID_TAIL.pack(0, rule.direction)
     return _message(XFRM_MSG_DELPOLICY, NLM_F_REQUEST | NLM_F_ACK, seq, body)
 
 
@@ -152,19 +181,27 @@ def decode_policy(body: bytes) -> Rule | None:
     if len(body) < _INFO_SIZE:
         return None
     dport, dport_mask, sport, sport_mask = _PORTS.unpack_from(body, 32)
-    family, plen_d, _, proto, _, _ = _SEL_TAIL.unpack_from(body, 32 + _PORTS.size)
+    family, plen_d, plen_s, proto, _, _ = _SEL_TAIL.unpack_from(body, 32 + _PORTS.size)
     priority, _, direction, action, _, _ = _INFO_TAIL.unpack_from(
         body, _SELECTOR_SIZE + _LIFETIMES.size)
-    if priority not in OUR_PRIORITIES or direction != XFRM_POLICY_OUT:
+    if priority not in OUR_PRIORITIES:
         return None
-    if family == socket.AF_INET and plen_d == 32:
-        dest: Address = IPv4Address(body[:4])
-    elif family == socket.AF_INET6 and plen_d == 128:
-        dest = IPv6Address(body[:16])
+    if direction == XFRM_POLICY_OUT:
+        host, other, offset = plen_d, plen_s, 0  # D is the destination
+    elif direction in (XFRM_POLICY_IN, XFRM_POLICY_FWD):
+        host, other, offset = plen_s, plen_d, 16  # D is the source
+    else:
+        return None
+    if other != 0:
+        return None
+    if family == socket.AF_INET and host == 32:
+        dest: Address = IPv4Address(body[offset:offset + 4])
+    elif family == socket.AF_INET6 and host == 128:
+        dest = IPv6Address(body[offset:offset + 16])
     else:
         return None
     return Rule(dest, action, priority, proto, sport if sport_mask else 0,
-                dport if dport_mask else 0)
+                dport if dport_mask else 0, direction)
 
 
 def _messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
@@ -297,7 +334,8 @@ class XfrmBackend:
                     fut.set_exception(err)
 
     async def installed(self) -> frozenset[PolicyKey]:
-        """A destination counts as shunted when our BLOCK policy for it is there."""
+        """A destination counts as shunted when one of our BLOCK policies for it is there
+        (any direction: a half-removed shunt is still ours to remove)."""
         rules = await self._run(XfrmPolicies.ours)
         return frozenset(PolicyKey.shunt(r.destination) for r in rules
                          if r.action == XFRM_POLICY_BLOCK)

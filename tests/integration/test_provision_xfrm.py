@@ -1,9 +1,10 @@
 """XfrmBackend against the real kernel, in two throwaway namespaces of our own.
 
 Scenario: namespaces A and B joined by a veth pair (192.0.2.1 <-> 192.0.2.2, 2001:db8:ff::1/2).
-A shunt for B's address in A makes `ping` from A fail with EPERM and shows up in `ip xfrm policy`
-as a block policy of ours; removing it makes ping work again; dump/flush leave a foreign policy
-alone. Nothing here touches the lab or the host namespace's policies.
+A shunt for B's address in A makes `ping` from A fail with EPERM, drops B's packets to A (counted
+as XfrmInPolBlock) and shows up in `ip xfrm policy` as block policies of ours; removing it makes
+ping work again; dump/flush leave a foreign policy alone. Nothing here touches the lab or the
+host namespace's policies.
 """
 
 from __future__ import annotations
@@ -55,8 +56,16 @@ def ping(ns: str, addr: object) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=10)
 
 
+def in_policy_blocks(ns: str) -> int:
+    """Packets the kernel of `ns` dropped on an inbound BLOCK policy (XfrmInPolBlock)."""
+    stat = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/xfrm_stat"],
+                          capture_output=True, text=True, timeout=10, check=True).stdout
+    return next(int(line.split()[1]) for line in stat.splitlines()
+                if line.startswith("XfrmInPolBlock"))
+
+
 def test_block_shunt_blocks_and_unblocks(pair: tuple[str, str]) -> None:
-    a, _ = pair
+    a, b = pair
     for _ in range(30):  # a fresh veth pair needs a moment (carrier, IPv6 neighbours)
         if ping(a, B4).returncode == 0 and ping(a, B6).returncode == 0:
             break
@@ -79,12 +88,18 @@ def test_block_shunt_blocks_and_unblocks(pair: tuple[str, str]) -> None:
             for dest in (B4, B6):
                 r = ping(a, dest)
                 assert r.returncode != 0 and "Operation not permitted" in r.stderr, r
+            # inbound too: B's echo requests are dropped by A's in policy, and counted
+            before = in_policy_blocks(a)
+            for dest in ("192.0.2.1", "2001:db8:ff::1"):
+                assert ping(b, dest).returncode != 0
+            assert in_policy_blocks(a) >= before + 2
             await x.apply(RemoveShunt(B4))
             await x.apply(RemoveShunt(B4))  # idempotent
             assert ping(a, B4).returncode == 0
             assert ping(a, B6).returncode != 0
             assert await x.installed() == {PolicyKey.shunt(B6)}
-            assert await x.flush() == 5  # B6: udp 500, udp 4500, icmpv6 135/136, block
+            # B6: each way udp 500, udp 4500, icmpv6 135/136; block out, in and forward
+            assert await x.flush() == 11
             assert ping(a, B6).returncode == 0
             assert await x.installed() == frozenset()
             assert "198.51.100.77/32" in ip("-n", a, "xfrm", "policy")  # not ours: kept

@@ -7,8 +7,9 @@ alice's charon (its VICI socket is bind-mounted at /run/charon.vici, group ipsec
 by `make install DESTDIR=...`, then systemd-sysusers/tmpfiles and `systemctl enable --now`
 run inside it, as after a package install. One container for the module, the checks in order:
 each sandboxing option of the unit is in force and still lets the daemon do its work (bind
-port 53 as a non-root user, XFRM over netlink, VICI over the group, state in /var/lib), reload,
-journald lines, and a hung event loop restarted by the watchdog with its state back.
+port 53 as a non-root user, XFRM over netlink, VICI over the group, state in /var/lib), reload
+(a changed policy applied by `systemctl reload`), journald lines, and a hung event loop
+restarted by the watchdog with its state back.
 
 Run: `LAB_ID=d .venv/bin/python -m pytest -q tests/integration/test_systemd_service.py`
 """
@@ -38,6 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 UNIT = "ipseckey-resolver.service"
 LIB = "/usr/local/lib/ipseckey-resolver"
 EDE_NO_KEY = 28
+EDE_BLOCKED = 15
 WATCHDOG_SEC = 3
 EXPOSURE = 1.7  # systemd-analyze security exposure score of the unit (0 best, 10 worst)
 
@@ -57,7 +59,6 @@ private_key = "/etc/ipseckey-resolver/host.pem"
 addresses = ["{lab.addr('alice')}", "{lab.addr('alice', 6)}"]
 [provision]
 vici_socket = "unix:///run/charon.vici"
-state_file = "/var/lib/ipseckey-resolver/state.json"
 [policy]
 default = "private"
 [metrics]
@@ -178,7 +179,8 @@ def test_lookup_tunnel_and_drop_shunt_work_inside_the_sandbox(service: Service) 
     assert lab.addr("plain") in shunted(lab)  # XFRM over netlink with CAP_NET_ADMIN
     added = service.control("add", "carol.example.test.")
     assert added["tunnel"] == "up", added
-    state = service.sh("ls", "-l", "/var/lib/ipseckey-resolver")  # ReadWritePaths
+    # ReadWritePaths; both state files by default (the config names neither)
+    state = service.sh("ls", "-l", "/var/lib/ipseckey-resolver")
     assert "endpoints.json" in state and "state.json" in state
 
 
@@ -220,7 +222,63 @@ def test_reload_is_logged_and_the_daemon_keeps_running(service: Service) -> None
     service.sh("systemctl", "reload", UNIT)
     time.sleep(0.5)
     assert service.show("ActiveState", "MainPID") == {"ActiveState": "active", "MainPID": pid}
-    assert any("event=reload-ignored" in ln for ln in service.journal())
+    # The configuration is read again (resolver/reload.py); the file did not change.
+    assert any("event=reload file=/etc/ipseckey-resolver/" in ln and
+               ln.endswith(" changes=none") for ln in service.journal()), service.journal()
+
+
+def ike_sas(lab: Lab) -> dict[str, str]:
+    """Our IKE_SAs in alice's charon: conn name -> unique id (a re-established one changes)."""
+    return {name: str(sa["uniqueid"]) for name, sa in lab.ike_sas("alice")
+            if name.startswith("isk-")}
+
+
+def test_systemctl_reload_applies_a_changed_policy_and_keeps_the_tunnels(
+        service: Service) -> None:
+    """The issue's "`systemctl reload` applies a changed policy": plain.example.test (no key,
+    default private: EDE 28) is added to [policy] block in the installed file; after `systemctl
+    reload` it is refused as blocked (EDE 15) by the same process, with bob's and carol's
+    tunnels untouched; the file put back and reloaded again, it is EDE 28 again."""
+    lab = service.lab
+    conf = service.box.root / "etc/ipseckey-resolver/ipseckey-resolver.toml"
+    original = conf.read_text()
+    pid = service.show("MainPID")["MainPID"]
+    assert ede(service.ask("plain.example.test."))[0] == EDE_NO_KEY
+    sas = ike_sas(lab)
+    assert any(n.startswith("isk-bob-") for n in sas) and \
+        any(n.startswith("isk-carol-") for n in sas), sas
+
+    def reload(needle: str) -> None:
+        seen = len(service.journal())
+        service.sh("systemctl", "reload", UNIT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if any(needle in ln for ln in service.journal()[seen:]):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"{needle!r} not logged:\n" + "\n".join(service.journal()[-20:]))
+
+    try:
+        assert '[policy]\ndefault = "private"\n' in original
+        conf.write_text(original.replace(
+            '[policy]\ndefault = "private"\n',
+            '[policy]\ndefault = "private"\nblock = ["plain.example.test."]\n'))
+        reload('event=reload file=/etc/ipseckey-resolver/ipseckey-resolver.toml '
+               'changes="[policy] block: (unset) -> [plain.example.test.]"')
+        blocked = service.ask("plain.example.test.")
+        assert blocked.rcode() == dns.rcode.SERVFAIL and ede(blocked)[0] == EDE_BLOCKED, blocked
+        assert service.show("ActiveState", "MainPID") == {"ActiveState": "active",
+                                                          "MainPID": pid}
+        assert ike_sas(lab) == sas  # the same IKE_SAs: nothing torn down or re-established
+        assert service.ask("bob.example.test.").rcode() == dns.rcode.NOERROR
+        eps = service.control("list").get("endpoints")
+        assert isinstance(eps, list) and [(e["name"], e["tunnel"]) for e in eps] == [
+            ("carol.example.test.", "up")], eps
+    finally:
+        conf.write_text(original)
+        reload('changes="[policy] block: [plain.example.test.] -> (unset)"')
+    assert ede(service.ask("plain.example.test."))[0] == EDE_NO_KEY
+    assert service.show("MainPID")["MainPID"] == pid and ike_sas(lab) == sas
 
 
 def test_journal_lines_have_priorities_and_no_second_timestamp(service: Service) -> None:
