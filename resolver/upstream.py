@@ -44,6 +44,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 
+from resolver import dnstcp
 from resolver.config import HostPort
 from resolver.errors import UpstreamError
 from resolver.upstream_tls import client_context
@@ -327,24 +328,9 @@ class Forwarder:
                    qtype: dns.rdatatype.RdataType) -> dns.message.Message:
         self.stats.sent_tcp += 1
         try:
-            async with asyncio.timeout(self.tcp_timeout):
-                reader, writer = await asyncio.open_connection(server.host, server.port)
-                try:
-                    wire = q.wire
-                    writer.write(len(wire).to_bytes(2, "big") + wire)
-                    await writer.drain()
-                    length = int.from_bytes(await reader.readexactly(2), "big")
-                    data = await reader.readexactly(length)
-                finally:
-                    writer.close()
-        except TimeoutError:
-            raise UpstreamError(f"{server}: TCP timeout after {self.tcp_timeout} s") from None
-        except (OSError, asyncio.IncompleteReadError) as e:
-            raise UpstreamError(f"{server}: TCP: {e}") from None
-        try:
-            reply = dns.message.from_wire(data)
-        except Exception as e:  # dnspython raises a dozen types on garbage
-            raise UpstreamError(f"{server}: TCP reply is not DNS: {e}") from None
+            reply = await dnstcp.exchange(server.host, server.port, q.wire, self.tcp_timeout)
+        except dnstcp.TcpFailed as e:
+            raise UpstreamError(f"{server}: {e}") from None
         if not _matches(reply, q.id, qname, qtype):
             raise UpstreamError(f"{server}: TCP reply does not match the question")
         return reply
