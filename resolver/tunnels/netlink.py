@@ -8,6 +8,7 @@ and the socket opened inside a network namespace (pyroute2 does only that).
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from collections.abc import Iterator
@@ -52,6 +53,27 @@ def error_of(body: bytes) -> int:
     """The errno of an NLMSG_ERROR body (0: an ACK)."""
     (err,) = struct.unpack_from("=i", body)
     return int(-err)
+
+
+def dump(sock: socket.socket, request: bytes, seq: int, what: str) -> list[tuple[int, bytes]]:
+    """Send a dump `request` (sequence number `seq`) and collect its messages until DONE:
+    (type, body) pairs; late replies to earlier requests are skipped.
+
+    Raises:
+        OSError: the kernel answered the dump with an error ("WHAT dump: ...").
+    """
+    sock.send(request)
+    found: list[tuple[int, bytes]] = []
+    while True:
+        for mtype, mseq, body in messages(sock.recv(1 << 16)):
+            if mseq != seq:
+                continue  # a late reply to an earlier request
+            if mtype == NLMSG_DONE:
+                return found
+            if mtype == NLMSG_ERROR:
+                err = error_of(body)
+                raise OSError(err, f"{what} dump: {os.strerror(err)}")
+            found.append((mtype, body))
 
 
 def attr(kind: int, payload: bytes) -> bytes:

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Final
 
+from resolver.tunnels import netlink
 from resolver.tunnels.netlink import (
     NETLINK_GET_STRICT_CHK,
     NLM_F_ACK,
@@ -57,7 +58,6 @@ from resolver.tunnels.netlink import (
     NLM_F_EXCL,
     NLM_F_REPLACE,
     NLM_F_REQUEST,
-    NLMSG_DONE,
     NLMSG_ERROR,
     NLMSGHDR,
     SOL_NETLINK,
@@ -411,15 +411,4 @@ class RouteFloor:
     def _dump(self, request: bytes) -> list[bytes]:
         """The bodies of a dump's messages."""
         seq = NLMSGHDR.unpack_from(request)[3]
-        self.sock.send(request)
-        found: list[bytes] = []
-        while True:
-            for mtype, mseq, body in messages(self.sock.recv(1 << 16)):
-                if mseq != seq:
-                    continue  # a late reply to an earlier request
-                if mtype == NLMSG_DONE:
-                    return found
-                if mtype == NLMSG_ERROR:
-                    err = error_of(body)
-                    raise OSError(err, f"route dump: {os.strerror(err)}")
-                found.append(body)
+        return [body for _, body in netlink.dump(self.sock, request, seq, "route")]

@@ -61,6 +61,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Final, TypeVar, TypeVarTuple
 
 from resolver.errors import ProvisioningError
+from resolver.tunnels import netlink
 from resolver.tunnels.intents import (
     InstallFloor,
     InstallShunt,
@@ -75,7 +76,6 @@ from resolver.tunnels.netlink import (
     NLM_F_ACK,
     NLM_F_DUMP,
     NLM_F_REQUEST,
-    NLMSG_DONE,
     NLMSG_ERROR,
     open_socket,
 )
@@ -286,19 +286,9 @@ class XfrmPolicies:
     def ours(self) -> list[Rule]:
         """Our policies (by priority and host selector), from a dump."""
         seq = self.next_seq()
-        self.sock.send(encode_dump(seq))
-        found: list[Rule] = []
-        while True:
-            for mtype, mseq, body in _messages(self.sock.recv(1 << 16)):
-                if mseq != seq:
-                    continue  # a late ACK of an earlier request
-                if mtype == NLMSG_DONE:
-                    return found
-                if mtype == NLMSG_ERROR:
-                    (err,) = struct.unpack_from("=i", body)
-                    raise OSError(-err, f"XFRM policy dump: {os.strerror(-err)}")
-                if mtype == XFRM_MSG_NEWPOLICY and (rule := decode_policy(body)) is not None:
-                    found.append(rule)
+        replies = netlink.dump(self.sock, encode_dump(seq), seq, "XFRM policy")
+        return [rule for mtype, body in replies
+                if mtype == XFRM_MSG_NEWPOLICY and (rule := decode_policy(body)) is not None]
 
     def flush_ours(self) -> int:
         """Delete all our policies; returns how many there were."""
