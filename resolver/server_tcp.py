@@ -39,10 +39,11 @@ class TcpConnection(asyncio.Protocol):
       our own buffer (the kernel's is full: the peer is not reading), we stop reading its
       queries; if our buffer does not drain within `tcp_frame_timeout`, or a reply would take
       it above `tcp_max_buffered`, the connection is aborted and the buffer discarded;
-    * connections: at most `tcp_max_connections`. At the bound a new connection replaces the
-      one that has gone longest without a whole query and has none in progress (what a
-      slow-loris holds), so trickling peers cannot keep real clients out; only when every
-      connection has a query in progress is the newcomer refused.
+    * connections: at most `tcp_max_connections`. At the bound a new connection replaces one
+      with no query in progress: first one trickling a frame (what a slow-loris holds), then
+      one answered and idle, last one that has sent nothing yet (`Server.evict_tcp`), so
+      trickling peers cannot keep real clients out; only when every connection has a query
+      in progress is the newcomer refused.
     """
 
     def __init__(self, server: Server) -> None:
@@ -58,6 +59,7 @@ class TcpConnection(asyncio.Protocol):
         self.frame: asyncio.TimerHandle | None = None
         self.stall: asyncio.TimerHandle | None = None
         self.lifetime: asyncio.TimerHandle | None = None
+        self.served = False  # at least one whole query was read
 
     # --- connection ------------------------------------------------------------------------
 
@@ -89,6 +91,20 @@ class TcpConnection(asyncio.Protocol):
                 timer.cancel()
         for task in self.tasks:
             task.cancel()
+
+    def eviction_rank(self) -> int:
+        """Who gives way at the connection bound: 0 first, 3 never (see `Server.evict_tcp`)."""
+        if self.tasks:
+            return 3
+        if self.buffer:
+            return 0  # a frame started and not whole: trickling (or the rest of a pipeline)
+        return 1 if self.served else 2
+
+    def give_way(self, why: str) -> None:
+        """Leave the connection bound now; replies already written still go out."""
+        trace.debug("TCP connection closed: %s", why)
+        self.server.tcp_connections.pop(self, None)
+        self.close()
 
     def close(self) -> None:
         """Close after the buffered output is sent (server shutdown)."""
@@ -223,6 +239,7 @@ class TcpConnection(asyncio.Protocol):
             self.frame.cancel()
             self.frame = None
         self._arm_idle()
+        self.served = True
         conns = self.server.tcp_connections
         if self in conns:  # move to the end: dicts keep insertion order
             del conns[self]

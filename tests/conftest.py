@@ -8,6 +8,7 @@ selects a private lab instance (namespaces isk<LAB_ID>-*), so parallel runs do n
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -37,6 +38,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in Path(str(item.path)).parts:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """Give the root logger back as the test found it. A test that runs the daemon's
+    setup_logging (or cli.main) in-process leaves a handler on the stderr pytest captured for
+    that test; once closed, every later log line printed "--- Logging error ---"."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
 
 
 def _prepare_containers(request: pytest.FixtureRequest) -> None:

@@ -268,19 +268,21 @@ def test_tcp_idle_timeout_closes_the_connection() -> None:
     with_server(body, tcp_idle_timeout=0.3)
 
 
-def test_tcp_connection_bound_evicts_the_stalest_idle_connection() -> None:
-    """At the bound a newcomer replaces the connection that has gone longest without a whole
-    query; a connection with a query in progress is never evicted, and when all have one the
-    newcomer is refused."""
+def test_tcp_connection_bound_evicts_a_trickling_connection_first() -> None:
+    """At the bound a newcomer replaces a connection trickling a frame before one that was
+    answered; a connection with a query in progress is never evicted, and when all have one
+    the newcomer is refused. (tests/test_server_tcp.py has the rest of the order.)"""
     async def body(env: Env) -> None:
         first = await asyncio.open_connection(env.host, env.port)
         second = await asyncio.open_connection(env.host, env.port)
         await asyncio.sleep(0.05)
-        # `first` sends a query (answered): now `second` is the stalest.
+        # `first` sends a query (answered) and `second` starts a frame it does not finish.
         wire = q("www.example.test.").to_wire()
         first[1].write(len(wire).to_bytes(2, "big") + wire)
         n = int.from_bytes(await first[0].readexactly(2), "big")
         await first[0].readexactly(n)
+        second[1].write((len(wire).to_bytes(2, "big") + wire)[:len(wire) // 2])
+        await asyncio.sleep(0.05)
         third = await asyncio.open_connection(env.host, env.port)
         assert await asyncio.wait_for(second[0].read(1), 2) == b""  # evicted
         assert len(env.server.tcp_connections) == 2

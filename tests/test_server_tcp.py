@@ -171,6 +171,74 @@ def test_slow_loris_peers_do_not_starve_real_clients() -> None:
     with_server(body, tcp_max_connections=8, tcp_frame_timeout=0.5, tcp_idle_timeout=2.0)
 
 
+def test_a_client_between_connect_and_query_outlives_a_burst_of_trickling_peers() -> None:
+    """The race behind a lost client: a real client's connection is accepted in one turn of the
+    loop and its query read in a later one. Here 8 trickling peers hold the 8 slots, a client
+    connects and waits; 8 more trickling peers arrive, each taking a slot. The client then
+    asks and is answered: the trickling peers gave way to each other, not to it. (Evicting by
+    age alone cut the client: it was the oldest connection without a query in progress.)"""
+    async def body(env: Env) -> None:
+        await tcp_ask(env)
+        writers: list[asyncio.StreamWriter] = []
+
+        async def trickler() -> None:
+            _r, w = await asyncio.open_connection(env.host, env.port)
+            w.write(b"\x00\x40a")
+            await w.drain()
+            writers.append(w)
+            await asyncio.sleep(0.05)  # the server has read the bytes: a frame is pending
+
+        async def held() -> int:
+            return sum(1 for c in env.server.tcp_connections if c.buffer)
+
+        for _ in range(8):
+            await trickler()
+        assert await held() == 8
+        reader, client = await asyncio.open_connection(env.host, env.port)
+        await asyncio.sleep(0.05)
+        for _ in range(8):
+            await trickler()
+        assert len(env.server.tcp_connections) == 8
+        wire = q(WARM).to_wire()
+        client.write(len(wire).to_bytes(2, "big") + wire)
+        async with asyncio.timeout(1.0):
+            n = int.from_bytes(await reader.readexactly(2), "big")
+            reply = dns.message.from_wire(await reader.readexactly(n))
+        assert reply.rcode() == dns.rcode.NOERROR and reply.answer
+        client.close()
+        for w in writers:
+            w.close()
+
+    with_server(body, tcp_max_connections=8, tcp_frame_timeout=5.0, tcp_idle_timeout=5.0)
+
+
+def test_an_answered_idle_client_gives_way_with_its_reply_intact() -> None:
+    """At the bound, a client already answered and idle gives way before one that has sent
+    nothing yet, and it is closed gracefully: it reads its whole reply, then EOF."""
+    async def body(env: Env) -> None:
+        await tcp_ask(env)
+        fresh = [await asyncio.open_connection(env.host, env.port) for _ in range(7)]
+        await asyncio.sleep(0.05)
+        reader, client = await asyncio.open_connection(env.host, env.port)
+        wire = q(WARM).to_wire()
+        client.write(len(wire).to_bytes(2, "big") + wire)
+        await asyncio.sleep(0.1)  # answered; its reply waits unread in our socket
+        assert len(env.server.tcp_connections) == 8
+        newcomer = await asyncio.open_connection(env.host, env.port)
+        await asyncio.sleep(0.05)
+        async with asyncio.timeout(1.0):
+            n = int.from_bytes(await reader.readexactly(2), "big")
+            reply = dns.message.from_wire(await reader.readexactly(n))
+            assert await reader.read() == b""  # then a clean EOF
+        assert reply.rcode() == dns.rcode.NOERROR and reply.answer
+        assert len(env.server.tcp_connections) == 8  # the 7 fresh ones and the newcomer
+        for _r, w in [*fresh, newcomer]:
+            w.close()
+        client.close()
+
+    with_server(body, tcp_max_connections=8, tcp_frame_timeout=5.0, tcp_idle_timeout=5.0)
+
+
 def test_client_that_never_reads_is_cut_off_with_output_bounded() -> None:
     """One client pipelines 40,000 queries for a cached name and never reads (its receive
     buffer shrunk to a few KiB). Our output for it stays under tcp_max_buffered (64 KiB), it

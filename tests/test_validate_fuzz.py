@@ -254,3 +254,33 @@ def test_reply_for_another_question_is_not_secure() -> None:
         return result.verdict.security
 
     assert asyncio.run(go()) is Security.BOGUS
+
+
+def with_extra_signature(msg: dns.message.Message) -> dns.message.Message:
+    """Every RRSIG RRset gets a second, unverifiable signature: a copy of its first with the
+    algorithm changed to one the zone has no key for (a reply as a fuzz run found it)."""
+    msg = dns.message.from_wire(msg.to_wire())
+    for section in (msg.answer, msg.authority):
+        for rrset in section:
+            if rrset.rdtype == T.RRSIG:
+                rd = next(iter(rrset))
+                rrset.add(rd.replace(algorithm=14 if rd.algorithm != 14 else 13))
+    return msg
+
+
+@pytest.mark.parametrize("question", [("www.example.test.", "A"), ("nope.example.test.", "A"),
+                                      ("b.nsec3.test.", "A"), ("x.wild.example.test.", "A")])
+def test_a_secure_answer_carries_only_the_signatures_that_verified(question: Reply) -> None:
+    """A SECURE answer and its proofs pass on the signature each RRset was verified with, and
+    no other: an extra RRSIG nobody checked (here one per RRset, for an algorithm without a
+    key) is dropped, in the answer and in the authority section alike."""
+    run = Run()
+    run.on(*question, lambda m: with_extra_signature(m))
+    result = run.ask(*question)
+    assert result.verdict.security is Security.SECURE, result.verdict
+    rcode, answer, authority = undamaged(question)
+    assert result.rcode == rcode
+    assert records(result.answer) == answer
+    assert records(result.authority) <= authority
+    sigs = [rr for rr in [*result.answer, *result.authority] if rr.rdtype == T.RRSIG]
+    assert sigs and all(len(rr) == 1 for rr in sigs)

@@ -72,7 +72,8 @@ class Proofs:
     verdict: Verdict | None = None  # set when collecting already decided the outcome
     ttl: int = 2**31 - 1
     valid_until: float | None = None
-    rrsets: list[dns.rrset.RRset] = field(default_factory=list)  # for the client's answer
+    # For the client's answer: each verified RRset with the signature that verified it.
+    signed: list[tuple[dns.rrset.RRset, RRSIG | None]] = field(default_factory=list)
 
 
 async def collect(section: Section, zone: ZoneKeys, now: float, budget: Budget) -> Proofs:
@@ -100,7 +101,7 @@ async def collect(section: Section, zone: ZoneKeys, now: float, budget: Budget) 
         proofs.ttl = min(proofs.ttl, result.ttl)
         until = [u for u in (proofs.valid_until, result.verdict.valid_until) if u is not None]
         proofs.valid_until = min(until) if until else None
-        proofs.rrsets.append(rr)
+        proofs.signed.append((rr, result.rrsig))
         for rd in rr:
             if isinstance(rd, NSEC):
                 proofs.nsecs.append((rr.name, rd))

@@ -45,6 +45,7 @@ import dns.rdatatype
 import dns.rrset
 from dns.rdtypes.ANY.CNAME import CNAME
 from dns.rdtypes.ANY.DNAME import DNAME
+from dns.rdtypes.ANY.RRSIG import RRSIG
 from dns.rdtypes.ANY.SOA import SOA
 
 from resolver.validator.anchors import TrustAnchors
@@ -101,6 +102,7 @@ class _Part:
     verdict: Verdict
     ttl: int
     authority: list[dns.rrset.RRset] = field(default_factory=list)
+    rrsig: RRSIG | None = None  # the signature that verified a positive RRset
 
 
 class Validator:
@@ -190,8 +192,9 @@ class Validator:
             section = response.answer
             final = find(section, current, qtype)
             if final is not None:
-                add(await self._positive(final, response, now, budget))
-                _append(answer, section, final)
+                part = await self._positive(final, response, now, budget)
+                add(part)
+                _append(answer, section, final, part.rrsig)
                 rcode = dns.rcode.NOERROR  # what was proven, whatever the upstream said
                 break
             link = self._next_link(section, current, qtype)
@@ -205,8 +208,9 @@ class Validator:
                 rcode = response.rcode()
                 break
             rrset, target, synthesized = link
-            add(await self._positive(rrset, response, now, budget))
-            _append(answer, section, rrset)
+            part = await self._positive(rrset, response, now, budget)
+            add(part)
+            _append(answer, section, rrset, part.rrsig)
             if synthesized is not None:
                 answer.append(synthesized)
                 verdict = worst(verdict, _check_synthesis(section, current, target))
@@ -294,14 +298,14 @@ class Validator:
         verdict = worst(result.verdict, Verdict(Security.SECURE, valid_until=keys.valid_until))
         if result.verdict.security is not Security.SECURE:
             return _Part(_about(_what(rrset), result.verdict), 0)
-        part = _Part(verdict, result.ttl)
+        part = _Part(verdict, result.ttl, rrsig=result.rrsig)
         if result.next_closer is not None and result.wildcard_parent is not None:
             proofs = await collect(response.authority, keys, now, budget)
             proven = prove_wildcard(proofs, rrset.name, result.next_closer,
                                     result.wildcard_parent, budget)
             part.verdict = worst(part.verdict, _about(f"wildcard {_what(rrset)}", proven))
             part.ttl = min(part.ttl, proofs.ttl)
-            part.authority = _with_sigs(response.authority, proofs.rrsets)
+            part.authority = _with_sigs(response.authority, proofs.signed)
         return part
 
     async def _unsigned(self, name: dns.name.Name, rdtype: int, ttl: int, what: str,
@@ -348,7 +352,7 @@ class Validator:
         verdict = worst(denial.verdict, Verdict(Security.SECURE, valid_until=_min_until(
             keys.valid_until, proofs.valid_until, verdict.valid_until)))
         return _Part(_about(what, verdict), min(ttl, proofs.ttl),
-                     kept + _with_sigs(section, proofs.rrsets))
+                     kept + _with_sigs(section, proofs.signed))
 
     async def _check_soa(self, section: Section, keys: ZoneKeys, now: float, budget: Budget
                          ) -> tuple[Verdict, int, list[dns.rrset.RRset]]:
@@ -358,7 +362,7 @@ class Validator:
         result = await verify_rrset(soa, rrsigs_for(section, soa.name, dns.rdatatype.SOA),
                                     keys.zone, keys.keys, now, budget)
         minimum = min((rd.minimum for rd in soa if isinstance(rd, SOA)), default=result.ttl)
-        return result.verdict, min(result.ttl, minimum), _with_sigs(section, [soa])
+        return result.verdict, min(result.ttl, minimum), _with_sigs(section, [(soa, result.rrsig)])
 
 
 class _Indeterminate(BudgetExhausted):
@@ -381,17 +385,29 @@ def _about(what: str, verdict: Verdict) -> Verdict:
                    verdict.valid_until)
 
 
-def _append(out: list[dns.rrset.RRset], section: Section, rrset: dns.rrset.RRset) -> None:
+def _append(out: list[dns.rrset.RRset], section: Section, rrset: dns.rrset.RRset,
+            verified: RRSIG | None) -> None:
+    """Copy an RRset into the client's answer with its signature.
+
+    A verified RRset carries only the signature that verified it: whatever else came with it
+    (a second algorithm, a damaged copy, a forged extra) was never checked, and a SECURE
+    answer passes on nothing unchecked. Data not verified (insecure) goes as received.
+    """
     out.append(rrset)
-    sig = rrsig_rrset(section, rrset.name, rrset.rdtype)
-    if sig is not None:
-        out.append(sig)
+    sigs = rrsig_rrset(section, rrset.name, rrset.rdtype)
+    if sigs is None:
+        return
+    if verified is None or (len(sigs) == 1 and verified in sigs):
+        out.append(sigs)
+    else:
+        out.append(dns.rrset.from_rdata_list(sigs.name, sigs.ttl, [verified]))
 
 
-def _with_sigs(section: Section, rrsets: list[dns.rrset.RRset]) -> list[dns.rrset.RRset]:
+def _with_sigs(section: Section, signed: list[tuple[dns.rrset.RRset, RRSIG | None]]
+               ) -> list[dns.rrset.RRset]:
     out: list[dns.rrset.RRset] = []
-    for rrset in rrsets:
-        _append(out, section, rrset)
+    for rrset, verified in signed:
+        _append(out, section, rrset, verified)
     return out
 
 

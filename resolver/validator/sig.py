@@ -102,6 +102,7 @@ class SigResult:
     ttl: int = 0  # capped TTL when secure
     next_closer: dns.name.Name | None = None  # wildcard expansion: must be proven absent
     wildcard_parent: dns.name.Name | None = None  # the closest encloser of that expansion
+    rrsig: RRSIG | None = None  # the signature that verified, the only one passed on
 
 
 def owner_labels(name: dns.name.Name) -> int:
@@ -298,7 +299,7 @@ def _secure(rrset: dns.rrset.RRset, rrsig: RRSIG, now: float) -> SigResult:
         _, next_closer = rrset.name.split(rrsig.labels + 2)
         _, parent = rrset.name.split(rrsig.labels + 1)
     verdict = Verdict(Security.SECURE, valid_until=float(rrsig.expiration))
-    return SigResult(verdict, ttl, next_closer, parent)
+    return SigResult(verdict, ttl, next_closer, parent, rrsig)
 
 
 
