@@ -255,8 +255,9 @@ def part_bc(lab: Lab, peers: list[tuple[str, str]]) -> dict[str, Any]:
     during = [ms for t, ms, rc in rows if w0 <= t <= w1]
     before = [ms for t, ms, rc in rows if w0 - 1.0 <= t < w0]
     bad = sum(1 for t, ms, rc in rows if w0 <= t <= w1 and rc != 0)
+    worst = max(((ms, t - w0) for t, ms, rc in rows if w0 <= t <= w1), default=(0.0, 0.0))
     return {"total": total, "each": each, "rcodes": rcodes, "installed": installed_children(lab),
-            "during": during, "before": before, "client_errors": bad}
+            "during": during, "before": before, "client_errors": bad, "worst_at": worst[1]}
 
 
 # --- main ----------------------------------------------------------------------------------
