@@ -98,24 +98,27 @@ class WireEntry:
     stored_at: float
     ttl_offsets: tuple[tuple[int, int], ...]
     qname_len: int
-    # Aging happens in whole seconds: keep the last aged copy, so that a burst of hits within
-    # one second patches only ID, RD and the question name.
+    # Aging happens in whole seconds: keep the pieces of the last aged copy (the header byte
+    # with RD clear and set, the rest of the header, everything after the question name), so
+    # a burst of hits within one second only joins four slices.
     _aged_second: int = field(default=-1)
-    _aged: bytes = field(default=b"")
+    _heads: tuple[bytes, bytes] = field(default=(b"", b""))
+    _tail: bytes = field(default=b"")
 
     def render(self, query: bytes, now: float) -> bytes:
         """The reply for `query` (its raw bytes) at time now: ID, RD, name case, aged TTLs."""
         elapsed = int(now - self.stored_at)
+        end = 12 + self.qname_len
         if elapsed != self._aged_second:
             buf = bytearray(self.wire)
             for off, ttl in self.ttl_offsets:
                 struct.pack_into("!I", buf, off, max(0, ttl - elapsed))
-            self._aged = bytes(buf)
+            rest = bytes(buf[3:12])
+            self._heads = (bytes((buf[2] & 0xFE,)) + rest, bytes((buf[2] | 0x01,)) + rest)
+            self._tail = bytes(buf[end:])
             self._aged_second = elapsed
-        end = 12 + self.qname_len
-        flags = (self._aged[2] & 0xFE) | (query[2] & 0x01)  # RD copied from the query
-        return b"".join((query[0:2], bytes((flags,)), self._aged[3:12], query[12:end],
-                         self._aged[end:]))
+        # ID and RD (RFC 1035: copied into the response) from the query, its name's case too
+        return b"".join((query[0:2], self._heads[query[2] & 0x01], query[12:end], self._tail))
 
 
 WireKey = tuple[bytes, int, int, int]  # (lowercased qname wire, qtype, qclass, flag bits)

@@ -15,8 +15,9 @@ a subclass or a wrapper that counts around the real call and changes nothing els
 The subclasses override the methods where a request enters and leaves (for the server and
 the forwarder these are the per-attempt methods `_udp`/`_tcp`, which is where a per-server
 round trip exists at all); if those signatures change, the tests in tests/test_metrics.py fail.
-Cost on the cached-answer path: one method call, a byte search and one dict update (measured
-with a loop over Server.fast_reply: 2.5 -> 3.0 us per cached answer).
+Cost on the cached-answer path: one dict update inside Server.fast_reply, keyed by the
+(qtype, rcode) the fast path already has (measured with a loop over fast_reply: 2.2 -> 2.35 us
+per cached answer; the wrapper it replaced cost 0.5 us).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from resolver.server import Server
 from resolver.tunnels.backend import WatchableBackend
 from resolver.tunnels.events import BackendEvent, HeldSa
 from resolver.tunnels.intents import InstallTunnel, Intent, PolicyKey
-from resolver.upstream import Forwarder
+from resolver.upstream import Forwarder, OutgoingQuery
 from resolver.validator.response import ValidatedAnswer
 
 PREFIX: Final = "ipseckey_resolver_"
@@ -202,21 +203,12 @@ def question_type(wire: bytes) -> int | None:
     return None
 
 
-def _fast_type(wire: bytes) -> int:
-    """QTYPE of a query the fast path answered (its name was checked uncompressed by
-    answer.peek_query): the first zero byte after the header ends the name. A label holding
-    a zero byte would be miscounted, never misanswered; the C-speed find is worth it here."""
-    end = wire.find(0, 12)
-    return (wire[end + 1] << 8) | wire[end + 2]
-
-
 class MeteredServer(Server):
     """The DNS server, counting queries by type and rcode, and answer-cache hits.
 
-    The cached-answer path counts into a dict keyed by (qtype, rcode) integers; queries_total
-    is assembled from it (and from the slow path's counts) when someone reads the metrics.
-    Measured: about +0.5 us per cached answer, on a path of about 13 us per query with its
-    socket calls."""
+    The cached-answer path counts into a dict keyed by (qtype, rcode) integers (Server's
+    fast_counts); queries_total is assembled from it (and from the slow path's counts) when
+    someone reads the metrics."""
 
     metrics: DaemonMetrics
     fast: dict[tuple[int, int], int]
@@ -225,6 +217,7 @@ class MeteredServer(Server):
     def meter(self, metrics: DaemonMetrics) -> MeteredServer:
         self.metrics = metrics
         self.fast, self.slow = {}, {}
+        self.fast_counts = self.fast  # Server.fast_reply counts into it
         metrics.registry.collectors.append(self._collect)
         return self
 
@@ -236,14 +229,6 @@ class MeteredServer(Server):
             merged[key] = merged.get(key, 0.0) + n
         m.queries.values = merged
         m.cache_hits.values[()] = float(sum(self.fast.values()))
-
-    def fast_reply(self, wire: bytes, now: float, udp: bool) -> bytes | None:
-        reply = super().fast_reply(wire, now, udp)
-        if reply is not None:
-            key = (_fast_type(wire), reply[3] & 0x0F)
-            fast = self.fast
-            fast[key] = fast.get(key, 0) + 1
-        return reply
 
     async def slow_reply(self, wire: bytes, now: float, udp: bool) -> bytes | None:
         self.metrics.cache_misses.inc()
@@ -283,11 +268,11 @@ class MeteredForwarder(Forwarder):
             metrics.upstream_queries.declare(str(server), "udp")
         return self
 
-    async def _udp(self, server: HostPort, q: dns.message.Message, qname: dns.name.Name,
+    async def _udp(self, server: HostPort, q: OutgoingQuery, qname: dns.name.Name,
                    qtype: dns.rdatatype.RdataType) -> dns.message.Message:
         return await self._timed("udp", super()._udp, server, q, qname, qtype)
 
-    async def _tcp(self, server: HostPort, q: dns.message.Message, qname: dns.name.Name,
+    async def _tcp(self, server: HostPort, q: OutgoingQuery, qname: dns.name.Name,
                    qtype: dns.rdatatype.RdataType) -> dns.message.Message:
         return await self._timed("tcp", super()._tcp, server, q, qname, qtype)
 

@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 trace = logging.getLogger("resolver.trace")
 
 Fetch = Callable[[dns.name.Name, dns.rdatatype.RdataType], Awaitable[dns.message.Message]]
-AnswerKey = tuple[dns.name.Name, int]
+AnswerKey = tuple[bytes, int]  # (lowercased wire name, type): see answer_key
 RAW_MAX_TTL: Final = 300  # raw responses for the validator: short, they are only a speed-up
 _resolution_now: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "resolution_now", default=None)
@@ -106,6 +106,17 @@ class Resolver(Protocol):
 
     async def resolve(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float,
                       *, fresh: bool = False) -> ValidatedAnswer: ...
+
+
+def answer_key(qname: dns.name.Name, qtype: int) -> AnswerKey:
+    """The cache and coalescing key of a question: the name's wire form lowercased.
+
+    Not the canonicalized Name: building one validates every label, and hashing a Name
+    (case-insensitive) runs a Python loop over every character, on every dict lookup.
+    """
+    wire = qname.to_wire()
+    assert wire is not None  # bytes when no file is given; qnames are absolute
+    return wire.lower(), int(qtype)
 
 
 def _failed(security: Security, reason: str, ede: int) -> ValidatedAnswer:
@@ -208,14 +219,15 @@ class Resolution:
 
         Never raises except for cancellation: failures are verdicts.
         """
-        key = (qname.canonicalize(), int(qtype))
+        key = answer_key(qname, qtype)
         if fresh:
             self.raw.pop(key)
         cached = None if fresh else self.answers.get(key, now)
         if cached is not None:
             expires_at, ans = cached
-            trace.debug("%s %s: answer cache hit (%s)", qname, dns.rdatatype.to_text(qtype),
-                        ans.verdict.security.value)
+            if trace.isEnabledFor(logging.DEBUG):
+                trace.debug("%s %s: answer cache hit (%s)", qname,
+                            dns.rdatatype.to_text(qtype), ans.verdict.security.value)
             return dataclasses.replace(ans, ttl=max(0, int(expires_at - now)))
         task = self._inflight.get(key)
         if task is None:
@@ -240,7 +252,6 @@ class Resolution:
     async def _attempt(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float
                        ) -> ValidatedAnswer:
         """Fetch and validate once; upstream failures become INDETERMINATE verdicts."""
-        name = f"{qname} {dns.rdatatype.to_text(qtype)}"
         try:
             response = await self.fetch(qname, qtype)
         except UpstreamError as e:
@@ -248,16 +259,21 @@ class Resolution:
                       type=dns.rdatatype.to_text(qtype), reason=str(e))
             return _failed(Security.INDETERMINATE, str(e),
                            dns.edns.EDECode.NO_REACHABLE_AUTHORITY)
-        trace.debug("%s: upstream rcode %s, %d answer / %d authority RRsets", name,
-                    dns.rcode.to_text(response.rcode()), len(response.answer),
-                    len(response.authority))
+        # Guarded: formatting names and types for a line nobody reads is a cost per lookup.
+        debug = trace.isEnabledFor(logging.DEBUG)
+        name = f"{qname} {dns.rdatatype.to_text(qtype)}" if debug else ""
+        if debug:
+            trace.debug("%s: upstream rcode %s, %d answer / %d authority RRsets", name,
+                        dns.rcode.to_text(response.rcode()), len(response.answer),
+                        len(response.authority))
         if qtype == dns.rdatatype.RRSIG:
             sigs = signatures_as_data(qname, response)
             if sigs is not None:
                 return sigs
         self.validations += 1
         ans = await self.validator.validate(qname, qtype, response, now)
-        trace.debug("%s: %s %s", name, ans.verdict.security.value, ans.verdict.reason)
+        if debug:
+            trace.debug("%s: %s %s", name, ans.verdict.security.value, ans.verdict.reason)
         if ans.verdict.security is Security.INDETERMINATE:  # BOGUS: logged once re-checked
             _log_failure(qname, qtype, ans)
         return ans
@@ -311,7 +327,7 @@ class Resolution:
                 ttl = 0 if neg is None else min(ttl, neg, self.config.negative_max_ttl)
             ans = dataclasses.replace(ans, ttl=ttl)
         if ttl > 0:
-            key = (qname.canonicalize(), int(qtype))
+            key = answer_key(qname, qtype)
             self.answers.put(key, (now + ttl, ans), now + ttl)
         return ans
 
@@ -325,7 +341,7 @@ class Resolution:
         # Fetch takes no `now` (contract), so the resolution that runs us leaves its `now`
         # in a context variable; outside a resolution nothing is cached.
         now = _resolution_now.get()
-        key = (qname.canonicalize(), int(qtype))
+        key = answer_key(qname, qtype)
         used = _resolution_used.get()
         if used is not None:
             used.add(key)
@@ -374,8 +390,9 @@ class PlainHandler:
             return replies.error_reply(query, dns.rcode.REFUSED, self.payload)
         # Meta-types, qtype 0 and ANY never get here: the server answers them itself
         # (answer.local_reply), before any handler.
-        trace.debug("query %s %s id %d flags %s", q.name, dns.rdatatype.to_text(qtype),
-                    query.id, dns.flags.to_text(query.flags))
+        if trace.isEnabledFor(logging.DEBUG):
+            trace.debug("query %s %s id %d flags %s", q.name, dns.rdatatype.to_text(qtype),
+                        query.id, dns.flags.to_text(query.flags))
         if query.flags & dns.flags.CD:
             try:
                 upstream = await self.resolution.fetch_unvalidated(q.name, qtype)

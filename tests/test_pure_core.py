@@ -17,7 +17,9 @@ PURE = ("resolver.validator.types", "resolver.validator.response", "resolver.pol
         "resolver.endpoints.core", "resolver.endpoints.protocol", "resolver.namedconf",
         "resolver.configtable", "resolver.cache", "resolver.iterate_core",
         "resolver.iterate_infra", "resolver.iterate_hints", "resolver.logevent",
-        "resolver.tunnels.statedoc", "resolver.responder.core", "resolver.responder.charonlog")
+        "resolver.tunnels.statedoc", "resolver.responder.core", "resolver.responder.charonlog",
+        "resolver.wireparse", "resolver.render", "resolver.dnspatch",
+        "resolver.validator.names")
 # Everything the core may import: itself, the package markers, the errors, the validator.
 ALLOWED = set(PURE) | {"resolver", "resolver.errors", "resolver.endpoints", "resolver.tunnels",
                        "resolver.responder",

@@ -18,7 +18,7 @@ import dns.rdatatype
 import pytest
 
 from resolver.config import CacheConfig
-from resolver.resolve import PlainHandler, Resolution
+from resolver.resolve import PlainHandler, Resolution, answer_key
 from resolver.validator.response import Security, Verdict
 from tests.helpers import ede
 from tests.helpers import run as run_async
@@ -113,7 +113,7 @@ def test_flush_failures_forgets_bogus_and_failed_answers_only() -> None:
     async def body(up: ScriptedUpstream, res: Resolution, v: FakeValidator) -> None:
         assert (await res.resolve(WWW, A, WHEN)).verdict.security is Security.SECURE
         assert (await res.resolve(BAD, A, WHEN)).verdict.security is Security.BOGUS
-        res.answers.put((NX.canonicalize(), int(A)), (WHEN + 5, dataclasses.replace(
+        res.answers.put(answer_key(NX, A), (WHEN + 5, dataclasses.replace(
             await res.resolve(BAD, A, WHEN), verdict=Verdict(Security.INDETERMINATE, "t/o"))),
             WHEN + 5)
         assert len(res.raw) > 0

@@ -203,3 +203,22 @@ def test_recheck_falls_back_to_udp_when_tcp_fails() -> None:
             assert [t for t, _ in up.queries] == ["tcp", "udp"]
 
     run(main(), 20)
+
+
+@pytest.mark.parametrize("name", ["www.example.test.", "WwW.ExAmple.TEST.", ".", "a.b.c.d.e.f.",
+                                  "xn--bcher-kva.test.", "x" * 63 + ".test."])
+@pytest.mark.parametrize("qtype", ["A", "AAAA", "DNSKEY", "DS", "TYPE65534"])
+@pytest.mark.parametrize("cd", [True, False])
+def test_query_wire_is_dnspythons_make_query(name: str, qtype: str, cd: bool) -> None:
+    """The hand-written query bytes are exactly what dnspython renders for the same query
+    (RD, CD as asked, EDNS0 with DO and our payload), name case kept."""
+    from resolver.upstream import query_wire
+
+    qname = dns.name.from_text(name)
+    rdtype = dns.rdatatype.from_text(qtype)
+    for qid in (0, 1, 0x1234, 65535):
+        q = dns.message.make_query(qname, rdtype, use_edns=0, want_dnssec=True, payload=1232)
+        q.id = qid
+        if cd:
+            q.flags |= dns.flags.CD
+        assert query_wire(qid, qname, rdtype, cd, 1232) == q.to_wire()

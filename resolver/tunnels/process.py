@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from resolver.errors import IkeDaemonUnreachable, ProvisioningError
@@ -168,7 +169,7 @@ class ProcessBackend:
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "resolver.tunnels.worker", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env())
         except OSError as exc:
             ours.close()
             raise IkeDaemonUnreachable(f"tunnel worker: cannot start: {exc}") from None
@@ -320,3 +321,13 @@ class RemoteVici:
 def _retrieve(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("tunnel worker: %s", task.exception())
+
+
+def _worker_env() -> dict[str, str]:
+    """The worker imports the code the daemon runs: the directory our package (and, in an
+    installed service, its dependencies beside it) was loaded from goes first on its path,
+    since the daemon itself may run isolated (`python3 -I`), which no child inherits."""
+    root = str(Path(__file__).resolve().parents[2])
+    extra = [p for p in sys.path if p and Path(p).is_dir()]
+    path = os.pathsep.join(dict.fromkeys([root, *extra]))
+    return {**os.environ, "PYTHONPATH": path}

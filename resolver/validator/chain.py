@@ -51,6 +51,7 @@ from dns.rdtypes.ANY.DS import DS
 from resolver.errors import ResolverError
 from resolver.validator.anchors import Anchor, TrustAnchors
 from resolver.validator.denial import collect, find, prove_negative, rrsigs_for
+from resolver.validator.names import same_name
 from resolver.validator.sig import ZoneKeys, algorithm_supported, index_keys, verify_rrset
 from resolver.validator.types import Budget, Limits, Security, Verdict, bogus, insecure
 
@@ -95,7 +96,7 @@ class TrustChain:
                        ) -> ZoneKeys | Verdict:
         """The validated keys of zone ``signer``, or the verdict that replaces them."""
         state = await self._walk(signer, now, budget)
-        if isinstance(state, ZoneKeys) and state.zone != signer:
+        if isinstance(state, ZoneKeys) and not same_name(state.zone, signer):
             return bogus(f"signer {signer} is not a zone apex (no DS at it)",
                          _EDE.DNSKEY_MISSING)
         return state
@@ -279,7 +280,8 @@ class TrustChain:
     async def fetch_counted(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType,
                      budget: Budget) -> dns.message.Message | Verdict:
         budget.charge_fetch()
-        log.debug("fetch %s/%s", name, dns.rdatatype.to_text(rdtype))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("fetch %s/%s", name, dns.rdatatype.to_text(rdtype))
         try:
             async with budget.released():
                 return await self.fetch(name, rdtype)

@@ -28,6 +28,7 @@ from dns.rdtypes.ANY.NSEC3 import NSEC3
 from dns.rdtypes.ANY.RRSIG import RRSIG
 
 from resolver.validator import nsec
+from resolver.validator.names import same_name
 from resolver.validator.nsec3 import Nsec3Set, too_many
 from resolver.validator.sig import ZoneKeys, verify_rrset
 from resolver.validator.types import Budget, Denial, Security, Verdict, bogus, type_text
@@ -38,7 +39,7 @@ Section = Sequence[dns.rrset.RRset]
 def find(section: Section, name: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
     """The RRset of (name, type) in a section, if any."""
     for rrset in section:
-        if rrset.name == name and rrset.rdtype == rdtype:
+        if rrset.rdtype == rdtype and same_name(rrset.name, name):
             return rrset
     return None
 
@@ -47,7 +48,7 @@ def rrsigs_for(section: Section, name: dns.name.Name, rdtype: int) -> list[RRSIG
     """All RRSIG rdatas covering (name, type) in a section."""
     out: list[RRSIG] = []
     for rrset in section:
-        if rrset.name == name and rrset.rdtype == dns.rdatatype.RRSIG:
+        if rrset.rdtype == dns.rdatatype.RRSIG and same_name(rrset.name, name):
             out += [rd for rd in rrset if isinstance(rd, RRSIG) and rd.type_covered == rdtype]
     return out
 
@@ -55,8 +56,8 @@ def rrsigs_for(section: Section, name: dns.name.Name, rdtype: int) -> list[RRSIG
 def rrsig_rrset(section: Section, name: dns.name.Name, rdtype: int) -> dns.rrset.RRset | None:
     """The RRSIG RRset covering (name, type), for copying into an answer."""
     for rrset in section:
-        if rrset.name == name and rrset.rdtype == dns.rdatatype.RRSIG \
-                and rrset.covers == rdtype:
+        if rrset.rdtype == dns.rdatatype.RRSIG and rrset.covers == rdtype \
+                and same_name(rrset.name, name):
             return rrset
     return None
 
@@ -87,7 +88,8 @@ async def collect(section: Section, zone: ZoneKeys, now: float, budget: Budget) 
     unsigned = False
     nsec3_records: list[tuple[dns.name.Name, NSEC3]] = []
     for rr in mine:
-        sigs = [s for s in rrsigs_for(section, rr.name, rr.rdtype) if s.signer == zone.zone]
+        sigs = [s for s in rrsigs_for(section, rr.name, rr.rdtype)
+                if same_name(s.signer, zone.zone)]
         if not sigs:
             unsigned = unsigned or not rrsigs_for(section, rr.name, rr.rdtype)
             continue

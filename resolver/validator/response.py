@@ -58,6 +58,7 @@ from resolver.validator.denial import (
     rrsig_rrset,
     rrsigs_for,
 )
+from resolver.validator.names import is_below, same_name
 from resolver.validator.sig import ZoneKeys, verify_rrset
 from resolver.validator.types import (
     SECURE,
@@ -143,8 +144,9 @@ class Validator:
             turn.release()
         # Debug only: the resolution core logs the one warning per failed answer, after it has
         # re-checked a bogus verdict (the first one may come from a forged reply).
-        log.debug("validated %s/%s: %s %s (EDE %s)", qname, type_text(qtype),
-                  result.verdict.security.value, result.verdict.reason, result.verdict.ede)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("validated %s/%s: %s %s (EDE %s)", qname, type_text(qtype),
+                      result.verdict.security.value, result.verdict.reason, result.verdict.ede)
         return result
 
     def _failed(self, verdict: Verdict, response: dns.message.Message, budget: Budget
@@ -268,31 +270,36 @@ class Validator:
 
     async def _positive(self, rrset: dns.rrset.RRset, response: dns.message.Message,
                         now: float, budget: Budget) -> _Part:
-        what = f"{rrset.name}/{type_text(rrset.rdtype)}"
         sigs = rrsigs_for(response.answer, rrset.name, rrset.rdtype)
-        signers = sorted({s.signer for s in sigs if rrset.name.is_subdomain(s.signer)},
-                         key=len, reverse=True)
+        # Distinct signers above the owner, deepest first (a list, not a set of Names:
+        # hashing a Name walks its every character in Python).
+        signers: list[dns.name.Name] = []
+        for s in sigs:
+            if is_below(rrset.name, s.signer) and \
+                    not any(same_name(s.signer, seen) for seen in signers):
+                signers.append(s.signer)
+        signers.sort(key=len, reverse=True)
         if not signers:
-            return await self._unsigned(rrset.name, rrset.rdtype, rrset.ttl, what, bool(sigs),
-                                        now, budget)
+            return await self._unsigned(rrset.name, rrset.rdtype, rrset.ttl, _what(rrset),
+                                        bool(sigs), now, budget)
         owner = rrset.name.parent() if rrset.rdtype == dns.rdatatype.DS else rrset.name
         cut = self.chain.known_cut_between(signers[0], owner, now)
         if cut is not None:
-            return _Part(bogus(f"{what}: RRSIG signer {signers[0]} is not the zone "
+            return _Part(bogus(f"{_what(rrset)}: RRSIG signer {signers[0]} is not the zone "
                                f"(zone cut at {cut})"), 0)
         keys = await self.chain.keys_for(signers[0], now, budget)
         if isinstance(keys, Verdict):
-            return _Part(_about(what, keys), rrset.ttl)
+            return _Part(_about(_what(rrset), keys), rrset.ttl)
         result = await verify_rrset(rrset, sigs, keys.zone, keys.keys, now, budget)
         verdict = worst(result.verdict, Verdict(Security.SECURE, valid_until=keys.valid_until))
         if result.verdict.security is not Security.SECURE:
-            return _Part(_about(what, result.verdict), 0)
+            return _Part(_about(_what(rrset), result.verdict), 0)
         part = _Part(verdict, result.ttl)
         if result.next_closer is not None and result.wildcard_parent is not None:
             proofs = await collect(response.authority, keys, now, budget)
             proven = prove_wildcard(proofs, rrset.name, result.next_closer,
                                     result.wildcard_parent, budget)
-            part.verdict = worst(part.verdict, _about(f"wildcard {what}", proven))
+            part.verdict = worst(part.verdict, _about(f"wildcard {_what(rrset)}", proven))
             part.ttl = min(part.ttl, proofs.ttl)
             part.authority = _with_sigs(response.authority, proofs.rrsets)
         return part
@@ -360,6 +367,11 @@ class _Indeterminate(BudgetExhausted):
     def __init__(self, verdict: Verdict) -> None:
         super().__init__(verdict.reason)
         self.verdict = verdict
+
+
+def _what(rrset: dns.rrset.RRset) -> str:
+    # Only for reasons: built when something failed (formatting a name is not free).
+    return f"{rrset.name}/{type_text(rrset.rdtype)}"
 
 
 def _about(what: str, verdict: Verdict) -> Verdict:

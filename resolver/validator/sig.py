@@ -48,11 +48,13 @@ import dns.name
 import dns.rdatatype
 import dns.rrset
 from cryptography.exceptions import InvalidSignature
+from dns.dnssecalgs.base import GenericPublicKey
 from dns.dnssectypes import Algorithm
 from dns.rdtypes.ANY.DNSKEY import DNSKEY
 from dns.rdtypes.ANY.RRSIG import RRSIG
 from dns.rdtypes.dnskeybase import Flag
 
+from resolver.validator.names import is_below, same_name
 from resolver.validator.types import Budget, BudgetExhausted, Security, Verdict, bogus
 
 log = logging.getLogger("resolver.validator")
@@ -141,13 +143,41 @@ def signed_data(rrset: dns.rrset.RRset, rrsig: RRSIG) -> bytes:
     return b"".join(parts)
 
 
-def crypto_verify(key: DNSKEY, signature: bytes, data: bytes) -> bool:
-    """One public-key operation. Tests count calls to this function."""
+_PublicKey = GenericPublicKey
+# Public keys loaded from DNSKEY rdata, by (algorithm, key bytes): loading one (DER or point
+# decoding in `cryptography`) costs about a sixth of an ECDSA P-256 verification, and the
+# same few zone keys sign almost everything. An invalid key is remembered as None, so it
+# fails again at the same price. Keyed on the key's own bytes, so a cached entry can never
+# stand for another key; bounded, oldest first out.
+_KEY_CACHE_MAX = 1024
+_keys: dict[tuple[int, bytes], _PublicKey | None] = {}
+
+
+def _public_key(key: DNSKEY) -> _PublicKey | None:
+    ident = (int(key.algorithm), key.key)
+    try:
+        return _keys[ident]
+    except KeyError:
+        pass
+    public: _PublicKey | None
     try:
         public = dns.dnssecalgs.get_algorithm_cls_from_dnskey(key).public_cls.from_dnskey(key)
+    except (ValueError, TypeError, dns.exception.DNSException):
+        public = None
+    if len(_keys) >= _KEY_CACHE_MAX:
+        del _keys[next(iter(_keys))]
+    _keys[ident] = public
+    return public
+
+
+def crypto_verify(key: DNSKEY, signature: bytes, data: bytes) -> bool:
+    """One public-key operation. Tests count calls to this function."""
+    public = _public_key(key)
+    if public is None:
+        return False  # an invalid public key encoding: counted as a failed attempt
+    try:
         public.verify(signature, data)
     except (InvalidSignature, ValueError, TypeError, dns.exception.DNSException):
-        # ValueError/TypeError: invalid public key encoding (counted as a failed attempt).
         return False
     return True
 
@@ -170,9 +200,9 @@ def _precheck(rrset: dns.rrset.RRset, rrsig: RRSIG, zone: dns.name.Name) -> tupl
     owner = rrset.name
     if rrsig.type_covered != rrset.rdtype or rrsig.rdclass != rrset.rdclass:
         return "signer", "RRSIG does not cover the RRset type"
-    if rrsig.signer != zone:
+    if not same_name(rrsig.signer, zone):
         return "signer", f"RRSIG signer {rrsig.signer} is not the zone {zone}"
-    if not owner.is_subdomain(rrsig.signer):
+    if not is_below(owner, rrsig.signer):
         return "signer", f"RRSIG signer {rrsig.signer} is not an ancestor of {owner}"
     if rrsig.labels > owner_labels(owner):
         return "labels", f"RRSIG labels {rrsig.labels} exceed the owner's"
@@ -211,9 +241,8 @@ async def verify_rrset(
         BudgetExhausted: a per-RRset or per-query limit ran out.
     """
     limits = budget.limits
-    where = f"{rrset.name}/{dns.rdatatype.to_text(rrset.rdtype)}"
     if not rrsigs:
-        return SigResult(bogus(f"no RRSIG for {where}", dns.edns.EDECode.RRSIGS_MISSING))
+        return SigResult(bogus(f"no RRSIG for {_where(rrset)}", dns.edns.EDECode.RRSIGS_MISSING))
     problems: dict[str, str] = {}
     checks = 0
     for rrsig in rrsigs:
@@ -235,25 +264,31 @@ async def verify_rrset(
             if checks >= limits.max_sig_checks_per_rrset:
                 raise BudgetExhausted(
                     f"signature check limit per RRset ({limits.max_sig_checks_per_rrset}) "
-                    f"reached for {where}"
+                    f"reached for {_where(rrset)}"
                 )
             checks += 1
             budget.charge_sig_check()
             if checks % limits.yield_every == 0:
                 await budget.pause()
             if time_problem:
-                problems.setdefault(time_problem, f"RRSIG {time_problem} for {where}")
+                problems.setdefault(time_problem, f"RRSIG {time_problem} for {_where(rrset)}")
                 budget.note_sig_failure()
                 break  # the other keys would fail the same way
             if crypto_verify(key, rrsig.signature, data):
-                log.debug("validated %s with key %d of %s", where, rrsig.key_tag, zone)
+                log.debug("validated %s/%s with key %d of %s", rrset.name, rrset.rdtype,
+                          rrsig.key_tag, zone)
                 return _secure(rrset, rrsig, now)
-            problems.setdefault("crypto", f"signature verification failed for {where}")
+            problems.setdefault("crypto", f"signature verification failed for {_where(rrset)}")
             budget.note_sig_failure()
     for kind in _REASON_ORDER:
         if kind in problems:
             return SigResult(bogus(problems[kind], _REASON_EDE[kind]))
-    return SigResult(bogus(f"no usable RRSIG for {where}"))  # pragma: no cover - defensive
+    return SigResult(bogus(f"no usable RRSIG for {_where(rrset)}"))  # pragma: no cover
+
+
+def _where(rrset: dns.rrset.RRset) -> str:
+    # Only for reasons: formatting a name costs more than a cheap check, so not up front.
+    return f"{rrset.name}/{dns.rdatatype.to_text(rrset.rdtype)}"
 
 
 def _secure(rrset: dns.rrset.RRset, rrsig: RRSIG, now: float) -> SigResult:
