@@ -151,9 +151,6 @@ async def _close(backend: CompositeBackend) -> None:
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    nice = int(os.environ.get("ISK_WORKER_NICE", "0"))
-    if nice:
-        os.nice(nice)
     status = asyncio.run(serve(int(argv[1])))
     sys.stdout.flush()
     sys.stderr.flush()
