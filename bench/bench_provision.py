@@ -232,10 +232,13 @@ def installed_children(lab: Lab) -> int:
     return list(lab.child_states("alice", "isk-p").values()).count("INSTALLED")
 
 
-def part_bc(lab: Lab, peers: list[tuple[str, str]]) -> dict[str, Any]:
+def part_bc(lab: Lab, peers: list[tuple[str, str]], client_nice: int = 0) -> dict[str, Any]:
+    """(b) and (c); `client_nice`: the latency client's niceness (bench/bench_scale.py gives
+    its measuring client priority, so that its own scheduling does not count as latency)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-prov-"))
     stop, out = tmp / "stop", tmp / "lat.json"
-    client = lab.popen("alice", [sys.executable, "-c", CLIENT, str(stop), str(out)],
+    nice = ["nice", "-n", str(client_nice)] if client_nice else []
+    client = lab.popen("alice", [*nice, sys.executable, "-c", CLIENT, str(stop), str(out)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
@@ -255,8 +258,9 @@ def part_bc(lab: Lab, peers: list[tuple[str, str]]) -> dict[str, Any]:
     during = [ms for t, ms, rc in rows if w0 <= t <= w1]
     before = [ms for t, ms, rc in rows if w0 - 1.0 <= t < w0]
     bad = sum(1 for t, ms, rc in rows if w0 <= t <= w1 and rc != 0)
+    worst = max(((ms, t - w0) for t, ms, rc in rows if w0 <= t <= w1), default=(0.0, 0.0))
     return {"total": total, "each": each, "rcodes": rcodes, "installed": installed_children(lab),
-            "during": during, "before": before, "client_errors": bad}
+            "during": during, "before": before, "client_errors": bad, "worst_at": worst[1]}
 
 
 # --- main ----------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ down at the end, also on error or Ctrl-C):
   (b)        200 distinct peers at once through the daemon: time to the 200th answer, its
              ratio to charon's, NOERROR answers;
   (c)        meanwhile, cached answers for unrelated names: p50 / p99 / max, and the same in the
-             second before the burst (bench_provision.py's client);
+             second before the burst (bench_provision.py's client, here at nice -10: it
+             measures, its own scheduling is not the daemon's latency);
   cpu        CPU seconds during (b): the daemon, its tunnel worker, each charon;
   threads    (b) and (c) again with `worker_process = false` (VICI and XFRM in threads of the
              daemon, as before issue 13): the comparison behind the worker process;
@@ -59,7 +60,13 @@ from resolver.tunnels.xfrm import XfrmPolicies  # noqa: E402
 
 MAX_SETUPS = ProvisionConfig().max_setups
 WINDOWS = (16, 64, 200)  # charon alone with other numbers in flight than max_setups
-RESPONDER_LIMITS = {"block_threshold": "1000", "cookie_threshold": "1000"}
+RESPONDER_LIMITS = {"block_threshold": "1000", "cookie_threshold": "1000",
+                    "cookie_threshold_ip": "1000"}
+# The client measuring cached answers runs at a higher priority: on two shared cores a client
+# at the default one was itself descheduled for 0.1-0.3 s during a burst (its stalls did not
+# line up with any turn of the daemon's loop), and that is not the daemon's latency.
+CLIENT_NICE = -10
+MIN_DIRECT = 0.95  # a round where charon alone made fewer of the SAs is repeated (see main)
 Rows = dict[str, list[float]]
 
 
@@ -131,7 +138,7 @@ def burst_through(lab: Lab, peers: list[tuple[str, str]], rows: Rows, tag: str,
     shutil.rmtree(lab.run_dir / f"scale-{tag}", ignore_errors=True)  # no state of a last run
     d = ResolverDaemon(lab, "alice", name=f"scale-{tag}", sections={
         "policy": {"default": "private-or-clear", "private": [f"{bp.PREFIX}0/112"]},
-        "provision": {"worker_process": worker}, "log": {"level": "warning"}})
+        "provision": {"worker_process": worker}, "log": {"level": "warning"}}, own_session=True)
     d.start()
     try:
         main = d.proc.pid if d.proc is not None else 0
@@ -146,7 +153,7 @@ def burst_through(lab: Lab, peers: list[tuple[str, str]], rows: Rows, tag: str,
             "charon-alice": [pid_of(lab, "charon-alice")],
             "charon-bob": [pid_of(lab, "charon-bob")]})
         meter.start()
-        bc = bp.part_bc(lab, peers)
+        bc = bp.part_bc(lab, peers, client_nice=CLIENT_NICE)
         used = meter.stop()
     finally:
         d.stop()
@@ -163,6 +170,7 @@ def burst_through(lab: Lab, peers: list[tuple[str, str]], rows: Rows, tag: str,
         if name not in ("wall",):
             record(rows, f"{tag}.cpu.{name}", sec)
     record(rows, f"{tag}.c_over50", sum(1 for ms in dur if ms > 50))
+    record(rows, f"{tag}.c_worst_at", bc["worst_at"])
     record(rows, f"{tag}.c_n", len(dur))
     ours = used["main"] + used["worker"] + used["charon-alice"] + used["charon-bob"]
     record(rows, f"{tag}.cpu.others_share", max(0.0, used["machine"] - ours) / used["machine"])
@@ -170,25 +178,29 @@ def burst_through(lab: Lab, peers: list[tuple[str, str]], rows: Rows, tag: str,
 
 
 def one_round(lab: Lab, args: argparse.Namespace, peers: list[tuple[str, str]],
-              runs: list[tuple[str, str]], rows: Rows) -> None:
+              runs: list[tuple[str, str]], rows: Rows) -> bool:
+    """One round into `rows`; False (nothing recorded) if charon alone failed too often."""
+    conns = direct_conns(lab, peers)
+    names = [next(iter(c)) for c in conns]
+    o = charon_direct.establish(lab.vici_path("alice"), conns, window=MAX_SETUPS)
+    charon_direct.remove(lab.vici_path("alice"), names)
+    settle(lab)
+    if o.installed < MIN_DIRECT * len(conns):
+        print(f"  charon alone made {o.installed} of {len(conns)} CHILD_SAs: round repeated")
+        return False
     med, lo, hi = procstat.calibrate()
     record(rows, "noise.cpu_job_ms", med)
     record(rows, "noise.cpu_job_spread", (hi - lo) / med)
     record(rows, "noise.load", procstat.load_average())
 
-    conns = direct_conns(lab, peers)
-    names = [next(iter(c)) for c in conns]
+    record(rows, "charon.seconds", o.seconds)
+    record(rows, "charon.installed", o.installed)
     for window in WINDOWS if "windows" not in args.skip else ():
         w = charon_direct.establish(lab.vici_path("alice"), conns, window=window)
         record(rows, f"charon.w{window}", w.seconds)
         record(rows, f"charon.w{window}.installed", w.installed)
         charon_direct.remove(lab.vici_path("alice"), names)
         settle(lab)
-    o = charon_direct.establish(lab.vici_path("alice"), conns, window=MAX_SETUPS)
-    record(rows, "charon.seconds", o.seconds)
-    record(rows, "charon.installed", o.installed)
-    charon_direct.remove(lab.vici_path("alice"), names)
-    settle(lab)
 
     burst_through(lab, peers, rows, "process", True, runs)
     record(rows, "process.ratio", rows["process.total_s"][-1] / o.seconds)
@@ -207,6 +219,7 @@ def one_round(lab: Lab, args: argparse.Namespace, peers: list[tuple[str, str]],
         for n in (10, 1000, args.big):
             for k, v in scale_big.store_costs(n).items():
                 record(rows, f"store{n}.{k}", v)
+    return True
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -257,7 +270,8 @@ def report(rows: Rows, args: argparse.Namespace) -> None:
     for tag in ("process", "threads"):
         if g(f"{tag}.c_over50"):
             print(f"  answers over 50 ms, {tag:8}    {cell(g(f'{tag}.c_over50'), '{:.0f}')} of "
-                  f"{cell(g(f'{tag}.c_n'), '{:.0f}')}")
+                  f"{cell(g(f'{tag}.c_n'), '{:.0f}')}; the slowest sent "
+                  f"{cell(g(f'{tag}.c_worst_at'))} s into the burst")
     print("  target: p99 < 5 ms, max < 50 ms")
     print("\nCPU seconds during (b)")
     for tag in ("process", "threads"):
@@ -309,15 +323,28 @@ def main() -> int:
         t0 = time.monotonic()
         lab.up()
         published = bp.publish_peers(lab, args.peers + args.runs * args.rounds)
+        # bob's charon learns its new addresses from a burst of netlink events, more than its
+        # socket holds ("unable to receive from RT event socket: No buffer space available"):
+        # the peers at the addresses it missed never answered (measured: 94-153 of 200 came up,
+        # the same ones for charon alone and for the daemon). Started again, it reads them all.
+        lab.stop_charon("bob")
+        lab.start_charon("bob")
+        lab.respond_as("bob", *(n for n, _ in published))
         bp.warm_unbound(lab, [n for n, _ in published])
         print(f"set-up: lab up, {len(published)} peers in {time.monotonic() - t0:.1f} s",
               flush=True)
         peers = published[:args.peers]
-        for r in range(args.rounds):
-            runs = published[args.peers + r * args.runs:args.peers + (r + 1) * args.runs]
-            one_round(lab, args, peers, runs, rows)
-            print(f"round {r + 1} of {args.rounds} done", flush=True)
+        done = repeated = 0
+        while done < args.rounds and repeated <= args.rounds:
+            runs = published[args.peers + done * args.runs:args.peers + (done + 1) * args.runs]
+            if one_round(lab, args, peers, runs, rows):
+                done += 1
+                print(f"round {done} of {args.rounds} done", flush=True)
+            else:
+                repeated += 1
         report(rows, args)
+        print(f"\nrounds repeated because charon alone made fewer than {MIN_DIRECT:.0%} of the "
+              f"CHILD_SAs (the machine starved both charons): {repeated}")
         return 0
     finally:
         lab.down()

@@ -101,7 +101,7 @@ def daemon_with(lab: Lab, n: int, peers: list[str], private: str, tag: str) -> d
     d = ResolverDaemon(lab, "alice", name=f"scale-{tag}-{n}", sections={
         "provision": {"backend": "dryrun", "max_setups": 64},
         "policy": {"default": "private-or-clear", "private": [private, f"{SEED_PREFIX}0/112"]},
-        "log": {"level": "error"}})
+        "log": {"level": "error"}}, own_session=True)
     seed_state(d.dir / "provision.json", lab, n, time.time())
     t0 = time.monotonic()
     d.start(timeout=300)

@@ -39,8 +39,13 @@ class ResolverDaemon:
 
     def __init__(self, lab: Lab, host: str = "alice", *, port: int = 53,
                  sections: Mapping[str, Mapping[str, Any]] | None = None,
-                 name: str | None = None, tunnels: bool = True) -> None:
+                 name: str | None = None, tunnels: bool = True,
+                 own_session: bool = False) -> None:
         self.lab, self.host, self.port = lab, host, port
+        # A session of its own is a scheduling group of its own (the kernel's autogroups),
+        # as a systemd service has its own cgroup: benchmarks ask for it, so that the daemon
+        # does not share its CPU with the benchmark's own clients.
+        self.own_session = own_session
         self.dir = lab.run_dir / (name or f"{host}-resolver")
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.config = self.dir / "resolver.toml"
@@ -97,7 +102,8 @@ class ResolverDaemon:
         argv = python_argv("-m", "resolver", "--config", str(self.config))
         with open(self.log, "ab") as logf:
             self.proc = self.lab.popen(self.host, argv, stdout=logf, stderr=logf,
-                                       stdin=subprocess.DEVNULL)
+                                       stdin=subprocess.DEVNULL,
+                                       start_new_session=self.own_session)
         proc = self.proc
 
         def answers() -> bool:

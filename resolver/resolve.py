@@ -209,6 +209,12 @@ class Resolution:
         self.validator.forget_bogus()
         return dropped
 
+    def cached(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float
+               ) -> bool:
+        """Whether `resolve` would answer (qname, qtype) from the answer cache right now (no
+        upstream, no waiting: capture.py lets such lookups past its turns)."""
+        return self.answers.get(answer_key(qname, qtype), now) is not None
+
     async def resolve(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float,
                       *, fresh: bool = False) -> ValidatedAnswer:
         """The validated answer for (qname, qtype), TTL aged to now.

@@ -257,6 +257,12 @@ class XfrmPolicies:
         self.netns = netns
         self.sock = open_socket(netns, NETLINK_XFRM)
         self.seq = 0
+        # Our floor policies by destination, as the last dump found them and every ACK of
+        # ours since (None: no dump yet on this socket). Only we install FLOOR_TAG policies,
+        # so a batch finds a destination's stale ones here: a dump per batch cost O(all
+        # policies) each (measured: 10,000 floored tunnels, a new one took 0.45 s and the
+        # start-up reconcile 37 s, most of it parsing dumps).
+        self._floors: dict[Address, set[Rule]] | None = None
 
     @functools.cached_property
     def routes(self) -> RouteFloor:
@@ -287,8 +293,29 @@ class XfrmPolicies:
         """Our policies (by priority and host selector), from a dump."""
         seq = self.next_seq()
         replies = netlink.dump(self.sock, encode_dump(seq), seq, "XFRM policy")
-        return [rule for mtype, body in replies
-                if mtype == XFRM_MSG_NEWPOLICY and (rule := decode_policy(body)) is not None]
+        found = [rule for mtype, body in replies
+                 if mtype == XFRM_MSG_NEWPOLICY and (rule := decode_policy(body)) is not None]
+        self._floors = {}
+        for mine in found:
+            if mine.tag == FLOOR_TAG:
+                self._floors.setdefault(mine.destination, set()).add(mine)
+        return found
+
+    def floors_of(self, dest: Address) -> set[Rule]:
+        """Our floor policies for `dest` (from the last dump and our ACKs since)."""
+        if self._floors is None:
+            self.ours()
+        assert self._floors is not None
+        return set(self._floors.get(dest, ()))
+
+    def noted(self, rule: Rule, present: bool) -> None:
+        """The kernel ACKed our change of `rule`: keep the floor index in step."""
+        if rule.tag != FLOOR_TAG or self._floors is None:
+            return
+        if present:
+            self._floors.setdefault(rule.destination, set()).add(rule)
+        else:
+            self._floors.get(rule.destination, set()).discard(rule)
 
     def flush_ours(self) -> int:
         """Delete all our policies; returns how many there were."""
@@ -445,10 +472,10 @@ def _floor_plan(sock: XfrmPolicies, intents: list[Intent]) -> _FloorPlan:
             routes.close()
         plan.errors |= {d: f"routes: {exc}" for d in final if d not in plan.errors}
     try:
-        for rule in sock.ours():
-            if rule.tag == FLOOR_TAG and rule.destination in final \
-                    and rule not in plan.put.get(rule.destination, ()):
-                plan.stale.setdefault(rule.destination, []).append(rule)
+        for dest in final:
+            for rule in sock.floors_of(dest):
+                if rule not in plan.put.get(dest, ()):
+                    plan.stale.setdefault(dest, []).append(rule)
     except OSError as exc:
         plan.errors |= {d: f"XFRM policy dump: {exc}" for d in final if d not in plan.errors}
     for rules in plan.stale.values():
@@ -460,6 +487,7 @@ def _apply_batch(sock: XfrmPolicies, intents: list[Intent]) -> list[Provisioning
     """One send for all `intents`' policies (the floors' routes first: `_floor_plan`); the
     error of each (None: done). On the xfrm thread."""
     plan = _floor_plan(sock, intents)
+    changes: list[tuple[int, Rule, bool]] = []  # seq, rule, removed: for the floor index
     messages: list[bytes] = []
     seqs: list[list[tuple[int, bool]]] = []  # per intent: (seq, ENOENT is fine)
     for intent in intents:
@@ -478,8 +506,12 @@ def _apply_batch(sock: XfrmPolicies, intents: list[Intent]) -> list[Provisioning
             seq = sock.next_seq()
             messages.append(encode_delete(rule, seq) if remove else encode_update(rule, seq))
             mine.append((seq, remove))
+            changes.append((seq, rule, remove))
         seqs.append(mine)
     acks = sock.send(messages) if messages else {}
+    for seq, rule, remove in changes:
+        if acks.get(seq) == 0 or (remove and acks.get(seq) == errno.ENOENT):
+            sock.noted(rule, not remove)
     out: list[ProvisioningError | None] = []
     for intent, mine in zip(intents, seqs, strict=True):
         dest = intent.destination  # type: ignore[union-attr]
