@@ -22,7 +22,7 @@ What it does (root not needed; loopback only):
      server under test used (other helpers' processes, interrupts), from /proc/stat.
 
 Usage: .venv/bin/python bench/bench_resolver.py [--names 1000] [--seconds 8] [--repeat 3]
-           [--baseline /path/to/other/tree] [--port-base 5381]
+           [--baseline /path/to/other/tree] [--port-base 5381] [--echo]
 """
 
 from __future__ import annotations
@@ -53,13 +53,15 @@ AUTH = ("127.0.0.1", 5381)  # named listens only on addresses an interface holds
 UNBOUND = ("127.0.0.82", 5382)
 OURS = ("127.0.0.83", 5383)
 BASELINE = ("127.0.0.84", 5384)
+ECHO = ("127.0.0.85", 5385)  # --echo: bench/udp_echo.py, the ceiling of a CPython UDP server
 
 
 def set_ports(base: int) -> None:
-    """Move every listener to base..base+3 (two benchmarks on one machine must not collide)."""
-    global AUTH, UNBOUND, OURS, BASELINE
+    """Move every listener to base..base+4 (two benchmarks on one machine must not collide)."""
+    global AUTH, UNBOUND, OURS, BASELINE, ECHO
     AUTH, UNBOUND = ("127.0.0.1", base), ("127.0.0.82", base + 1)
     OURS, BASELINE = ("127.0.0.83", base + 2), ("127.0.0.84", base + 3)
+    ECHO = ("127.0.0.85", base + 4)
 
 
 def need(program: str) -> str:
@@ -284,6 +286,7 @@ class Server:
     addr: tuple[str, int]
     pid: int | None = None
     runs: dict[str, list[Pass]] = field(default_factory=dict)
+    kinds: tuple[str, ...] = ("cold", "cached", "paced")  # the passes it takes part in
 
     def add(self, kind: str, p: Pass) -> None:
         self.runs.setdefault(kind, []).append(p)
@@ -301,16 +304,22 @@ def run_passes(servers: list[Server], work: Path, names: int, seconds: float, re
     for r in range(repeat):
         cold = names_file(work, r * names, names, "cold")
         for s in servers:
+            if "cold" not in s.kinds:
+                continue
             s.add("cold", dnsperf(s.addr, cold, f"{s.label} cold #{r + 1}", seconds=None,
                                   once=True, clients=4, outstanding=20, pid=s.pid))
     hot = names_file(work, 0, min(names, 200), "hot")
     for r in range(repeat):
         for s in servers:
+            if "cached" not in s.kinds:
+                continue
             s.add("cached", dnsperf(s.addr, hot, f"{s.label} cached #{r + 1}",
                                     seconds=seconds, pid=s.pid))
     half = statistics.median(p.qps for p in ours.runs["cached"]) / 2
     for r in range(repeat):
         for s in servers:
+            if "paced" not in s.kinds:
+                continue
             s.add("paced", dnsperf(s.addr, hot, f"{s.label} @{half:.0f}/s #{r + 1}",
                                    seconds=seconds, qps=half, clients=1, outstanding=50,
                                    pid=s.pid))
@@ -338,11 +347,15 @@ def summary(servers: list[Server], unbound: Server, half: float) -> list[str]:
         row = f"{label:<18}"
         meds = {}
         for s in servers:
-            values = [get(p) for p in s.runs[kind]]
+            values = [get(p) for p in s.runs.get(kind, [])]
+            if not values:
+                row += f"{'-':>30}"
+                continue
             meds[s.label] = statistics.median(values)
             row += f"{_stat(values, fmt):>30}"
         ratios = [f"{s.label} {meds[s.label] / meds[unbound.label]:.2f}"
-                  for s in servers if s is not unbound and meds[unbound.label]]
+                  for s in servers if s is not unbound and s.label in meds
+                  and meds[unbound.label]]
         lines.append(row + "   " + ", ".join(ratios))
     others = [p.other_cpu for s in servers for runs in s.runs.values() for p in runs]
     lines.append(f"{'others on CPU 0':<18}" + "".join(
@@ -358,7 +371,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8, help="length of each cached pass")
     ap.add_argument("--repeat", type=int, default=3, help="runs of every figure (median)")
     ap.add_argument("--baseline", type=Path, help="another tree of ours to run beside (before)")
-    ap.add_argument("--port-base", type=int, default=5381, help="ports base..base+3")
+    ap.add_argument("--port-base", type=int, default=5381, help="ports base..base+4")
+    ap.add_argument("--echo", action="store_true",
+                    help="also run bench/udp_echo.py in the cached passes: the ceiling of any "
+                         "CPython UDP server here (recvfrom + sendto, nothing else)")
     args = ap.parse_args()
     set_ports(args.port_base)
     for prog in ("named", "unbound", "dnsperf", "dig", "taskset"):
@@ -377,17 +393,30 @@ def main() -> int:
         if args.baseline is not None:
             servers.append(Server("baseline", BASELINE))
             trees["baseline"] = args.baseline.resolve()
+        echo = None
+        if args.echo:
+            echo = Server("py-echo", ECHO, kinds=("cached",))
+            servers.append(echo)
         servers.append(unbound)
         unbound.pid = stack.enter_context(
             process(start_unbound(work, anchor), work / "unbound.log")).pid
+        if echo is not None:
+            echo.pid = stack.enter_context(process(
+                ["taskset", "-c", "0", str(PYTHON), str(ROOT / "bench" / "udp_echo.py"),
+                 *map(str, ECHO)], work / "echo.log")).pid
         for s in servers[:-1]:
+            if s is echo:
+                continue
             argv, env = start_ours(ours_config(work, anchor, s.addr, s.label), trees[s.label])
             s.pid = stack.enter_context(process(argv, work / f"{s.label}.log", env,
                                                 cwd=trees[s.label])).pid
         for s in servers:
-            wait_ready(s.addr, ZONE)
+            if s is not echo:
+                wait_ready(s.addr, ZONE)
         half = run_passes(servers, work, args.names, args.seconds, args.repeat, ours)
         for s in servers[:-1]:
+            if s is echo:
+                continue
             log = (work / f"{s.label}.log").read_text()
             if log.strip():
                 print(f"--- {s.label}'s log (tail) ---\n{log[-3000:]}", file=sys.stderr)
@@ -397,7 +426,7 @@ def main() -> int:
           f"{args.repeat} runs of each figure, interleaved\n")
     for kind in ("cold", "cached", "paced"):
         for s in servers:
-            for p in s.runs[kind]:
+            for p in s.runs.get(kind, []):
                 print(p.line())
     print()
     for line in summary(servers, unbound, half):
