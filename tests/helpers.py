@@ -47,6 +47,20 @@ def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
+async def until(predicate: Callable[[], object], what: str = "", timeout: float = 5.0) -> None:
+    """Wait, yielding to the loop, until `predicate()` is true; fail after `timeout` seconds.
+
+    For "the tasks started have got this far": a fixed short sleep passes on a quiet
+    machine and fails on a loaded CI runner, where the loop's timer fires before the other
+    tasks have had their turns (seen: 50 lookups not yet at the backend after 10 ms)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what or predicate}")
+        await asyncio.sleep(0.005)
+
+
 def aio(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
     """Run an async test on a fresh event loop (the project has no pytest-asyncio)."""
 

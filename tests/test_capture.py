@@ -38,7 +38,7 @@ from resolver.tunnels.intents import (
 )
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
 from tests.fakes import FakeBackend
-from tests.helpers import aio, ede, run
+from tests.helpers import aio, ede, run, until
 
 WHEN = 1_800_000_000.0
 A, AAAA, IPSECKEY = dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.IPSECKEY
@@ -356,7 +356,8 @@ async def test_fifty_concurrent_lookups_one_tunnel() -> None:
     fb.gate = asyncio.Event()  # the setup stays in flight until all fifty have asked
     h, _, _ = handler(script, backend=fb)
     lookups = [asyncio.create_task(h.handle(query(), WHEN)) for _ in range(50)]
-    await asyncio.sleep(0.01)
+    await until(lambda: fb.of(InstallTunnel), what="the setup reached the backend")
+    await asyncio.sleep(0.01)  # and the other 49 had turns to join it
     assert len(fb.of(InstallTunnel)) == 1 and not any(t.done() for t in lookups)
     fb.gate.set()
     replies = await asyncio.gather(*lookups)

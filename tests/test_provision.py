@@ -41,7 +41,7 @@ from resolver.tunnels.intents import (
     tunnel_spec,
 )
 from tests.fakes import FakeBackend
-from tests.helpers import aio
+from tests.helpers import aio, until
 
 WHEN = 1_800_000_000.0  # pinned clock (POSIX seconds)
 BOB_NAME = dns.name.from_text("bob.example.test.")
@@ -132,7 +132,7 @@ async def test_shunt_while_negotiating_removed_on_success() -> None:
     fb.gate = asyncio.Event()
     p = prov(fb)
     task = asyncio.create_task(p.ensure(SPEC, WHEN, shunt=True))
-    await asyncio.sleep(0.01)
+    await until(lambda: len(fb.kinds()) >= 2, what="shunt and tunnel asked for")
     assert fb.kinds() == ["InstallShunt", "InstallTunnel"]  # drop while negotiating
     assert p.shunted() == {BOB}
     fb.gate.set()
@@ -460,7 +460,8 @@ async def test_setups_in_flight_are_bounded_and_a_slot_wait_has_its_own_bound() 
     specs = [tunnel_spec(key(dns.name.from_text(f"p{i}.example.test.")),
                          IPv4Address(f"198.51.100.{20 + i}"), None) for i in range(5)]
     tasks = [asyncio.create_task(prov.ensure(s, WHEN)) for s in specs]
-    await asyncio.sleep(0.05)
+    await until(lambda: sum(isinstance(i, InstallTunnel) for i in backend.intents) >= 2)
+    await asyncio.sleep(0.05)  # room for a third to start, if the bound did not hold
     started = [i for i in backend.intents if isinstance(i, InstallTunnel)]
     assert len(started) == 2  # the other three wait for a slot
     results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -498,7 +499,8 @@ async def test_queued_setups_proceed_when_slots_free_up() -> None:
     specs = [tunnel_spec(key(dns.name.from_text(f"q{i}.example.test.")),
                          IPv4Address(f"198.51.100.{40 + i}"), None) for i in range(3)]
     tasks = [asyncio.create_task(prov.ensure(s, WHEN)) for s in specs]
-    await asyncio.sleep(0.05)
+    await until(lambda: any(isinstance(i, InstallTunnel) for i in backend.intents))
+    await asyncio.sleep(0.05)  # room for a second to start, if the bound did not hold
     assert len([i for i in backend.intents if isinstance(i, InstallTunnel)]) == 1
     backend.gate.set()
     await asyncio.gather(*tasks)

@@ -47,7 +47,7 @@ from resolver.tunnels.intents import (
 )
 from resolver.watch import TunnelWatch
 from tests.fakes import FakeBackend
-from tests.helpers import aio
+from tests.helpers import aio, until
 
 WHEN = 1_800_000_000.0
 BOB = IPv4Address("198.51.100.11")
@@ -383,10 +383,7 @@ async def test_the_watch_reconciles_as_soon_as_charon_connects(tmp_path: Path) -
     try:
         fb.up = True
         fb.sink(DaemonConnected(first=True))  # what the VICI listener reports on connecting
-        for _ in range(100):
-            if p.ike_ready and p.tunnels():
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: p.ike_ready and p.tunnels(), "reconciled on connect", 1.5)
         assert p.ike_ready and p.tunnels() == {BOB: BOB_SPEC}  # no 2 s retry waited for
     finally:
         await watch.close()

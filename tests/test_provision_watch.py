@@ -54,7 +54,7 @@ from resolver.tunnels.intents import (
 from resolver.tunnels.vici_listener import EventListener
 from resolver.watch import TunnelWatch
 from tests.fakes import FakeBackend
-from tests.helpers import aio
+from tests.helpers import aio, until
 from tests.test_provision import BOB, CAROL, KEY1, SPEC, WHEN, key
 
 MULTI = dns.name.from_text("multi.example.test.")
@@ -123,15 +123,6 @@ class Clock:
         return self.now
 
 
-async def until(cond: Callable[[], bool], what: str, timeout: float = 2.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.005)
-
-
 async def watched(tmp: Path | None = None, **cfg: Any) -> tuple[Charon, Provisioner,
                                                                  TunnelWatch, list[int]]:
     """A Provisioner over a Charon, with a running watch and a counting `on_lost` hook."""
@@ -185,7 +176,8 @@ async def test_rekey_replacement_and_own_teardown_are_not_losses() -> None:
     charon.report(ChildSaWentDown(SPEC.name, "old one deleted",
                                   gone_child=frozenset({old.child_id})))
     charon.report(ChildSaCameUp(SPEC.name))
-    await asyncio.sleep(0.05)
+    await until(lambda: len(charon.intents) >= 6, what="the rekey handled")
+    await asyncio.sleep(0.05)  # and nothing more follows
     # shunted while charon was asked (fail closed), then the shunt was taken out again
     assert p.counters.lost == 0 and cleared == [] and p.shunted() == frozenset()
     assert p.tunnels() == {BOB: SPEC}
@@ -193,7 +185,8 @@ async def test_rekey_replacement_and_own_teardown_are_not_losses() -> None:
                                                  RemoveShunt, InstallShunt, RemoveShunt]
     await p.release(BOB, WHEN)  # our own teardown reports a down too
     charon.report(ChildSaWentDown(SPEC.name, "terminated by us"))
-    await asyncio.sleep(0.05)
+    await until(lambda: len(charon.intents) >= 8, what="the release done")
+    await asyncio.sleep(0.05)  # and the down it reported handled
     assert p.counters.lost == 0 and cleared == [] and p.shunted() == frozenset()
     assert [type(i) for i in charon.intents][6:] == [RemoveTunnel, RemoveFloor]
     await w.close()

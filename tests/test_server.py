@@ -29,7 +29,7 @@ from resolver.resolve import PlainHandler, Resolution
 from resolver.server import Server
 from resolver.server_tcp import TcpConnection
 from resolver.validator.response import Security, Verdict
-from tests.helpers import ede, run
+from tests.helpers import ede, run, until
 from tests.scripted_upstream import Delay, FakeValidator, ScriptedUpstream, answer, resolution
 
 WHEN = 1_800_000_000.0
@@ -387,11 +387,7 @@ def test_fuzz_tcp_bytewise(messages: list[bytes], bytewise: bool) -> None:
                 proto.data_received(stream[i:i + 1])
         else:
             proto.data_received(stream)
-        for _ in range(20):
-            if not proto.tasks:
-                break
-            await asyncio.sleep(0.01)
-        assert not proto.tasks
+        await until(lambda: not proto.tasks, what="every query answered")
         # Every frame got a reply or a drop; what was written parses as length-prefixed DNS.
         out, pos, n = transport.written, 0, 0
         while pos < len(out):

@@ -25,6 +25,7 @@ import pytest
 
 from resolver import config as configuration
 from resolver.errors import ConfigError
+from tests.helpers import until
 from tests.test_server import Env, q, with_server
 
 WARM = "www.example.test."
@@ -181,12 +182,18 @@ def test_a_client_between_connect_and_query_outlives_a_burst_of_trickling_peers(
         await tcp_ask(env)
         writers: list[asyncio.StreamWriter] = []
 
+        def read_from(w: asyncio.StreamWriter) -> bool:
+            port = w.get_extra_info("sockname")[1]
+            return any(c.buffer and c.transport is not None
+                       and c.transport.get_extra_info("peername")[1] == port
+                       for c in env.server.tcp_connections)
+
         async def trickler() -> None:
             _r, w = await asyncio.open_connection(env.host, env.port)
             w.write(b"\x00\x40a")
             await w.drain()
             writers.append(w)
-            await asyncio.sleep(0.05)  # the server has read the bytes: a frame is pending
+            await until(lambda: read_from(w), "the server read its bytes: a frame is pending")
 
         async def held() -> int:
             return sum(1 for c in env.server.tcp_connections if c.buffer)
@@ -195,7 +202,7 @@ def test_a_client_between_connect_and_query_outlives_a_burst_of_trickling_peers(
             await trickler()
         assert await held() == 8
         reader, client = await asyncio.open_connection(env.host, env.port)
-        await asyncio.sleep(0.05)
+        await until(lambda: len(env.server.tcp_connections) == 8, "the client accepted")
         for _ in range(8):
             await trickler()
         assert len(env.server.tcp_connections) == 8
@@ -218,11 +225,12 @@ def test_an_answered_idle_client_gives_way_with_its_reply_intact() -> None:
     async def body(env: Env) -> None:
         await tcp_ask(env)
         fresh = [await asyncio.open_connection(env.host, env.port) for _ in range(7)]
-        await asyncio.sleep(0.05)
+        await until(lambda: len(env.server.tcp_connections) == 7, "7 accepted")
         reader, client = await asyncio.open_connection(env.host, env.port)
         wire = q(WARM).to_wire()
         client.write(len(wire).to_bytes(2, "big") + wire)
-        await asyncio.sleep(0.1)  # answered; its reply waits unread in our socket
+        await until(lambda: any(c.served for c in env.server.tcp_connections),
+                    "answered; its reply waits unread in our socket")
         assert len(env.server.tcp_connections) == 8
         newcomer = await asyncio.open_connection(env.host, env.port)
         await asyncio.sleep(0.05)

@@ -21,7 +21,7 @@ from resolver.logsetup import setup_logging, under_journald
 from resolver.metered import DaemonMetrics
 from resolver.sdnotify import Notifier
 from resolver.service import ServiceRuntime
-from tests.helpers import aio
+from tests.helpers import aio, until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,8 +98,7 @@ async def test_sighup_is_logged_not_fatal(tmp_path: Path) -> None:
     await rt.start("serving")
     assert b"READY=1" in s.recv(4096)
     os.kill(os.getpid(), signal.SIGHUP)
-    await asyncio.sleep(0.1)
-    assert rt.reloads == 1
+    await until(lambda: rt.reloads == 1, "SIGHUP handled")
     assert b"nothing reloaded" in s.recv(4096)
     await rt.close()
     assert b"STOPPING=1" in s.recv(4096)
@@ -123,8 +122,7 @@ async def test_sighup_before_the_runtime_is_held_then_reloads_once(tmp_path: Pat
     assert b"READY=1" in s.recv(4096)
     assert reloaded == [1] and rt.reloads == 1
     os.kill(os.getpid(), signal.SIGHUP)  # now the runtime's own handler
-    await asyncio.sleep(0.1)
-    assert reloaded == [1, 1]
+    await until(lambda: reloaded == [1, 1], "the second SIGHUP handled")
     await rt.close()
     assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, None)
     os.kill(os.getpid(), signal.SIGHUP)
