@@ -68,6 +68,7 @@ NOTES: Final[dict[tuple[str, str], str]] = {
     ("provision", "state_file"): "the tunnels, so a restart keeps them",
     ("provision", "watch_interval"): "s between checks of charon's SAs (besides its events)",
     ("provision", "worker_process"): "false: VICI and XFRM in threads of the daemon",
+    ("provision", "dpd_delay"): "s of silence before charon checks a peer (DPD); 0: off",
     ("policy", "default"): "group of what no rule matches",
     ("control", "state_file"): "the endpoints autosp pinned",
     ("responder", "accept"): "\"any\", \"none\", or name suffixes",

@@ -42,7 +42,9 @@ def test_connection_payload() -> None:
                               "pubkeys": [PEER.spki_pem()]}
     child = conn["children"][spec.name]
     assert child == {"mode": "tunnel", "local_ts": ["198.51.100.10/32"],
-                     "remote_ts": ["198.51.100.11/32"], "start_action": "trap"}
+                     "remote_ts": ["198.51.100.11/32"], "start_action": "trap",
+                     "dpd_action": "clear"}
+    assert conn["dpd_delay"] == "30s"  # [provision] dpd_delay's default
     b.close()
 
 

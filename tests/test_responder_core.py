@@ -233,8 +233,10 @@ def test_conn_payloads() -> None:
     name = conn_name(ALICE)
     assert name.startswith("iskr-alice-") and len(name) == len("iskr-alice-") + 10
     assert not name.startswith("isk-")  # the Provisioner's reconcile leaves it alone
-    conn = responder_conn(admit, "bob.example.test", "SPKI", (IPv4Address("198.51.100.11"),))
+    conn = responder_conn(admit, "bob.example.test", "SPKI", (IPv4Address("198.51.100.11"),),
+                          5)
     c = conn[name]
+    assert c["dpd_delay"] == "5s"
     assert c["remote"] == {"auth": "pubkey", "id": "alice.example.test",
                            "pubkeys": [KEY.spki_pem(), OTHER.spki_pem()]}
     assert c["remote_addrs"] == [str(A4), str(A6)]
@@ -242,6 +244,7 @@ def test_conn_payloads() -> None:
     assert child["remote_ts"] == ["198.51.100.10/32", "2001:db8:100::10/128"]
     assert child["local_ts"] == ["198.51.100.11/32"] and child["mode"] == "tunnel"
     assert "start_action" not in child  # a responder conn
+    assert child["dpd_action"] == "clear"
     w = wildcard_conn("bob.example.test", "SPKI")[WILDCARD]
     assert w["remote"] == {"auth": "pubkey", "id": "%any", "groups": [NEVER_GROUP]}
     assert "children" not in w and "pubkeys" not in w["remote"]

@@ -48,6 +48,7 @@ import dns.rrset
 from resolver.configtable import Section, Table, between, one_of
 from resolver.ipseckey import NO_GATEWAY, IpsecKey, keys_from_rrset
 from resolver.policy import RRsetAnswer
+from resolver.tunnels.intents import DPD_CHILD_OPTIONS, dpd_options
 from resolver.validator.response import Security
 
 Address = IPv4Address | IPv6Address
@@ -421,14 +422,17 @@ def wildcard_conn(local_id: str, local_spki: str) -> dict[str, Any]:
 
 
 def responder_conn(admit: Admit, local_id: str, local_spki: str,
-                   local_addresses: tuple[Address, ...]) -> dict[str, Any]:
+                   local_addresses: tuple[Address, ...], dpd_delay: int) -> dict[str, Any]:
     """The load-conn payload that lets `admit.identity` in: its published key(s) bound to its
-    identity, tunnel mode, remote traffic selectors = the addresses DNS vouches for."""
+    identity, tunnel mode, remote traffic selectors = the addresses DNS vouches for, and
+    `[provision] dpd_delay`: a dead initiator's IKE_SA is closed, so its conn's lease (which
+    SAs extend) can run out."""
     name = conn_name(admit.identity)
     local_ts = [str(ip_network(a)) for a in local_addresses] or ["dynamic"]
     conn: dict[str, Any] = {
         "version": "2",
         "mobike": "no",  # see resolver/tunnels/vici.py
+        **dpd_options(dpd_delay),
         "local": {"auth": "pubkey", "id": local_id, "pubkeys": [local_spki]},
         "remote": {"auth": "pubkey", "id": _text(admit.identity),
                    "pubkeys": [k.spki_pem() for k in admit.keys]},
@@ -436,6 +440,7 @@ def responder_conn(admit: Admit, local_id: str, local_spki: str,
             "mode": "tunnel",
             "local_ts": local_ts,
             "remote_ts": [str(ip_network(a)) for a in admit.addresses],
+            **DPD_CHILD_OPTIONS,
         }},
     }
     if admit.remote_addrs:

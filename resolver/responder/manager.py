@@ -276,7 +276,7 @@ class Responder:
         if name not in self.learned and len(self.learned) >= self.config.max_conns:
             await self._evict()
         payload = responder_conn(admit, self.identity.fqdn, self.backend.own_spki,
-                                 self.identity.addresses)
+                                 self.identity.addresses, self.backend.dpd_delay)
         cname = conn_name(name)
         old = self.learned.get(name)
         # In the books before charon has it: the initiator's retry (and its updown event)
@@ -399,7 +399,7 @@ class Responder:
                 entry.ike_ids.clear()
                 await self.backend.call(self.backend.load_conn, responder_conn(
                     entry.admit, self.identity.fqdn, self.backend.own_spki,
-                    self.identity.addresses))
+                    self.identity.addresses, self.backend.dpd_delay))
         except ProvisioningError as exc:
             log.warning("responder: restoring our conns in charon failed: %s", exc)
             return

@@ -90,7 +90,7 @@ def make_backend(config: ProvisionConfig, identity: Identity | None, *,
         if identity is None:
             raise ConfigError(f"{source}: [identity] is required with [provision] backend 'vici'")
         try:
-            tunnels = ViciBackend(config.vici_socket, identity)
+            tunnels = ViciBackend(config.vici_socket, identity, dpd_delay=config.dpd_delay)
         except (ProvisioningError, ConfigError) as exc:  # unreadable, too open, not a key
             raise ConfigError(f"{source}: [identity] key 'private_key': {exc}") from None
     shunts = XfrmBackend(netns) if config.shunts == "xfrm" else None
@@ -118,6 +118,6 @@ def make_daemon_backend(config: ProvisionConfig, identity: Identity | None, *,
     if not config.worker_process:
         return backend, vici
     if vici is not None and identity is not None:
-        process.vici = RemoteVici(process, identity, vici.own_spki)
+        process.vici = RemoteVici(process, identity, vici.own_spki, config.dpd_delay)
         vici.close()  # built to check the key; the worker builds its own
     return process, process.vici

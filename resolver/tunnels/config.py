@@ -22,6 +22,8 @@ Address = IPv4Address | IPv6Address
 # Beside [control]'s endpoints.json, in the directory the unit may write (ReadWritePaths) and
 # tmpfiles.d creates.
 DEFAULT_STATE_FILE: Final = Path("/var/lib/ipseckey-resolver/state.json")
+# Seconds without an IKE or ESP packet from a peer before charon asks it whether it is alive.
+DEFAULT_DPD_DELAY: Final = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +47,14 @@ class ProvisionConfig(Section):
                                        # events (0: only events and reconnects)
     worker_process = true              # VICI and XFRM in a child process (false: in threads
                                        # of the daemon, which then share its GIL)
+    dpd_delay = 30                     # seconds without traffic from a peer before charon
+                                       # checks it is alive (dead peer detection; 0: off)
     ```
+
+    `dpd_delay` goes on every conn we load, initiator's and responder's: a peer whose charon
+    went without a DELETE (kill -9, power loss, a laptop that changed network) is found dead
+    within `dpd_delay` plus charon's retransmission time, and the watch brings the tunnel
+    down, shunted, and repairs it (DESIGN.md, "The watch"). Whole seconds: what charon keeps.
 
     `state_file` is always set when parsed from a file: without it a restart (a watchdog
     restart, an upgrade) would see our tunnels in charon as strays and remove them, and the
@@ -68,6 +77,7 @@ class ProvisionConfig(Section):
     state_file: Path | None = None
     watch_interval: float = 30.0
     worker_process: bool = True
+    dpd_delay: int = DEFAULT_DPD_DELAY
 
     @classmethod
     def from_table(cls, t: Table) -> ProvisionConfig:
@@ -89,9 +99,18 @@ class ProvisionConfig(Section):
             watch_interval=t.get("watch_interval", float, d.watch_interval,
                                  between(0, 3600, "seconds")),
             worker_process=t.get("worker_process", bool, d.worker_process),
+            dpd_delay=t.get("dpd_delay", int, d.dpd_delay, _dpd_delay),
         )
         t.done()
         return cfg
+
+
+def _dpd_delay(value: int) -> str | None:
+    if value < 0:
+        return "must be a number of seconds, 0 (off) or more"
+    if value > 86400:
+        return "must be at most 86400 seconds (a day)"
+    return None
 
 
 def _absolute(value: str) -> str | None:

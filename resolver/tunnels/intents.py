@@ -24,6 +24,25 @@ Address = IPv4Address | IPv6Address
 
 CONN_PREFIX: Final = "isk-"
 
+# What charon does with a CHILD_SA when DPD finds its peer dead: "clear" closes it and does
+# nothing more (charon's default, written down because it matters): the watch sees the
+# IKE_SA's ike-updown, shunts, marks the tunnel DOWN and repairs it on its own schedule.
+# "restart" would have charon re-initiate beside our repair (two IKE_SAs racing), and "trap"
+# adds nothing to the trap start_action already installs.
+DPD_CHILD_OPTIONS: Final = {"dpd_action": "clear"}
+
+
+def dpd_options(delay: int) -> dict[str, str]:
+    """The IKE conn options for `[provision] dpd_delay` (0: off), on every conn we load, the
+    initiator's (resolver/tunnels/vici.py) and the responder's (resolver/responder/core.py).
+
+    IKEv2 has no DPD timeout of its own: charon sends an empty INFORMATIONAL request once
+    `dpd_delay` seconds pass without any IKE or ESP packet from the peer and, if no reply
+    comes, retransmits it per charon.retransmit_tries/_timeout/_base (defaults 5, 4 s, 1.8:
+    about 165 s), then closes the IKE_SA, which the watch hears as down. `dpd_timeout` is
+    IKEv1's alone (charon ignores it for IKEv2), so it is not sent."""
+    return {"dpd_delay": f"{delay}s"}
+
 
 @dataclass(frozen=True, slots=True)
 class TunnelSpec:

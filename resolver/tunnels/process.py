@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from resolver.errors import IkeDaemonUnreachable, ProvisioningError
-from resolver.tunnels.config import Identity, ProvisionConfig
+from resolver.tunnels.config import DEFAULT_DPD_DELAY, Identity, ProvisionConfig
 from resolver.tunnels.events import BackendEvent, DaemonDisconnected, HeldSa
 from resolver.tunnels.intents import Intent, PolicyKey
 from resolver.tunnels.pipe import Outbox, receive, send
@@ -286,10 +286,12 @@ class RemoteVici:
     (the worker's own, which remember conns for credential reloads).
     """
 
-    def __init__(self, process: ProcessBackend, identity: Identity, own_spki: str) -> None:
+    def __init__(self, process: ProcessBackend, identity: Identity, own_spki: str,
+                 dpd_delay: int = DEFAULT_DPD_DELAY) -> None:
         self._process = process
         self.identity = identity
         self.own_spki = own_spki
+        self.dpd_delay = dpd_delay  # the responder's conns carry it too
         self.keys_left = False  # mirrored from the worker after each call that changes it
         self.log = RemoteLog(process)
 

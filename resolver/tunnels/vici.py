@@ -70,10 +70,11 @@ from resolver.errors import IkeDaemonUnreachable, ProvisioningError, TunnelRejec
 from resolver.ipseckey import spki_pem
 from resolver.keyfile import read_private_key_file
 from resolver.responder.charonlog import Failure, Reason
-from resolver.tunnels.config import Identity
+from resolver.tunnels.config import DEFAULT_DPD_DELAY, Identity
 from resolver.tunnels.events import BackendEvent, HeldSa
 from resolver.tunnels.intents import (
     CONN_PREFIX,
+    DPD_CHILD_OPTIONS,
     InstallFloor,
     InstallShunt,
     InstallTunnel,
@@ -83,6 +84,7 @@ from resolver.tunnels.intents import (
     RemoveShunt,
     RemoveTunnel,
     TunnelSpec,
+    dpd_options,
 )
 from resolver.tunnels.vici_listener import (
     SESSION_ERRORS,
@@ -131,12 +133,15 @@ class ViciBackend:
         *,
         max_workers: int = 8,
         connect_timeout: float = 2.0,
+        dpd_delay: int = DEFAULT_DPD_DELAY,
     ) -> None:
         """
         Args:
             socket_uri: "unix:///path/charon.vici" or "tcp://host:port".
             identity: our FQDN, key path and addresses.
             private_key_pem: the key itself (default: read from identity.private_key).
+            dpd_delay: [provision] dpd_delay, on every conn we load (ours and the
+                responder's: `dpd_options`).
 
         Raises:
             ProvisioningError: the private key cannot be read or parsed.
@@ -144,6 +149,7 @@ class ViciBackend:
         self.uri = socket_uri
         self.identity = identity
         self.connect_timeout = connect_timeout
+        self.dpd_delay = dpd_delay
         pem = private_key_pem if private_key_pem is not None else _read(identity.private_key)
         try:
             key = serialization.load_pem_private_key(pem, password=None)
@@ -355,6 +361,7 @@ class ViciBackend:
             "version": "2",
             "mobike": "no",  # see lab/ike.py: MOBIKE moved SAs to another family's path
             "keyingtries": "1",  # a failure is reported to us; we decide about retries
+            **dpd_options(self.dpd_delay),
             "remote_addrs": [str(spec.remote_addr)],
             "local": {"auth": "pubkey", "id": self.identity.fqdn, "pubkeys": [self._own_spki]},
             "remote": {"auth": "pubkey", "id": spec.remote_id, "pubkeys": [spec.key.spki_pem()]},
@@ -364,6 +371,7 @@ class ViciBackend:
                     "local_ts": local_ts,
                     "remote_ts": [str(ip_network(spec.destination))],
                     "start_action": "trap",
+                    **DPD_CHILD_OPTIONS,
                 }
             },
         }
@@ -610,4 +618,5 @@ def _installed_child(s: vici.Session, name: str, exclude: set[str] | None = None
 def _read(path: Path) -> bytes:
     # Refuses a key file that others can read, as ssh does (ConfigError names the file).
     return read_private_key_file(path)
+
 
