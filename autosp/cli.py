@@ -27,7 +27,7 @@ from autosp.errors import OperationFailed, ResolverUnreachable
 from autosp.plan import ROLLOVER_STEPS
 from resolver.endpoints.core import PINNED_GROUPS
 from resolver.errors import ConfigError
-from resolver.metrics import flat_lines
+from resolver.metrics.registry import flat_lines
 from resolver.policy import Group
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3

@@ -16,7 +16,7 @@ The daemon runs in the lab host `plain` with `[upstream] mode = "auto"` (the def
 (c) the router dies (`drop`): the time until names resolve again (now by iteration); bounded
     by the forwarder's timeouts (`timeout` = 0.5 s here, 2 attempts) plus one probe.
 
-Figures depend on the 1-second poll of the file (resolver/resolvconf.py): (a) is about
+Figures depend on the 1-second poll of the file (resolver/upstream/resolvconf.py): (a) is about
 0.1 s (the read-again pause) plus the probe plus half a poll on average.
 
 Usage (root; brings its own lab instance up and down):

@@ -1,4 +1,4 @@
-"""Per-response parse cost: dnspython's from_wire, resolver.wireparse, and dnslib, side by side.
+"""Per-response parse cost: dnspython's from_wire, resolver.wire.parse, and dnslib, side by side.
 
 Usage: .venv/bin/python bench/bench_parse.py [--rounds 2000]
 
@@ -6,11 +6,11 @@ Reads the real BIND responses of tests/data/bind_responses.txt (ECDSA P-256 zone
 NSEC3) and times, for a few shapes, best of 5 runs of `--rounds` parses each:
 
   from_wire   dns.message.from_wire(wire, ignore_trailing=True): what the resolver used;
-  wireparse   resolver.wireparse.parse_response(wire): the same dnspython message;
+  wire/parse   resolver.wire.parse.parse_response(wire): the same dnspython message;
   dnslib      dnslib.DNSRecord.parse(wire): dnslib's own objects, which the validator cannot
               use (it works on dnspython RRsets); converting them would come on top.
 
-This is the measurement behind DESIGN.md's choice of wireparse over dnslib.
+This is the measurement behind DESIGN.md's choice of wire/parse over dnslib.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
 
 import dns.message  # noqa: E402
 
-from resolver.wireparse import parse_response  # noqa: E402
+from resolver.wire.parse import parse_response  # noqa: E402
 
 SHAPES = (("www.nsec.test. A", "A + RRSIG, 4 additional"),
           ("far.nsec.test. A", "CNAME + RRSIG only"),
@@ -58,7 +58,7 @@ def main() -> int:
         dnslib = None
     data = {" ".join(line.split()[:2]): bytes.fromhex(line.split()[2])
             for line in (ROOT / "tests" / "data" / "bind_responses.txt").read_text().splitlines()}
-    print(f"{'response':<34} {'bytes':>5} {'from_wire':>10} {'wireparse':>10} {'dnslib':>10}"
+    print(f"{'response':<34} {'bytes':>5} {'from_wire':>10} {'wire/parse':>10} {'dnslib':>10}"
           "   (microseconds per parse, best of 5)")
     for key, what in SHAPES:
         wire = data[key]

@@ -34,7 +34,7 @@ from bench import procstat
 from lab import Lab
 from lab.resolverd import ResolverDaemon
 from resolver.ipseckey import IpsecKey
-from resolver.provision_books import LAYOUT
+from resolver.provisioning.books import LAYOUT
 from resolver.statefile import StateFile
 from resolver.tunnels import statedoc
 from resolver.tunnels.intents import tunnel_spec

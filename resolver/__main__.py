@@ -1,5 +1,5 @@
 """The `ipseckey-resolver` program (the console script, the installed wrapper, `python -m
-resolver`): SIGHUP is held before anything else is imported (resolver/sighup.py), then the
+resolver`): SIGHUP is held before anything else is imported (resolver/service/sighup.py), then the
 command line runs (resolver/cli.py). Importing the daemon's modules takes about 0.3 s; a
 SIGHUP in that time must not end the process."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from resolver import sighup
+from resolver.service import sighup
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,8 +32,8 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
-from resolver.render import render
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
+from resolver.wire.render import render
 
 # Flag bits of the wire-cache key: every client property that changes the reply's bytes.
 KEY_DO: Final = 1  # client wants DNSSEC records (and the DO echo)
@@ -375,7 +375,7 @@ def unvalidated_reply(query: dns.message.Message, upstream: dns.message.Message,
 def to_wire(reply: dns.message.Message, max_size: int) -> bytes:
     """Render reply in at most max_size bytes, setting TC and dropping records if needed.
 
-    resolver.render writes dnspython's bytes at a fraction of the cost; what it does not
+    resolver.wire.render writes dnspython's bytes at a fraction of the cost; what it does not
     render (other record types, truncation) dnspython renders.
     """
     wire = render(reply, max_size)

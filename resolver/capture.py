@@ -40,7 +40,7 @@ import dns.rdatatype
 
 from resolver import answer as replies
 from resolver.errors import ProvisioningError, TunnelRejected
-from resolver.logevent import log_event
+from resolver.logs.event import log_event
 from resolver.policy import (
     AnswerClear,
     Decision,

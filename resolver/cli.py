@@ -6,8 +6,9 @@ lock (`InstanceLock`), bind (`Server.start`), reconcile (`reconcile`), serve
 (`run_until_stopped`). A step that fails prints one line and exits 2, having touched nothing
 that a later step would. SIGTERM or SIGINT close the listeners and cancel queries in progress
 (`shut_down`) before the process exits 0. The upstream (forwarders or iteration) is chosen by
-resolver/upstream_select.py and kept current by resolver/network.py from the bind on; SIGHUP
-reloads the configuration (resolver/reload.py): what can change is swapped in place, a bad
+resolver/upstream/select.py and kept current by resolver/upstream/network.py from the bind on;
+SIGHUP
+reloads the configuration (resolver/service/reload.py): what can change is swapped in place, a bad
 file changes nothing.
 """
 
@@ -40,28 +41,28 @@ from resolver.endpoints.control import (
 from resolver.errors import ConfigError
 from resolver.hostaddr import read_interface_addresses
 from resolver.instancelock import InstanceLock
-from resolver.logsetup import setup_logging
-from resolver.metered import (
+from resolver.logs.setup import setup_logging
+from resolver.metrics.metered import (
     DaemonMetrics,
     MeteredBackend,
     MeteredForwarder,
     MeteredResolution,
     MeteredServer,
 )
-from resolver.network import Network, start_network
 from resolver.policy import Group, Policy
 from resolver.provision import Provisioner
-from resolver.reload import Reloader, Running
+from resolver.provisioning.watch import TunnelWatch
 from resolver.resolve import Fetch, PlainHandler, QueryHandler, Validating
 from resolver.responder.manager import Responder, start_responder
 from resolver.server import Server
-from resolver.service import ServiceRuntime
+from resolver.service.reload import Reloader, Running
+from resolver.service.runtime import ServiceRuntime
 from resolver.startup import StartupGate, build_anchors, check_sections
 from resolver.tunnels.backend import make_daemon_backend
-from resolver.upstream import Forwarder
-from resolver.upstream_probe import MakeValidator
-from resolver.upstream_select import UpstreamSelector
-from resolver.watch import TunnelWatch
+from resolver.upstream.forward import Forwarder
+from resolver.upstream.network import Network, start_network
+from resolver.upstream.probe import MakeValidator
+from resolver.upstream.select import UpstreamSelector
 
 __all__ = ["build_anchors", "check_sections", "main", "serve"]  # the first two: moved, kept
 
@@ -129,7 +130,7 @@ def load_config(args: argparse.Namespace) -> Config:
 
 def build_upstream(cfg: Config, make_validator: MakeValidator,
                    metrics: DaemonMetrics | None = None) -> UpstreamSelector:
-    """The upstream of `[upstream] mode` (auto, forward, iterate; resolver/upstream_select.py),
+    """The upstream of `[upstream] mode` (auto, forward, iterate; resolver/upstream/select.py),
     its forwarders metered per server when `metrics` is given (the iterator is not, yet).
 
     Raises:
@@ -270,7 +271,7 @@ async def build(cfg: Config, checked: startup.Checked) -> Daemon:
 
 
 def reloader(cfg: Config, daemon: Daemon, load: Callable[[], Config] | None) -> Reloader:
-    """SIGHUP's reloader over the daemon's swappable parts (resolver/reload.py)."""
+    """SIGHUP's reloader over the daemon's swappable parts (resolver/service/reload.py)."""
     from resolver.validator.response import Validator  # late: the validator's part
 
     network = daemon.network

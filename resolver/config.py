@@ -12,7 +12,8 @@ by running these same parsers (confighelp.py).
 
 Nothing here opens sockets. The one piece of the environment we read is /etc/resolv.conf (or
 `[upstream] resolv_conf`), for the default forwarder list (the system's nameservers minus this
-resolver's own addresses); resolver/resolvconf.py watches the same file and re-reads it with
+resolver's own addresses); resolver/upstream/resolvconf.py watches the same file and re-reads it
+with
 `nameservers_in` when the network changes it.
 """
 
@@ -81,8 +82,8 @@ class ServerConfig:
 
 
 # "auto": forward while the forwarders pass a DNSSEC probe, else iterate
-# (resolver/upstream_select.py); "forward": to `servers` (DO=1, CD=1) whatever they do;
-# "iterate": from the root (resolver/iterate.py).
+# (resolver/upstream/select.py); "forward": to `servers` (DO=1, CD=1) whatever they do;
+# "iterate": from the root (resolver/iterate/iterator.py).
 UPSTREAM_MODES: Final = ("auto", "forward", "iterate")
 
 

@@ -18,7 +18,7 @@ from resolver.configtable import REQUIRED, Table, toml_value
 from resolver.endpoints.config import ControlConfig
 from resolver.policy import PolicyConfig
 from resolver.responder.core import ResponderConfig
-from resolver.serviceconfig import DebugConfig, MetricsConfig
+from resolver.service.config import DebugConfig, MetricsConfig
 from resolver.tunnels.config import Identity, ProvisionConfig
 
 # Every table, in the order --help shows them, with its parser.

@@ -344,7 +344,7 @@ def key_evidence(
 class Policy:
     """Groups plus the decision table.
 
-    The groups change only as a whole, by `reconfigure` (SIGHUP, resolver/reload.py): the
+    The groups change only as a whole, by `reconfigure` (SIGHUP, resolver/service/reload.py): the
     capture handler, the provisioner and the endpoint manager hold this one object, so all of
     them see the new groups at once, and since every method here is synchronous a decision
     never mixes the old and the new configuration.

@@ -36,7 +36,8 @@ keeps the books:
           A write that fails (disk full, read-only) undoes what it was to record: the tunnel
           is removed again (its drop shunt, if it had one, stays) and the lookup fails with
           StateUnrecorded; nothing is answered over an SA a restart would not know about.
-  Rule 6: the books are checked against the IKE daemon, not trusted (resolver/watch.py drives
+  Rule 6: the books are checked against the IKE daemon, not trusted (resolver/provisioning/watch.py
+  drives
           this). A tunnel charon no longer holds (peer deleted it, charon stopped or restarted)
           is DOWN: still wanted until its lease ends, never reported up (so never answered),
           its destination shunted at once if it is private, the answer caches emptied (the
@@ -74,10 +75,10 @@ Time: every entry point takes `now` (POSIX seconds, the same clock as RRSIG vali
 leases must survive a restart in the state file. Real waiting (the setup timeout) uses asyncio.
 
 Where each part lives (one class, built up in layers, so each file holds one job):
-  resolver/provision_books.py      the books, counters, queries, shunt helpers, state snapshot
-  resolver/provision_setup.py      `ensure`, `shunt`, a setup and its failures (Rules 1-5, 7)
-  resolver/provision_reconcile.py  start-up: load, adopt, reconcile (Rules 5, 8)
-  resolver/provision_watch.py      what charon lost or still holds, repairs (Rule 6)
+  resolver/provisioning/books.py      the books, counters, queries, shunt helpers, state snapshot
+  resolver/provisioning/setup.py      `ensure`, `shunt`, a setup and its failures (Rules 1-5, 7)
+  resolver/provisioning/reconcile.py  start-up: load, adopt, reconcile (Rules 5, 8)
+  resolver/provisioning/repair.py      what charon lost or still holds, repairs (Rule 6)
   here                             leases ending, pins, release, the retry, shutdown
 """
 
@@ -88,7 +89,7 @@ import contextlib
 from collections.abc import Callable
 
 from resolver.errors import ProvisioningError
-from resolver.provision_books import (
+from resolver.provisioning.books import (
     ADOPTED_LEASE,
     IKE_RETRY,
     Address,
@@ -97,8 +98,8 @@ from resolver.provision_books import (
     TunnelState,
     log,
 )
-from resolver.provision_reconcile import ProvisionerReconcile
-from resolver.provision_watch import ProvisionerWatch
+from resolver.provisioning.reconcile import ProvisionerReconcile
+from resolver.provisioning.repair import ProvisionerWatch
 from resolver.tunnels.intents import RemoveFloor, RemoveShunt, RemoveTunnel
 
 __all__ = ["ADOPTED_LEASE", "IKE_RETRY", "Address", "Counters", "Provisioner", "TunnelState"]
@@ -190,7 +191,8 @@ class Provisioner(ProvisionerWatch, ProvisionerReconcile):
 
     async def connect_later(self, clock: Callable[[], float]) -> None:
         """While the IKE daemon is unreachable since start-up: reconcile every IKE_RETRY
-        seconds until it answers. The watch (resolver/watch.py) reconciles as soon as its
+        seconds until it answers. The watch (resolver/provisioning/watch.py) reconciles as soon as
+        its
         session connects; this loop is for a backend without one and for a reconcile that
         failed all the same."""
         while not self.ike_ready:

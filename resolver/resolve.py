@@ -55,8 +55,8 @@ from resolver import answer as replies
 from resolver.cache import LruCache
 from resolver.config import CacheConfig
 from resolver.errors import UpstreamError
-from resolver.logevent import log_event
-from resolver.upstream import QueryBudget, current_budget
+from resolver.logs.event import log_event
+from resolver.upstream.forward import QueryBudget, current_budget
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class Resolution:
         self.validations = 0  # how many times the validator ran (tests, stats)
         self.rechecks = 0  # bogus verdicts asked again (tests, stats)
         self.refuted = 0  # ... of which the second opinion was not bogus
-        # Called with every verdict kept (upstream_select.py: a bogus answer while forwarding
+        # Called with every verdict kept (upstream/select.py: a bogus answer while forwarding
         # makes the forwarder a suspect, to be probed again).
         self.on_verdict: list[Callable[[Verdict], None]] = []
 

@@ -51,7 +51,7 @@ from resolver.errors import ConfigError
 from resolver.resolve import QueryHandler
 from resolver.server_tcp import TcpConnection
 from resolver.validator.response import Security, Verdict
-from resolver.wireparse import parse_response
+from resolver.wire.parse import parse_response
 
 log = logging.getLogger(__name__)
 trace = logging.getLogger("resolver.trace")
@@ -120,7 +120,7 @@ class Server:
         peek = replies.peek_query(wire)
         try:
             # A plain query (what peek_query accepts: one question, at most an OPT, nothing
-            # after it) is read by wireparse, which gives from_wire's message for a third
+            # after it) is read by wire/parse, which gives from_wire's message for a third
             # of the cost; anything else by dnspython, whose errors decide FORMERR.
             query = parse_response(wire) if peek is not None else dns.message.from_wire(wire)
         except dns.message.UnknownTSIGKey:

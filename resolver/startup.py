@@ -14,7 +14,7 @@ fails stops with one line (exit 2) before the step that could do harm:
                 first step that touches either, so steps 1-4 failing has touched nothing;
   6. serve      `StartupGate` opens: address queries waited for step 5 (other queries were
                 answered from step 4 on). SIGHUP gets its handler only here; one that came
-                earlier was held (resolver/sighup.py) and is applied now.
+                earlier was held (resolver/service/sighup.py) and is applied now.
 
 What cannot be reached yet is a warning, not a refusal: an IKE daemon that is not running
 is waited for (the provisioner's `connect_later`), because a laptop's DNS must not depend on
@@ -44,7 +44,7 @@ from resolver.provision import IKE_RETRY
 from resolver.resolve import QueryHandler
 from resolver.responder.core import ResponderConfig
 from resolver.rrsets import ADDRESS_TYPES
-from resolver.serviceconfig import DebugConfig, MetricsConfig
+from resolver.service.config import DebugConfig, MetricsConfig
 from resolver.tunnels.config import Identity, ProvisionConfig
 from resolver.validator.anchors import TrustAnchors
 

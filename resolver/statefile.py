@@ -1,7 +1,7 @@
 """State files: how the daemon keeps what must survive a restart, in one place.
 
 Theory of operation. Two owners keep state across restarts: the Provisioner (the wanted tunnels
-and shunts with their lease ends, resolver/provision_books.py) and the endpoints manager (the
+and shunts with their lease ends, resolver/provisioning/books.py) and the endpoints manager (the
 pinned endpoints, resolver/endpoints/manager.py). Each owns its document (what is in it, how it
 is parsed); a `StateFile` owns the file. A document is a JSON object of fixed fields and
 *sections*, each a list of entries keyed by one of their fields (`Layout`); the owner marks

@@ -26,7 +26,7 @@ import dns.rrset
 import resolver.validator.response
 from resolver.config import CacheConfig, HostPort
 from resolver.resolve import Fetch, Resolution
-from resolver.upstream import Forwarder
+from resolver.upstream.forward import Forwarder
 
 
 @dataclass

@@ -53,7 +53,7 @@ from resolver.cli import build_anchors
 from resolver.config import Config, HostPort
 from resolver.resolve import Fetch, PlainHandler, Resolution
 from resolver.server import Server
-from resolver.upstream import Forwarder
+from resolver.upstream.forward import Forwarder
 from resolver.validator.response import Limits, ValidatedAnswer, Validator
 from tests.dnssec_fixtures import (
     WHEN,

@@ -1,4 +1,4 @@
-"""resolver.dnspatch writes the bytes dnspython's own Name.to_wire writes."""
+"""resolver.wire.patch writes the bytes dnspython's own Name.to_wire writes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import dns.name
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import resolver.dnspatch as patch
+import resolver.wire.patch as patch
 
 _LABEL = st.binary(min_size=1, max_size=8)
 _NAMES = st.builds(lambda labels, absolute: dns.name.Name([*labels, b""] if absolute

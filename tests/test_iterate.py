@@ -28,8 +28,8 @@ import pytest
 
 from resolver.config import HostPort
 from resolver.errors import UpstreamError
-from resolver.iterate import IterationLimitReached, Iterator
-from resolver.upstream import QueryBudget, current_budget
+from resolver.iterate.iterator import IterationLimitReached, Iterator
+from resolver.upstream.forward import QueryBudget, current_budget
 from resolver.validator.types import Limits
 from tests.nano_authority import DEFAULT, Authority, Behave
 

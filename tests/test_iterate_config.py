@@ -9,8 +9,8 @@ import pytest
 from resolver.cli import build_upstream, main
 from resolver.config import HostPort, load
 from resolver.errors import ConfigError
-from resolver.iterate import Iterator
-from resolver.iterate_hints import ROOT_SERVERS
+from resolver.iterate.hints import ROOT_SERVERS
+from resolver.iterate.iterator import Iterator
 from resolver.resolve import Fetch, Validating
 from tests.helpers import write_config
 

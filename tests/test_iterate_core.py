@@ -18,7 +18,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from resolver.iterate_core import (
+from resolver.iterate.core import (
     MAX_MINIMISE_COUNT,
     Answer,
     Failure,

@@ -7,7 +7,7 @@ import random
 import dns.name
 import pytest
 
-from resolver.iterate_infra import (
+from resolver.iterate.infra import (
     BLOCK_BASE,
     BLOCK_MAX,
     MAX_TTL,

@@ -21,7 +21,8 @@ from resolver.cache import WireCache
 from resolver.config import HostPort, ServerConfig
 from resolver.endpoints.control import ControlServer
 from resolver.errors import TunnelRejected, TunnelTimeout
-from resolver.metered import (
+from resolver.metrics.http import MetricsListener
+from resolver.metrics.metered import (
     DaemonMetrics,
     MeteredBackend,
     MeteredForwarder,
@@ -29,11 +30,10 @@ from resolver.metered import (
     MeteredServer,
     question_type,
 )
-from resolver.metrics import Registry, flat_lines
-from resolver.metrics_http import MetricsListener
+from resolver.metrics.registry import Registry, flat_lines
 from resolver.resolve import PlainHandler
-from resolver.service import ServiceRuntime
-from resolver.serviceconfig import MetricsConfig
+from resolver.service.config import MetricsConfig
+from resolver.service.runtime import ServiceRuntime
 from resolver.validator.response import Security, Verdict
 from tests.helpers import aio
 from tests.scripted_upstream import FakeValidator, ScriptedUpstream, answer
@@ -161,11 +161,12 @@ async def test_backend_wrapper_times_setups_and_counts_failures_by_reason() -> N
 
 @aio
 async def test_backend_wrapper_keeps_the_backend_watchable() -> None:
-    """The daemon wraps its backend in MeteredBackend; the watch (resolver/watch.py) must
+    """The daemon wraps its backend in MeteredBackend; the watch (resolver/provisioning/watch.py)
+    must
     still find charon's events and SAs through it, or it silently does not run."""
     from resolver.provision import Provisioner
+    from resolver.provisioning.watch import TunnelWatch
     from resolver.tunnels.events import BackendEvent, HeldSa
-    from resolver.watch import TunnelWatch
 
     class Watchable(_Backend):
         def __init__(self) -> None:

@@ -32,6 +32,7 @@ from resolver.errors import IkeDaemonUnreachable, StateUnrecorded
 from resolver.ipseckey import IpsecKey
 from resolver.policy import SetupFailure, classify
 from resolver.provision import ADOPTED_LEASE, Provisioner
+from resolver.provisioning.watch import TunnelWatch
 from resolver.tunnels.config import ProvisionConfig
 from resolver.tunnels.events import BackendEvent, DaemonConnected, HeldSa
 from resolver.tunnels.intents import (
@@ -45,7 +46,6 @@ from resolver.tunnels.intents import (
     TunnelSpec,
     tunnel_spec,
 )
-from resolver.watch import TunnelWatch
 from tests.fakes import FakeBackend
 from tests.helpers import aio, until
 
@@ -358,7 +358,7 @@ async def test_private_tunnels_of_the_state_file_are_dropped_while_the_daemon_is
 
 
 class Watched(Absent):
-    """Absent, with the event session of a watchable backend (resolver/watch.py)."""
+    """Absent, with the event session of a watchable backend (resolver/provisioning/watch.py)."""
 
     def __init__(self) -> None:
         super().__init__()

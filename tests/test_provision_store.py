@@ -1,4 +1,5 @@
-"""The Provisioner's books and its state file agree, whatever happens (resolver/provision_books.py
+"""The Provisioner's books and its state file agree, whatever happens
+(resolver/provisioning/books.py
 marks entries, resolver/statefile.py writes only those).
 
 Writing only what changed is only as good as the marks: a change that is not marked is a
@@ -27,7 +28,7 @@ import resolver.statefile as statefile_module
 from resolver.errors import ProvisioningError, TunnelRejected
 from resolver.ipseckey import IpsecKey
 from resolver.provision import Provisioner
-from resolver.provision_books import LAYOUT, TunnelState
+from resolver.provisioning.books import LAYOUT, TunnelState
 from resolver.statefile import StateFile
 from resolver.tunnels.config import ProvisionConfig
 from resolver.tunnels.intents import tunnel_spec

@@ -1,4 +1,4 @@
-"""The watch (resolver/watch.py, Provisioner Rule 6) and one address, one key (Rule 7).
+"""The watch (resolver/provisioning/watch.py, Provisioner Rule 6) and one address, one key (Rule 7).
 
 The Provisioner and TunnelWatch run for real; the IKE daemon is a FakeBackend (from
 tests/test_provision.py) that also holds SAs and reports events the way ViciBackend does:
@@ -18,7 +18,6 @@ from typing import Any
 import dns.name
 import pytest
 
-from resolver import watch as watch_module
 from resolver.cache import WireCache, WireEntry
 from resolver.errors import AddressBound, IkeDaemonUnreachable, TunnelTimeout
 from resolver.policy import (
@@ -30,6 +29,8 @@ from resolver.policy import (
     classify,
 )
 from resolver.provision import Provisioner
+from resolver.provisioning import watch as watch_module
+from resolver.provisioning.watch import TunnelWatch
 from resolver.tunnels.config import ProvisionConfig
 from resolver.tunnels.events import (
     BackendEvent,
@@ -52,7 +53,6 @@ from resolver.tunnels.intents import (
     tunnel_spec,
 )
 from resolver.tunnels.vici_listener import EventListener
-from resolver.watch import TunnelWatch
 from tests.fakes import FakeBackend
 from tests.helpers import aio, until
 from tests.test_provision import BOB, CAROL, KEY1, SPEC, WHEN, key

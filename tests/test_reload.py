@@ -16,9 +16,9 @@ from resolver.cache import WireCache, WireEntry
 from resolver.cli import build_anchors, check_sections
 from resolver.config import Config, HostPort, load
 from resolver.policy import Group, Policy, PolicyConfig
-from resolver.reload import Reloader, Running, changes
 from resolver.resolve import Fetch, PlainHandler, Resolution, Validating
-from resolver.upstream_select import UpstreamSelector
+from resolver.service.reload import Reloader, Running, changes
+from resolver.upstream.select import UpstreamSelector
 from resolver.validator.anchors import TrustAnchors
 from resolver.validator.response import Limits, Security, ValidatedAnswer, Validator, Verdict
 from tests.dnssec_fixtures import WHEN, build_world

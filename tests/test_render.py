@@ -1,4 +1,4 @@
-"""resolver.render against dnspython's renderer: the same bytes, or render declines.
+"""resolver.wire.render against dnspython's renderer: the same bytes, or render declines.
 
 Each message is rendered by `render` and by `Message.to_wire` with the same random seed (both
 shuffle the records of an RRset with the global `random`), at several size limits. Messages:
@@ -20,8 +20,8 @@ import dns.rrset
 import pytest
 
 from resolver import answer as replies
-from resolver.render import render
 from resolver.validator.response import Security, ValidatedAnswer, Verdict
+from resolver.wire.render import render
 from tests.test_wireparse import _bind, _world
 
 SIZES = (65535, 4096, 1232, 512, 0)

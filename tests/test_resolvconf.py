@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from resolver import resolvconf
 from resolver.config import HostPort
-from resolver.resolvconf import RACY_WINDOW, FileState, ResolvConfWatch
+from resolver.upstream import resolvconf
+from resolver.upstream.resolvconf import RACY_WINDOW, FileState, ResolvConfWatch
 from tests.helpers import run
 
 LISTEN = (HostPort("127.0.0.1"), HostPort("::1"))

@@ -14,13 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-from resolver import sighup
-from resolver.logevent import event_text, log_event, quote
-from resolver.logratelimit import RateLimitFilter
-from resolver.logsetup import setup_logging, under_journald
-from resolver.metered import DaemonMetrics
-from resolver.sdnotify import Notifier
-from resolver.service import ServiceRuntime
+from resolver.logs.event import event_text, log_event, quote
+from resolver.logs.ratelimit import RateLimitFilter
+from resolver.logs.setup import setup_logging, under_journald
+from resolver.metrics.metered import DaemonMetrics
+from resolver.service import sighup
+from resolver.service.runtime import ServiceRuntime
+from resolver.service.sdnotify import Notifier
 from tests.helpers import aio, until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,7 +108,7 @@ async def test_sighup_is_logged_not_fatal(tmp_path: Path) -> None:
 @aio
 async def test_sighup_before_the_runtime_is_held_then_reloads_once(tmp_path: Path) -> None:
     """A SIGHUP between the program's start and step 6 (serve) is counted, not fatal
-    (resolver/sighup.py), and applied once the runtime's handler is in (one reload covers
+    (resolver/service/sighup.py), and applied once the runtime's handler is in (one reload covers
     any number); after close() SIGHUP is held again instead of ending the process."""
     s, path = listener(tmp_path)
     sighup.take()

@@ -13,7 +13,7 @@ import pytest
 
 from resolver.config import HostPort
 from resolver.errors import UpstreamError
-from resolver.upstream import Forwarder, QueryBudget, current_budget
+from resolver.upstream.forward import Forwarder, QueryBudget, current_budget
 from tests.helpers import run
 from tests.scripted_upstream import Delay, ScriptedUpstream, answer
 
@@ -212,7 +212,7 @@ def test_recheck_falls_back_to_udp_when_tcp_fails() -> None:
 def test_query_wire_is_dnspythons_make_query(name: str, qtype: str, cd: bool) -> None:
     """The hand-written query bytes are exactly what dnspython renders for the same query
     (RD, CD as asked, EDNS0 with DO and our payload), name case kept."""
-    from resolver.upstream import query_wire
+    from resolver.upstream.forward import query_wire
 
     qname = dns.name.from_text(name)
     rdtype = dns.rdatatype.from_text(qtype)

@@ -20,7 +20,7 @@ import pytest
 from resolver.config import HostPort
 from resolver.errors import UpstreamError
 from resolver.resolve import Fetch, Validating
-from resolver.upstream_probe import ProbeResult, ProbeStatus, probe
+from resolver.upstream.probe import ProbeResult, ProbeStatus, probe
 from resolver.validator.response import Limits, Validator
 from tests.dnssec_fixtures import WHEN, build_world
 

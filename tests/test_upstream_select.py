@@ -15,10 +15,10 @@ import pytest
 
 from resolver.config import Config, HostPort, UpstreamConfig
 from resolver.errors import UpstreamError
-from resolver.network import start_network
 from resolver.resolve import Fetch, Resolution, Validating
-from resolver.upstream_probe import ProbeResult, ProbeStatus
-from resolver.upstream_select import Choice, Route, UpstreamSelector, choose
+from resolver.upstream.network import start_network
+from resolver.upstream.probe import ProbeResult, ProbeStatus
+from resolver.upstream.select import Choice, Route, UpstreamSelector, choose
 from resolver.validator.response import Limits, Security, Validator
 from tests.dnssec_fixtures import WHEN, build_world
 from tests.helpers import run

@@ -26,9 +26,9 @@ from cryptography.x509.oid import NameOID
 
 from resolver.config import HostPort, UpstreamConfig
 from resolver.errors import ConfigError, UpstreamError
-from resolver.upstream import Forwarder
-from resolver.upstream_select import tls_context
-from resolver.upstream_tls import client_context
+from resolver.upstream.forward import Forwarder
+from resolver.upstream.select import tls_context
+from resolver.upstream.tls import client_context
 from tests.helpers import run
 
 NAME = "dot.example.test"

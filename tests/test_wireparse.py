@@ -1,4 +1,4 @@
-"""resolver.wireparse against dnspython's own reader: the same message, or both refuse.
+"""resolver.wire.parse against dnspython's own reader: the same message, or both refuse.
 
 Differential: every response is read by `parse_response` and by `dns.message.from_wire`, and
 the results are compared field by field (exact name case, the class of every value, every
@@ -6,7 +6,7 @@ slot of every rdata). Inputs: real BIND responses (tests/data/bind_responses.txt
 NSEC3 zones with wildcards, CNAME/DNAME chains, referrals with glue), the signed test world of
 tests/dnssec_fixtures.py, hand-made malformed messages, and mutations of all of these.
 
-The rule (wireparse's module comment): where dnspython reads the message, we read the same
+The rule (wire/parse's module comment): where dnspython reads the message, we read the same
 header, question, answer, authority and OPT; where dnspython refuses the message without its
 additional section, we refuse too; a message that dnspython refuses only because of its
 additional section may go either way.
@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from resolver.wireparse import parse_response
+from resolver.wire.parse import parse_response
 from tests.dnssec_fixtures import build_world
 
 DATA = Path(__file__).parent / "data" / "bind_responses.txt"

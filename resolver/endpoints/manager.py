@@ -54,7 +54,7 @@ from resolver.endpoints.core import (
 from resolver.endpoints.protocol import EndpointError
 from resolver.errors import ProvisioningError, ResolverError, StateCorrupt
 from resolver.ipseckey import IpsecKey
-from resolver.logevent import log_event
+from resolver.logs.event import log_event
 from resolver.policy import Group, Policy
 from resolver.resolve import Resolver
 from resolver.rrsets import ADDRESS_TYPES, gateway_addresses

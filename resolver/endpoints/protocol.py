@@ -16,8 +16,8 @@ autosp/control.py speaks it. No I/O here: bytes in, values out (and back).
 `list` and `refresh` return {"endpoints": [ENDPOINT...]}, `status` and `add` return ENDPOINT,
 `remove` returns {"removed": NAME}, `stats` {"now": POSIX time, "metrics": [FAMILY...]} with
 FAMILY = {"name", "type", "help", "samples": [{"name", "labels": {..}, "value"}]} (the numbers
-of resolver/metrics.py), `debug-hang` {"hanging": SECONDS}, `upstream` the dict of
-resolver.upstream_select.UpstreamSelector.status ({"mode", "path", "using", "reason", "since",
+of resolver/metrics/registry.py), `debug-hang` {"hanging": SECONDS}, `upstream` the dict of
+resolver.upstream.select.UpstreamSelector.status ({"mode", "path", "using", "reason", "since",
 "forwarders", "source", "last_probe", "probes": [...]}). ENDPOINT is the dict made by
 resolver.endpoints.core.view:
 {"name", "addresses": [..], "algorithm", "fingerprint", "security", "tunnel",

@@ -33,7 +33,8 @@ class ProvisioningBackend(Protocol):
 
 @runtime_checkable
 class WatchableBackend(Protocol):
-    """A backend that reports its daemon's events and what it holds (resolver/watch.py)."""
+    """A backend that reports its daemon's events and what it holds
+    (resolver/provisioning/watch.py)."""
 
     def watch(self, sink: Callable[[BackendEvent], None]) -> bool:
         """Start reporting to `sink` (on the running loop); False: nothing to watch."""

@@ -2,7 +2,8 @@
 
 Pure data, named in the past tense (they happened). A backend that can watch (ViciBackend, via
 CompositeBackend) delivers them on the event loop to the one sink `watch(sink)` registered;
-resolver/watch.py turns them into the Provisioner's view. Events are hints, never the truth by
+resolver/provisioning/watch.py turns them into the Provisioner's view. Events are hints, never the
+truth by
 themselves: a reported "down" is checked against what the daemon holds (`live()`) before any
 tunnel counts as lost, so that a rekey, a make-before-break replacement or our own teardown
 is not mistaken for a loss.

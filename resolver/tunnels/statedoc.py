@@ -1,6 +1,6 @@
 """The provisioner's state file document: the wanted tunnels, shunts and adopted conns.
 
-Pure data and JSON, no I/O: resolver/provision_books.py marks what changed and reads the
+Pure data and JSON, no I/O: resolver/provisioning/books.py marks what changed and reads the
 result, resolver/statefile.py owns the file (atomic writes, the journal, `.bad` copies) and
 writes the entries made here as `json.dumps(doc, sort_keys=True)` would. Version 1, with `adopted`
 added for the adopted conns of resolver/provision.py's Rule 6 (absent in older files,

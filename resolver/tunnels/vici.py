@@ -31,7 +31,8 @@ setup that carries traffic; each step is there for a failure seen without it):
      stop retransmits) and then `unload-conn` (unload alone keeps an established SA).
 Foreign exceptions (OSError, vici.exception.*) become ProvisioningError subclasses here, once.
 
-The watch (resolver/watch.py): `watch(sink)` starts the same listener for good and has it report
+The watch (resolver/provisioning/watch.py): `watch(sink)` starts the same listener for good and has
+it report
 charon's events about our SAs and the end and return of its own session (a dead charon);
 `live()` is what charon holds right now (one list-sas), against which every report is checked.
 

@@ -7,7 +7,8 @@ and serves two clients:
   * setups (resolver/tunnels/vici.py): `expect(name, old_ids)` registers a waiter that the
     CHILD_SA's child-updown completes, or its IKE_SA's ike-updown fails; waiting on an event
     instead of polling list-sas is what keeps 200 concurrent setups cheap;
-  * the watch (resolver/watch.py): with a sink (`subscribe`), every event about one of our
+  * the watch (resolver/provisioning/watch.py): with a sink (`subscribe`), every event about one of
+  our
     connections, and the session's own end (charon stopped, crashed, restarted) and return,
     becomes a resolver/tunnels/events.py value handed to the sink on its event loop.
 
@@ -91,7 +92,7 @@ class EventListener:
     completes it, that IKE_SA reported down fails it (TunnelRejected). The thread reconnects
     after errors (charon restarted), with backoff; meanwhile the callers' polls carry on.
     With a sink (`subscribe`), every event about our connections and every loss and return of
-    the session is also handed to the sink on its event loop (resolver/watch.py).
+    the session is also handed to the sink on its event loop (resolver/provisioning/watch.py).
     """
 
     def __init__(self, uri: str, connect_timeout: float) -> None:

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from resolver.errors import ConfigError, ProvisioningError
-from resolver.logsetup import setup_logging
+from resolver.logs.setup import setup_logging
 from resolver.tunnels.backend import CompositeBackend, make_backend
 from resolver.tunnels.pipe import Outbox, frame, receive, send
 from resolver.tunnels.vici import ViciBackend

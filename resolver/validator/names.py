@@ -6,7 +6,7 @@ validator compares names about ten times per answer (finding an RRset and its RR
 checking a signer against the zone and the owner), and that was a quarter of its non-crypto
 time. These give dnspython's answers (tests/test_validate_names.py checks them against it on
 random names of random case) and return early in the common cases: the very same object
-(resolver.wireparse hands out one Name per distinct name), or labels equal as they are.
+(resolver.wire.parse hands out one Name per distinct name), or labels equal as they are.
 Relative names, which the validator never sees, are left to dnspython.
 """
 

@@ -115,7 +115,7 @@ class Limits:
     skew_max: int = 86400
     cache_entries: int = 10000  # DS/DNSKEY cache entries kept by one Validator
     max_chain_ttl: int = 86400  # longest time a DS/DNSKEY result is cached
-    # Iterative mode (resolver/iterate.py), per client query, all its fetches together; the
+    # Iterative mode (resolver/iterate/iterator.py), per client query, all its fetches together; the
     # queries it sends count against max_fetches (QueryBudget). Against NXNSAttack and
     # referral loops: PowerDNS takes 13 NS names per delegation and resolves at most 10.
     max_referrals: int = 32  # referrals followed

@@ -25,7 +25,7 @@ from resolver.capture import CaptureHandler
 from resolver.config import HostPort
 from resolver.policy import Policy, PolicyConfig
 from resolver.resolve import Fetch, PlainHandler, Resolution
-from resolver.upstream import Forwarder
+from resolver.upstream.forward import Forwarder
 from resolver.validator.anchors import TrustAnchors
 from resolver.validator.response import Validator
 from tests.helpers import AliceTunnels, ede

@@ -222,7 +222,7 @@ def test_reload_is_logged_and_the_daemon_keeps_running(service: Service) -> None
     service.sh("systemctl", "reload", UNIT)
     time.sleep(0.5)
     assert service.show("ActiveState", "MainPID") == {"ActiveState": "active", "MainPID": pid}
-    # The configuration is read again (resolver/reload.py); the file did not change.
+    # The configuration is read again (resolver/service/reload.py); the file did not change.
     assert any("event=reload file=/etc/ipseckey-resolver/" in ln and
                ln.endswith(" changes=none") for ln in service.journal()), service.journal()
 

@@ -1,4 +1,4 @@
-"""[metrics] and [debug]: the tables of the service layer (resolver/service.py).
+"""[metrics] and [debug]: the tables of the service layer (resolver/service/runtime.py).
 
 Apart from the code that uses them so that --check-config and --help (confighelp.py) parse
 them without importing the HTTP listener or the metered parts.

@@ -4,7 +4,7 @@ Theory of operation: ``udp_exchange`` opens a fresh connected socket (a kernel-c
 source port) per question, sends it with a random ID, RD=0 and EDNS0 (DO=1, our payload size),
 and waits for the first datagram that comes from the address and port asked, carries our ID
 and QR=1, and echoes the question *byte for byte* — with 0x20 the name was sent in random
-letter case (iterate_core.randomise_case), so a forger must guess that too. A datagram equal in
+letter case (core.randomise_case), so a forger must guess that too. A datagram equal in
 everything but the case is ignored (a forgery, or a server that does not keep the case); if
 no exact echo comes before the timeout and such a datagram was seen, ``CaseMismatch`` tells
 the caller to ask over TCP instead. ``tcp_exchange`` is the same over one TCP connection
@@ -29,9 +29,9 @@ import dns.name
 import dns.rdataclass
 import dns.rdatatype
 
-from resolver import dnstcp
-from resolver.iterate_infra import Address
-from resolver.wireparse import parse_response
+from resolver.iterate.infra import Address
+from resolver.upstream import tcp as dnstcp
+from resolver.wire.parse import parse_response
 
 
 class Unreachable(Exception):
@@ -110,7 +110,7 @@ class _Waiter(asyncio.DatagramProtocol):
             head = data[:10] + b"\0\0"
         try:
             # The question back in the caller's case; pointers into it follow. An answer
-            # (ARCOUNT zeroed above) is read by wireparse, the same message for a third of
+            # (ARCOUNT zeroed above) is read by wire/parse, the same message for a third of
             # from_wire's cost; anything else keeps from_wire (a referral, for its glue).
             wire = head + self.original + data[end:]
             reply = (parse_response(wire) if answer

@@ -8,7 +8,7 @@ reason="FILE: [TABLE] key 'K': ...; keeping the running configuration"`). Then
 `changes(old, new)` lists what differs, key by key (`event=reload changes="[policy] block:
 (unset) -> [ads.example.]"`), and what can be swapped is swapped in place:
 
-  [upstream]  the selector takes the new mode, forwarders, timeouts, hints (upstream_select);
+  [upstream]  the selector takes the new mode, forwarders, timeouts, hints (upstream/select);
               the resolv.conf watch follows a new `resolv_conf` path.
   [dnssec]    new trust anchors: a new validator, and every cached verdict, raw response and
               final reply is dropped (they were judged against the old anchors).
@@ -37,11 +37,11 @@ from typing import Any, Final
 from resolver.cache import WireCache
 from resolver.config import Config
 from resolver.errors import ConfigError
-from resolver.logevent import log_event
+from resolver.logs.event import log_event
 from resolver.policy import Policy, PolicyConfig
-from resolver.resolvconf import ResolvConfWatch
 from resolver.resolve import Fetch, PlainHandler, Resolution, Validating
-from resolver.upstream_select import UpstreamSelector, tls_context
+from resolver.upstream.resolvconf import ResolvConfWatch
+from resolver.upstream.select import UpstreamSelector, tls_context
 from resolver.validator.anchors import TrustAnchors
 from resolver.validator.types import Limits
 

@@ -8,7 +8,7 @@ keep their own contract, so the validator and the caches do not know which one i
 
 * `mode = "forward"`: the forwarders, whatever they do (no forwarder: SERVFAIL, EDE 22).
 * `mode = "iterate"`: the root servers, never a forwarder.
-* `mode = "auto"` (the default): each forwarder is probed (upstream_probe.py: the root DNSKEY
+* `mode = "auto"` (the default): each forwarder is probed (upstream/probe.py: the root DNSKEY
   and a DS must come back signed and validate); we forward to those that pass, in their
   order, and iterate when none does: they strip or mangle DNSSEC, do not answer, or there is
   no forwarder at all (resolv.conf lists only us). Validation is never given up: a failing
@@ -52,13 +52,13 @@ import dns.rdatatype
 
 from resolver.config import HostPort, UpstreamConfig
 from resolver.errors import ConfigError, UpstreamError
-from resolver.iterate import Iterator
-from resolver.logevent import log_event
+from resolver.iterate.iterator import Iterator
+from resolver.logs.event import log_event
 from resolver.resolve import Upstream
 from resolver.tasks import cancel_and_wait
-from resolver.upstream import EDNS_PAYLOAD, Forwarder, current_budget
-from resolver.upstream_probe import MakeValidator, ProbeResult, probe
-from resolver.upstream_tls import client_context
+from resolver.upstream.forward import EDNS_PAYLOAD, Forwarder, current_budget
+from resolver.upstream.probe import MakeValidator, ProbeResult, probe
+from resolver.upstream.tls import client_context
 from resolver.validator.response import Security, Verdict
 from resolver.validator.types import Limits
 

@@ -1,7 +1,8 @@
 """The Provisioner's side of the watch: what charon lost, what it still holds, repairs.
 
 Part of the Provisioner (its Rules are in resolver/provision.py): Rule 6, the books are checked
-against the IKE daemon, not trusted. resolver/watch.py listens to charon and calls these; here
+against the IKE daemon, not trusted. resolver/provisioning/watch.py listens to charon and calls
+these; here
 the books change: a lost tunnel is DOWN (never answered from), its private destination is
 shunted at once, the answer caches are emptied, and `repair` brings it back.
 """
@@ -11,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from resolver.errors import IkeDaemonUnreachable, ProvisioningError
-from resolver.provision_books import Address, TunnelState, log
-from resolver.provision_setup import ProvisionerSetups
+from resolver.provisioning.books import Address, TunnelState, log
+from resolver.provisioning.setup import ProvisionerSetups
 from resolver.tunnels.intents import RemoveShunt
 
 
 class ProvisionerWatch(ProvisionerSetups):
-    """What the watch (resolver/watch.py) tells the Provisioner, and repairs."""
+    """What the watch (resolver/provisioning/watch.py) tells the Provisioner, and repairs."""
 
     def held_names(self) -> dict[str, Address]:
         """Connection name -> destination of the tunnels we count as up."""
@@ -45,7 +46,8 @@ class ProvisionerWatch(ProvisionerSetups):
         return gone
 
     async def suspect(self, names: Iterable[str], now: float) -> list[Address]:
-        """Charon reported these tunnels down; not checked yet (resolver/watch.py asks charon
+        """Charon reported these tunnels down; not checked yet (resolver/provisioning/watch.py asks
+        charon
         next). Their private destinations are shunted *now*, while we ask: with the SA gone,
         a packet may otherwise leave in clear. Returns what was shunted here, for `cleared`."""
         held = self.held_names()

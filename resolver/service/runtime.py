@@ -4,11 +4,11 @@ Theory of operation. `ServiceRuntime` is created by cli.serve() once the parts a
 the listeners are bound. `start()` then:
 
   1. starts the optional Prometheus listener ([metrics] listen);
-  2. installs SIGHUP: `reload` (resolver/reload.py's Reloader.request, set by cli.serve) if
+  2. installs SIGHUP: `reload` (resolver/service/reload.py's Reloader.request, set by cli.serve) if
      there is one, else one log line that nothing was reloaded (the daemon must never die
      on `systemctl reload`);
   3. tells systemd READY=1 and starts the watchdog task (WATCHDOG=1 from the event loop);
-  4. reloads once if SIGHUPs arrived before step 2 (resolver/sighup.py held them since the
+  4. reloads once if SIGHUPs arrived before step 2 (resolver/service/sighup.py held them since the
      program started: a reload during start-up is applied, not fatal, and not lost).
 
 `control_ops()` gives the control socket its extra operations: `stats` always, `debug-hang`
@@ -27,12 +27,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
-from resolver import sighup
-from resolver.logevent import log_event
-from resolver.metered import DaemonMetrics
-from resolver.metrics_http import MetricsListener
-from resolver.sdnotify import Notifier
-from resolver.serviceconfig import DebugConfig, MetricsConfig
+from resolver.logs.event import log_event
+from resolver.metrics.http import MetricsListener
+from resolver.metrics.metered import DaemonMetrics
+from resolver.service import sighup
+from resolver.service.config import DebugConfig, MetricsConfig
+from resolver.service.sdnotify import Notifier
 from resolver.tasks import cancel_and_wait
 
 log = logging.getLogger("resolver")
@@ -55,7 +55,7 @@ class ServiceRuntime:
         self.listener: MetricsListener | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.reloads = 0
-        self.reload: Callable[[], None] | None = None  # SIGHUP's work (resolver/reload.py)
+        self.reload: Callable[[], None] | None = None  # SIGHUP's work (resolver/service/reload.py)
 
     def control_ops(self) -> dict[str, Op]:
         """Extra control-socket operations: name -> async fn(now) returning the result."""
@@ -77,7 +77,8 @@ class ServiceRuntime:
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
         self.notifier.ready(status)
         self._watchdog = asyncio.create_task(self.notifier.watchdog(), name="sd-watchdog")
-        held = sighup.take()  # SIGHUPs before this point (resolver/sighup.py): apply them now
+        # SIGHUPs before this point (resolver/service/sighup.py): apply them now
+        held = sighup.take()
         if held:
             log_event(log, logging.INFO, "reload-deferred", signals=held,
                       reason="SIGHUP received during start-up; reloading now that the daemon "

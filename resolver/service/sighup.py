@@ -1,7 +1,8 @@
 """SIGHUP outside the running daemon's handler: held, never fatal.
 
 Why: SIGHUP's default action ends the process, and the daemon's real handler (the reload,
-resolver/service.py) can only be installed on the event loop at start-up step 6 (serve), after
+resolver/service/runtime.py) can only be installed on the event loop at start-up step 6 (serve),
+after
 reconcile, which can take many seconds (peers that time out, an IKE daemon that is slow to
 answer). A `systemctl reload`, a `kill -HUP` from a script or a NetworkManager hook in that
 window would have killed the daemon half-way through reconcile. So the program's entry point

@@ -1,7 +1,7 @@
 """The DNSSEC probe: does a forwarder hand signed data through intact?
 
 Theory of operation: `[upstream] mode = "auto"` forwards only to forwarders that pass this
-probe (resolver/upstream_select.py decides; this module asks and judges). A forwarder passes
+probe (resolver/upstream/select.py decides; this module asks and judges). A forwarder passes
 when two questions, sent to it alone with DO=1 CD=1 like every forwarded question, come back
 and validate through our own validator from our own trust anchors:
 

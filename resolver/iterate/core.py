@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The asyncio driver (resolver/iterate.py) walks down the delegation tree; every decision it
+The asyncio driver (resolver/iterate/iterator.py) walks down the delegation tree; every decision it
 makes about the bytes it got back is taken here, so it can be tested with tables:
 
 * ``classify(response, qname, qtype, zone)`` says what one authoritative server's response to

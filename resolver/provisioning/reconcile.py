@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, TypeVar
 
 from resolver.errors import IkeDaemonUnreachable, ProvisioningError, StateCorrupt
-from resolver.provision_books import (
+from resolver.provisioning.books import (
     ADOPTED_LEASE,
     IKE_RETRY,
     Address,
@@ -24,7 +24,7 @@ from resolver.provision_books import (
     TunnelState,
     log,
 )
-from resolver.provision_setup import ProvisionerSetups
+from resolver.provisioning.setup import ProvisionerSetups
 from resolver.tunnels.intents import (
     InstallShunt,
     ItemKind,

@@ -22,8 +22,8 @@ from resolver.errors import (
     TunnelRejected,
     TunnelTimeout,
 )
-from resolver.logevent import log_event
-from resolver.provision_books import (
+from resolver.logs.event import log_event
+from resolver.provisioning.books import (
     IKE_RETRY,
     Address,
     Failure,

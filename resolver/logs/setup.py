@@ -1,6 +1,6 @@
 """Where log lines go and what they look like: journald or a terminal, and the rate limiter.
 
-Events themselves are written with resolver.logevent (`event=NAME key=value ...`). Under
+Events themselves are written with resolver.logs.event (`event=NAME key=value ...`). Under
 systemd (JOURNAL_STREAM set and naming our stderr) lines carry no timestamp, since the journal
 adds its own, and start with a `<N>` syslog priority prefix, which journald turns into the
 entry's priority (`journalctl -p warning` works). Elsewhere they start with a timestamp and
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Final, TextIO
 
-from resolver.logratelimit import RateLimitFilter
+from resolver.logs.ratelimit import RateLimitFilter
 
 JOURNAL_FORMAT: Final = "<%(priority)d>%(name)s: %(message)s"
 PLAIN_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -5,8 +5,9 @@ holds the values every part of it reads and writes, and the small helpers that k
 consistent: the books themselves (tunnels with their state and lease, shunts, failures held,
 pins, adopted conns, setups in flight), the counters, the read-only queries, the shunt helpers
 that every path uses, and the link to the state file (Rule 5: `_save` soon, `_persist` and
-wait). The setup path is resolver/provision_setup.py, start-up resolver/provision_reconcile.py,
-what the watch reports resolver/provision_watch.py.
+wait). The setup path is resolver/provisioning/setup.py, start-up
+resolver/provisioning/reconcile.py,
+what the watch reports resolver/provisioning/repair.py.
 
 Scale. Nothing done per lookup or per change walks every tunnel: the persistent books are
 `Marked` containers that tell the state file which entries changed (resolver/statefile.py
@@ -334,7 +335,7 @@ class ProvisionerBooks:
         self._epoch = 0  # IKE daemon connections lost so far (a setup spanning one fails)
         # Measured: 200 setups at once overran charon (IKE_SAs failing within ~1 s) once our
         # own loop stopped being the bottleneck. A bounded number in flight keeps each within
-        # its timeout; the wait for a slot is bounded by queue_timeout (provision_setup.py).
+        # its timeout; the wait for a slot is bounded by queue_timeout (provisioning/setup.py).
         self._slots = asyncio.Semaphore(self.config.max_setups)
         path = self.config.state_file
         self._state = StateFile(path, LAYOUT, self._record) if path is not None else None

@@ -8,7 +8,7 @@ set and repeats our question exactly (name, type, class). Anything else — a sp
 packet, garbage — is ignored and we keep waiting until the attempt's timeout. A reply with TC
 is asked again over TCP. SERVFAIL, REFUSED, NOTIMP or FORMERR from one server, or a timeout,
 move on to the next server; `attempts` rounds over the list are made before `UpstreamError`.
-A `tls://` server (HostPort.tls_name set) is asked over DNS over TLS instead (upstream_tls.py),
+A `tls://` server (HostPort.tls_name set) is asked over DNS over TLS instead (upstream/tls.py),
 never over plain UDP or TCP.
 
 Identical questions in flight share one exchange (coalescing). Every call, shared or not, is
@@ -44,12 +44,12 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 
-from resolver import dnstcp
 from resolver.config import HostPort
 from resolver.errors import UpstreamError
-from resolver.upstream_tls import client_context
-from resolver.upstream_tls import exchange as tls_exchange
-from resolver.wireparse import parse_response
+from resolver.upstream import tcp as dnstcp
+from resolver.upstream.tls import client_context
+from resolver.upstream.tls import exchange as tls_exchange
+from resolver.wire.parse import parse_response
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class QueryBudget:
 
     limit: int
     used: int = 0
-    # Iterative mode (resolver/iterate.py) counts these too; its Limits say how many.
+    # Iterative mode (resolver/iterate/iterator.py) counts these too; its Limits say how many.
     referrals: int = 0
     ns_lookups: int = 0
 
@@ -191,7 +191,7 @@ class Forwarder:
         if not servers:
             raise ValueError("at least one upstream server is needed")
         self.servers = tuple(servers)
-        # For tls:// servers (upstream_tls.py); made with the system's CAs when first needed.
+        # For tls:// servers (upstream/tls.py); made with the system's CAs when first needed.
         self.tls = tls
         self.timeout = timeout
         self.attempts = attempts
@@ -237,7 +237,7 @@ class Forwarder:
 
     def _tls_query(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, cd: bool
                    ) -> dns.message.QueryMessage:
-        """The same query as a dnspython message, for upstream_tls (a stream: its cost is
+        """The same query as a dnspython message, for tls (a stream: its cost is
         not the per-datagram one query_wire saves)."""
         q = dns.message.make_query(qname, qtype, use_edns=0, want_dnssec=True,
                                    payload=self.payload)

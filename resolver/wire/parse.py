@@ -34,7 +34,7 @@ What differs, on purpose:
 
 * the additional section is not kept (only its OPT is read: the extended RCODE and the DO
   bit live there). The forwarding path never reads it; iterative mode drops it as well
-  (iterate_net.py). A record there is skipped by its length, so broken rdata in the
+  (iterate/net.py). A record there is skipped by its length, so broken rdata in the
   additional section no longer makes the whole response unreadable.
 * `message.index` is None (dnspython's own "no index" setting: find_rrset searches the
   sections), because filling it would hash every owner name, which dnspython does one
@@ -74,7 +74,7 @@ from dns.rdtypes.ANY.SOA import SOA
 from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
 
-import resolver.dnspatch  # noqa: F401  # rdata hashing without a Name per suffix
+import resolver.wire.patch  # noqa: F401  # rdata hashing without a Name per suffix
 
 _MAX_HOPS: Final = dns.name.MAX_COMPRESSION_POINTER_CHAIN
 _RR: Final = struct.Struct("!HHIH")

@@ -1,4 +1,4 @@
-"""Iterative resolution from the root: the asyncio driver around resolver/iterate_core.py.
+"""Iterative resolution from the root: the asyncio driver around resolver/iterate/core.py.
 
 Theory of operation
 -------------------
@@ -64,7 +64,7 @@ from dns.rdtypes.ANY.NS import NS
 
 from resolver.cache import LruCache
 from resolver.errors import UpstreamError
-from resolver.iterate_core import (
+from resolver.iterate.core import (
     Answer,
     Failure,
     Negative,
@@ -80,10 +80,10 @@ from resolver.iterate_core import (
     referral_ds,
     referral_glue,
 )
-from resolver.iterate_hints import builtin_root, configured_root
-from resolver.iterate_infra import Address, Delegation, DelegationCache, ServerTable
-from resolver.iterate_net import CaseMismatch, IterStats, Unreachable, tcp_exchange, udp_exchange
-from resolver.upstream import EDNS_PAYLOAD, QueryBudget, current_budget
+from resolver.iterate.hints import builtin_root, configured_root
+from resolver.iterate.infra import Address, Delegation, DelegationCache, ServerTable
+from resolver.iterate.net import CaseMismatch, IterStats, Unreachable, tcp_exchange, udp_exchange
+from resolver.upstream.forward import EDNS_PAYLOAD, QueryBudget, current_budget
 from resolver.validator.types import Limits
 
 log = logging.getLogger(__name__)

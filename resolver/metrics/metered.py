@@ -35,14 +35,14 @@ import dns.rdatatype
 
 from resolver.config import HostPort
 from resolver.errors import ProvisioningError, UpstreamError
-from resolver.metrics import Registry
+from resolver.metrics.registry import Registry
 from resolver.policy import SetupFailure, classify
 from resolver.resolve import Resolution
 from resolver.server import Server
 from resolver.tunnels.backend import WatchableBackend
 from resolver.tunnels.events import BackendEvent, HeldSa
 from resolver.tunnels.intents import InstallTunnel, Intent, PolicyKey
-from resolver.upstream import Forwarder, OutgoingQuery
+from resolver.upstream.forward import Forwarder, OutgoingQuery
 from resolver.validator.response import ValidatedAnswer
 
 PREFIX: Final = "ipseckey_resolver_"
@@ -322,7 +322,8 @@ class MeteredBackend:
         found: frozenset[PolicyKey] = await self.backend.installed()
         return found
 
-    # The watch (resolver/watch.py) finds charon's events through these: a wrapper without
+    # The watch (resolver/provisioning/watch.py) finds charon's events through these: a wrapper
+    # without
     # them made the daemon's backend look unwatchable, and the watch silently did not run.
     def watch(self, sink: Callable[[BackendEvent], None]) -> bool:
         """The wrapped backend's `watch` (False if it has none: the dry run)."""

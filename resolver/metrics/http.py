@@ -16,7 +16,7 @@ from typing import Final
 
 from resolver.config import HostPort
 from resolver.errors import ConfigError
-from resolver.metrics import CONTENT_TYPE, Registry
+from resolver.metrics.registry import CONTENT_TYPE, Registry
 
 __all__ = ["MetricsListener"]
 

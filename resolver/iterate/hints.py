@@ -12,7 +12,7 @@ from typing import Final
 
 import dns.name
 
-from resolver.iterate_infra import Delegation
+from resolver.iterate.infra import Delegation
 
 ROOT_SERVERS: Final[tuple[tuple[str, str, str], ...]] = (
     ("a.root-servers.net.", "198.41.0.4", "2001:503:ba3e::2:30"),

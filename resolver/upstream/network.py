@@ -4,7 +4,7 @@ flush on a switch, and the control socket's `upstream` request.
 Theory of operation: `start_network(cfg, selector, resolution)` connects the pieces the daemon
 runs for its upstream, so cli.py only starts and stops one object:
 
-* the selector (upstream_select.py) decides in its own task; every switch flushes the bogus
+* the selector (upstream/select.py) decides in its own task; every switch flushes the bogus
   and failure entries the old upstream may have caused (`Resolution.flush_failures`), and
   every verdict is shown to it (`note_verdict`: bogus answers while forwarding make it probe
   again);
@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resolver.config import Config
-from resolver.logevent import log_event
-from resolver.resolvconf import ResolvConfWatch
+from resolver.logs.event import log_event
 from resolver.resolve import Resolution
-from resolver.upstream_select import Choice, UpstreamSelector
+from resolver.upstream.resolvconf import ResolvConfWatch
+from resolver.upstream.select import Choice, UpstreamSelector
 
 log = logging.getLogger(__name__)
 

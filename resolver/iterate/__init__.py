@@ -1,0 +1,2 @@
+"""The iterator: QNAME-minimising iterative resolution from the root (DESIGN.md, "Iterative mode").
+"""

@@ -1,0 +1,1 @@
+"""Numbers for operators: the registry, the metered wrappers, the Prometheus HTTP endpoint."""

@@ -1,0 +1,3 @@
+"""DNS bytes at speed: the response parser, the reply renderer, and the one dnspython patch they
+need (DESIGN.md, "Speed").
+"""
