@@ -281,13 +281,15 @@ def report(rows: Rows, args: argparse.Namespace) -> None:
             print(f"  {tag:8} {parts}")
     if g(f"big{args.big}.start_s"):
         print("\nthe daemon holding N tunnels (dry-run IKE, real XFRM)")
-        print(f"  {'N':>6} {'start s':>20} {'RSS MiB (+worker)':>28} {'cached p50 ms':>22} "
+        print(f"  {'N':>6} {'start s':>20} {'RSS MiB: daemon + worker = total':>40} "
+              f"{'cached p50 ms':>22} "
               f"{'new tunnel ms':>22}")
         for n in (10, args.big):
             rss = [a + b for a, b in zip(g(f"big{n}.rss_main") or [],
                                          g(f"big{n}.rss_worker") or [], strict=True)]
             print(f"  {n:>6} {cell(g(f'big{n}.start_s')):>20} "
-                  f"{cell(g(f'big{n}.rss_main'), '{:.0f}')} (+{cell(rss, '{:.0f}')})"
+                  f"{cell(g(f'big{n}.rss_main'), '{:.0f}')} + "
+                  f"{cell(g(f'big{n}.rss_worker'), '{:.0f}')} = {cell(rss, '{:.0f}')}"
                   f" {cell(g(f'big{n}.cached_p50')):>22} {cell(g(f'big{n}.change_ms')):>22}")
         a, b = g(f"big{args.big}.cached_p50"), g("big10.cached_p50")
         if a and b:
