@@ -101,10 +101,11 @@ class TcpConnection(asyncio.Protocol):
         return 1 if self.served else 2
 
     def give_way(self, why: str) -> None:
-        """Leave the connection bound now; replies already written still go out."""
-        trace.debug("TCP connection closed: %s", why)
+        """Leave the connection bound now. Replies the kernel holds still go out; output
+        still waiting in our buffer means the peer is not reading, and it is dropped (a
+        graceful close would wait for that peer, outside the bound, for as long as it likes)."""
         self.server.tcp_connections.pop(self, None)
-        self.close()
+        self._finish(why)
 
     def close(self) -> None:
         """Close after the buffered output is sent (server shutdown)."""

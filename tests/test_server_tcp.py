@@ -306,3 +306,54 @@ def test_tcp_limits_are_read_from_the_server_table(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\[server\] key 'tcp_max_buffered': must be at "
                                           r"least 65537"):
         configuration.load(conf)
+
+
+class _Transport(asyncio.Transport):
+    """Records whether the connection was closed gracefully or aborted; holds `pending` bytes
+    of output (what a peer that does not read leaves in our buffer)."""
+
+    def __init__(self, pending: int) -> None:
+        super().__init__()
+        self.pending, self.how = pending, ""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def is_closing(self) -> bool:
+        return bool(self.how)
+
+    def close(self) -> None:
+        self.how = self.how or "close"
+
+    def abort(self) -> None:
+        self.how = self.how or "abort"
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        ...
+
+    def get_write_buffer_size(self) -> int:
+        return self.pending
+
+
+@pytest.mark.parametrize(("pending", "how"), [(0, "close"), (4096, "abort")])
+def test_an_answered_connection_gives_way_without_lingering(pending: int, how: str) -> None:
+    """Giving way at the bound closes gracefully only when nothing waits in our buffer: with
+    output the peer has not read, a graceful close would keep the connection alive outside the
+    bound for as long as that peer likes, so it is aborted."""
+    from resolver.server import Server
+    from resolver.server_tcp import TcpConnection
+
+    async def main() -> None:
+        server = Server(None, configuration.ServerConfig(tcp_max_connections=1),  # type: ignore[arg-type]
+                        clock=lambda: 0.0)
+        conn = TcpConnection(server)
+        transport = _Transport(pending)
+        conn.connection_made(transport)
+        conn.served = True  # answered and idle: the second to give way
+        assert conn.eviction_rank() == 1 and server.evict_tcp()
+        assert transport.how == how and conn not in server.tcp_connections
+
+    asyncio.run(main())
