@@ -17,6 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import settings
+
+# Property tests: the same examples on every run by default, so that `make test` (and CI) is a
+# verdict on the change, not on the day's luck; HYPOTHESIS_PROFILE=explore draws new examples
+# (more of them) to look for new failures, as bench/fuzz_soak.py does for the daemon.
+settings.register_profile("repeatable", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, max_examples=1000, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 # The repository root first on sys.path: `lab` is a plain directory of the checkout, and an
 # older editable install may map it as a namespace package (then `from lab import Lab` fails).
