@@ -397,7 +397,8 @@ def _append(out: list[dns.rrset.RRset], section: Section, rrset: dns.rrset.RRset
     sigs = rrsig_rrset(section, rrset.name, rrset.rdtype)
     if sigs is None:
         return
-    if verified is None or (len(sigs) == 1 and verified in sigs):
+    # The verified rdata is one of the section's own objects: `is`, not a wire comparison.
+    if verified is None or (len(sigs) == 1 and next(iter(sigs)) is verified):
         out.append(sigs)
     else:
         out.append(dns.rrset.from_rdata_list(sigs.name, sigs.ttl, [verified]))
