@@ -45,9 +45,12 @@ REPO = Path(__file__).resolve().parent.parent
 # first one refused (the clock is the host's, shared by every namespace).
 BLASTER = r"""
 import errno, json, socket, sys, time
-port, seconds, targets = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+port, seconds, mark = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+targets = sys.argv[4:]
 socks = [(t, socket.socket(socket.AF_INET6 if ":" in t else socket.AF_INET, socket.SOCK_DGRAM))
          for t in targets]
+for _, s in socks if mark else ():
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
 out = {t: {"sent": 0, "last_sent": None, "first_refused": None, "refused": {}} for t in targets}
 end, first = time.monotonic() + seconds, True
 while time.monotonic() < end:
@@ -203,16 +206,19 @@ class Probes:
         return WirePing(rc, out, src, dst, count, cap)
 
     def blast(self, host: str, targets: Sequence[str], *, port: int = 9,
-              seconds: float = 1.0) -> Blast:
+              seconds: float = 1.0, mark: int = 0) -> Blast:
         """Start a UDP blaster inside `host`: datagrams to `port` of each target in turn, as
         fast as one Python loop sends them, for `seconds`. Returns once the first round is
-        out; `Blast.wait()` gives the counts (BLASTER says which).
+        out; `Blast.wait()` gives the counts (BLASTER says which). With `mark` (SO_MARK: a
+        charon's own mark, lab.ike.FWMARK) the host's own tunnel routes are skipped, so the
+        datagrams leave it in clear (a spoofer's, seen from the other end).
 
         Raises:
             LabError: the blaster did not start.
         """
         proc: subprocess.Popen[str] = self.popen(
-            host, python_argv("-c", BLASTER, str(port), f"{seconds:g}", *targets),
+            host, python_argv("-c", BLASTER, str(port), f"{seconds:g}", str(mark),
+                                    *targets),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "blasting":

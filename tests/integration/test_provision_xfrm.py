@@ -10,7 +10,10 @@ The floor (Rule 9 of resolver/provision.py), the kernel's part of it, without ch
 what kernel-libipsec's charon leaves in a namespace (a TUN device, a route to B through it in
 table 220, the rule `not fwmark 0x42 lookup 220`) or, for kernel ESP, charon's IPsec policy for
 B (a template with no SA: the kernel holds such packets for an SA, and never refuses them);
-datagrams are sent from A with and without charon's mark and their errno looked at.
+datagrams are sent from A with and without charon's mark and their errno looked at; B's
+datagrams to A are counted as taken or dropped (and by which policy: XfrmInPolBlock for ours,
+XfrmInTmplMismatch for charon's); a datagram written into A's TUN device from B's address
+shows why kernel-libipsec gets no inbound floor.
 """
 
 from __future__ import annotations
@@ -71,12 +74,13 @@ def ping(ns: str, addr: object) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=10)
 
 
-def in_policy_blocks(ns: str) -> int:
-    """Packets the kernel of `ns` dropped on an inbound BLOCK policy (XfrmInPolBlock)."""
+def in_policy_blocks(ns: str, counter: str = "XfrmInPolBlock") -> int:
+    """Packets the kernel of `ns` dropped on an inbound BLOCK policy (XfrmInPolBlock), or
+    another counter of /proc/net/xfrm_stat."""
     stat = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/xfrm_stat"],
                           capture_output=True, text=True, timeout=10, check=True).stdout
     return next(int(line.split()[1]) for line in stat.splitlines()
-                if line.startswith("XfrmInPolBlock"))
+                if line.split()[0] == counter)
 
 
 def test_block_shunt_blocks_and_unblocks(pair: tuple[str, str]) -> None:
@@ -289,6 +293,113 @@ def test_xfrm_floor_loses_to_charons_policy_and_keeps_ike(pair: tuple[str, str])
             await x.aclose()
 
     asyncio.run(scenario())
+
+
+def test_xfrm_floor_drops_cleartext_from_the_peer_until_charons_in_policy_takes_it(
+        pair: tuple[str, str]) -> None:
+    """Kernel ESP, the inbound half: with B's floor in, B's cleartext to A is dropped by the
+    floor's in BLOCK (XfrmInPolBlock), B's IKE to A's port 500 arrives; with charon's in
+    policy for B (an ESP template) the cleartext is charon's to drop (XfrmInTmplMismatch: its
+    policy won, ours was not consulted); once charon's policy goes, the floor drops it again."""
+    a, b = pair
+
+    def dropped_by(counter: str, dest: object = B4) -> bool:
+        before = in_policy_blocks(a, counter)
+        got = received_from_b(a, b, 9) if dest == B4 else ping(b, "2001:db8:ff::1").stdout
+        return (("nothing" in got or " 0 received" in got)
+                and in_policy_blocks(a, counter) > before)
+
+    async def scenario() -> None:
+        x = XfrmBackend(a)
+        try:
+            assert received_from_b(a, b, 9) == "ike"  # no floor yet: B's datagram arrives
+            for dest in (B4, B6):
+                await x.apply(InstallFloor(dest))
+            assert dropped_by("XfrmInPolBlock")
+            assert dropped_by("XfrmInPolBlock", B6)
+            assert received_from_b(a, b, 500) == "ike"  # the peer's IKE still comes in
+            ip("-n", a, "xfrm", "policy", "add", "src", f"{B4}/32", "dst", "0.0.0.0/0",
+               "dir", "in", "priority", "399999", "tmpl", "src", str(B4), "dst", "192.0.2.1",
+               "proto", "esp", "mode", "tunnel")
+            blocked = in_policy_blocks(a)
+            assert dropped_by("XfrmInTmplMismatch")  # charon's policy won ...
+            assert in_policy_blocks(a) == blocked  # ... and the floor's was not consulted
+            ip("-n", a, "xfrm", "policy", "del", "src", f"{B4}/32", "dst", "0.0.0.0/0",
+               "dir", "in")
+            assert dropped_by("XfrmInPolBlock")
+            await x.apply(RemoveFloor(B4))
+            assert received_from_b(a, b, 9) == "ike"  # the floor's in rules went with it
+        finally:
+            await x.aclose()
+
+    asyncio.run(scenario())
+
+
+# Inside A: the TUN device "ipsec0" (as kernel-libipsec's) opened, and one UDP datagram from B
+# written into it (what charon does with a packet it decrypted), to A's socket: "taken" or
+# "nothing".
+FROM_TUN = r"""
+import fcntl, ipaddress, os, socket, struct, subprocess, sys
+src, dst, port = ipaddress.ip_address(sys.argv[1]), ipaddress.ip_address(sys.argv[2]), 5599
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", b"ipsec0", 0x0001 | 0x1000))  # TUN, NO_PI
+subprocess.run(["ip", "link", "set", "ipsec0", "up"], check=True)
+fam = socket.AF_INET6 if dst.version == 6 else socket.AF_INET
+rx = socket.socket(fam, socket.SOCK_DGRAM)
+rx.bind((str(dst), port))
+rx.settimeout(0.5)
+def csum(data):
+    data += b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+payload = b"decrypted"
+udp = struct.pack("!HHHH", 4500, port, 8 + len(payload), 0) + payload
+if dst.version == 4:
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, src.packed,
+                      dst.packed)
+    packet = hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:] + udp
+else:
+    pseudo = src.packed + dst.packed + struct.pack("!IxxxB", len(udp), 17)
+    udp = udp[:6] + struct.pack("!H", csum(pseudo + udp) or 0xFFFF) + udp[8:]
+    packet = struct.pack("!IHBB", 6 << 28, len(udp), 17, 64) + src.packed + dst.packed + udp
+os.write(fd, packet)
+try:
+    print("taken" if rx.recv(64) == payload else "other")
+except TimeoutError:
+    print("nothing")
+"""
+
+
+def test_an_inbound_xfrm_policy_cannot_spare_the_tun(pair: tuple[str, str]) -> None:
+    """Why the kernel-libipsec floor has no inbound half (DESIGN.md, "The floor"): a datagram
+    from B that comes out of the TUN device (decrypted by charon) is caught by an in BLOCK
+    for B like cleartext from the wire, and an ALLOW scoped to the TUN device does not spare
+    it: at the inbound policy lookup the kernel compares the selector's device with the local
+    route's (lo), not with the device the packet came in on; IPv4 and IPv6. If this ever
+    fails, an inbound floor for kernel-libipsec has become possible."""
+    a, _ = pair
+    ip("-n", a, "tuntap", "add", "dev", "ipsec0", "mode", "tun")  # charon's, kept between
+    ip("netns", "exec", a, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0",
+       "net.ipv4.conf.ipsec0.rp_filter=0")
+
+    def from_tun(src: object, dst: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", a, "python3", "-c", FROM_TUN, str(src),
+                               dst], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    for src, dst, any_ in ((B4, "192.0.2.1", "0.0.0.0/0"), (B6, "2001:db8:ff::1", "::/0")):
+        assert from_tun(src, dst) == "taken"  # no policy: charon's packet arrives
+        sel = ["src", f"{src}/{src.max_prefixlen}", "dst", any_]
+        ip("-n", a, "xfrm", "policy", "add", *sel, "dev", "ipsec0", "dir", "in", "action",
+           "allow", "priority", str(FLOOR_BLOCK_PRIORITY - 1))
+        ip("-n", a, "xfrm", "policy", "add", *sel, "dir", "in", "action", "block",
+           "priority", str(FLOOR_BLOCK_PRIORITY))
+        blocked = in_policy_blocks(a)
+        assert from_tun(src, dst) == "nothing"
+        assert in_policy_blocks(a) > blocked
+        ip("-n", a, "xfrm", "policy", "flush")
 
 
 def test_floors_need_no_policy_dump_per_batch(pair: tuple[str, str],
