@@ -245,11 +245,12 @@ class Server:
         Only connections without a query in progress may give way, in this order: one that
         is trickling a frame (what a slow-loris holds), then one already answered and idle
         (closed gracefully, its replies still go out), and only then one that has sent
-        nothing yet. A real client's connection is accepted in one turn of the loop and its
-        query read in a later one; choosing by age alone let a burst of reconnecting
-        trickling peers evict it in between (seen: 1 client in 15 lost under load).
-        Within a rank, the one that has gone longest without a whole query goes first
-        (the dict keeps that order).
+        nothing at all. One not read yet is judged by what waits for it in the kernel
+        (`TcpConnection.eviction_rank`): a connection is accepted in one turn of the loop and
+        read in a later one, and after a stall a whole backlog of newcomers is accepted before
+        any is read; judged by age alone, real clients among them were cut (1 in 15 on a
+        loaded CI runner). Within a rank, the one that has gone longest without a whole query
+        goes first (the dict keeps that order).
 
         Returns:
             False if every connection has a query in progress (then nothing is evicted).

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from resolver.server import Server
 
 trace = logging.getLogger("resolver.trace")
+_PEEK = 4096  # a longer query waiting unread counts as an incomplete frame: it may give way
 
 
 class TcpConnection(asyncio.Protocol):
@@ -98,7 +99,28 @@ class TcpConnection(asyncio.Protocol):
             return 3
         if self.buffer:
             return 0  # a frame started and not whole: trickling (or the rest of a pipeline)
-        return 1 if self.served else 2
+        if self.served:
+            return 1
+        # Nothing read from it yet. A connection is accepted in one turn of the loop and read
+        # in a later one, so after a stall a whole backlog of newcomers is accepted before
+        # any is read: look at what waits in the kernel for it instead of guessing by age.
+        waiting = self._peek()
+        if not waiting:
+            return 2  # silent
+        whole = len(waiting) >= 2 and len(waiting) >= 2 + (waiting[0] << 8 | waiting[1])
+        return 3 if whole else 0  # a query waits to be read / a frame trickles in
+
+    def _peek(self) -> bytes:
+        """What the peer has sent that we have not read, up to a query's usual size."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return b""
+        try:
+            with sock.dup() as own:  # the transport's socket allows no recv; a dup does
+                waiting: bytes = own.recv(_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                return waiting
+        except OSError:  # nothing waiting (EAGAIN), or the connection is gone
+            return b""
 
     def give_way(self, why: str) -> None:
         """Leave the connection bound now. Replies the kernel holds still go out; output

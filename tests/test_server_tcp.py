@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 from pathlib import Path
 
 import dns.message
@@ -124,8 +125,11 @@ def test_whole_queries_do_not_outlive_the_connection_lifetime() -> None:
 def test_slow_loris_peers_do_not_starve_real_clients() -> None:
     """24 peers announce a 64-byte frame and trickle it a byte every 100 ms into 8 TCP slots,
     reconnecting at once whenever they are cut. Meanwhile 15 real clients ask over TCP, one
-    every 100 ms: all are answered. (Before issue 10 the first 8 trickling peers kept every
-    slot: no real client got in.)"""
+    every 100 ms, each asking once more if its connection is cut (as stub resolvers do): all
+    are answered, at most five needed the second try. (When the process stalls, a backlog of
+    more new connections than slots is accepted in one turn of the loop, before any of them
+    has been read: then one that has sent nothing yet may be cut, and CI saw 1 of 15 lost.)
+    (Before issue 10 the first 8 trickling peers kept every slot: no real client got in.)"""
     async def body(env: Env) -> None:
         await tcp_ask(env)
         stop = asyncio.Event()
@@ -158,15 +162,23 @@ def test_slow_loris_peers_do_not_starve_real_clients() -> None:
         peers = [asyncio.create_task(loris()) for _ in range(24)]
         watcher = asyncio.create_task(watch())
         await asyncio.sleep(0.5)  # every slot taken by now
-        answered = 0
+        answered, failures = 0, []
         for _ in range(15):
-            with contextlib.suppress(TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-                reply = await tcp_ask(env)
+            for _attempt in range(2):  # a stub resolver asks again when its connection is cut
+                try:
+                    reply = await tcp_ask(env, timeout=2.0)
+                except (TimeoutError, ConnectionError, asyncio.IncompleteReadError) as e:
+                    failures.append(type(e).__name__)
+                    continue
                 answered += reply.rcode() == dns.rcode.NOERROR and bool(reply.answer)
+                break
             await asyncio.sleep(0.1)
         stop.set()
         await asyncio.gather(*peers, watcher, return_exceptions=True)
-        assert answered == 15, answered
+        assert answered == 15, (answered, failures)
+        # Cut now and then when the process stalls (measured: 1 first try in 300 with both
+        # cores busy; 6-7 in 15 when the loop is stalled 150 ms in every 200), never starved.
+        assert len(failures) <= 5, failures
         assert peak <= 8, peak
 
     with_server(body, tcp_max_connections=8, tcp_frame_timeout=0.5, tcp_idle_timeout=2.0)
@@ -357,3 +369,51 @@ def test_an_answered_connection_gives_way_without_lingering(pending: int, how: s
         assert transport.how == how and conn not in server.tcp_connections
 
     asyncio.run(main())
+
+
+def test_after_a_stall_a_client_whose_query_waits_is_not_cut() -> None:
+    """After the loop stalls, the backlog is accepted in one turn, before any newcomer is read.
+    8 trickling peers hold the 8 slots; while the loop is stalled, a client connects and sends
+    its query, then 8 more trickling peers connect and send the start of a frame (all from
+    another thread, as other processes would). Once the loop runs again the client is
+    answered: what waits in the kernel tells its connection from the tricklers'. (By age
+    alone the client, the oldest connection not read yet, was the one cut.)"""
+    async def body(env: Env) -> None:
+        await tcp_ask(env)
+        held: list[socket.socket] = []
+
+        def trickler() -> socket.socket:
+            s = socket.create_connection((env.host, env.port))
+            s.sendall(b"\x00\x40a")
+            held.append(s)
+            return s
+
+        for _ in range(8):
+            await asyncio.to_thread(trickler)
+        await until(lambda: sum(1 for c in env.server.tcp_connections if c.buffer) == 8)
+        wire = q(WARM).to_wire()
+        client: list[socket.socket] = []
+
+        def arrive() -> None:
+            c = socket.create_connection((env.host, env.port))
+            c.sendall(len(wire).to_bytes(2, "big") + wire)
+            client.append(c)
+            for _ in range(8):
+                trickler()
+
+        thread = threading.Thread(target=arrive)
+        thread.start()
+        thread.join(5)  # the loop does nothing meanwhile: a stall
+        assert client and len(held) == 16
+        c = client[0]
+        c.setblocking(False)
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(2.0):
+            head = await loop.sock_recv(c, 2)
+            assert len(head) == 2, "the client's connection was cut"
+            reply = dns.message.from_wire(await loop.sock_recv(c, int.from_bytes(head, "big")))
+        assert reply.rcode() == dns.rcode.NOERROR and reply.answer
+        for s in [c, *held]:
+            s.close()
+
+    with_server(body, tcp_max_connections=8, tcp_frame_timeout=5.0, tcp_idle_timeout=5.0)
