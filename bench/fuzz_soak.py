@@ -102,6 +102,9 @@ listen = ["{OURS[0]}:{OURS[1]}"]
 [upstream]
 servers = ["{AUTH[0]}:{AUTH[1]}"]
 timeout = 0.5
+# named here serves soak.test. only: "auto" would probe it for the root's DNSKEY, see it
+# refused and iterate from the real root instead (unreachable here).
+mode = "forward"
 [dnssec]
 builtin_root_anchors = false
 trust_anchor_files = ["{anchor}"]
