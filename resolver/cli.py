@@ -131,7 +131,8 @@ def load_config(args: argparse.Namespace) -> Config:
 def build_upstream(cfg: Config, make_validator: MakeValidator,
                    metrics: DaemonMetrics | None = None) -> UpstreamSelector:
     """The upstream of `[upstream] mode` (auto, forward, iterate; resolver/upstream/select.py),
-    its forwarders metered per server when `metrics` is given (the iterator is not, yet).
+    its forwarders metered per server when `metrics` is given, the iterator in all (one label
+    per authoritative server would have no bound).
 
     Raises:
         ConfigError: `tls_ca_file` is unusable.
@@ -145,6 +146,8 @@ def build_upstream(cfg: Config, make_validator: MakeValidator,
 
     selector = UpstreamSelector(cfg.upstream, make_validator, limits=cfg.limits,
                                 payload=cfg.server.edns_payload, make_forwarder=metered)
+    if metrics is not None:
+        metrics.watch_iteration(selector.iteration_counts)
     return selector
 
 

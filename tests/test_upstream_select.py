@@ -5,6 +5,7 @@ and the real validator, and a fake iterator answering from the same world."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -284,3 +285,23 @@ def test_a_forwarder_that_dies_again_soon_after_a_switch_is_left_at_once() -> No
             await sel.close()
 
     run(main(), 10)
+
+
+def test_iteration_counts_never_go_back_when_a_reload_rebuilds_the_iterator() -> None:
+    """The iterate metrics read `iteration_counts()`: a reload that changes the iterator's
+    settings makes a new iterator (fresh IterStats), and the counts carry over, so the
+    counters stay monotonic."""
+    from resolver.iterate.iterator import Iterator
+
+    cfg = UpstreamConfig(mode="iterate", servers=(), probe_ds="test.")
+    sel = UpstreamSelector(cfg, make_validator, clock=lambda: WHEN)
+    assert sel.iteration_counts() == {}
+    first = sel.iterator()
+    assert isinstance(first, Iterator)
+    first.stats.sent_udp, first.stats.timeouts = 5, 2
+    sel.reconfigure(dataclasses.replace(cfg, timeout=cfg.timeout + 1), Limits(), 1232)
+    second = sel.iterator()
+    assert isinstance(second, Iterator) and second is not first
+    second.stats.sent_udp = 1
+    counts = sel.iteration_counts()
+    assert (counts["sent_udp"], counts["timeouts"], counts["sent_tcp"]) == (6, 2, 0)

@@ -58,6 +58,12 @@ def type_label(qtype: int | None) -> str:
     return "none" if qtype is None else _TYPE_NAMES.get(qtype, "other")
 
 
+# IterStats fields -> the `event` label of iterate_events_total.
+_ITERATE_EVENTS: Final = {"timeouts": "timeout", "lame": "lame", "referrals": "referral",
+                          "ns_lookups": "ns_lookup", "case_mismatch": "case_mismatch",
+                          "ignored": "ignored", "primed": "primed", "coalesced": "coalesced"}
+
+
 def rcode_label(rcode: int) -> str:
     return _RCODE_NAMES.get(rcode, "other")
 
@@ -92,6 +98,14 @@ class DaemonMetrics:
             ("server", "reason"))
         self.upstream_rtt = r.histogram(
             "upstream_rtt_seconds", "Round-trip time of forwarder answers.", ("server",))
+        self.iterate_queries = r.counter(
+            "iterate_queries_total", "Queries sent to authoritative servers while iterating, "
+            "by transport (all servers together: their number is unbounded).", ("transport",))
+        self.iterate_events = r.counter(
+            "iterate_events_total", "What iterating met, by event: timeout, lame (a server "
+            "that does not serve the zone), referral, ns_lookup (an NS name resolved), "
+            "case_mismatch (0x20 not echoed), ignored (a datagram for another question), "
+            "primed (root priming), coalesced (joined a lookup in flight).", ("event",))
         self.tunnels_up = r.gauge("tunnels_up", "Tunnels with their CHILD_SA installed.")
         self.shunts = r.gauge("shunts", "Destinations held by a drop shunt.")
         self.setups_in_flight = r.gauge(
@@ -139,6 +153,22 @@ class DaemonMetrics:
     def watch_resolution(self, resolution: Resolution) -> None:
         def collect() -> None:
             self.validations.values[()] = float(resolution.validations)
+        self.registry.collectors.append(collect)
+
+    def watch_iteration(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """`counts()`: the iterators' `IterStats` fields (UpstreamSelector.iteration_counts),
+        listed from the start at 0, so an iterate path taken later shows as a rise."""
+        for transport in ("udp", "tcp"):
+            self.iterate_queries.declare(transport)
+        for event in _ITERATE_EVENTS.values():
+            self.iterate_events.declare(event)
+
+        def collect() -> None:
+            c = counts()
+            for transport in ("udp", "tcp"):
+                self.iterate_queries.values[(transport,)] = float(c.get(f"sent_{transport}", 0))
+            for field, event in _ITERATE_EVENTS.items():
+                self.iterate_events.values[(event,)] = float(c.get(field, 0))
         self.registry.collectors.append(collect)
 
     def watch_provisioner(self, provisioner: Any) -> None:

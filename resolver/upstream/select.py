@@ -43,7 +43,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 import dns.message
@@ -53,6 +53,7 @@ import dns.rdatatype
 from resolver.config import HostPort, UpstreamConfig
 from resolver.errors import ConfigError, UpstreamError
 from resolver.iterate.iterator import Iterator
+from resolver.iterate.net import IterStats
 from resolver.logs.event import log_event
 from resolver.resolve import Upstream
 from resolver.tasks import cancel_and_wait
@@ -161,6 +162,8 @@ class UpstreamSelector:
         self.on_switch: list[Callable[[Choice, Choice], None]] = []
         self._target: Upstream | None = None
         self._iterator_obj: Upstream | None = None
+        # The counts of iterators a reload replaced, so the metrics never go backwards.
+        self._iteration_carry: dict[str, int] = {}
         self._decided = asyncio.Event()
         self._wake = asyncio.Event()
         self._wake.set()  # the first decision
@@ -218,6 +221,7 @@ class UpstreamSelector:
         self.servers = config.servers
         self.source = str(config.resolv_conf) if config.from_resolv_conf else ""
         if rebuild:
+            self._iteration_carry = self.iteration_counts()
             self._iterator_obj = None
         # The path in use is rebuilt with the new settings at once; the decision follows.
         self._target_for(self.choice)
@@ -332,6 +336,16 @@ class UpstreamSelector:
             self._target = self.iterator()
         else:
             self._target = None
+
+    def iteration_counts(self) -> dict[str, int]:
+        """What the iterators did since start-up (`IterStats` fields summed over every
+        iterator this selector made); {} while none was made."""
+        counts = dict(self._iteration_carry)
+        stats = getattr(self._iterator_obj, "stats", None)
+        if isinstance(stats, IterStats):
+            for name, value in asdict(stats).items():
+                counts[name] = counts.get(name, 0) + value
+        return counts
 
     def iterator(self) -> Upstream:
         """The iterator, made on first use and kept (its delegation cache stays warm)."""

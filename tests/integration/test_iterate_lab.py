@@ -18,6 +18,7 @@ named runs with `querylog yes`; lab/querylog.py), filtered by plain's addresses:
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ from lab.querylog import QueryLog
 from lab.resolverd import ResolverDaemon
 from lab.topology import HOSTS, NXNS_NAMES, ZONES
 from resolver.validator.types import Limits
+from tests.integration.test_issue14_metrics import value
 
 if TYPE_CHECKING:
     from lab.core import Lab
@@ -40,10 +42,11 @@ ROOT = HOSTS[ZONES["."].server]
 
 
 @contextmanager
-def iterating(lab: Lab) -> Iterator[ResolverDaemon]:
+def iterating(lab: Lab, **sections: dict[str, object]) -> Iterator[ResolverDaemon]:
     """A fresh daemon in `plain`, iterating from the lab root; it must exit 0."""
     daemon = ResolverDaemon(lab, HOST, name="iterate-lab", tunnels=False, sections={
-        "upstream": {"mode": "iterate", "servers": [], "root_hints": [ROOT.v4, ROOT.v6]}})
+        "upstream": {"mode": "iterate", "servers": [], "root_hints": [ROOT.v4, ROOT.v6]},
+        **sections})
     daemon.start(timeout=15)
     try:
         yield daemon
@@ -115,3 +118,29 @@ def test_nxns_delegation_stays_within_the_limits(lab: Lab) -> None:
     assert 0 < len(victim) <= limits.max_ns_lookups < NXNS_NAMES, victim
     assert len(log.since()) <= limits.max_fetches, log.since()
     assert elapsed < 5, elapsed
+
+
+def test_iteration_is_counted_in_the_metrics(lab: Lab) -> None:
+    """Issue 14's numbers cover the iterate path too: every query the iterator sent (the
+    servers' query logs count them) is in iterate_queries_total, and the referrals it followed
+    in iterate_events_total. All servers in one count: a label per server would have no
+    bound."""
+    port = 9154
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    log = QueryLog(lab, HOST)
+    log.mark()
+    with iterating(lab, metrics={"listen": f"127.0.0.1:{port}"}) as daemon:
+        for name, rdtype in (("bob.example.test.", "IPSECKEY"), ("carol.example.test.", "A")):
+            d = dig(lab, name, rdtype)
+            assert (d.status, d.ad) == ("NOERROR", True), daemon.tail()
+        text: str = lab.call_in(HOST, scrape)
+    prefix = "ipseckey_resolver_iterate_"
+    sent = sum(value(text, f'{prefix}queries_total{{transport="{t}"}}') for t in ("udp", "tcp"))
+    asked = log.since()
+    assert sent == len(asked) > 0, (sent, asked)
+    assert value(text, f'{prefix}events_total{{event="referral"}}') >= 2  # root, then test.
+    assert f'{prefix}events_total{{event="timeout"}} 0' in text  # declared, none happened
