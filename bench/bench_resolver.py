@@ -303,23 +303,17 @@ def run_passes(servers: list[Server], work: Path, names: int, seconds: float, re
     """Every pass, interleaved across servers; returns the paced rate used."""
     for r in range(repeat):
         cold = names_file(work, r * names, names, "cold")
-        for s in servers:
-            if "cold" not in s.kinds:
-                continue
+        for s in [s for s in servers if "cold" in s.kinds]:
             s.add("cold", dnsperf(s.addr, cold, f"{s.label} cold #{r + 1}", seconds=None,
                                   once=True, clients=4, outstanding=20, pid=s.pid))
     hot = names_file(work, 0, min(names, 200), "hot")
     for r in range(repeat):
-        for s in servers:
-            if "cached" not in s.kinds:
-                continue
+        for s in [s for s in servers if "cached" in s.kinds]:
             s.add("cached", dnsperf(s.addr, hot, f"{s.label} cached #{r + 1}",
                                     seconds=seconds, pid=s.pid))
     half = statistics.median(p.qps for p in ours.runs["cached"]) / 2
     for r in range(repeat):
-        for s in servers:
-            if "paced" not in s.kinds:
-                continue
+        for s in [s for s in servers if "paced" in s.kinds]:
             s.add("paced", dnsperf(s.addr, hot, f"{s.label} @{half:.0f}/s #{r + 1}",
                                    seconds=seconds, qps=half, clients=1, outstanding=50,
                                    pid=s.pid))
@@ -388,35 +382,27 @@ def main() -> int:
         wait_ready(AUTH, ZONE)
         unbound = Server("unbound", UNBOUND)
         ours = Server("ours", OURS)
-        servers = [ours]
+        mine = [ours]  # trees of ours, each started from its own checkout
         trees = {"ours": ROOT}
         if args.baseline is not None:
-            servers.append(Server("baseline", BASELINE))
+            mine.append(Server("baseline", BASELINE))
             trees["baseline"] = args.baseline.resolve()
-        echo = None
-        if args.echo:
-            echo = Server("py-echo", ECHO, kinds=("cached",))
-            servers.append(echo)
-        servers.append(unbound)
+        echo = [Server("py-echo", ECHO, kinds=("cached",))] if args.echo else []
+        servers = [*mine, *echo, unbound]
         unbound.pid = stack.enter_context(
             process(start_unbound(work, anchor), work / "unbound.log")).pid
-        if echo is not None:
-            echo.pid = stack.enter_context(process(
+        for e in echo:
+            e.pid = stack.enter_context(process(
                 ["taskset", "-c", "0", str(PYTHON), str(ROOT / "bench" / "udp_echo.py"),
                  *map(str, ECHO)], work / "echo.log")).pid
-        for s in servers[:-1]:
-            if s is echo:
-                continue
+        for s in mine:
             argv, env = start_ours(ours_config(work, anchor, s.addr, s.label), trees[s.label])
             s.pid = stack.enter_context(process(argv, work / f"{s.label}.log", env,
                                                 cwd=trees[s.label])).pid
-        for s in servers:
-            if s is not echo:
-                wait_ready(s.addr, ZONE)
+        for s in [*mine, unbound]:  # the echo answers anything at once
+            wait_ready(s.addr, ZONE)
         half = run_passes(servers, work, args.names, args.seconds, args.repeat, ours)
-        for s in servers[:-1]:
-            if s is echo:
-                continue
+        for s in mine:
             log = (work / f"{s.label}.log").read_text()
             if log.strip():
                 print(f"--- {s.label}'s log (tail) ---\n{log[-3000:]}", file=sys.stderr)
