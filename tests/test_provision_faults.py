@@ -245,8 +245,7 @@ async def test_a_lookup_during_the_failing_write_is_not_answered(
     p = prov(fb, tmp_path, failure_hold=0)
     failing_writes(monkeypatch, delay=0.2)
     first = asyncio.create_task(p.ensure(BOB_SPEC, WHEN))
-    while not fb.of(InstallTunnel):
-        await asyncio.sleep(0.005)
+    await until(lambda: fb.of(InstallTunnel), "the setup reached the backend")
     await asyncio.sleep(0.02)  # the tunnel is in the books now, its write on the thread
     results = await asyncio.gather(first, p.ensure(BOB_SPEC, WHEN), return_exceptions=True)
     assert [type(r) for r in results] == [StateUnrecorded, StateUnrecorded]

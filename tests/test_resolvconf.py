@@ -11,7 +11,7 @@ import pytest
 from resolver.config import HostPort
 from resolver.upstream import resolvconf
 from resolver.upstream.resolvconf import RACY_WINDOW, FileState, ResolvConfWatch
-from tests.helpers import run
+from tests.helpers import run, until
 
 LISTEN = (HostPort("127.0.0.1"), HostPort("::1"))
 
@@ -113,9 +113,7 @@ def test_the_task_follows_the_file_within_a_poll(tmp_path: Path) -> None:
             await asyncio.sleep(0.1)
             assert seen.lists == []  # nothing changed since start-up
             rc.write_text("nameserver 198.51.100.13\n")
-            async with asyncio.timeout(2):
-                while not seen.lists:
-                    await asyncio.sleep(0.01)
+            await until(lambda: seen.lists, "the new forwarders seen", 2)
             assert seen.lists == [(HostPort("198.51.100.13"),)]
         finally:
             await w.close()

@@ -4,7 +4,6 @@ and the real validator, and a fake iterator answering from the same world."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from resolver.upstream.probe import ProbeResult, ProbeStatus
 from resolver.upstream.select import Choice, Route, UpstreamSelector, choose
 from resolver.validator.response import Limits, Security, Validator
 from tests.dnssec_fixtures import WHEN, build_world
-from tests.helpers import run
+from tests.helpers import run, until
 from tests.test_upstream_probe import strip_dnssec
 
 A, B, C = HostPort("192.0.2.1"), HostPort("192.0.2.2"), HostPort("192.0.2.3")
@@ -114,9 +113,7 @@ def selector(net: Net, servers: tuple[HostPort, ...], mode: str = "auto",
 
 
 async def settle(sel: UpstreamSelector, route: Route, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while sel.choice.path is not route:
-            await asyncio.sleep(0.01)
+    await until(lambda: sel.choice.path is route, f"path {route}", timeout)
 
 
 def test_auto_forwards_to_the_forwarders_that_pass_only() -> None:
