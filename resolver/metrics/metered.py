@@ -9,8 +9,9 @@ a subclass or a wrapper that counts around the real call and changes nothing els
   * `MeteredForwarder`   upstream queries, failures and round-trip time per forwarder;
   * `MeteredBackend`     tunnel setups: in flight, time to CHILD_SA, failures by reason
                          (the decision table's SetupFailure categories);
-  * collectors           gauges read from live state at scrape time: tunnels up, shunts,
-                         captured queries by outcome, pinned endpoints by state.
+  * collectors           read from live state at scrape time: tunnels up, shunts,
+                         captured queries by outcome, pinned endpoints by state, what the
+                         iterator did (its own counters, all servers together).
 
 The subclasses override the methods where a request enters and leaves (for the server and
 the forwarder these are the per-attempt methods `_udp`/`_tcp`, which is where a per-server
@@ -52,16 +53,14 @@ _RCODE_NAMES: Final = {int(r): r.name for r in dns.rcode.Rcode}
 _EDE_NAMES: Final = {int(e): e.name for e in dns.edns.EDECode}
 _ANSWERED_RCODES: Final = frozenset({dns.rcode.NOERROR, dns.rcode.NXDOMAIN})
 ENDPOINT_STATES: Final = ("pending", "up", "partial", "down", "failed")
-
-
-def type_label(qtype: int | None) -> str:
-    return "none" if qtype is None else _TYPE_NAMES.get(qtype, "other")
-
-
 # IterStats fields -> the `event` label of iterate_events_total.
 _ITERATE_EVENTS: Final = {"timeouts": "timeout", "lame": "lame", "referrals": "referral",
                           "ns_lookups": "ns_lookup", "case_mismatch": "case_mismatch",
                           "ignored": "ignored", "primed": "primed", "coalesced": "coalesced"}
+
+
+def type_label(qtype: int | None) -> str:
+    return "none" if qtype is None else _TYPE_NAMES.get(qtype, "other")
 
 
 def rcode_label(rcode: int) -> str:
