@@ -107,8 +107,7 @@ class TcpConnection(asyncio.Protocol):
         waiting = self._peek()
         if not waiting:
             return 2  # silent
-        whole = len(waiting) >= 2 and len(waiting) >= 2 + (waiting[0] << 8 | waiting[1])
-        return 3 if whole else 0  # a query waits to be read / a frame trickles in
+        return 0 if _incomplete(waiting) else 3  # a frame trickles in / a query waits
 
     def _peek(self) -> bytes:
         """What the peer has sent that we have not read, up to a query's usual size."""
@@ -203,8 +202,7 @@ class TcpConnection(asyncio.Protocol):
                 and len(self.tasks) < self.config.tcp_max_pipelined)
 
     def _head_incomplete(self) -> bool:
-        buf = self.buffer
-        return bool(buf) and (len(buf) < 2 or len(buf) < 2 + (buf[0] << 8 | buf[1]))
+        return _incomplete(self.buffer)
 
     def _flow(self) -> None:
         """Pause or resume reading; run the frame deadline only while we read."""
@@ -303,3 +301,8 @@ class TcpConnection(asyncio.Protocol):
             self.abort(f"more than {self.config.tcp_max_buffered} bytes of replies unread")
             return
         transport.write(frame)
+
+
+def _incomplete(buf: bytes | bytearray) -> bool:
+    """Bytes that start a frame and do not hold all of it (2-byte length, then the message)."""
+    return bool(buf) and (len(buf) < 2 or len(buf) < 2 + (buf[0] << 8 | buf[1]))
