@@ -268,9 +268,9 @@ def parse_upstream(t: Table, listen: tuple[HostPort, ...], resolv_conf: Path,
     nameservers of the `resolv_conf` key's file (default: the `resolv_conf` argument) that
     are not one of `listen` (see default_upstreams). `base`: where relative file names start.
 
-    A file with no usable nameserver is not an error: the file is followed (resolvconf.py), so
-    a network that fills it in later (DHCP after boot) is used then; until then `auto`
-    iterates and `forward` answers SERVFAIL. Only `forward` with an explicit empty list fails.
+    A file with no usable nameserver is not an error: the file is followed (upstream/resolvconf.py),
+    so a network that fills it in later (DHCP after boot) is used then; until then `auto` iterates
+    and `forward` answers SERVFAIL. Only `forward` with an explicit empty list fails.
     """
     d = UpstreamConfig()
     folder = base or Path.cwd()

@@ -8,8 +8,8 @@ runs for its upstream, so cli.py only starts and stops one object:
   and failure entries the old upstream may have caused (`Resolution.flush_failures`), and
   every verdict is shown to it (`note_verdict`: bogus answers while forwarding make it probe
   again);
-* when the forwarders come from a file, a `ResolvConfWatch` (resolvconf.py) feeds changes of
-  that file to `selector.set_servers`;
+* when the forwarders come from a file, a `ResolvConfWatch` (upstream/resolvconf.py) feeds
+  changes of that file to `selector.set_servers`;
 * `ops` is the control socket's extra request table: `upstream` -> `selector.status()`.
 """
 

@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-`UpstreamSelector` is the `Upstream` the resolution core asks (resolve.py): it passes every
-question to the path in use, a `Forwarder` (upstream.py) or an `Iterator` (iterate.py), which
-keep their own contract, so the validator and the caches do not know which one it was.
+`UpstreamSelector` is the `Upstream` the resolution core asks (resolve.py): it passes every question
+to the path in use, a `Forwarder` (upstream/forward.py) or an `Iterator` (iterate/iterator.py),
+which keep their own contract, so the validator and the caches do not know which one it was.
 
 * `mode = "forward"`: the forwarders, whatever they do (no forwarder: SERVFAIL, EDE 22).
 * `mode = "iterate"`: the root servers, never a forwarder.

@@ -1,14 +1,14 @@
 """DNS over TLS (RFC 7858) to a forwarder: `tls://ADDR[:PORT]#NAME` in `[upstream] servers`.
 
-Theory of operation: the forwarder (upstream.py) hands a query meant for a `tls://` server to
-`exchange`, which sends it with dnspython's own DoT client (`dns.asyncquery.tls`) on a fresh
-TLS connection and returns the reply, or raises `UpstreamError` saying why (certificate not
-accepted, refused, timeout, not DNS). The TLS context (`client_context`) is strict: TLS 1.2 or
-later, a certificate chain to the system's CAs (or `[upstream] tls_ca_file`), and the name
-after `#` checked against the certificate (`check_hostname`), so an on-path attacker with
-some other valid certificate is refused; a plain-DNS fallback is never tried. TLS makes the
-questions private on the path; it does not replace validation: every answer is still
-validated from our own trust anchors, exactly as a plain forwarded one.
+Theory of operation: the forwarder (upstream/forward.py) hands a query meant for a `tls://` server
+to `exchange`, which sends it with dnspython's own DoT client (`dns.asyncquery.tls`) on a fresh TLS
+connection and returns the reply, or raises `UpstreamError` saying why (certificate not accepted,
+refused, timeout, not DNS). The TLS context (`client_context`) is strict: TLS 1.2 or later, a
+certificate chain to the system's CAs (or `[upstream] tls_ca_file`), and the name after `#` checked
+against the certificate (`check_hostname`), so an on-path attacker with some other valid certificate
+is refused; a plain-DNS fallback is never tried. TLS makes the questions private on the path; it
+does not replace validation: every answer is still validated from our own trust anchors, exactly as
+a plain forwarded one.
 
 One connection per exchange is the simple, honest first step (a handshake per question costs
 one or two round trips more than UDP); keeping connections open and pipelining (RFC 7766) is
